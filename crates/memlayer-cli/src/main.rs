@@ -1,0 +1,46 @@
+//! `memlayer`: the command-line front end of the memlayer runtime.
+
+use clap::{Parser, Subcommand};
+
+mod cmd_bank;
+mod cmd_inspect;
+mod cmd_layer;
+
+#[derive(Parser)]
+#[command(name = "memlayer", version, about = "Portable memory layers: banks, kernels, models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create and manage paged memory banks.
+    Bank {
+        #[command(subcommand)]
+        command: cmd_bank::BankCommand,
+    },
+    /// Print a bank's header and page table; `--verify` checks every page.
+    Inspect(cmd_inspect::InspectArgs),
+    /// Run a single memory layer (e.g. one imported from facebookresearch/memory).
+    Layer {
+        #[command(subcommand)]
+        command: cmd_layer::LayerCommand,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bank { command } => cmd_bank::run(command),
+        Command::Inspect(args) => cmd_inspect::run(args),
+        Command::Layer { command } => cmd_layer::run(command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

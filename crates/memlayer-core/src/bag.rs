@@ -1,0 +1,1 @@
+//! Embedding-bag (sum mode with per-sample weights).

@@ -1,0 +1,1 @@
+//! Paged bank format v1: see `docs/FORMAT.md`.

@@ -1,0 +1,1 @@
+//! Device-agnostic page cache policy.

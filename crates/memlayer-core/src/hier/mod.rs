@@ -1,0 +1,1 @@
+//! Hierarchical FFN memory (DESIGN §2).

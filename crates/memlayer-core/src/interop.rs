@@ -1,0 +1,1 @@
+//! Interop with facebookresearch/memory checkpoints.

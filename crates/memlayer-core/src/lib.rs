@@ -1,0 +1,17 @@
+//! memlayer-core: the CPU oracle (truth for every backend), the paged bank
+//! format, page sources and the device-agnostic page cache policy.
+//!
+//! No GPU code lives here and the crate builds for `wasm32-unknown-unknown`.
+//! Tensors are plain row-major `Vec<f32>` / slices; every function documents
+//! the shapes it expects.
+
+pub mod bag;
+pub mod bank;
+pub mod cache;
+pub mod hier;
+pub mod error;
+pub mod interop;
+pub mod linalg;
+pub mod pkm;
+pub mod rng;
+pub mod topk;

@@ -1,0 +1,1 @@
+//! Product-key memory layer oracle (DESIGN §1).

@@ -8,8 +8,8 @@
 pub mod bag;
 pub mod bank;
 pub mod cache;
-pub mod hier;
 pub mod error;
+pub mod hier;
 pub mod interop;
 pub mod linalg;
 pub mod pkm;

@@ -1,1 +1,639 @@
-//! Product-key memory layer oracle (DESIGN §1).
+//! Product-key memory layer oracle (DESIGN §1; Meta's `HashingMemory`).
+//!
+//! For a token `x` (batched over tokens):
+//! ```text
+//! q = W_q x + b_q                                  (heads, k_dim)
+//! per head h: s1 = K[h,0] q[h,:half], s2 = K[h,1] q[h,half:]      (n_keys) each
+//!   (S1, I1) = topk(s1, k); (S2, I2) = topk(s2, k)
+//!   cand[a,b] = S1[a] + S2[b]; row[a,b] = I1[a] * n_keys + I2[b]   (k*k)
+//!   (sigma, iota) = topk(cand, k)   ties by the lower row id
+//!   w = softmax(sigma)
+//! m   = Σ_h Σ_j w[h,j] V[iota[h,j]]                 embedding-bag, bag size heads*k
+//! out = W_o (m ⊙ silu(W_s x + b_s)) + b_o           swilu gate
+//! out = sigmoid(w_g·x + b_g) * out                  if gated
+//! ```
+//! With `qk_norm`, each query half and each sub-key is RMS-normalised (no
+//! learned scale, eps [`QK_NORM_EPS`]) and the sub-key score is divided by
+//! `sqrt(k_dim / 2)`, i.e. `s = sqrt(half) * cos(q_half, key)`.
+//!
+//! The product-key search is exact: the k best rows of the n_keys² sums
+//! `s1[i] + s2[j]` (ties to the lower row id) are always among the k×k
+//! candidates (see the brute-force tests below).
+
+use crate::bag::{self, SparseRows};
+use crate::error::{OracleError, check_len};
+use crate::linalg::{self, dot, sigmoid, silu, silu_grad, softmax_in_place};
+use crate::rng::Rng;
+use crate::topk::{topk, topk_positions};
+
+/// Epsilon of the qk-norm RMS normalisation.
+pub const QK_NORM_EPS: f32 = 1e-6;
+
+/// Shapes and options of one product-key memory layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PkmConfig {
+    /// Model width: input and output dimension of the layer.
+    pub dim: usize,
+    /// Width of a value row (Meta's `mem_v_dim`; equal to `dim` by default).
+    pub v_dim: usize,
+    /// Number of read heads.
+    pub heads: usize,
+    /// Sub-keys per half; the memory has `n_keys²` rows.
+    pub n_keys: usize,
+    /// Query/key width per head (even: two halves).
+    pub k_dim: usize,
+    /// Rows read per head (top-k).
+    pub knn: usize,
+    /// RMS-normalise query halves and sub-keys.
+    pub qk_norm: bool,
+    /// Multiply the output by `sigmoid(w_g · x + b_g)`.
+    pub gated: bool,
+}
+
+impl PkmConfig {
+    /// Checks every field's domain.
+    pub fn validate(&self) -> Result<(), OracleError> {
+        let bad = |m: String| Err(OracleError::InvalidConfig(m));
+        if self.dim == 0 || self.v_dim == 0 || self.heads == 0 || self.n_keys == 0 {
+            return bad(format!(
+                "dim, v_dim, heads and n_keys must be positive: {self:?}"
+            ));
+        }
+        if self.k_dim < 2 || self.k_dim % 2 != 0 {
+            return bad(format!("k_dim must be even and >= 2, got {}", self.k_dim));
+        }
+        if self.knn == 0 || self.knn > self.n_keys {
+            return bad(format!(
+                "knn must be in 1..=n_keys ({}), got {}",
+                self.n_keys, self.knn
+            ));
+        }
+        if self.n_keys > u16::MAX as usize {
+            return bad(format!(
+                "n_keys {} too large: n_keys² row ids must fit in u32",
+                self.n_keys
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows of the value table: `n_keys²`.
+    pub fn n_rows(&self) -> usize {
+        self.n_keys * self.n_keys
+    }
+
+    /// Half of `k_dim`: the width of a sub-key.
+    pub fn half(&self) -> usize {
+        self.k_dim / 2
+    }
+
+    /// Width of the query projection output: `heads * k_dim`.
+    pub fn query_dim(&self) -> usize {
+        self.heads * self.k_dim
+    }
+
+    /// Entries per token in the embedding-bag: `heads * knn`.
+    pub fn bag_size(&self) -> usize {
+        self.heads * self.knn
+    }
+
+    /// Factor applied to sub-key scores (`1/sqrt(half)` with qk-norm, else 1).
+    pub fn score_scale(&self) -> f32 {
+        if self.qk_norm {
+            1.0 / (self.half() as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Output gate `sigmoid(w · x + b)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PkmGate {
+    /// (dim)
+    pub w: Vec<f32>,
+    /// scalar bias
+    pub b: f32,
+}
+
+/// Parameters of one memory layer (the shared values live outside).
+///
+/// Layouts follow `torch.nn.Linear` (`(out, in)` row-major) and Meta's
+/// `keys` parameter `(2 * heads * n_keys, half)` viewed as `(heads, 2, n_keys, half)`.
+/// The same struct holds gradients in [`PkmGrads`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PkmParams {
+    /// (heads * k_dim, dim)
+    pub w_q: Vec<f32>,
+    /// (heads * k_dim)
+    pub b_q: Vec<f32>,
+    /// (heads, 2, n_keys, k_dim / 2)
+    pub keys: Vec<f32>,
+    /// (v_dim, dim) — Meta's `swilu_projection`
+    pub w_s: Vec<f32>,
+    /// (v_dim)
+    pub b_s: Vec<f32>,
+    /// (dim, v_dim) — Meta's `value_proj`
+    pub w_o: Vec<f32>,
+    /// (dim)
+    pub b_o: Vec<f32>,
+    /// Present iff `config.gated`.
+    pub gate: Option<PkmGate>,
+}
+
+impl PkmParams {
+    /// All-zero parameters (gradient accumulators).
+    pub fn zeros(cfg: &PkmConfig) -> Self {
+        Self {
+            w_q: vec![0.0; cfg.query_dim() * cfg.dim],
+            b_q: vec![0.0; cfg.query_dim()],
+            keys: vec![0.0; cfg.heads * 2 * cfg.n_keys * cfg.half()],
+            w_s: vec![0.0; cfg.v_dim * cfg.dim],
+            b_s: vec![0.0; cfg.v_dim],
+            w_o: vec![0.0; cfg.dim * cfg.v_dim],
+            b_o: vec![0.0; cfg.dim],
+            gate: cfg.gated.then(|| PkmGate {
+                w: vec![0.0; cfg.dim],
+                b: 0.0,
+            }),
+        }
+    }
+
+    /// Meta's initialisation: keys U(±1/sqrt(k_dim)); W_q xavier-uniform;
+    /// W_s, W_o N(0, dim^-1/2); gate N(0, dim^-1/2); biases keep torch's
+    /// `nn.Linear` default U(±1/sqrt(fan_in)).
+    pub fn init(cfg: &PkmConfig, rng: &mut Rng) -> Self {
+        let bias = |rng: &mut Rng, n: usize, fan_in: usize| {
+            let b = 1.0 / (fan_in as f32).sqrt();
+            rng.uniform_vec(n, -b, b)
+        };
+        let kb = 1.0 / (cfg.k_dim as f32).sqrt();
+        let xavier = (6.0 / (cfg.dim + cfg.query_dim()) as f32).sqrt();
+        let std = (cfg.dim as f32).powf(-0.5);
+        let keys = rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -kb, kb);
+        let w_q = rng.uniform_vec(cfg.query_dim() * cfg.dim, -xavier, xavier);
+        let b_q = bias(rng, cfg.query_dim(), cfg.dim);
+        let w_s = rng.normal_vec(cfg.v_dim * cfg.dim, 0.0, std);
+        let b_s = bias(rng, cfg.v_dim, cfg.dim);
+        let w_o = rng.normal_vec(cfg.dim * cfg.v_dim, 0.0, std);
+        let b_o = bias(rng, cfg.dim, cfg.v_dim);
+        let gate = cfg.gated.then(|| PkmGate {
+            w: rng.normal_vec(cfg.dim, 0.0, std),
+            b: bias(rng, 1, cfg.dim)[0],
+        });
+        Self {
+            w_q,
+            b_q,
+            keys,
+            w_s,
+            b_s,
+            w_o,
+            b_o,
+            gate,
+        }
+    }
+
+    /// Checks every tensor's length against `cfg`.
+    pub fn check(&self, cfg: &PkmConfig) -> Result<(), OracleError> {
+        cfg.validate()?;
+        check_len("w_q", &self.w_q, &[cfg.query_dim(), cfg.dim])?;
+        check_len("b_q", &self.b_q, &[cfg.query_dim()])?;
+        check_len("keys", &self.keys, &[cfg.heads, 2, cfg.n_keys, cfg.half()])?;
+        check_len("w_s", &self.w_s, &[cfg.v_dim, cfg.dim])?;
+        check_len("b_s", &self.b_s, &[cfg.v_dim])?;
+        check_len("w_o", &self.w_o, &[cfg.dim, cfg.v_dim])?;
+        check_len("b_o", &self.b_o, &[cfg.dim])?;
+        match (&self.gate, cfg.gated) {
+            (Some(g), true) => check_len("gate.w", &g.w, &[cfg.dim]),
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(OracleError::InvalidConfig(
+                "gate parameters given but config.gated is false".into(),
+            )),
+            (None, true) => Err(OracleError::InvalidConfig(
+                "config.gated is true but no gate parameters".into(),
+            )),
+        }
+    }
+}
+
+/// Meta's value initialisation: `n_keys²` rows of N(0, v_dim^-1/2). → (n_rows, v_dim)
+pub fn init_values(cfg: &PkmConfig, rng: &mut Rng) -> Vec<f32> {
+    rng.normal_vec(cfg.n_rows() * cfg.v_dim, 0.0, (cfg.v_dim as f32).powf(-0.5))
+}
+
+/// Result of the product-key search for a batch of queries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lookup {
+    /// (tokens, heads, knn) selected value rows, best first
+    pub indices: Vec<u32>,
+    /// (tokens, heads, knn) pre-softmax scores of those rows
+    pub scores: Vec<f32>,
+    /// (tokens, heads, knn) softmax of `scores` over knn
+    pub weights: Vec<f32>,
+}
+
+/// RMS normalisation of one vector; returns the normalised copy and `1/rms`.
+fn rms_normalise(v: &[f32]) -> (Vec<f32>, f32) {
+    let ms = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+    let inv = 1.0 / (ms + QK_NORM_EPS).sqrt();
+    (v.iter().map(|x| x * inv).collect(), inv)
+}
+
+/// Backward of [`rms_normalise`]: `dx = inv * (dy - y * mean(dy ⊙ y))`.
+fn rms_normalise_backward(y: &[f32], inv: f32, dy: &[f32]) -> Vec<f32> {
+    let mean = dot(dy, y) / y.len() as f32;
+    y.iter()
+        .zip(dy)
+        .map(|(&yi, &gi)| inv * (gi - yi * mean))
+        .collect()
+}
+
+/// Sub-keys as scored: normalised when `qk_norm`, with their `1/rms`.
+/// keys: (heads, 2, n_keys, half) → same shape, and (heads * 2 * n_keys) factors.
+fn scored_keys(cfg: &PkmConfig, keys: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let half = cfg.half();
+    if !cfg.qk_norm {
+        return (keys.to_vec(), Vec::new());
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    let mut inv = Vec::with_capacity(keys.len() / half);
+    for k in keys.chunks_exact(half) {
+        let (n, i) = rms_normalise(k);
+        out.extend_from_slice(&n);
+        inv.push(i);
+    }
+    (out, inv)
+}
+
+/// The query half as scored (normalised when `qk_norm`) and its `1/rms`.
+fn scored_query(cfg: &PkmConfig, q: &[f32]) -> (Vec<f32>, f32) {
+    if cfg.qk_norm {
+        rms_normalise(q)
+    } else {
+        (q.to_vec(), 1.0)
+    }
+}
+
+/// Product-key search and softmax. keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim).
+pub fn lookup(
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+) -> Result<Lookup, OracleError> {
+    cfg.validate()?;
+    check_len("keys", keys, &[cfg.heads, 2, cfg.n_keys, cfg.half()])?;
+    check_len("query", query, &[tokens, cfg.heads, cfg.k_dim])?;
+    let (n, half, k) = (cfg.n_keys, cfg.half(), cfg.knn);
+    let scale = cfg.score_scale();
+    let (keys_s, _) = scored_keys(cfg, keys);
+    let mut out = Lookup {
+        indices: Vec::with_capacity(tokens * cfg.heads * k),
+        scores: Vec::with_capacity(tokens * cfg.heads * k),
+        weights: Vec::with_capacity(tokens * cfg.heads * k),
+    };
+    let mut sub = vec![0.0f32; n];
+    let mut cand_s = vec![0.0f32; k * k];
+    let mut cand_i = vec![0u32; k * k];
+    for t in 0..tokens {
+        for h in 0..cfg.heads {
+            let q = &query[(t * cfg.heads + h) * cfg.k_dim..][..cfg.k_dim];
+            let mut best = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+            for (side, slot) in best.iter_mut().enumerate() {
+                let (qs, _) = scored_query(cfg, &q[side * half..(side + 1) * half]);
+                let kt = &keys_s[(h * 2 + side) * n * half..][..n * half];
+                for (i, s) in sub.iter_mut().enumerate() {
+                    *s = dot(&kt[i * half..(i + 1) * half], &qs) * scale;
+                }
+                *slot = topk(&sub, k);
+            }
+            let [(s1, i1), (s2, i2)] = &best;
+            for a in 0..k {
+                for b in 0..k {
+                    cand_s[a * k + b] = s1[a] + s2[b];
+                    cand_i[a * k + b] = i1[a] * n as u32 + i2[b];
+                }
+            }
+            let pos = topk_positions(&cand_s, &cand_i, k);
+            let start = out.weights.len();
+            for &p in &pos {
+                out.indices.push(cand_i[p]);
+                out.scores.push(cand_s[p]);
+                out.weights.push(cand_s[p]);
+            }
+            softmax_in_place(&mut out.weights[start..]);
+        }
+    }
+    Ok(out)
+}
+
+/// Backward of the softmax over each (token, head) row:
+/// weights, d_weights: (tokens, heads, knn) → d_scores (same shape).
+pub fn softmax_backward_rows(knn: usize, weights: &[f32], d_weights: &[f32]) -> Vec<f32> {
+    weights
+        .chunks_exact(knn)
+        .zip(d_weights.chunks_exact(knn))
+        .flat_map(|(w, g)| linalg::softmax_backward(w, g))
+        .collect()
+}
+
+/// Backward of the product-key scores: the gradient of each selected score
+/// `sigma = s1[i1] + s2[i2]` (row = i1 * n_keys + i2) flows to both sub-key
+/// scores, then to the sub-keys and the query (through qk-norm if enabled).
+/// Selection itself is piecewise constant and gets no gradient.
+///
+/// keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim);
+/// indices, d_scores: (tokens, heads, knn) → (d_keys like keys, d_query like query).
+pub fn scores_backward(
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+    indices: &[u32],
+    d_scores: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), OracleError> {
+    cfg.validate()?;
+    check_len("keys", keys, &[cfg.heads, 2, cfg.n_keys, cfg.half()])?;
+    check_len("query", query, &[tokens, cfg.heads, cfg.k_dim])?;
+    check_len("d_scores", d_scores, &[tokens, cfg.heads, cfg.knn])?;
+    if indices.len() != d_scores.len() {
+        return Err(OracleError::Shape {
+            what: "indices",
+            shape: format!("[{tokens}, {}, {}]", cfg.heads, cfg.knn),
+            expected: d_scores.len(),
+            got: indices.len(),
+        });
+    }
+    if let Some(&bad) = indices.iter().find(|&&r| r as usize >= cfg.n_rows()) {
+        return Err(OracleError::IndexOutOfRange {
+            index: bad as u64,
+            rows: cfg.n_rows(),
+        });
+    }
+    let (n, half, k) = (cfg.n_keys, cfg.half(), cfg.knn);
+    let scale = cfg.score_scale();
+    let (keys_s, keys_inv) = scored_keys(cfg, keys);
+    // gradient w.r.t. the scored (possibly normalised) keys, summed over tokens
+    let mut d_keys_s = vec![0.0f32; keys.len()];
+    let mut d_query = vec![0.0f32; query.len()];
+    for t in 0..tokens {
+        for h in 0..cfg.heads {
+            let th = t * cfg.heads + h;
+            let q = &query[th * cfg.k_dim..(th + 1) * cfg.k_dim];
+            for side in 0..2 {
+                let q_half = &q[side * half..(side + 1) * half];
+                let (qs, q_inv) = scored_query(cfg, q_half);
+                let mut d_qs = vec![0.0f32; half];
+                for j in 0..k {
+                    let g = d_scores[th * k + j] * scale;
+                    if g == 0.0 {
+                        continue;
+                    }
+                    let row = indices[th * k + j] as usize;
+                    let key = if side == 0 { row / n } else { row % n };
+                    let off = ((h * 2 + side) * n + key) * half;
+                    let kv = &keys_s[off..off + half];
+                    for d in 0..half {
+                        d_qs[d] += g * kv[d];
+                        d_keys_s[off + d] += g * qs[d];
+                    }
+                }
+                let dq = if cfg.qk_norm {
+                    rms_normalise_backward(&qs, q_inv, &d_qs)
+                } else {
+                    d_qs
+                };
+                d_query[th * cfg.k_dim + side * half..][..half].copy_from_slice(&dq);
+            }
+        }
+    }
+    let d_keys = if cfg.qk_norm {
+        let mut d = Vec::with_capacity(keys.len());
+        for (r, (ks, dks)) in keys_s
+            .chunks_exact(half)
+            .zip(d_keys_s.chunks_exact(half))
+            .enumerate()
+        {
+            d.extend(rms_normalise_backward(ks, keys_inv[r], dks));
+        }
+        d
+    } else {
+        d_keys_s
+    };
+    Ok((d_keys, d_query))
+}
+
+/// Everything the forward computed (kept for the backward).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PkmForward {
+    /// Number of tokens.
+    pub tokens: usize,
+    /// (tokens, heads * k_dim) the projected queries
+    pub query: Vec<f32>,
+    /// (tokens, heads, knn) selected value rows, best first
+    pub indices: Vec<u32>,
+    /// (tokens, heads, knn) pre-softmax scores (what Meta's `get_indices` returns)
+    pub scores: Vec<f32>,
+    /// (tokens, heads, knn) softmax weights
+    pub weights: Vec<f32>,
+    /// (tokens, v_dim) embedding-bag output `m`
+    pub memory: Vec<f32>,
+    /// (tokens, v_dim) `u = W_s x + b_s`
+    pub swilu_pre: Vec<f32>,
+    /// (tokens, dim) `W_o (m ⊙ silu(u)) + b_o`, before the optional gate
+    pub projected: Vec<f32>,
+    /// (tokens) gate logits `w_g · x + b_g` (empty when not gated)
+    pub gate_logits: Vec<f32>,
+    /// (tokens, dim) the layer output
+    pub output: Vec<f32>,
+}
+
+/// Forward of one memory layer.
+/// values: (n_rows, v_dim) shared table; x: (tokens, dim).
+pub fn forward(
+    cfg: &PkmConfig,
+    params: &PkmParams,
+    values: &[f32],
+    x: &[f32],
+    tokens: usize,
+) -> Result<PkmForward, OracleError> {
+    params.check(cfg)?;
+    check_len("values", values, &[cfg.n_rows(), cfg.v_dim])?;
+    check_len("input", x, &[tokens, cfg.dim])?;
+    let (dim, v_dim) = (cfg.dim, cfg.v_dim);
+    let query = linalg::linear(x, tokens, dim, &params.w_q, &params.b_q, cfg.query_dim());
+    let lk = lookup(cfg, &params.keys, &query, tokens)?;
+    let offsets = bag::uniform_offsets(tokens, cfg.bag_size());
+    let memory = bag::bag_forward(
+        values,
+        cfg.n_rows(),
+        v_dim,
+        &lk.indices,
+        &lk.weights,
+        &offsets,
+    )?;
+    let swilu_pre = linalg::linear(x, tokens, dim, &params.w_s, &params.b_s, v_dim);
+    let gated_mem: Vec<f32> = memory
+        .iter()
+        .zip(&swilu_pre)
+        .map(|(&m, &u)| m * silu(u))
+        .collect();
+    let projected = linalg::linear(&gated_mem, tokens, v_dim, &params.w_o, &params.b_o, dim);
+    let (gate_logits, output) = match &params.gate {
+        Some(g) => {
+            let logits: Vec<f32> = x.chunks_exact(dim).map(|xr| dot(xr, &g.w) + g.b).collect();
+            let out = projected
+                .chunks_exact(dim)
+                .zip(&logits)
+                .flat_map(|(o, &z)| {
+                    let s = sigmoid(z);
+                    o.iter().map(move |&v| s * v)
+                })
+                .collect();
+            (logits, out)
+        }
+        None => (Vec::new(), projected.clone()),
+    };
+    Ok(PkmForward {
+        tokens,
+        query,
+        indices: lk.indices,
+        scores: lk.scores,
+        weights: lk.weights,
+        memory,
+        swilu_pre,
+        projected,
+        gate_logits,
+        output,
+    })
+}
+
+/// Every gradient of one memory layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PkmGrads {
+    /// Gradients of the layer's own parameters (same shapes as [`PkmParams`]).
+    pub params: PkmParams,
+    /// Gradient of the shared value table: only the touched rows.
+    pub values: SparseRows,
+    /// (tokens, dim) gradient of the input
+    pub input: Vec<f32>,
+}
+
+/// Backward of [`forward`] for `grad_out` (tokens, dim) = dL/d output.
+pub fn backward(
+    cfg: &PkmConfig,
+    params: &PkmParams,
+    values: &[f32],
+    x: &[f32],
+    fwd: &PkmForward,
+    grad_out: &[f32],
+) -> Result<PkmGrads, OracleError> {
+    params.check(cfg)?;
+    let (t, dim, v_dim) = (fwd.tokens, cfg.dim, cfg.v_dim);
+    check_len("values", values, &[cfg.n_rows(), v_dim])?;
+    check_len("input", x, &[t, dim])?;
+    check_len("grad_out", grad_out, &[t, dim])?;
+    let mut g = PkmParams::zeros(cfg);
+    let mut dx = vec![0.0f32; t * dim];
+
+    // output gate
+    let d_projected: Vec<f32> = match (&params.gate, &mut g.gate) {
+        (Some(gate), Some(dgate)) => {
+            let mut d = vec![0.0f32; t * dim];
+            for r in 0..t {
+                let s = sigmoid(fwd.gate_logits[r]);
+                let dy = &grad_out[r * dim..(r + 1) * dim];
+                let o = &fwd.projected[r * dim..(r + 1) * dim];
+                for c in 0..dim {
+                    d[r * dim + c] = s * dy[c];
+                }
+                let dz = dot(dy, o) * s * (1.0 - s);
+                dgate.b += dz;
+                for c in 0..dim {
+                    dgate.w[c] += dz * x[r * dim + c];
+                    dx[r * dim + c] += dz * gate.w[c];
+                }
+            }
+            d
+        }
+        _ => grad_out.to_vec(),
+    };
+
+    // value projection and swilu gate
+    let gated_mem: Vec<f32> = fwd
+        .memory
+        .iter()
+        .zip(&fwd.swilu_pre)
+        .map(|(&m, &u)| m * silu(u))
+        .collect();
+    let d_gated = linalg::linear_backward(
+        &gated_mem,
+        t,
+        v_dim,
+        &params.w_o,
+        dim,
+        &d_projected,
+        &mut g.w_o,
+        &mut g.b_o,
+    );
+    let mut d_memory = vec![0.0f32; t * v_dim];
+    let mut d_swilu = vec![0.0f32; t * v_dim];
+    for i in 0..t * v_dim {
+        let u = fwd.swilu_pre[i];
+        d_memory[i] = d_gated[i] * silu(u);
+        d_swilu[i] = d_gated[i] * fwd.memory[i] * silu_grad(u);
+    }
+    let dx_s = linalg::linear_backward(
+        x,
+        t,
+        dim,
+        &params.w_s,
+        v_dim,
+        &d_swilu,
+        &mut g.w_s,
+        &mut g.b_s,
+    );
+
+    // embedding-bag
+    let offsets = bag::uniform_offsets(t, cfg.bag_size());
+    let d_values = bag::bag_backward_table(
+        cfg.n_rows(),
+        v_dim,
+        &fwd.indices,
+        &fwd.weights,
+        &offsets,
+        &d_memory,
+    )?;
+    let d_weights = bag::bag_backward_weights(
+        values,
+        cfg.n_rows(),
+        v_dim,
+        &fwd.indices,
+        &offsets,
+        &d_memory,
+    )?;
+
+    // softmax, product keys, query projection
+    let d_scores = softmax_backward_rows(cfg.knn, &fwd.weights, &d_weights);
+    let (d_keys, d_query) =
+        scores_backward(cfg, &params.keys, &fwd.query, t, &fwd.indices, &d_scores)?;
+    g.keys = d_keys;
+    let dx_q = linalg::linear_backward(
+        x,
+        t,
+        dim,
+        &params.w_q,
+        cfg.query_dim(),
+        &d_query,
+        &mut g.w_q,
+        &mut g.b_q,
+    );
+    for i in 0..t * dim {
+        dx[i] += dx_s[i] + dx_q[i];
+    }
+    Ok(PkmGrads {
+        params: g,
+        values: d_values,
+        input: dx,
+    })
+}

@@ -16,15 +16,22 @@
 //! learned scale, eps [`QK_NORM_EPS`]) and the sub-key score is divided by
 //! `sqrt(k_dim / 2)`, i.e. `s = sqrt(half) * cos(q_half, key)`.
 //!
-//! The product-key search is exact: the k best rows of the n_keys² sums
-//! `s1[i] + s2[j]` (ties to the lower row id) are always among the k×k
-//! candidates (see the brute-force tests below).
+//! **Row order.** Rows rank by their f32 score `fl(s1[i] + s2[j])`, higher
+//! first. Equal scores (ties) go to the lower row id — except that when two
+//! f32 sums are equal only through rounding, the row with the higher `s1[i]`,
+//! then the higher `s2[j]`, ranks first ([`candidate_order`]). With exact
+//! arithmetic these rounding ties do not exist; with f32 they do, and without
+//! this refinement the product-key search could miss a row a brute-force scan
+//! over all n_keys² sums would pick. With it, the search is exact: the k best
+//! rows of all n_keys² rows are always among the k×k candidates (see the
+//! brute-force tests below). Backends must rank candidates the same way.
 
 use crate::bag::{self, SparseRows};
 use crate::error::{OracleError, check_len};
 use crate::linalg::{self, dot, sigmoid, silu, silu_grad, softmax_in_place};
 use crate::rng::Rng;
-use crate::topk::{topk, topk_positions};
+use crate::topk::{rank_key, topk};
+use std::cmp::Ordering;
 
 /// Epsilon of the qk-norm RMS normalisation.
 pub const QK_NORM_EPS: f32 = 1e-6;
@@ -274,6 +281,47 @@ fn scored_query(cfg: &PkmConfig, q: &[f32]) -> (Vec<f32>, f32) {
     }
 }
 
+/// A row considered by the search: its score `fl(s1 + s2)`, the two sub-key
+/// scores it is made of, and its row id `i1 * n_keys + i2`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    /// `s1 + s2` in f32
+    pub score: f32,
+    /// score of the first-half sub-key
+    pub s1: f32,
+    /// score of the second-half sub-key
+    pub s2: f32,
+    /// value row id
+    pub row: u32,
+}
+
+/// `Less` when `a` ranks before `b`: higher score; on equal scores higher
+/// `s1`, then higher `s2`, then lower row id (NaN ranks as `-inf`).
+pub fn candidate_order(a: &Candidate, b: &Candidate) -> Ordering {
+    let desc = |x: f32, y: f32| {
+        rank_key(y)
+            .partial_cmp(&rank_key(x))
+            .unwrap_or(Ordering::Equal)
+    };
+    desc(a.score, b.score)
+        .then_with(|| desc(a.s1, b.s1))
+        .then_with(|| desc(a.s2, b.s2))
+        .then_with(|| a.row.cmp(&b.row))
+}
+
+/// Keeps the `k` best candidates of `cand`, sorted best first.
+pub fn select_best(cand: &mut Vec<Candidate>, k: usize) {
+    if k < cand.len() {
+        if k == 0 {
+            cand.clear();
+            return;
+        }
+        cand.select_nth_unstable_by(k - 1, candidate_order);
+        cand.truncate(k);
+    }
+    cand.sort_unstable_by(candidate_order);
+}
+
 /// Product-key search and softmax. keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim).
 pub fn lookup(
     cfg: &PkmConfig,
@@ -293,8 +341,7 @@ pub fn lookup(
         weights: Vec::with_capacity(tokens * cfg.heads * k),
     };
     let mut sub = vec![0.0f32; n];
-    let mut cand_s = vec![0.0f32; k * k];
-    let mut cand_i = vec![0u32; k * k];
+    let mut cand: Vec<Candidate> = Vec::with_capacity(k * k);
     for t in 0..tokens {
         for h in 0..cfg.heads {
             let q = &query[(t * cfg.heads + h) * cfg.k_dim..][..cfg.k_dim];
@@ -308,18 +355,23 @@ pub fn lookup(
                 *slot = topk(&sub, k);
             }
             let [(s1, i1), (s2, i2)] = &best;
+            cand.clear();
             for a in 0..k {
                 for b in 0..k {
-                    cand_s[a * k + b] = s1[a] + s2[b];
-                    cand_i[a * k + b] = i1[a] * n as u32 + i2[b];
+                    cand.push(Candidate {
+                        score: s1[a] + s2[b],
+                        s1: s1[a],
+                        s2: s2[b],
+                        row: i1[a] * n as u32 + i2[b],
+                    });
                 }
             }
-            let pos = topk_positions(&cand_s, &cand_i, k);
+            select_best(&mut cand, k);
             let start = out.weights.len();
-            for &p in &pos {
-                out.indices.push(cand_i[p]);
-                out.scores.push(cand_s[p]);
-                out.weights.push(cand_s[p]);
+            for c in &cand {
+                out.indices.push(c.row);
+                out.scores.push(c.score);
+                out.weights.push(c.score);
             }
             softmax_in_place(&mut out.weights[start..]);
         }
@@ -636,4 +688,382 @@ pub fn backward(
         values: d_values,
         input: dx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_keys: usize, heads: usize, knn: usize, k_dim: usize) -> PkmConfig {
+        PkmConfig {
+            dim: 6,
+            v_dim: 5,
+            heads,
+            n_keys,
+            k_dim,
+            knn,
+            qk_norm: false,
+            gated: false,
+        }
+    }
+
+    /// Sub-key scores computed independently of `lookup`: (n_keys) per side.
+    fn sub_scores(c: &PkmConfig, keys: &[f32], q: &[f32], h: usize, side: usize) -> Vec<f32> {
+        let half = c.half();
+        let norm = |v: &[f32]| -> Vec<f32> {
+            if !c.qk_norm {
+                return v.to_vec();
+            }
+            let ms = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+            let inv = 1.0 / (ms + QK_NORM_EPS).sqrt();
+            v.iter().map(|x| x * inv).collect()
+        };
+        let qs = norm(&q[side * half..(side + 1) * half]);
+        (0..c.n_keys)
+            .map(|i| {
+                let off = ((h * 2 + side) * c.n_keys + i) * half;
+                dot(&norm(&keys[off..off + half]), &qs) * c.score_scale()
+            })
+            .collect()
+    }
+
+    /// Top-k over all n_keys² rows by brute force: (indices, scores) per (token, head).
+    fn brute_force(
+        c: &PkmConfig,
+        keys: &[f32],
+        query: &[f32],
+        tokens: usize,
+    ) -> (Vec<u32>, Vec<f32>) {
+        let (mut idx, mut sc) = (Vec::new(), Vec::new());
+        for t in 0..tokens {
+            for h in 0..c.heads {
+                let q = &query[(t * c.heads + h) * c.k_dim..][..c.k_dim];
+                let s1 = sub_scores(c, keys, q, h, 0);
+                let s2 = sub_scores(c, keys, q, h, 1);
+                let mut all: Vec<Candidate> = (0..c.n_rows())
+                    .map(|r| {
+                        let (a, b) = (s1[r / c.n_keys], s2[r % c.n_keys]);
+                        Candidate {
+                            score: a + b,
+                            s1: a,
+                            s2: b,
+                            row: r as u32,
+                        }
+                    })
+                    .collect();
+                all.sort_by(candidate_order);
+                all.truncate(c.knn);
+                idx.extend(all.iter().map(|c| c.row));
+                sc.extend(all.iter().map(|c| c.score));
+            }
+        }
+        (idx, sc)
+    }
+
+    /// Keys and queries drawn from {-1, 0, 1}: dot products and sums are exact
+    /// small integers, so ties are everywhere and exact.
+    fn tie_heavy(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.below(3) as f32 - 1.0).collect()
+    }
+
+    #[test]
+    fn product_key_topk_equals_brute_force_over_all_rows() {
+        let mut rng = Rng::new(42);
+        let mut checked = 0;
+        for &n_keys in &[1usize, 3, 7, 10, 16, 33] {
+            for &heads in &[1usize, 3] {
+                for &k_dim in &[2usize, 8] {
+                    let mut knns = vec![1, n_keys.div_ceil(2), n_keys];
+                    knns.dedup();
+                    for &knn in &knns {
+                        for qk_norm in [false, true] {
+                            for ties in [false, true] {
+                                let c = PkmConfig {
+                                    qk_norm,
+                                    ..cfg(n_keys, heads, knn, k_dim)
+                                };
+                                let tokens = 5;
+                                let nk = heads * 2 * n_keys * c.half();
+                                let nq = tokens * heads * k_dim;
+                                let (keys, query) = if ties {
+                                    (tie_heavy(&mut rng, nk), tie_heavy(&mut rng, nq))
+                                } else {
+                                    (rng.normal_vec(nk, 0.0, 1.0), rng.normal_vec(nq, 0.0, 1.0))
+                                };
+                                let got = lookup(&c, &keys, &query, tokens).unwrap();
+                                let (want_i, want_s) = brute_force(&c, &keys, &query, tokens);
+                                assert_eq!(got.indices, want_i, "{c:?} ties={ties}");
+                                assert_eq!(got.scores, want_s, "{c:?} ties={ties}");
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 200);
+    }
+
+    #[test]
+    fn ties_resolve_to_the_lowest_row() {
+        // All keys equal: every row scores the same, so the k lowest rows win.
+        let c = cfg(4, 1, 3, 2);
+        let keys = vec![1.0; 2 * 4];
+        let query = vec![0.5, 0.5];
+        let lk = lookup(&c, &keys, &query, 1).unwrap();
+        assert_eq!(lk.indices, vec![0, 1, 2]);
+        for w in &lk.weights {
+            assert!((w - 1.0 / 3.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn weights_are_a_softmax_of_the_scores() {
+        let mut rng = Rng::new(3);
+        let c = cfg(9, 2, 4, 6);
+        let keys = rng.normal_vec(2 * 2 * 9 * 3, 0.0, 1.0);
+        let query = rng.normal_vec(3 * 2 * 6, 0.0, 1.0);
+        let lk = lookup(&c, &keys, &query, 3).unwrap();
+        for (s, w) in lk.scores.chunks(4).zip(lk.weights.chunks(4)) {
+            assert!(
+                s.windows(2).all(|p| p[0] >= p[1]),
+                "scores sorted descending"
+            );
+            let z: f64 = s.iter().map(|&v| ((v - s[0]) as f64).exp()).sum();
+            for (sv, wv) in s.iter().zip(w) {
+                let want = ((sv - s[0]) as f64).exp() / z;
+                assert!((want - *wv as f64).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn config_errors_are_reported() {
+        assert!(matches!(
+            cfg(4, 1, 5, 2).validate(),
+            Err(OracleError::InvalidConfig(_))
+        ));
+        assert!(cfg(4, 1, 0, 2).validate().is_err());
+        assert!(cfg(4, 1, 2, 3).validate().is_err());
+        assert!(cfg(0, 1, 1, 2).validate().is_err());
+        let c = cfg(4, 2, 2, 4);
+        let mut p = PkmParams::init(&c, &mut Rng::new(0));
+        p.keys.pop();
+        let err = forward(&c, &p, &vec![0.0; 16 * 5], &[0.0; 6], 1).unwrap_err();
+        assert!(err.to_string().contains("keys"), "{err}");
+    }
+
+    /// L = Σ r ⊙ output, in f64.
+    fn loss(
+        c: &PkmConfig,
+        p: &PkmParams,
+        v: &[f32],
+        x: &[f32],
+        t: usize,
+        r: &[f32],
+    ) -> (f64, Vec<u32>) {
+        let f = forward(c, p, v, x, t).unwrap();
+        let l = f
+            .output
+            .iter()
+            .zip(r)
+            .map(|(&o, &g)| o as f64 * g as f64)
+            .sum();
+        (l, f.indices)
+    }
+
+    /// Central differences of every parameter, the values and the input against
+    /// `backward`. Coordinates whose ±eps perturbation changes the selection are
+    /// skipped (the loss is piecewise smooth); most must be checked.
+    fn check_gradients(c: &PkmConfig, tokens: usize, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let mut p = PkmParams::init(c, &mut rng);
+        // O(1) keys and queries so the softmax is not uniform
+        p.keys = rng.normal_vec(p.keys.len(), 0.0, 1.0);
+        let v = rng.normal_vec(c.n_rows() * c.v_dim, 0.0, 1.0);
+        let x = rng.normal_vec(tokens * c.dim, 0.0, 1.0);
+        let r = rng.normal_vec(tokens * c.dim, 0.0, 1.0);
+        let f = forward(c, &p, &v, &x, tokens).unwrap();
+        let g = backward(c, &p, &v, &x, &f, &r).unwrap();
+        let eps = 1e-2f32;
+        let (mut checked, mut skipped) = (0usize, 0usize);
+        let mut compare =
+            |name: &str, i: usize, analytic: f32, lp: (f64, Vec<u32>), lm: (f64, Vec<u32>)| {
+                if lp.1 != f.indices || lm.1 != f.indices {
+                    skipped += 1;
+                    return;
+                }
+                checked += 1;
+                let fd = (lp.0 - lm.0) / (2.0 * eps as f64);
+                let tol = 2e-3 + 2e-2 * fd.abs().max(analytic.abs() as f64);
+                assert!(
+                    (fd - analytic as f64).abs() <= tol,
+                    "{c:?}: d{name}[{i}] finite difference {fd} vs backward {analytic}"
+                );
+            };
+        type Field = fn(&mut PkmParams) -> &mut Vec<f32>;
+        let fields: [(&str, Field, &Vec<f32>); 7] = [
+            ("w_q", |p| &mut p.w_q, &g.params.w_q),
+            ("b_q", |p| &mut p.b_q, &g.params.b_q),
+            ("keys", |p| &mut p.keys, &g.params.keys),
+            ("w_s", |p| &mut p.w_s, &g.params.w_s),
+            ("b_s", |p| &mut p.b_s, &g.params.b_s),
+            ("w_o", |p| &mut p.w_o, &g.params.w_o),
+            ("b_o", |p| &mut p.b_o, &g.params.b_o),
+        ];
+        for (name, field, grad) in fields {
+            for i in 0..grad.len() {
+                let (mut pp, mut pm) = (p.clone(), p.clone());
+                field(&mut pp)[i] += eps;
+                field(&mut pm)[i] -= eps;
+                compare(
+                    name,
+                    i,
+                    grad[i],
+                    loss(c, &pp, &v, &x, tokens, &r),
+                    loss(c, &pm, &v, &x, tokens, &r),
+                );
+            }
+        }
+        if let (Some(_), Some(dg)) = (&p.gate, &g.params.gate) {
+            for i in 0..=c.dim {
+                let (mut pp, mut pm) = (p.clone(), p.clone());
+                let (gp, gm) = (pp.gate.as_mut().unwrap(), pm.gate.as_mut().unwrap());
+                let an = if i < c.dim {
+                    gp.w[i] += eps;
+                    gm.w[i] -= eps;
+                    dg.w[i]
+                } else {
+                    gp.b += eps;
+                    gm.b -= eps;
+                    dg.b
+                };
+                compare(
+                    "gate",
+                    i,
+                    an,
+                    loss(c, &pp, &v, &x, tokens, &r),
+                    loss(c, &pm, &v, &x, tokens, &r),
+                );
+            }
+        }
+        let dv = g.values.to_dense(c.n_rows());
+        for row in g.values.rows.iter() {
+            assert!(
+                f.indices.contains(row),
+                "gradient on an unselected row {row}"
+            );
+        }
+        for i in 0..v.len() {
+            let (mut vp, mut vm) = (v.clone(), v.clone());
+            vp[i] += eps;
+            vm[i] -= eps;
+            compare(
+                "values",
+                i,
+                dv[i],
+                loss(c, &p, &vp, &x, tokens, &r),
+                loss(c, &p, &vm, &x, tokens, &r),
+            );
+        }
+        for i in 0..x.len() {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += eps;
+            xm[i] -= eps;
+            compare(
+                "input",
+                i,
+                g.input[i],
+                loss(c, &p, &v, &xp, tokens, &r),
+                loss(c, &p, &v, &xm, tokens, &r),
+            );
+        }
+        assert!(
+            checked >= 9 * (checked + skipped) / 10,
+            "{c:?}: only {checked} of {} coordinates kept their selection",
+            checked + skipped
+        );
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let base = PkmConfig {
+            dim: 6,
+            v_dim: 5,
+            heads: 2,
+            n_keys: 5,
+            k_dim: 4,
+            knn: 3,
+            qk_norm: false,
+            gated: false,
+        };
+        for (i, (qk_norm, gated)) in [(false, false), (true, false), (false, true), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
+            check_gradients(
+                &PkmConfig {
+                    qk_norm,
+                    gated,
+                    ..base.clone()
+                },
+                3,
+                100 + i as u64,
+            );
+        }
+        // v_dim == dim, one head, k = 1 and k = n_keys
+        check_gradients(
+            &PkmConfig {
+                v_dim: 6,
+                heads: 1,
+                knn: 1,
+                ..base.clone()
+            },
+            2,
+            7,
+        );
+        check_gradients(
+            &PkmConfig {
+                knn: 5,
+                gated: true,
+                ..base.clone()
+            },
+            2,
+            8,
+        );
+        // batch of 1
+        check_gradients(&base, 1, 9);
+    }
+
+    #[test]
+    fn zero_tokens_and_edge_shapes_run() {
+        for (heads, knn, n_keys) in [(1, 1, 1), (1, 4, 4), (3, 1, 6), (2, 6, 6)] {
+            let c = PkmConfig {
+                gated: true,
+                ..cfg(n_keys, heads, knn, 4)
+            };
+            let mut rng = Rng::new(1);
+            let p = PkmParams::init(&c, &mut rng);
+            let v = init_values(&c, &mut rng);
+            for tokens in [0usize, 1, 4] {
+                let x = rng.normal_vec(tokens * c.dim, 0.0, 1.0);
+                let f = forward(&c, &p, &v, &x, tokens).unwrap();
+                assert_eq!(f.indices.len(), tokens * heads * knn);
+                assert_eq!(f.output.len(), tokens * c.dim);
+                assert!(f.output.iter().all(|o| o.is_finite()));
+                for ids in f.indices.chunks(knn) {
+                    let mut u = ids.to_vec();
+                    u.sort_unstable();
+                    u.dedup();
+                    assert_eq!(u.len(), knn, "rows of one head are distinct");
+                }
+                let g = backward(&c, &p, &v, &x, &f, &vec![1.0; tokens * c.dim]).unwrap();
+                if tokens == 0 {
+                    assert_eq!(g.params, PkmParams::zeros(&c));
+                    assert!(g.values.rows.is_empty());
+                    assert!(g.input.is_empty());
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# memlayer's test command (README.md; `.ci/run` calls exactly this).
+# Works on a fresh Debian 12 machine: installs what it needs, then runs
+# formatting, lints, the wasm32 build of memlayer-core, the fuzz target's build
+# and every test of the workspace in the one build profile (release).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+# A Vulkan driver that runs on the CPU (lavapipe), for the GPU tests and kernels.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    mesa-vulkan-drivers libvulkan1
+fi
+ls /usr/share/vulkan/icd.d/lvp_icd*.json
+
+step "rust components"
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+rustup target list --installed | grep -q '^wasm32-unknown-unknown$' || rustup target add wasm32-unknown-unknown
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
+
+step "cargo clippy (all targets, -D warnings)"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "memlayer-core builds for wasm32"
+cargo check -p memlayer-core --release --target wasm32-unknown-unknown
+
+step "fuzz target builds"
+cargo check --release --manifest-path fuzz/Cargo.toml
+
+step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
+cargo test --workspace --release

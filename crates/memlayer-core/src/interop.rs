@@ -182,14 +182,16 @@ pub fn hashing_memory_from_safetensors(
             })
         )));
     }
+    let keys_v = sd.get(names::KEYS, "")?;
     if !sd.has(names::SWILU_WEIGHT) && !sd.has(names::SWILU_BIAS) {
-        let why = if sd.has(names::VALUE_PROJ_WEIGHT) {
-            "this looks like the swilu_projection=False variant"
+        let variant = if sd.has(names::VALUE_PROJ_WEIGHT) {
+            "a swilu_projection=False layer (plain `value_proj`)"
         } else {
-            "it is absent"
+            "a swilu_projection=False layer without value projection"
         };
         return Err(InteropError::Unsupported(format!(
-            "no `{}`: only the swilu_projection=True variant (Meta's default) is supported, and {why}",
+            "no `{}`: this looks like {variant}; only the swilu_projection=True variant \
+             (Meta's default) is supported",
             sd.full(names::SWILU_WEIGHT)
         )));
     }
@@ -202,7 +204,6 @@ pub fn hashing_memory_from_safetensors(
     }
 
     // Shapes: keys (2 * heads * n_keys, half), query (heads * k_dim, dim).
-    let keys_v = sd.get(names::KEYS, "")?;
     let [key_rows, half] = sd.dims2(
         names::KEYS,
         &keys_v,
@@ -500,10 +501,17 @@ impl<'a, 'data> StateDict<'a, 'data> {
     }
 
     fn missing(&self, name: &str, hint: &str) -> InteropError {
+        let mut hint = hint.to_string();
+        if !self.prefix.is_empty() && !self.st.names().iter().any(|n| n.starts_with(&self.prefix)) {
+            hint.push_str(&format!(
+                "; no tensor name starts with the prefix `{}`",
+                self.prefix
+            ));
+        }
         InteropError::MissingTensor {
             name: self.full(name),
             what: "state dict".into(),
-            hint: hint.into(),
+            hint,
         }
     }
 
@@ -676,11 +684,32 @@ mod tests {
         assert_eq!(layer.params.b_q, vec![0.0; c.query_dim()]);
         assert_eq!(layer.config.knn, 1);
         // A prefix that matches nothing names the prefixed tensor.
-        let err = load_hashing_memory_prefixed(&bytes, "layers.3.memory", 1).unwrap_err();
+        let err = load_hashing_memory_prefixed(&bytes, "layers.3.memory", 1)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.to_string()
-                .contains("layers.3.memory.swilu_projection.weight"),
+            err.contains("missing tensor `layers.3.memory.keys`"),
             "{err}"
+        );
+        assert!(
+            err.contains("no tensor name starts with the prefix `layers.3.memory.`"),
+            "{err}"
+        );
+        // The same tensors behind the prefix load to the same layer.
+        let parsed = SafeTensors::deserialize(&bytes).unwrap();
+        let renamed: Vec<(String, TensorView<'_>)> = parsed
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (format!("layers.3.memory.{n}"), v))
+            .collect();
+        let prefixed = serialize(renamed, None).unwrap();
+        assert_eq!(
+            load_hashing_memory_prefixed(&prefixed, "layers.3.memory", 1).unwrap(),
+            layer
+        );
+        assert_eq!(
+            load_hashing_memory_prefixed(&prefixed, "layers.3.memory.", 1).unwrap(),
+            layer
         );
     }
 

@@ -66,7 +66,7 @@ impl PkmConfig {
                 "dim, v_dim, heads and n_keys must be positive: {self:?}"
             ));
         }
-        if self.k_dim < 2 || self.k_dim % 2 != 0 {
+        if self.k_dim < 2 || !self.k_dim.is_multiple_of(2) {
             return bad(format!("k_dim must be even and >= 2, got {}", self.k_dim));
         }
         if self.knn == 0 || self.knn > self.n_keys {
@@ -912,14 +912,14 @@ mod tests {
             ("b_o", |p| &mut p.b_o, &g.params.b_o),
         ];
         for (name, field, grad) in fields {
-            for i in 0..grad.len() {
+            for (i, &analytic) in grad.iter().enumerate() {
                 let (mut pp, mut pm) = (p.clone(), p.clone());
                 field(&mut pp)[i] += eps;
                 field(&mut pm)[i] -= eps;
                 compare(
                     name,
                     i,
-                    grad[i],
+                    analytic,
                     loss(c, &pp, &v, &x, tokens, &r),
                     loss(c, &pm, &v, &x, tokens, &r),
                 );

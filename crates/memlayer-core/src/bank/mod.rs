@@ -1,1 +1,46 @@
 //! Paged bank format v1: see `docs/FORMAT.md`.
+//!
+//! A bank file holds the shared product-key memory values and the
+//! hierarchical FFN-memory blocks in **sections**, each cut into **pages**
+//! (a run of value rows, or one block), every page aligned, listed in a page
+//! table with its offset, length and xxh3-64 checksum.
+//!
+//! - [`format`]: the byte layout, [`BankLayout`] / [`SectionSpec`], pure parsers
+//!   ([`BankMeta::parse`] works on a byte slice, for fuzzing).
+//! - [`writer`]: [`BankWriter`] (any `Write + Seek`) and [`BankFileWriter`]
+//!   (atomic write to a path), streaming pages.
+//! - [`source`]: the [`PageSource`] trait, [`FileSource`], [`MemSource`].
+//! - [`reader`]: [`BankReader`], checksum-verified page reads.
+//! - [`codec`]: f32 ⇄ f32/f16/bf16.
+//!
+//! ```
+//! use memlayer_core::bank::*;
+//! let layout = BankLayout::new(vec![SectionSpec::pkm_values(5, 2, 2, Dtype::F16)]);
+//! let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).unwrap();
+//! w.write_rows(&[0.5; 10]).unwrap();
+//! let bytes = w.finish().unwrap().into_inner();
+//! let bank = BankReader::open(MemSource::new(bytes)).unwrap();
+//! assert_eq!(bank.page_count(), 3);
+//! assert_eq!(bank.read_page_f32(2).unwrap(), vec![0.5, 0.5]);
+//! ```
+
+pub mod codec;
+pub mod error;
+pub mod format;
+pub mod reader;
+pub mod source;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use codec::{decode, decode_into, encode, encode_into, round_trip};
+pub use error::{BankError, Region};
+pub use format::{
+    BankLayout, BankMeta, DEFAULT_PAGE_ALIGN, Dtype, Geometry, HEADER_LEN, Header, MAGIC,
+    PAGE_ENTRY_LEN, PageEntry, PageId, Plan, SECTION_DESC_LEN, SectionInfo, SectionKind,
+    SectionSpec, VERSION,
+};
+pub use reader::BankReader;
+pub use source::{FileSource, MemSource, PageSource, SourceError};
+pub use writer::{BankFileWriter, BankWriter};

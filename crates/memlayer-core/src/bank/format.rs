@@ -1,0 +1,1036 @@
+//! Byte layout of bank format v1 (see `docs/FORMAT.md`) and its pure parsers.
+//!
+//! ```text
+//! [0, 64)                      header (fixed size)
+//! [64, 64 + 64*S)              S section descriptors (64 bytes each)
+//! [.., meta_len)               P page-table entries (24 bytes each)
+//! [align_up(meta_len), ..)     pages, each starting on a `page_align` boundary,
+//!                              zero padding between pages
+//! ```
+//! Everything is little-endian. Every function here works on byte slices
+//! only, so the parser can be fuzzed without any I/O.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::error::{BankError, Region};
+
+/// File magic, bytes 0..8 of every bank.
+pub const MAGIC: [u8; 8] = *b"MEMLBANK";
+/// The format version this crate writes and reads.
+pub const VERSION: u32 = 1;
+/// Size of the fixed header in bytes.
+pub const HEADER_LEN: u64 = 64;
+/// Size of one section descriptor in bytes.
+pub const SECTION_DESC_LEN: u64 = 64;
+/// Size of one page-table entry in bytes.
+pub const PAGE_ENTRY_LEN: u64 = 24;
+/// Default page alignment (a typical OS page, so pages can be mapped/uploaded directly).
+pub const DEFAULT_PAGE_ALIGN: u32 = 4096;
+/// Smallest accepted page alignment.
+pub const MIN_PAGE_ALIGN: u32 = 8;
+/// Largest accepted page alignment (16 MiB).
+pub const MAX_PAGE_ALIGN: u32 = 1 << 24;
+
+/// Section kind code of a product-key values table.
+pub const KIND_PKM_VALUES: u32 = 1;
+/// Section kind code of a level of FFN-memory blocks.
+pub const KIND_FFN_BLOCKS: u32 = 2;
+
+/// Global page id: pages are numbered from 0 across all sections, in file order.
+pub type PageId = u64;
+
+/// Element type of a section's values on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// IEEE-754 binary32 (code 1).
+    F32,
+    /// IEEE-754 binary16 (code 2).
+    F16,
+    /// bfloat16: the upper 16 bits of a binary32 (code 3).
+    Bf16,
+}
+
+impl Dtype {
+    /// All dtypes, in code order.
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
+    /// The on-disk code (u32 at byte 4 of a section descriptor).
+    pub fn code(self) -> u32 {
+        match self {
+            Dtype::F32 => 1,
+            Dtype::F16 => 2,
+            Dtype::Bf16 => 3,
+        }
+    }
+
+    /// The dtype of an on-disk code, if known.
+    pub fn from_code(code: u32) -> Option<Dtype> {
+        match code {
+            1 => Some(Dtype::F32),
+            2 => Some(Dtype::F16),
+            3 => Some(Dtype::Bf16),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name: `f32`, `f16` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Dtype::F32),
+            "f16" => Ok(Dtype::F16),
+            "bf16" => Ok(Dtype::Bf16),
+            other => Err(format!(
+                "unknown dtype `{other}` (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+/// What a section holds and its shape.
+///
+/// Every section is a sequence of rows of `dim` values, grouped into pages;
+/// the kind gives the rows their meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SectionKind {
+    /// Product-key memory values `V: (rows, dim)`, row-major. A page is a run
+    /// of `page_rows` consecutive rows; the last page holds the remainder.
+    PkmValues {
+        /// Number of value rows `N` (`n_keys^2`).
+        rows: u64,
+        /// Values per row (`v_dim`).
+        dim: u32,
+        /// Rows per page (the last page may hold fewer).
+        page_rows: u32,
+    },
+    /// FFN-memory blocks of one tree level: `nodes` blocks, one page each.
+    ///
+    /// A block is `f[layers][3][units][dim]`: for layer `l` and unit `u`,
+    /// `[l][0][u]` is row `u` of the gate matrix `(units, dim)`, `[l][1][u]`
+    /// row `u` of the up matrix `(units, dim)`, and `[l][2][u]` column `u` of
+    /// the down matrix `(dim, units)`. So a page is `layers*3*units` rows of `dim`.
+    FfnBlocks {
+        /// Level of the cluster tree (0 = root's children, or any numbering the model uses).
+        level: u32,
+        /// Number of blocks (tree nodes) at this level.
+        nodes: u64,
+        /// Transformer layers per block.
+        layers: u32,
+        /// Extra SwiGLU hidden units per layer (`r_l`).
+        units: u32,
+        /// Model width `d`.
+        dim: u32,
+    },
+}
+
+impl SectionKind {
+    /// The on-disk kind code.
+    pub fn code(&self) -> u32 {
+        match self {
+            SectionKind::PkmValues { .. } => KIND_PKM_VALUES,
+            SectionKind::FfnBlocks { .. } => KIND_FFN_BLOCKS,
+        }
+    }
+
+    /// `pkm_values` or `ffn_blocks`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SectionKind::PkmValues { .. } => "pkm_values",
+            SectionKind::FfnBlocks { .. } => "ffn_blocks",
+        }
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> u32 {
+        match *self {
+            SectionKind::PkmValues { dim, .. } | SectionKind::FfnBlocks { dim, .. } => dim,
+        }
+    }
+}
+
+/// One section of a bank layout: what it holds and how it is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SectionSpec {
+    /// Kind and shape.
+    pub kind: SectionKind,
+    /// On-disk element type (writers convert f32 input to it).
+    pub dtype: Dtype,
+}
+
+impl SectionSpec {
+    /// A `pkm_values` section of `rows x dim` values, `page_rows` rows per page.
+    pub fn pkm_values(rows: u64, dim: u32, page_rows: u32, dtype: Dtype) -> Self {
+        Self {
+            kind: SectionKind::PkmValues {
+                rows,
+                dim,
+                page_rows,
+            },
+            dtype,
+        }
+    }
+
+    /// An `ffn_blocks` section: `nodes` blocks of `f[layers][3][units][dim]`.
+    pub fn ffn_blocks(
+        level: u32,
+        nodes: u64,
+        layers: u32,
+        units: u32,
+        dim: u32,
+        dtype: Dtype,
+    ) -> Self {
+        Self {
+            kind: SectionKind::FfnBlocks {
+                level,
+                nodes,
+                layers,
+                units,
+                dim,
+            },
+            dtype,
+        }
+    }
+
+    /// Checked geometry of the section, or why the shape is invalid.
+    pub fn geometry(&self) -> Result<Geometry, String> {
+        let dim = self.kind.dim();
+        if dim == 0 {
+            return Err("dim is 0".into());
+        }
+        let row_bytes = u64::from(dim) * self.dtype.size() as u64;
+        let (rows, page_rows) = match self.kind {
+            SectionKind::PkmValues {
+                rows, page_rows, ..
+            } => {
+                if rows == 0 {
+                    return Err("rows is 0".into());
+                }
+                if page_rows == 0 {
+                    return Err("page_rows is 0".into());
+                }
+                (rows, u64::from(page_rows))
+            }
+            SectionKind::FfnBlocks {
+                nodes,
+                layers,
+                units,
+                ..
+            } => {
+                if nodes == 0 || layers == 0 || units == 0 {
+                    return Err(format!(
+                        "empty block shape (nodes {nodes}, layers {layers}, units {units})"
+                    ));
+                }
+                let per_block = u64::from(layers) * 3 * u64::from(units);
+                let rows = nodes
+                    .checked_mul(per_block)
+                    .ok_or_else(|| format!("{nodes} blocks of {per_block} rows overflow u64"))?;
+                (rows, per_block)
+            }
+        };
+        let page_bytes = page_rows
+            .checked_mul(row_bytes)
+            .filter(|&b| usize::try_from(b).is_ok())
+            .ok_or_else(|| format!("page of {page_rows} rows x {row_bytes} bytes is too large"))?;
+        let page_count = rows.div_ceil(page_rows);
+        let last_rows = rows - (page_count - 1) * page_rows;
+        rows.checked_mul(row_bytes)
+            .ok_or_else(|| format!("section of {rows} rows x {row_bytes} bytes overflows u64"))?;
+        Ok(Geometry {
+            rows,
+            dim,
+            row_bytes,
+            page_rows,
+            page_bytes,
+            page_count,
+            last_page_rows: last_rows,
+        })
+    }
+}
+
+/// Derived, overflow-checked sizes of a section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Total rows in the section (`nodes*layers*3*units` for blocks).
+    pub rows: u64,
+    /// Values per row.
+    pub dim: u32,
+    /// Bytes per row on disk (`dim * dtype.size()`).
+    pub row_bytes: u64,
+    /// Rows of every page but possibly the last.
+    pub page_rows: u64,
+    /// Bytes of a full page (`page_rows * row_bytes`); fits `usize`.
+    pub page_bytes: u64,
+    /// Number of pages (`ceil(rows / page_rows)`, >= 1).
+    pub page_count: u64,
+    /// Rows of the last page (`1..=page_rows`).
+    pub last_page_rows: u64,
+}
+
+impl Geometry {
+    /// Rows held by local page `local` (0-based within the section); 0 if out of range.
+    pub fn rows_in_page(&self, local: u64) -> u64 {
+        if local + 1 < self.page_count {
+            self.page_rows
+        } else if local + 1 == self.page_count {
+            self.last_page_rows
+        } else {
+            0
+        }
+    }
+
+    /// Bytes of local page `local`; 0 if out of range.
+    pub fn page_len(&self, local: u64) -> u64 {
+        self.rows_in_page(local) * self.row_bytes
+    }
+}
+
+/// A validated section of an opened or planned bank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SectionInfo {
+    /// Position of the section in the file's section table.
+    pub index: usize,
+    /// Kind, shape and dtype.
+    pub spec: SectionSpec,
+    /// Global id of the section's first page.
+    pub first_page: PageId,
+    /// Derived sizes.
+    pub geometry: Geometry,
+}
+
+impl SectionInfo {
+    /// Number of pages of the section.
+    pub fn page_count(&self) -> u64 {
+        self.geometry.page_count
+    }
+
+    /// Global page ids of the section.
+    pub fn page_ids(&self) -> std::ops::Range<PageId> {
+        self.first_page..self.first_page + self.geometry.page_count
+    }
+
+    /// Global page holding section row `row` and the row's index inside that page.
+    pub fn locate_row(&self, row: u64) -> Option<(PageId, u64)> {
+        (row < self.geometry.rows).then(|| {
+            (
+                self.first_page + row / self.geometry.page_rows,
+                row % self.geometry.page_rows,
+            )
+        })
+    }
+
+    /// Global page of block `node` of an `ffn_blocks` section (None for other kinds).
+    pub fn block_page(&self, node: u64) -> Option<PageId> {
+        match self.spec.kind {
+            SectionKind::FfnBlocks { nodes, .. } if node < nodes => Some(self.first_page + node),
+            _ => None,
+        }
+    }
+}
+
+/// One page-table entry (24 bytes on disk: offset, length, checksum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageEntry {
+    /// Byte offset of the page from the start of the file (multiple of `page_align`).
+    pub offset: u64,
+    /// Length of the page in bytes (exactly the section's rows × row bytes, no padding).
+    pub length: u64,
+    /// xxh3-64 (seed 0) of the `length` page bytes.
+    pub checksum: u64,
+}
+
+impl PageEntry {
+    /// One past the last byte of the page.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// The fixed 64-byte header, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// Format version (1).
+    pub version: u32,
+    /// Page alignment in bytes (power of two in `MIN_PAGE_ALIGN..=MAX_PAGE_ALIGN`).
+    pub page_align: u32,
+    /// Number of section descriptors.
+    pub section_count: u32,
+    /// Number of page-table entries.
+    pub page_count: u64,
+    /// Total file length in bytes (end of the last page).
+    pub file_len: u64,
+    /// xxh3-64 of bytes `[64, meta_len)` (section descriptors and page table).
+    pub table_checksum: u64,
+}
+
+impl Header {
+    /// End of the page table: `64 + 64*section_count + 24*page_count` (None on overflow).
+    pub fn meta_len(&self) -> Option<u64> {
+        meta_len(u64::from(self.section_count), self.page_count)
+    }
+}
+
+/// `64 + 64*sections + 24*pages`, checked.
+pub fn meta_len(sections: u64, pages: u64) -> Option<u64> {
+    sections
+        .checked_mul(SECTION_DESC_LEN)?
+        .checked_add(pages.checked_mul(PAGE_ENTRY_LEN)?)?
+        .checked_add(HEADER_LEN)
+}
+
+/// `x` rounded up to a multiple of the power of two `align` (None on overflow).
+pub fn align_up(x: u64, align: u64) -> Option<u64> {
+    debug_assert!(align.is_power_of_two());
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+/// xxh3-64 with seed 0: the checksum of pages, the header and the table.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Encodes the header; computes the header checksum (bytes 56..64).
+pub fn encode_header(h: &Header) -> [u8; HEADER_LEN as usize] {
+    let mut b = [0u8; HEADER_LEN as usize];
+    b[0..8].copy_from_slice(&MAGIC);
+    b[8..12].copy_from_slice(&h.version.to_le_bytes());
+    // 12..16 flags = 0
+    b[16..20].copy_from_slice(&h.page_align.to_le_bytes());
+    b[20..24].copy_from_slice(&h.section_count.to_le_bytes());
+    b[24..32].copy_from_slice(&h.page_count.to_le_bytes());
+    b[32..40].copy_from_slice(&h.file_len.to_le_bytes());
+    b[40..48].copy_from_slice(&h.table_checksum.to_le_bytes());
+    // 48..56 reserved = 0
+    let sum = checksum(&b[0..56]);
+    b[56..64].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+/// Encodes a section descriptor (64 bytes).
+pub fn encode_section(info: &SectionInfo) -> [u8; SECTION_DESC_LEN as usize] {
+    let mut b = [0u8; SECTION_DESC_LEN as usize];
+    b[0..4].copy_from_slice(&info.spec.kind.code().to_le_bytes());
+    b[4..8].copy_from_slice(&info.spec.dtype.code().to_le_bytes());
+    b[8..16].copy_from_slice(&info.first_page.to_le_bytes());
+    b[16..24].copy_from_slice(&info.geometry.page_count.to_le_bytes());
+    match info.spec.kind {
+        SectionKind::PkmValues {
+            rows,
+            dim,
+            page_rows,
+        } => {
+            b[24..32].copy_from_slice(&rows.to_le_bytes());
+            b[32..36].copy_from_slice(&dim.to_le_bytes());
+            b[36..40].copy_from_slice(&page_rows.to_le_bytes());
+        }
+        SectionKind::FfnBlocks {
+            level,
+            nodes,
+            layers,
+            units,
+            dim,
+        } => {
+            b[24..32].copy_from_slice(&nodes.to_le_bytes());
+            b[32..36].copy_from_slice(&dim.to_le_bytes());
+            b[36..40].copy_from_slice(&units.to_le_bytes());
+            b[40..44].copy_from_slice(&layers.to_le_bytes());
+            b[44..48].copy_from_slice(&level.to_le_bytes());
+        }
+    }
+    b
+}
+
+/// Encodes a page-table entry (24 bytes).
+pub fn encode_page_entry(e: &PageEntry) -> [u8; PAGE_ENTRY_LEN as usize] {
+    let mut b = [0u8; PAGE_ENTRY_LEN as usize];
+    b[0..8].copy_from_slice(&e.offset.to_le_bytes());
+    b[8..16].copy_from_slice(&e.length.to_le_bytes());
+    b[16..24].copy_from_slice(&e.checksum.to_le_bytes());
+    b
+}
+
+/// Checks the file's first bytes against the magic; `prefix` may be shorter than 8.
+///
+/// Returns `Ok(true)` if the whole magic is present, `Ok(false)` if `prefix`
+/// is a (too short) prefix of it, and `BadMagic` otherwise.
+pub fn check_magic(prefix: &[u8], location: &str) -> Result<bool, BankError> {
+    let n = prefix.len().min(MAGIC.len());
+    if prefix[..n] != MAGIC[..n] {
+        let mut found = [0u8; 8];
+        found[..n].copy_from_slice(&prefix[..n]);
+        return Err(BankError::BadMagic {
+            location: location.to_owned(),
+            found: found[..n].to_vec(),
+        });
+    }
+    Ok(n == MAGIC.len())
+}
+
+fn corrupt_header(location: &str, offset: u64, reason: String) -> BankError {
+    BankError::CorruptHeader {
+        location: location.to_owned(),
+        offset,
+        reason,
+    }
+}
+
+/// Parses and validates the 64-byte header (`bytes` = the file's first bytes).
+///
+/// Order of checks: length, magic, version, header checksum, then fields. So
+/// a file of a future version is reported as such, not as corrupt.
+pub fn parse_header(bytes: &[u8], location: &str) -> Result<Header, BankError> {
+    let complete = check_magic(bytes, location)?;
+    if !complete || bytes.len() < HEADER_LEN as usize {
+        return Err(BankError::Truncated {
+            location: location.to_owned(),
+            region: Region::Header,
+            offset: 0,
+            end: HEADER_LEN,
+            source_len: bytes.len() as u64,
+        });
+    }
+    let b = &bytes[..HEADER_LEN as usize];
+    let version = u32_at(b, 8);
+    if version != VERSION {
+        return Err(BankError::UnsupportedVersion {
+            location: location.to_owned(),
+            version,
+        });
+    }
+    let stored = u64_at(b, 56);
+    let computed = checksum(&b[0..56]);
+    if stored != computed {
+        return Err(corrupt_header(
+            location,
+            56,
+            format!("header checksum mismatch: stored {stored:#018x}, computed {computed:#018x}"),
+        ));
+    }
+    let flags = u32_at(b, 12);
+    if flags != 0 {
+        return Err(corrupt_header(
+            location,
+            12,
+            format!("unknown flags {flags:#x} (v1 defines none)"),
+        ));
+    }
+    let page_align = u32_at(b, 16);
+    if !page_align.is_power_of_two() || !(MIN_PAGE_ALIGN..=MAX_PAGE_ALIGN).contains(&page_align) {
+        return Err(corrupt_header(
+            location,
+            16,
+            format!(
+                "page alignment {page_align} is not a power of two in {MIN_PAGE_ALIGN}..={MAX_PAGE_ALIGN}"
+            ),
+        ));
+    }
+    let reserved = u64_at(b, 48);
+    if reserved != 0 {
+        return Err(corrupt_header(
+            location,
+            48,
+            format!("reserved field is {reserved:#x}, not 0"),
+        ));
+    }
+    let h = Header {
+        version,
+        page_align,
+        section_count: u32_at(b, 20),
+        page_count: u64_at(b, 24),
+        file_len: u64_at(b, 32),
+        table_checksum: u64_at(b, 40),
+    };
+    let Some(meta) = h.meta_len() else {
+        return Err(corrupt_header(
+            location,
+            20,
+            format!(
+                "{} sections and {} pages overflow the table size",
+                h.section_count, h.page_count
+            ),
+        ));
+    };
+    if meta > h.file_len {
+        return Err(corrupt_header(
+            location,
+            32,
+            format!(
+                "file length {} is smaller than the page table end {meta}",
+                h.file_len
+            ),
+        ));
+    }
+    Ok(h)
+}
+
+fn corrupt_table(location: &str, offset: u64, page: Option<PageId>, reason: String) -> BankError {
+    BankError::CorruptTable {
+        location: location.to_owned(),
+        offset,
+        page,
+        reason,
+    }
+}
+
+/// Parses one section descriptor (64 bytes) at file offset `at`.
+fn parse_section(
+    b: &[u8],
+    at: u64,
+    index: usize,
+    location: &str,
+) -> Result<SectionInfo, BankError> {
+    let bad = |field: u64, reason: String| {
+        corrupt_table(
+            location,
+            at + field,
+            None,
+            format!("section {index}: {reason}"),
+        )
+    };
+    let kind_code = u32_at(b, 0);
+    let dtype_code = u32_at(b, 4);
+    let dtype = Dtype::from_code(dtype_code)
+        .ok_or_else(|| bad(4, format!("unknown dtype code {dtype_code}")))?;
+    let first_page = u64_at(b, 8);
+    let page_count = u64_at(b, 16);
+    let count = u64_at(b, 24);
+    let dim = u32_at(b, 32);
+    let a = u32_at(b, 36);
+    let c = u32_at(b, 40);
+    let d = u32_at(b, 44);
+    let (kind, reserved_from) = match kind_code {
+        KIND_PKM_VALUES => (
+            SectionKind::PkmValues {
+                rows: count,
+                dim,
+                page_rows: a,
+            },
+            40,
+        ),
+        KIND_FFN_BLOCKS => (
+            SectionKind::FfnBlocks {
+                level: d,
+                nodes: count,
+                layers: c,
+                units: a,
+                dim,
+            },
+            48,
+        ),
+        other => return Err(bad(0, format!("unknown section kind {other}"))),
+    };
+    if let Some(pos) = b[reserved_from..SECTION_DESC_LEN as usize]
+        .iter()
+        .position(|&x| x != 0)
+    {
+        return Err(bad(
+            (reserved_from + pos) as u64,
+            "reserved bytes are not zero".into(),
+        ));
+    }
+    let spec = SectionSpec { kind, dtype };
+    let geometry = spec
+        .geometry()
+        .map_err(|r| bad(24, format!("invalid {} shape: {r}", kind.name())))?;
+    if geometry.page_count != page_count {
+        return Err(bad(
+            16,
+            format!(
+                "page count {page_count} does not match the shape, which needs {}",
+                geometry.page_count
+            ),
+        ));
+    }
+    Ok(SectionInfo {
+        index,
+        spec,
+        first_page,
+        geometry,
+    })
+}
+
+/// Parses and validates the section descriptors and the page table.
+///
+/// `table` is the file's bytes `[64, meta_len)`. Checks: table checksum;
+/// known kinds/dtypes, non-empty shapes and zero reserved bytes; sections'
+/// pages contiguous and summing to the header's page count; every page
+/// aligned, after the table, after the previous page (no overlap), of
+/// exactly the length its section's shape and dtype give, and the last page
+/// ending at the header's file length.
+pub fn parse_table(
+    h: &Header,
+    table: &[u8],
+    location: &str,
+) -> Result<(Vec<SectionInfo>, Vec<PageEntry>), BankError> {
+    let meta = h
+        .meta_len()
+        .ok_or_else(|| corrupt_header(location, 20, "table size overflows".into()))?;
+    if table.len() as u64 != meta - HEADER_LEN {
+        return Err(BankError::Truncated {
+            location: location.to_owned(),
+            region: Region::Table,
+            offset: HEADER_LEN,
+            end: meta,
+            source_len: HEADER_LEN + table.len() as u64,
+        });
+    }
+    let computed = checksum(table);
+    if computed != h.table_checksum {
+        return Err(corrupt_table(
+            location,
+            HEADER_LEN,
+            None,
+            format!(
+                "table checksum mismatch: header says {:#018x}, bytes {HEADER_LEN}..{meta} hash to {computed:#018x}",
+                h.table_checksum
+            ),
+        ));
+    }
+    let align = u64::from(h.page_align);
+    let sections_len = h.section_count as usize * SECTION_DESC_LEN as usize;
+    // Counts are bounded by the table length (itself bounded by the source length).
+    let mut sections = Vec::with_capacity(h.section_count as usize);
+    let mut next_page: PageId = 0;
+    for (i, chunk) in table[..sections_len]
+        .chunks_exact(SECTION_DESC_LEN as usize)
+        .enumerate()
+    {
+        let at = HEADER_LEN + i as u64 * SECTION_DESC_LEN;
+        let s = parse_section(chunk, at, i, location)?;
+        if s.first_page != next_page {
+            return Err(corrupt_table(
+                location,
+                at + 8,
+                None,
+                format!(
+                    "section {i}: first page {} but the previous sections end at page {next_page}",
+                    s.first_page
+                ),
+            ));
+        }
+        next_page = next_page
+            .checked_add(s.geometry.page_count)
+            .ok_or_else(|| {
+                corrupt_table(
+                    location,
+                    at + 16,
+                    None,
+                    format!("section {i}: page count overflows"),
+                )
+            })?;
+        sections.push(s);
+    }
+    if next_page != h.page_count {
+        return Err(corrupt_table(
+            location,
+            HEADER_LEN,
+            None,
+            format!(
+                "sections hold {next_page} pages but the header says {}",
+                h.page_count
+            ),
+        ));
+    }
+    let table_start = HEADER_LEN + sections_len as u64;
+    let data_start = align_up(meta, align).unwrap_or(u64::MAX);
+    let mut pages = Vec::with_capacity(h.page_count as usize);
+    let mut prev_end = data_start;
+    let mut sec_iter = sections.iter();
+    let mut sec = sec_iter.next();
+    for (i, chunk) in table[sections_len..]
+        .chunks_exact(PAGE_ENTRY_LEN as usize)
+        .enumerate()
+    {
+        let id = i as PageId;
+        let at = table_start + id * PAGE_ENTRY_LEN;
+        while let Some(s) = sec {
+            if id < s.first_page + s.geometry.page_count {
+                break;
+            }
+            sec = sec_iter.next();
+        }
+        let Some(s) = sec else {
+            return Err(corrupt_table(
+                location,
+                at,
+                Some(id),
+                "page belongs to no section".into(),
+            ));
+        };
+        let e = PageEntry {
+            offset: u64_at(chunk, 0),
+            length: u64_at(chunk, 8),
+            checksum: u64_at(chunk, 16),
+        };
+        if !e.offset.is_multiple_of(align) {
+            return Err(corrupt_table(
+                location,
+                at,
+                Some(id),
+                format!(
+                    "offset {} is not a multiple of the page alignment {align}",
+                    e.offset
+                ),
+            ));
+        }
+        if e.offset < prev_end {
+            let what = if id == 0 {
+                format!("starts inside the header/table (data starts at {data_start})")
+            } else {
+                format!("overlaps page {} which ends at {prev_end}", id - 1)
+            };
+            return Err(corrupt_table(
+                location,
+                at,
+                Some(id),
+                format!("offset {} {what}", e.offset),
+            ));
+        }
+        let expected = s.geometry.page_len(id - s.first_page);
+        if e.length != expected {
+            return Err(corrupt_table(
+                location,
+                at + 8,
+                Some(id),
+                format!(
+                    "length {} but section {} ({} {}) needs {expected}",
+                    e.length,
+                    s.index,
+                    s.spec.kind.name(),
+                    s.spec.dtype
+                ),
+            ));
+        }
+        let end = e
+            .offset
+            .checked_add(e.length)
+            .filter(|&end| end <= h.file_len)
+            .ok_or_else(|| {
+                corrupt_table(
+                    location,
+                    at,
+                    Some(id),
+                    format!(
+                        "page {}..+{} ends past the file length {}",
+                        e.offset, e.length, h.file_len
+                    ),
+                )
+            })?;
+        prev_end = end;
+        pages.push(e);
+    }
+    let last_end = pages.last().map_or(meta, PageEntry::end);
+    if last_end != h.file_len {
+        return Err(corrupt_header(
+            location,
+            32,
+            format!(
+                "file length {} but the last page ends at {last_end}",
+                h.file_len
+            ),
+        ));
+    }
+    Ok((sections, pages))
+}
+
+/// Everything a bank's header and page table say, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BankMeta {
+    /// The decoded header.
+    pub header: Header,
+    /// Sections in file order.
+    pub sections: Vec<SectionInfo>,
+    /// The page table, indexed by global page id.
+    pub pages: Vec<PageEntry>,
+}
+
+impl BankMeta {
+    /// Parses a whole bank file held in memory (pure function, fuzzable).
+    ///
+    /// Validates the header and page table exactly as [`super::BankReader::open`]
+    /// does; pages are not read (their bytes may be missing: `bytes` may end
+    /// anywhere after the table, see [`BankMeta::first_truncated_page`]).
+    pub fn parse(bytes: &[u8], location: &str) -> Result<BankMeta, BankError> {
+        let header = parse_header(bytes, location)?;
+        let meta = header.meta_len().unwrap_or(u64::MAX);
+        check_source_len(&header, bytes.len() as u64, location)?;
+        // check_source_len guarantees meta <= bytes.len().
+        let table = &bytes[HEADER_LEN as usize..meta as usize];
+        let (sections, pages) = parse_table(&header, table, location)?;
+        Ok(BankMeta {
+            header,
+            sections,
+            pages,
+        })
+    }
+
+    /// End of the page table (`64 + 64*S + 24*P`).
+    pub fn meta_len(&self) -> u64 {
+        meta_len(self.sections.len() as u64, self.pages.len() as u64).unwrap_or(u64::MAX)
+    }
+
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        self.pages.len() as u64
+    }
+
+    /// Section holding global page `page` and the page's index inside it.
+    pub fn section_of_page(&self, page: PageId) -> Option<(&SectionInfo, u64)> {
+        let i = self
+            .sections
+            .partition_point(|s| s.first_page + s.geometry.page_count <= page);
+        let s = self.sections.get(i)?;
+        (page >= s.first_page && page < s.first_page + s.geometry.page_count)
+            .then(|| (s, page - s.first_page))
+    }
+
+    /// First page whose bytes end past `source_len` (a truncated file), if any.
+    pub fn first_truncated_page(&self, source_len: u64) -> Option<PageId> {
+        let i = self.pages.partition_point(|e| e.end() <= source_len);
+        (i < self.pages.len()).then_some(i as PageId)
+    }
+}
+
+/// Checks the source length against the header before the table is read:
+/// the table must be present (else `Truncated` naming the table) and the
+/// source must not be longer than the header's file length (trailing bytes
+/// mean the file is not what was written). A source shorter than the file
+/// length but holding the whole table is accepted here; reads of the missing
+/// pages fail with `Truncated` naming the page.
+pub fn check_source_len(h: &Header, source_len: u64, location: &str) -> Result<(), BankError> {
+    let meta = h.meta_len().unwrap_or(u64::MAX);
+    if source_len < meta {
+        return Err(BankError::Truncated {
+            location: location.to_owned(),
+            region: Region::Table,
+            offset: HEADER_LEN,
+            end: meta,
+            source_len,
+        });
+    }
+    if source_len > h.file_len {
+        return Err(corrupt_header(
+            location,
+            32,
+            format!(
+                "the source is {source_len} bytes but the header's file length is {} ({} trailing bytes)",
+                h.file_len,
+                source_len - h.file_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The canonical placement of a layout's pages: validated sections, the
+/// table end, and each page's offset and length (checksums unknown yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Sections with their first pages.
+    pub sections: Vec<SectionInfo>,
+    /// End of the page table.
+    pub meta_len: u64,
+    /// Page alignment.
+    pub page_align: u32,
+    /// Total number of pages.
+    pub page_count: u64,
+}
+
+/// A bank layout: page alignment and sections, in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BankLayout {
+    /// Page alignment in bytes (power of two, `MIN_PAGE_ALIGN..=MAX_PAGE_ALIGN`).
+    pub page_align: u32,
+    /// Sections in file order.
+    pub sections: Vec<SectionSpec>,
+}
+
+impl BankLayout {
+    /// A layout with the default 4096-byte page alignment.
+    pub fn new(sections: Vec<SectionSpec>) -> Self {
+        Self {
+            page_align: DEFAULT_PAGE_ALIGN,
+            sections,
+        }
+    }
+
+    /// The same layout with another page alignment.
+    pub fn with_page_align(mut self, page_align: u32) -> Self {
+        self.page_align = page_align;
+        self
+    }
+
+    /// Validates the layout and assigns page ids.
+    pub fn plan(&self) -> Result<Plan, BankError> {
+        let invalid = |r: String| BankError::InvalidLayout(r);
+        let a = self.page_align;
+        if !a.is_power_of_two() || !(MIN_PAGE_ALIGN..=MAX_PAGE_ALIGN).contains(&a) {
+            return Err(invalid(format!(
+                "page alignment {a} is not a power of two in {MIN_PAGE_ALIGN}..={MAX_PAGE_ALIGN}"
+            )));
+        }
+        let section_count =
+            u32::try_from(self.sections.len()).map_err(|_| invalid("too many sections".into()))?;
+        let mut sections = Vec::with_capacity(self.sections.len());
+        let mut next: PageId = 0;
+        for (index, spec) in self.sections.iter().enumerate() {
+            let geometry = spec
+                .geometry()
+                .map_err(|r| invalid(format!("section {index} ({}): {r}", spec.kind.name())))?;
+            sections.push(SectionInfo {
+                index,
+                spec: *spec,
+                first_page: next,
+                geometry,
+            });
+            next = next
+                .checked_add(geometry.page_count)
+                .ok_or_else(|| invalid("page count overflows".into()))?;
+        }
+        let meta_len = meta_len(u64::from(section_count), next)
+            .ok_or_else(|| invalid("page table too large".into()))?;
+        Ok(Plan {
+            sections,
+            meta_len,
+            page_align: a,
+            page_count: next,
+        })
+    }
+}

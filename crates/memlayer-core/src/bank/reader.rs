@@ -1,0 +1,234 @@
+//! Bank reader: validates the header and page table once, then reads and
+//! checksum-verifies pages on demand from any [`PageSource`].
+
+use super::codec::decode_into;
+use super::error::{BankError, Region};
+use super::format::{
+    BankMeta, HEADER_LEN, Header, PageEntry, PageId, SectionInfo, check_source_len, parse_header,
+    parse_table,
+};
+use super::source::{PageSource, SourceError};
+
+/// An opened bank: validated metadata plus the source to read pages from.
+///
+/// Opening reads only the header and page table. Pages are read one at a
+/// time, and every read is checked against the page's checksum.
+#[derive(Debug)]
+pub struct BankReader<S: PageSource = Box<dyn PageSource>> {
+    source: S,
+    location: String,
+    source_len: u64,
+    meta: BankMeta,
+}
+
+impl<S: PageSource> BankReader<S> {
+    /// Reads and validates the header and page table of `source`.
+    ///
+    /// Fails with `BadMagic`, `UnsupportedVersion`, `CorruptHeader`,
+    /// `CorruptTable`, `Truncated` (header or table cut off) or `Source`. A
+    /// source that is shorter than the header's file length but holds the
+    /// whole table opens; reads of the missing pages fail with `Truncated`
+    /// (see [`BankReader::first_truncated_page`]).
+    pub fn open(source: S) -> Result<Self, BankError> {
+        let location = source.describe();
+        let src_err = |region, offset, length, source: SourceError| BankError::Source {
+            location: location.clone(),
+            region,
+            offset,
+            length,
+            source,
+        };
+        let source_len = source
+            .len()
+            .map_err(|e| src_err(Region::Header, 0, HEADER_LEN, e))?;
+        let head_len = source_len.min(HEADER_LEN) as usize;
+        let mut head = vec![0u8; head_len];
+        source
+            .read_at(0, &mut head)
+            .map_err(|e| src_err(Region::Header, 0, head_len as u64, e))?;
+        let header = parse_header(&head, &location)?;
+        check_source_len(&header, source_len, &location)?;
+        // check_source_len guarantees meta_len <= source_len, so this
+        // allocation is bounded by the source's real size.
+        let meta_len = header.meta_len().unwrap_or(u64::MAX);
+        let table_len =
+            usize::try_from(meta_len - HEADER_LEN).map_err(|_| BankError::CorruptHeader {
+                location: location.clone(),
+                offset: 20,
+                reason: format!("page table of {meta_len} bytes does not fit in memory"),
+            })?;
+        let mut table = vec![0u8; table_len];
+        source
+            .read_at(HEADER_LEN, &mut table)
+            .map_err(|e| src_err(Region::Table, HEADER_LEN, table_len as u64, e))?;
+        let (sections, pages) = parse_table(&header, &table, &location)?;
+        Ok(Self {
+            source,
+            location,
+            source_len,
+            meta: BankMeta {
+                header,
+                sections,
+                pages,
+            },
+        })
+    }
+
+    /// The validated header, sections and page table.
+    pub fn meta(&self) -> &BankMeta {
+        &self.meta
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &Header {
+        &self.meta.header
+    }
+
+    /// Sections in file order.
+    pub fn sections(&self) -> &[SectionInfo] {
+        &self.meta.sections
+    }
+
+    /// The page table, indexed by page id.
+    pub fn pages(&self) -> &[PageEntry] {
+        &self.meta.pages
+    }
+
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        self.meta.page_count()
+    }
+
+    /// The source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The source's path or URL.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Length of the source when it was opened.
+    pub fn source_len(&self) -> u64 {
+        self.source_len
+    }
+
+    /// First page whose bytes are missing from the source (a truncated file).
+    pub fn first_truncated_page(&self) -> Option<PageId> {
+        self.meta.first_truncated_page(self.source_len)
+    }
+
+    /// The page-table entry of `page`.
+    pub fn page(&self, page: PageId) -> Result<&PageEntry, BankError> {
+        usize::try_from(page)
+            .ok()
+            .and_then(|i| self.meta.pages.get(i))
+            .ok_or_else(|| BankError::PageOutOfRange {
+                location: self.location.clone(),
+                page,
+                page_count: self.page_count(),
+            })
+    }
+
+    /// The section holding `page` and the page's index inside it.
+    pub fn section_of_page(&self, page: PageId) -> Result<(&SectionInfo, u64), BankError> {
+        self.meta
+            .section_of_page(page)
+            .ok_or_else(|| BankError::PageOutOfRange {
+                location: self.location.clone(),
+                page,
+                page_count: self.page_count(),
+            })
+    }
+
+    /// Reads `page` into `buf` (resized to the page length) and verifies its checksum.
+    pub fn read_page_into(&self, page: PageId, buf: &mut Vec<u8>) -> Result<(), BankError> {
+        let e = *self.page(page)?;
+        let region = Region::Page(page);
+        if e.end() > self.source_len {
+            return Err(BankError::Truncated {
+                location: self.location.clone(),
+                region,
+                offset: e.offset,
+                end: e.end(),
+                source_len: self.source_len,
+            });
+        }
+        // The page lies inside the source, so its length fits memory bounds
+        // of the source itself (and `usize`, checked by the parser).
+        buf.clear();
+        buf.resize(e.length as usize, 0);
+        self.source
+            .read_at(e.offset, buf)
+            .map_err(|source| BankError::Source {
+                location: self.location.clone(),
+                region,
+                offset: e.offset,
+                length: e.length,
+                source,
+            })?;
+        let got = super::format::checksum(buf);
+        if got != e.checksum {
+            return Err(BankError::ChecksumMismatch {
+                location: self.location.clone(),
+                page,
+                offset: e.offset,
+                length: e.length,
+                expected: e.checksum,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `page` and verifies its checksum; returns its raw bytes
+    /// (the section's dtype, little-endian, `rows × dim` elements).
+    pub fn read_page(&self, page: PageId) -> Result<Vec<u8>, BankError> {
+        let mut buf = Vec::new();
+        self.read_page_into(page, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads `page`, verifies it, and decodes it to f32: `rows × dim` values, row-major.
+    pub fn read_page_f32(&self, page: PageId) -> Result<Vec<f32>, BankError> {
+        let (section, _) = self.section_of_page(page)?;
+        let dtype = section.spec.dtype;
+        let bytes = self.read_page(page)?;
+        let mut out = vec![0.0; bytes.len() / dtype.size()];
+        decode_into(dtype, &bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// Row `row` of section `section` as f32 (reads and verifies its whole page).
+    pub fn read_row(&self, section: usize, row: u64) -> Result<Vec<f32>, BankError> {
+        let s = self.meta.sections.get(section).ok_or_else(|| {
+            BankError::InvalidInput(format!(
+                "{}: section {section} out of range ({} sections)",
+                self.location,
+                self.meta.sections.len()
+            ))
+        })?;
+        let (page, in_page) = s.locate_row(row).ok_or_else(|| {
+            BankError::InvalidInput(format!(
+                "{}: row {row} out of range for section {section} of {} rows",
+                self.location, s.geometry.rows
+            ))
+        })?;
+        let dim = s.geometry.dim as usize;
+        let values = self.read_page_f32(page)?;
+        let start = in_page as usize * dim;
+        Ok(values[start..start + dim].to_vec())
+    }
+
+    /// Reads and verifies every page in order; the first failure is returned.
+    /// `progress` is called after each page with the number of pages done.
+    pub fn verify_all(&self, mut progress: impl FnMut(u64)) -> Result<(), BankError> {
+        let mut buf = Vec::new();
+        for page in 0..self.page_count() {
+            self.read_page_into(page, &mut buf)?;
+            progress(page + 1);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! Page sources: where bank bytes come from (local file, memory; later HTTP
+//! Range and browser fetch).
+//!
+//! A source only reads byte ranges; it knows nothing about pages. The
+//! [`super::BankReader`] adds page ids and locations to its errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why a source could not deliver bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source could not be opened.
+    #[error("cannot open {location}: {source}")]
+    Open {
+        /// Path or URL.
+        location: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The requested range lies (partly) past the end of the source.
+    #[error("range {offset}..{} is past the end of the source ({size} bytes)", .offset.saturating_add(*.length))]
+    OutOfBounds {
+        /// Start of the read.
+        offset: u64,
+        /// Length of the read.
+        length: u64,
+        /// Length of the source.
+        size: u64,
+    },
+    /// An I/O error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Any other failure (e.g. an HTTP status), described.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Random-access bytes of a bank file.
+///
+/// Implementations are cheap to share between threads (`Send + Sync`) and
+/// must be object-safe so readers can hold a `Box<dyn PageSource>`.
+pub trait PageSource: Send + Sync {
+    /// Fills `buf` with the bytes at `offset..offset + buf.len()`, or fails
+    /// (a short read is an error, never a partial fill).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Total length of the source in bytes.
+    fn len(&self) -> Result<u64, SourceError>;
+
+    /// Whether the source is empty.
+    fn is_empty(&self) -> Result<bool, SourceError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The path or URL, for error messages.
+    fn describe(&self) -> String;
+}
+
+impl<T: PageSource + ?Sized> PageSource for Box<T> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        (**self).read_at(offset, buf)
+    }
+    fn len(&self) -> Result<u64, SourceError> {
+        (**self).len()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+impl<T: PageSource + ?Sized> PageSource for Arc<T> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        (**self).read_at(offset, buf)
+    }
+    fn len(&self) -> Result<u64, SourceError> {
+        (**self).len()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+impl<T: PageSource + ?Sized> PageSource for &T {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        (**self).read_at(offset, buf)
+    }
+    fn len(&self) -> Result<u64, SourceError> {
+        (**self).len()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+fn check_range(offset: u64, length: usize, size: u64) -> Result<(), SourceError> {
+    let length = length as u64;
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(SourceError::OutOfBounds {
+            offset,
+            length,
+            size,
+        }),
+    }
+}
+
+/// Bytes held in memory (tests, fuzzing, banks already downloaded).
+#[derive(Clone, Debug)]
+pub struct MemSource {
+    bytes: Arc<[u8]>,
+    name: String,
+}
+
+impl MemSource {
+    /// A source over `bytes`, described as `<memory>`.
+    pub fn new(bytes: impl Into<Arc<[u8]>>) -> Self {
+        Self::named(bytes, "<memory>")
+    }
+
+    /// A source over `bytes` with a name for error messages.
+    pub fn named(bytes: impl Into<Arc<[u8]>>, name: impl Into<String>) -> Self {
+        Self {
+            bytes: bytes.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl PageSource for MemSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.bytes.len() as u64)?;
+        // In range, so `offset` fits usize.
+        let start = offset as usize;
+        buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+        Ok(())
+    }
+    fn len(&self) -> Result<u64, SourceError> {
+        Ok(self.bytes.len() as u64)
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(any(unix, windows))]
+type FileHandle = std::fs::File;
+#[cfg(not(any(unix, windows)))]
+type FileHandle = std::sync::Mutex<std::fs::File>;
+
+/// A local file read with positioned reads (`pread` on unix, `seek_read` on
+/// windows, a locked seek + read elsewhere). The file is never loaded whole.
+///
+/// The length is taken when the file is opened; a file that shrinks later
+/// gives `OutOfBounds`/I/O errors on reads, never short data.
+#[derive(Debug)]
+pub struct FileSource {
+    file: FileHandle,
+    path: PathBuf,
+    size: u64,
+}
+
+impl FileSource {
+    /// Opens `path` for reading.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| SourceError::Open {
+            location: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(open_err)?;
+        let size = file.metadata().map_err(open_err)?.len();
+        #[cfg(not(any(unix, windows)))]
+        let file = std::sync::Mutex::new(file);
+        Ok(Self { file, path, size })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    #[cfg(unix)]
+    fn read_raw(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    #[cfg(windows)]
+    fn read_raw(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.seek_read(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(not(any(unix, windows)))]
+    fn read_raw(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| std::io::Error::other("file lock poisoned"))?;
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(buf)
+    }
+}
+
+impl PageSource for FileSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        check_range(offset, buf.len(), self.size)?;
+        self.read_raw(offset, buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // The file shrank since it was opened.
+                SourceError::OutOfBounds {
+                    offset,
+                    length: buf.len() as u64,
+                    size: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
+                }
+            } else {
+                SourceError::Io(e)
+            }
+        })
+    }
+    fn len(&self) -> Result<u64, SourceError> {
+        Ok(self.size)
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}

@@ -1,0 +1,1 @@
+//! Optimised CPU path of the memory ops (checked against `memlayer_core`).

@@ -39,6 +39,12 @@ impl fmt::Display for Region {
     }
 }
 
+/// `67 61 72 62 ("garb")`: hex bytes and their lossy text.
+fn show_bytes(b: &[u8]) -> String {
+    let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{} ({:?})", hex.join(" "), String::from_utf8_lossy(b))
+}
+
 fn entry_of(page: &Option<PageId>) -> String {
     match page {
         Some(p) => format!(" (entry of page {p})"),
@@ -50,7 +56,7 @@ fn entry_of(page: &Option<PageId>) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
     /// The source does not start with the bank magic.
-    #[error("{location}: not a memlayer bank: bad magic {found:02x?} at byte offset 0 (expected {:?})", String::from_utf8_lossy(&super::format::MAGIC))]
+    #[error("{location}: not a memlayer bank: bad magic {} at byte offset 0 (expected {:?})", show_bytes(.found), String::from_utf8_lossy(&super::format::MAGIC))]
     BadMagic {
         /// Path or URL.
         location: String,

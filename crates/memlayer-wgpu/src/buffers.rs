@@ -1,0 +1,363 @@
+//! Buffers: uploads, read-back, compute kernels, and tables sharded across
+//! buffers sized from the device's limits.
+
+use crate::context::{GpuContext, GpuError};
+use wgpu::util::DeviceExt;
+
+/// Usage of every storage buffer memlayer creates.
+pub const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// A storage buffer holding `data` (at least 4 bytes: empty slices get one
+/// zero word, since zero-sized bindings are invalid).
+pub fn storage_init<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, data: &[T]) -> wgpu::Buffer {
+    let bytes: &[u8] = bytemuck::cast_slice(data);
+    let contents: std::borrow::Cow<[u8]> = if bytes.len() < 4 {
+        let mut padded = bytes.to_vec();
+        padded.resize(4, 0);
+        padded.into()
+    } else {
+        bytes.into()
+    };
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &contents,
+            usage: STORAGE,
+        })
+}
+
+/// A zero-filled storage buffer of `bytes` bytes (at least 4).
+pub fn storage_zeroed(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: bytes.max(4).next_multiple_of(4),
+        usage: STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// A uniform buffer holding `value`.
+pub fn uniform_init<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) -> wgpu::Buffer {
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(value),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+}
+
+/// Copies `count` elements of `T` starting at byte `offset` of `buffer` back
+/// to the host (blocking until the GPU is done).
+pub fn read_back<T: bytemuck::Pod>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    count: usize,
+) -> Result<Vec<T>, GpuError> {
+    let bytes = (count * std::mem::size_of::<T>()) as u64;
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let padded = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("memlayer read-back"),
+        size: padded,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+    ctx.queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    rx.recv()
+        .map_err(|e| GpuError::ReadBack(e.to_string()))?
+        .map_err(|e| GpuError::ReadBack(e.to_string()))?;
+    let view = staging
+        .get_mapped_range(..)
+        .map_err(|e| GpuError::ReadBack(e.to_string()))?;
+    let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
+    drop(view);
+    staging.unmap();
+    Ok(out)
+}
+
+/// A compute pipeline built from one WGSL source, with its bind-group layout
+/// (group 0, derived from the shader: bindings `0..n` in declaration order).
+pub struct Kernel {
+    /// Name for errors and labels.
+    pub name: &'static str,
+    /// The pipeline.
+    pub pipeline: wgpu::ComputePipeline,
+    /// Layout of bind group 0.
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Kernel {
+    /// Compiles `source` and builds the pipeline of `entry` (errors name the kernel).
+    pub fn new(
+        ctx: &GpuContext,
+        name: &'static str,
+        source: &str,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> Result<Self, GpuError> {
+        ctx.scoped(&format!("building kernel {name}::{entry}"), || {
+            let module = ctx
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+            let pipeline = ctx
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants,
+                        ..Default::default()
+                    },
+                    cache: None,
+                });
+            let layout = pipeline.get_bind_group_layout(0);
+            Self {
+                name,
+                pipeline,
+                layout,
+            }
+        })
+    }
+
+    /// Records one dispatch of `workgroups` with `bindings[i]` bound at binding `i`.
+    pub fn dispatch(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &[wgpu::BindingResource<'_>],
+        workgroups: (u32, u32, u32),
+    ) {
+        let entries: Vec<wgpu::BindGroupEntry> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(self.name),
+            layout: &self.layout,
+            entries: &entries,
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(self.name),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
+    }
+}
+
+/// Splits `n` workgroups into an `(x, y, 1)` grid within the per-dimension
+/// limit; kernels recover the linear id as `y * x_count + x` and must skip ids ≥ n.
+pub fn grid(ctx: &GpuContext, n: u32) -> (u32, u32, u32) {
+    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1);
+    if n <= max {
+        (n.max(1), 1, 1)
+    } else {
+        (max, n.div_ceil(max), 1)
+    }
+}
+
+/// Storage type of a table's rows on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuDtype {
+    /// One f32 per element.
+    F32,
+    /// IEEE half, two per u32 word (`unpack2x16float`); a row of odd width is
+    /// padded with one zero half so rows stay word-aligned. Needs no
+    /// `shader-f16` feature.
+    F16,
+}
+
+impl GpuDtype {
+    /// u32 words one row of `dim` elements takes.
+    pub fn row_words(self, dim: usize) -> usize {
+        match self {
+            GpuDtype::F32 => dim,
+            GpuDtype::F16 => dim.div_ceil(2),
+        }
+    }
+}
+
+/// A `(rows, dim)` table stored across several storage buffers, each no
+/// larger than the device's binding limit; shard `s` holds rows
+/// `[s * rows_per_shard, (s + 1) * rows_per_shard)`. `rows_per_shard` is a
+/// multiple of `unit_rows` so a unit (e.g. a page in a slot pool) never
+/// straddles two shards.
+pub struct ShardedTable {
+    /// Rows in the table.
+    pub rows: usize,
+    /// Elements per row.
+    pub dim: usize,
+    /// Storage type.
+    pub dtype: GpuDtype,
+    /// Rows per shard (the last shard may hold fewer).
+    pub rows_per_shard: usize,
+    /// The buffers.
+    pub shards: Vec<wgpu::Buffer>,
+}
+
+impl ShardedTable {
+    /// Allocates a zeroed table sized by `ctx.max_binding_bytes()`.
+    pub fn zeroed(
+        ctx: &GpuContext,
+        label: &str,
+        rows: usize,
+        dim: usize,
+        dtype: GpuDtype,
+        unit_rows: usize,
+    ) -> Result<Self, GpuError> {
+        let row_bytes = (dtype.row_words(dim) * 4) as u64;
+        let unit_rows = unit_rows.max(1);
+        let unit_bytes = row_bytes * unit_rows as u64;
+        let limit = ctx.max_binding_bytes();
+        if unit_bytes == 0 || unit_bytes > limit {
+            return Err(GpuError::Invalid(format!(
+                "{label}: a unit of {unit_rows} rows × {dim} ({unit_bytes} bytes) does not fit \
+                 one binding of {limit} bytes"
+            )));
+        }
+        let rows_per_shard = ((limit / unit_bytes) as usize * unit_rows).min(rows.max(1));
+        let n_shards = rows.div_ceil(rows_per_shard).max(1);
+        let shards = ctx.scoped(&format!("allocating {label}"), || {
+            (0..n_shards)
+                .map(|s| {
+                    let r = rows_per_shard.min(rows - (s * rows_per_shard).min(rows));
+                    storage_zeroed(ctx, label, r as u64 * row_bytes)
+                })
+                .collect()
+        })?;
+        Ok(Self {
+            rows,
+            dim,
+            dtype,
+            rows_per_shard,
+            shards,
+        })
+    }
+
+    /// Uploads a whole f32 table `(rows, dim)`, converting to `dtype`.
+    pub fn upload(
+        ctx: &GpuContext,
+        label: &str,
+        data: &[f32],
+        rows: usize,
+        dim: usize,
+        dtype: GpuDtype,
+    ) -> Result<Self, GpuError> {
+        memlayer_core::error::check_len("table", data, &[rows, dim])?;
+        let table = Self::zeroed(ctx, label, rows, dim, dtype, 1)?;
+        table.write_rows(ctx, 0, &encode_rows(data, dim, dtype))?;
+        Ok(table)
+    }
+
+    /// u32 words per row.
+    pub fn row_words(&self) -> usize {
+        self.dtype.row_words(self.dim)
+    }
+
+    /// Writes encoded rows (`words`, a multiple of `row_words()`) starting at
+    /// `first_row`, splitting the write across shards.
+    pub fn write_rows(
+        &self,
+        ctx: &GpuContext,
+        first_row: usize,
+        words: &[u32],
+    ) -> Result<(), GpuError> {
+        let rw = self.row_words();
+        if rw == 0 || words.len() % rw != 0 || first_row + words.len() / rw > self.rows {
+            return Err(GpuError::Invalid(format!(
+                "write of {} words at row {first_row} does not fit a table of {} rows × {rw} words",
+                words.len(),
+                self.rows
+            )));
+        }
+        let mut row = first_row;
+        let mut rest = words;
+        while !rest.is_empty() {
+            let shard = row / self.rows_per_shard;
+            let in_shard = row % self.rows_per_shard;
+            let n = (self.rows_per_shard - in_shard).min(rest.len() / rw);
+            let (now, later) = rest.split_at(n * rw);
+            ctx.queue.write_buffer(
+                &self.shards[shard],
+                (in_shard * rw * 4) as u64,
+                bytemuck::cast_slice(now),
+            );
+            rest = later;
+            row += n;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole table back as f32 `(rows, dim)`.
+    pub fn download(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
+        let rw = self.row_words();
+        let mut words = Vec::with_capacity(self.rows * rw);
+        for (s, buf) in self.shards.iter().enumerate() {
+            let r = self.rows_per_shard.min(self.rows - s * self.rows_per_shard);
+            words.extend(read_back::<u32>(ctx, buf, 0, r * rw)?);
+        }
+        Ok(decode_rows(&words, self.dim, self.dtype))
+    }
+}
+
+/// Encodes f32 rows `(rows, dim)` as device words.
+pub fn encode_rows(data: &[f32], dim: usize, dtype: GpuDtype) -> Vec<u32> {
+    match dtype {
+        GpuDtype::F32 => bytemuck::cast_slice(data).to_vec(),
+        GpuDtype::F16 => {
+            let rw = dtype.row_words(dim);
+            let mut out = Vec::with_capacity(data.len().div_ceil(2.max(dim)) * rw);
+            for row in data.chunks_exact(dim.max(1)) {
+                for pair in 0..rw {
+                    let lo = half::f16::from_f32(row[2 * pair]).to_bits() as u32;
+                    let hi = row
+                        .get(2 * pair + 1)
+                        .map_or(0, |&v| half::f16::from_f32(v).to_bits() as u32);
+                    out.push(lo | (hi << 16));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Decodes device words into f32 rows `(rows, dim)`.
+pub fn decode_rows(words: &[u32], dim: usize, dtype: GpuDtype) -> Vec<f32> {
+    match dtype {
+        GpuDtype::F32 => bytemuck::cast_slice(words).to_vec(),
+        GpuDtype::F16 => {
+            let rw = dtype.row_words(dim);
+            let mut out = Vec::with_capacity(words.len() * 2);
+            for row in words.chunks_exact(rw.max(1)) {
+                for c in 0..dim {
+                    let w = row[c / 2];
+                    let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
+                    out.push(half::f16::from_bits(bits as u16).to_f32());
+                }
+            }
+            out
+        }
+    }
+}

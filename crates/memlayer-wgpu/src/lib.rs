@@ -1,0 +1,15 @@
+//! memlayer's WGSL kernels on wgpu (Vulkan, Metal, DX12, GL natively; WebGPU in browsers).
+//!
+//! The kernels live in `shaders/*.wgsl` at the repository root and are built
+//! into pipelines once per [`GpuContext`]. Every kernel is tested against the
+//! CPU oracle in `memlayer-core` (see `tests/`).
+//!
+//! Tables are never assumed to fit one binding: [`buffers::ShardedTable`]
+//! splits them across buffers sized from the device's limits.
+
+pub mod buffers;
+pub mod context;
+pub mod copy;
+
+pub use buffers::{GpuDtype, ShardedTable};
+pub use context::{GpuContext, GpuError, GpuOptions, gpu_for_tests};

@@ -7,9 +7,13 @@
 //! Tables are never assumed to fit one binding: [`buffers::ShardedTable`]
 //! splits them across buffers sized from the device's limits.
 
+pub mod backward;
+pub mod bag_forward;
 pub mod buffers;
 pub mod context;
 pub mod copy;
+pub mod lookup;
+pub mod reverse_index;
 
 pub use buffers::{GpuDtype, ShardedTable};
 pub use context::{GpuContext, GpuError, GpuOptions, gpu_for_tests};

@@ -1,0 +1,1 @@
+//! Product-key lookup kernels (forward): sub-key scores, per-half top-k, candidates, softmax.

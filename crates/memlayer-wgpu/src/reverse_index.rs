@@ -1,0 +1,1 @@
+//! Deterministic reverse index (ids -> sorted entry lists) on the GPU.

@@ -1,1 +1,116 @@
-//! Optimised CPU path of the memory ops (checked against `memlayer_core`).
+//! Optimised CPU path of memlayer's memory ops, checked against the oracle in
+//! [`memlayer_core`]: embedding-bag forward/backward over f32/f16/bf16 tables
+//! (dense or paged), the product-key lookup and its score backward, and a
+//! memory-bandwidth probe.
+//!
+//! Every op runs on the *current* rayon pool; [`Cpu`] owns a pool with an
+//! explicit thread count and runs ops inside it. Kernels pick AVX2 + FMA +
+//! F16C at run time ([`simd::kernel`]) and fall back to portable loops.
+//!
+//! Results do not depend on the thread count: the embedding-bag forward, the
+//! table gradient and the lookup are bit-identical to the oracle; the
+//! per-sample-weight gradient matches it to rounding.
+
+pub mod alloc;
+pub mod bag;
+pub mod bandwidth;
+pub mod error;
+pub mod pkm;
+pub mod simd;
+pub mod storage;
+
+pub use error::CpuError;
+pub use storage::{DType, PagedTable, PagedTableRef, Rows, Storage, Table, TableRef};
+
+/// A rayon thread pool with an explicit thread count; ops called through
+/// [`Cpu::install`] (or the convenience methods) run on it.
+pub struct Cpu {
+    pool: rayon::ThreadPool,
+}
+
+impl Cpu {
+    /// A pool of `threads` threads (0: one per logical CPU, rayon's default).
+    pub fn new(threads: usize) -> Result<Self, CpuError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("memlayer-cpu-{i}"))
+            .build()
+            .map_err(|e| CpuError::ThreadPool(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    /// Threads of the pool.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `f` inside the pool: every op it calls uses this pool's threads.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// [`bag::bag_forward`] on this pool. out: (bags, dim)
+    pub fn bag_forward<R: Rows>(
+        &self,
+        table: &R,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), CpuError> {
+        self.install(|| bag::bag_forward(table, indices, weights, offsets, out))
+    }
+
+    /// [`bag::bag_backward_table`] on this pool.
+    pub fn bag_backward_table(
+        &self,
+        rows: usize,
+        dim: usize,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+        grad_out: &[f32],
+    ) -> Result<memlayer_core::bag::SparseRows, CpuError> {
+        self.install(|| bag::bag_backward_table(rows, dim, indices, weights, offsets, grad_out))
+    }
+
+    /// [`bag::bag_backward_weights`] on this pool. dw: (nnz)
+    pub fn bag_backward_weights<R: Rows>(
+        &self,
+        table: &R,
+        indices: &[u32],
+        offsets: &[usize],
+        grad_out: &[f32],
+        dw: &mut [f32],
+    ) -> Result<(), CpuError> {
+        self.install(|| bag::bag_backward_weights(table, indices, offsets, grad_out, dw))
+    }
+
+    /// [`pkm::lookup`] on this pool.
+    pub fn lookup(
+        &self,
+        keys: &pkm::PreparedKeys,
+        query: &[f32],
+        tokens: usize,
+    ) -> Result<memlayer_core::pkm::Lookup, CpuError> {
+        self.install(|| pkm::lookup(keys, query, tokens))
+    }
+
+    /// [`pkm::scores_backward`] on this pool.
+    pub fn scores_backward(
+        &self,
+        cfg: &memlayer_core::pkm::PkmConfig,
+        keys: &[f32],
+        query: &[f32],
+        tokens: usize,
+        indices: &[u32],
+        d_scores: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>), CpuError> {
+        self.install(|| pkm::scores_backward(cfg, keys, query, tokens, indices, d_scores))
+    }
+
+    /// [`bandwidth::copy_bandwidth`] with this pool's threads.
+    pub fn copy_bandwidth(&self, bytes: usize, runs: usize) -> bandwidth::Bandwidth {
+        self.install(|| bandwidth::copy_bandwidth(bytes, runs))
+    }
+}

@@ -1,0 +1,505 @@
+//! Embedding-bag, sum mode with per-sample weights: forward (dense or paged
+//! table, f32/f16/bf16 storage), sparse table gradient and per-sample-weight
+//! gradient. Same contract as [`memlayer_core::bag`] (CSR `offsets` of len
+//! `bags + 1`, empty bags give zero rows).
+//!
+//! **Bit-exactness.** The forward sums each bag's entries in order with a
+//! separate multiply and add per element (`acc = acc + w * row[d]`, no FMA),
+//! exactly like the oracle, so its output is bit-identical to
+//! [`memlayer_core::bag::bag_forward`] on the widened table, for every thread
+//! count and kernel. The table gradient sums each row's contributions in
+//! ascending entry position, also bit-identical. Only the per-sample-weight
+//! gradient (a dot product per entry) uses lane-parallel partial sums and so
+//! differs from the oracle's sequential dot by rounding.
+//!
+//! Parallelism: bags are split into contiguous chunks run by the current
+//! rayon pool (use [`crate::Cpu`] to pick the thread count).
+
+use crate::error::{CpuError, check_len};
+use crate::simd::{Kernel, kernel};
+use crate::storage::{PagedTableRef, Rows, Storage, Table, TableRef};
+use memlayer_core::bag::SparseRows;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::*;
+
+/// Bytes of rows prefetched ahead of the row being summed.
+const PREFETCH_BYTES: usize = 8 * 1024;
+
+/// Checks CSR offsets against `nnz` entries and returns the number of bags.
+pub fn check_offsets(nnz: usize, offsets: &[usize]) -> Result<usize, CpuError> {
+    let bags = offsets
+        .len()
+        .checked_sub(1)
+        .ok_or_else(|| CpuError::Offsets("offsets must have bags + 1 entries".into()))?;
+    if offsets[0] != 0 || offsets[bags] != nnz {
+        return Err(CpuError::Offsets(format!(
+            "offsets must start at 0 and end at {nnz} (got {} .. {})",
+            offsets[0], offsets[bags]
+        )));
+    }
+    if offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(CpuError::Offsets("offsets must be non-decreasing".into()));
+    }
+    Ok(bags)
+}
+
+/// Bags per parallel task: about 8 tasks per thread, at least one bag.
+fn chunk_bags(bags: usize) -> usize {
+    bags.div_ceil(rayon::current_num_threads() * 8).max(1)
+}
+
+/// Forward: `out[b] = Σ_{e in bag b} weights[e] * table[indices[e]]`.
+///
+/// table: (rows, dim) (any [`Rows`]: dense or paged, f32/f16/bf16);
+/// indices, weights: (nnz); offsets: (bags + 1); out: (bags, dim), overwritten.
+pub fn bag_forward<R: Rows>(
+    table: &R,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    out: &mut [f32],
+) -> Result<(), CpuError> {
+    check_len("per_sample_weights", weights.len(), indices.len())?;
+    let bags = check_offsets(indices.len(), offsets)?;
+    let dim = table.dim();
+    check_len("out", out.len(), bags * dim)?;
+    table.check_indices(indices)?;
+    if dim == 0 || bags == 0 {
+        return Ok(());
+    }
+    let k = kernel();
+    let chunk = chunk_bags(bags);
+    out.par_chunks_mut(chunk * dim)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let b0 = c * chunk;
+            let b1 = (b0 + chunk).min(bags);
+            // SAFETY: indices were checked against the table; offsets are valid CSR
+            // offsets into indices/weights; o holds (b1 - b0) rows of dim.
+            unsafe { forward_range(table, k, indices, weights, &offsets[b0..=b1], o) }
+        });
+    Ok(())
+}
+
+/// [`bag_forward`] on a dense table of runtime dtype. out: (bags, dim)
+pub fn bag_forward_any(
+    table: TableRef<'_>,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    out: &mut [f32],
+) -> Result<(), CpuError> {
+    match table {
+        TableRef::F32(t) => bag_forward(&t, indices, weights, offsets, out),
+        TableRef::F16(t) => bag_forward(&t, indices, weights, offsets, out),
+        TableRef::Bf16(t) => bag_forward(&t, indices, weights, offsets, out),
+    }
+}
+
+/// [`bag_forward`] on a paged table of runtime dtype. out: (bags, dim)
+pub fn bag_forward_paged_any(
+    table: PagedTableRef<'_>,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    out: &mut [f32],
+) -> Result<(), CpuError> {
+    match table {
+        PagedTableRef::F32(t) => bag_forward(&t, indices, weights, offsets, out),
+        PagedTableRef::F16(t) => bag_forward(&t, indices, weights, offsets, out),
+        PagedTableRef::Bf16(t) => bag_forward(&t, indices, weights, offsets, out),
+    }
+}
+
+/// Sums the bags delimited by `offs` (absolute positions into `indices`) into `out`.
+///
+/// # Safety
+/// Every index in `indices[offs[0]..offs[last]]` passed `table.check_indices`,
+/// `offs` is non-decreasing within `indices.len() == weights.len()`, and
+/// `out.len() == (offs.len() - 1) * dim`.
+unsafe fn forward_range<R: Rows>(
+    table: &R,
+    k: Kernel,
+    indices: &[u32],
+    weights: &[f32],
+    offs: &[usize],
+    out: &mut [f32],
+) {
+    match k {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+        Kernel::Avx2 => unsafe { forward_range_avx2(table, indices, weights, offs, out) },
+        // SAFETY: forwarded caller contract.
+        _ => unsafe { forward_range_portable(table, indices, weights, offs, out) },
+    }
+}
+
+/// Portable forward: four rows per pass over the accumulator, order kept per element.
+///
+/// # Safety
+/// As [`forward_range`].
+unsafe fn forward_range_portable<R: Rows>(
+    table: &R,
+    indices: &[u32],
+    weights: &[f32],
+    offs: &[usize],
+    out: &mut [f32],
+) {
+    let dim = table.dim();
+    // SAFETY (closure): checked index, row of dim elements.
+    let row = |e: usize| unsafe { std::slice::from_raw_parts(table.row_ptr(indices[e]), dim) };
+    for (b, acc) in out.chunks_exact_mut(dim).enumerate() {
+        acc.fill(0.0);
+        let (mut e, end) = (offs[b], offs[b + 1]);
+        while e + 4 <= end {
+            let (r0, r1, r2, r3) = (row(e), row(e + 1), row(e + 2), row(e + 3));
+            let (w0, w1, w2, w3) = (weights[e], weights[e + 1], weights[e + 2], weights[e + 3]);
+            for ((((a, &x0), &x1), &x2), &x3) in acc.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+                let mut v = *a;
+                v += w0 * x0.to_f32();
+                v += w1 * x1.to_f32();
+                v += w2 * x2.to_f32();
+                v += w3 * x3.to_f32();
+                *a = v;
+            }
+            e += 4;
+        }
+        while e < end {
+            let (r0, w0) = (row(e), weights[e]);
+            for (a, &x0) in acc.iter_mut().zip(r0) {
+                *a += w0 * x0.to_f32();
+            }
+            e += 1;
+        }
+    }
+}
+
+/// Prefetches every cache line of `bytes` bytes from `p` into all cache levels.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(p: *const u8, bytes: usize) {
+    let start = p as usize & !63;
+    let end = p as usize + bytes;
+    let mut a = start;
+    while a < end {
+        // SAFETY: prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(a as *const i8) };
+        a += 64;
+    }
+}
+
+/// AVX2 forward: 8 lanes of dim at a time, four rows per accumulator pass,
+/// software prefetch of the rows ~[`PREFETCH_BYTES`] ahead; `acc + w * x`
+/// with separate multiply and add so the result equals the oracle's.
+///
+/// # Safety
+/// As [`forward_range`], and the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn forward_range_avx2<R: Rows>(
+    table: &R,
+    indices: &[u32],
+    weights: &[f32],
+    offs: &[usize],
+    out: &mut [f32],
+) {
+    let dim = table.dim();
+    let d8 = dim & !7;
+    let row_bytes = dim * std::mem::size_of::<R::Elem>();
+    let ahead = (PREFETCH_BYTES / row_bytes.max(1)).clamp(2, 32);
+    let last = offs[offs.len() - 1];
+    let mut pf = offs[0];
+    let op = out.as_mut_ptr();
+    for b in 0..offs.len() - 1 {
+        let (mut e, end) = (offs[b], offs[b + 1]);
+        // SAFETY: out holds (offs.len() - 1) rows of dim; rows come from checked indices;
+        // every pointer read below stays within its row of dim elements.
+        unsafe {
+            let acc = op.add(b * dim);
+            std::ptr::write_bytes(acc, 0, dim);
+            while e < end {
+                let n = (end - e).min(4);
+                let target = (e + n + ahead).min(last);
+                while pf < target {
+                    prefetch_row(
+                        table.row_ptr(*indices.get_unchecked(pf)) as *const u8,
+                        row_bytes,
+                    );
+                    pf += 1;
+                }
+                if n == 4 {
+                    let p0 = table.row_ptr(*indices.get_unchecked(e));
+                    let p1 = table.row_ptr(*indices.get_unchecked(e + 1));
+                    let p2 = table.row_ptr(*indices.get_unchecked(e + 2));
+                    let p3 = table.row_ptr(*indices.get_unchecked(e + 3));
+                    let (s0, s1, s2, s3) = (
+                        *weights.get_unchecked(e),
+                        *weights.get_unchecked(e + 1),
+                        *weights.get_unchecked(e + 2),
+                        *weights.get_unchecked(e + 3),
+                    );
+                    let (w0, w1, w2, w3) = (
+                        _mm256_set1_ps(s0),
+                        _mm256_set1_ps(s1),
+                        _mm256_set1_ps(s2),
+                        _mm256_set1_ps(s3),
+                    );
+                    let mut d = 0;
+                    while d < d8 {
+                        let mut a = _mm256_loadu_ps(acc.add(d));
+                        a = _mm256_add_ps(a, _mm256_mul_ps(w0, R::Elem::load8_avx2(p0.add(d))));
+                        a = _mm256_add_ps(a, _mm256_mul_ps(w1, R::Elem::load8_avx2(p1.add(d))));
+                        a = _mm256_add_ps(a, _mm256_mul_ps(w2, R::Elem::load8_avx2(p2.add(d))));
+                        a = _mm256_add_ps(a, _mm256_mul_ps(w3, R::Elem::load8_avx2(p3.add(d))));
+                        _mm256_storeu_ps(acc.add(d), a);
+                        d += 8;
+                    }
+                    while d < dim {
+                        let mut v = *acc.add(d);
+                        v += s0 * (*p0.add(d)).to_f32();
+                        v += s1 * (*p1.add(d)).to_f32();
+                        v += s2 * (*p2.add(d)).to_f32();
+                        v += s3 * (*p3.add(d)).to_f32();
+                        *acc.add(d) = v;
+                        d += 1;
+                    }
+                } else {
+                    for e in e..e + n {
+                        let p0 = table.row_ptr(*indices.get_unchecked(e));
+                        let s0 = *weights.get_unchecked(e);
+                        let w0 = _mm256_set1_ps(s0);
+                        let mut d = 0;
+                        while d < d8 {
+                            let a = _mm256_loadu_ps(acc.add(d));
+                            let a =
+                                _mm256_add_ps(a, _mm256_mul_ps(w0, R::Elem::load8_avx2(p0.add(d))));
+                            _mm256_storeu_ps(acc.add(d), a);
+                            d += 8;
+                        }
+                        while d < dim {
+                            *acc.add(d) += s0 * (*p0.add(d)).to_f32();
+                            d += 1;
+                        }
+                    }
+                }
+                e += n;
+            }
+        }
+    }
+}
+
+/// Sparse table gradient: `dtable[indices[e]] += weights[e] * grad_out[bag(e)]`,
+/// summed per row in ascending entry position (bit-identical to
+/// [`memlayer_core::bag::bag_backward_table`]).
+///
+/// indices, weights: (nnz); offsets: (bags + 1); grad_out: (bags, dim) →
+/// `SparseRows` with rows sorted unique, grads (rows.len(), dim).
+///
+/// Entries are sorted by the key `(row, entry)` (parallel sort of unique
+/// keys, so the order does not depend on the thread count), then each row's
+/// segment is reduced in parallel — which is an embedding-bag forward over
+/// `grad_out` with the entries' bags as indices.
+pub fn bag_backward_table(
+    rows: usize,
+    dim: usize,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    grad_out: &[f32],
+) -> Result<SparseRows, CpuError> {
+    check_len("per_sample_weights", weights.len(), indices.len())?;
+    let bags = check_offsets(indices.len(), offsets)?;
+    check_len("grad_out", grad_out.len(), bags * dim)?;
+    if let Some(&m) = indices.iter().max()
+        && m as usize >= rows
+    {
+        return Err(CpuError::IndexOutOfRange { index: m, rows });
+    }
+    if indices.len() > u32::MAX as usize || bags > u32::MAX as usize {
+        return Err(CpuError::InvalidConfig(
+            "more than u32::MAX entries or bags".into(),
+        ));
+    }
+    // (row, entry) keys, unique, sorted
+    let mut keys: Vec<u64> = indices
+        .par_iter()
+        .enumerate()
+        .map(|(e, &r)| ((r as u64) << 32) | e as u64)
+        .collect();
+    keys.par_sort_unstable();
+    // bag of each entry
+    let mut bag_of = vec![0u32; indices.len()];
+    {
+        let chunk = chunk_bags(bags);
+        let mut rest: &mut [u32] = &mut bag_of;
+        let mut parts = Vec::new();
+        for c in 0..bags.div_ceil(chunk) {
+            let (b0, b1) = (c * chunk, ((c + 1) * chunk).min(bags));
+            let (head, tail) = rest.split_at_mut(offsets[b1] - offsets[b0]);
+            parts.push((b0, b1, head));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(b0, b1, part)| {
+            let base = offsets[b0];
+            for b in b0..b1 {
+                part[offsets[b] - base..offsets[b + 1] - base].fill(b as u32);
+            }
+        });
+    }
+    // permuted entries: gather indices = bag, weights = weight, segments by row
+    let (seg_idx, seg_w): (Vec<u32>, Vec<f32>) = keys
+        .par_iter()
+        .map(|&k| {
+            let e = (k & 0xffff_ffff) as usize;
+            (bag_of[e], weights[e])
+        })
+        .unzip();
+    let mut out_rows = Vec::new();
+    let mut seg_offsets = vec![0usize];
+    for (i, &k) in keys.iter().enumerate() {
+        let r = (k >> 32) as u32;
+        if out_rows.last() != Some(&r) {
+            if i > 0 {
+                seg_offsets.push(i);
+            }
+            out_rows.push(r);
+        }
+    }
+    if !keys.is_empty() {
+        seg_offsets.push(keys.len());
+    }
+    let mut grads = vec![0.0f32; out_rows.len() * dim];
+    let g = Table::new(grad_out, bags, dim)?;
+    bag_forward(&g, &seg_idx, &seg_w, &seg_offsets, &mut grads)?;
+    Ok(SparseRows {
+        dim,
+        rows: out_rows,
+        grads,
+    })
+}
+
+/// Per-sample-weight gradient: `dw[e] = dot(table[indices[e]], grad_out[bag(e)])`.
+///
+/// table: (rows, dim); indices: (nnz); offsets: (bags + 1); grad_out: (bags, dim);
+/// dw: (nnz), overwritten. The dot uses lane-parallel partial sums (FMA on
+/// AVX2), so it matches the oracle to rounding, not bit for bit.
+pub fn bag_backward_weights<R: Rows>(
+    table: &R,
+    indices: &[u32],
+    offsets: &[usize],
+    grad_out: &[f32],
+    dw: &mut [f32],
+) -> Result<(), CpuError> {
+    let bags = check_offsets(indices.len(), offsets)?;
+    let dim = table.dim();
+    check_len("grad_out", grad_out.len(), bags * dim)?;
+    check_len("dw", dw.len(), indices.len())?;
+    table.check_indices(indices)?;
+    if bags == 0 {
+        return Ok(());
+    }
+    let k = kernel();
+    let chunk = chunk_bags(bags);
+    // split dw by bag chunks
+    let mut parts = Vec::new();
+    let mut rest: &mut [f32] = dw;
+    for c in 0..bags.div_ceil(chunk) {
+        let (b0, b1) = (c * chunk, ((c + 1) * chunk).min(bags));
+        let (head, tail) = rest.split_at_mut(offsets[b1] - offsets[b0]);
+        parts.push((b0, b1, head));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(b0, b1, part)| {
+        let base = offsets[b0];
+        for b in b0..b1 {
+            let g = &grad_out[b * dim..(b + 1) * dim];
+            for e in offsets[b]..offsets[b + 1] {
+                // SAFETY: index checked; the row has dim elements.
+                let row = unsafe { std::slice::from_raw_parts(table.row_ptr(indices[e]), dim) };
+                part[e - base] = dot_row(k, row, g);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// [`bag_backward_weights`] on a dense table of runtime dtype.
+pub fn bag_backward_weights_any(
+    table: TableRef<'_>,
+    indices: &[u32],
+    offsets: &[usize],
+    grad_out: &[f32],
+    dw: &mut [f32],
+) -> Result<(), CpuError> {
+    match table {
+        TableRef::F32(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+        TableRef::F16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+        TableRef::Bf16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+    }
+}
+
+#[inline]
+fn dot_row<T: Storage>(k: Kernel, row: &[T], g: &[f32]) -> f32 {
+    match k {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+        Kernel::Avx2 => unsafe { dot_row_avx2(row, g) },
+        _ => dot_row_portable(row, g),
+    }
+}
+
+fn dot_row_portable<T: Storage>(row: &[T], g: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut rc = row.chunks_exact(8);
+    let mut gc = g.chunks_exact(8);
+    for (r, gg) in (&mut rc).zip(&mut gc) {
+        for l in 0..8 {
+            lanes[l] += r[l].to_f32() * gg[l];
+        }
+    }
+    let mut s = lanes.iter().sum::<f32>();
+    for (r, gg) in rc.remainder().iter().zip(gc.remainder()) {
+        s += r.to_f32() * gg;
+    }
+    s
+}
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `row.len() == g.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_row_avx2<T: Storage>(row: &[T], g: &[f32]) -> f32 {
+    let dim = row.len().min(g.len());
+    let (rp, gp) = (row.as_ptr(), g.as_ptr());
+    // SAFETY: all reads are below dim in both slices.
+    unsafe {
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut d = 0;
+        while d + 16 <= dim {
+            a0 = _mm256_fmadd_ps(T::load8_avx2(rp.add(d)), _mm256_loadu_ps(gp.add(d)), a0);
+            a1 = _mm256_fmadd_ps(
+                T::load8_avx2(rp.add(d + 8)),
+                _mm256_loadu_ps(gp.add(d + 8)),
+                a1,
+            );
+            d += 16;
+        }
+        if d + 8 <= dim {
+            a0 = _mm256_fmadd_ps(T::load8_avx2(rp.add(d)), _mm256_loadu_ps(gp.add(d)), a0);
+            d += 8;
+        }
+        let a = _mm256_add_ps(a0, a1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+        let mut s = _mm_cvtss_f32(h);
+        while d < dim {
+            s += (*rp.add(d)).to_f32() * *gp.add(d);
+            d += 1;
+        }
+        s
+    }
+}

@@ -1,0 +1,529 @@
+//! Product-key lookup (search + softmax) and the backward of its scores,
+//! matching [`memlayer_core::pkm::lookup`] and
+//! [`memlayer_core::pkm::scores_backward`] bit for bit.
+//!
+//! * Sub-key scores are a blocked matmul queries × sub-keys: sub-keys are
+//!   repacked once into panels of [`PANEL`] keys, `(heads, 2, n_panels, half,
+//!   PANEL)`, so a tile of 4 queries × 16 keys keeps 64 accumulators in
+//!   registers while the panel stays in L1 for all query tiles of a chunk.
+//!   Every score is still accumulated sequentially over `d` from 0.0 with a
+//!   separate multiply and add, exactly like the oracle's `dot`, so scores
+//!   (and hence indices) are bit-identical.
+//! * Per-half top-k is a threshold scan with sorted insertion (ties to the
+//!   lower id, NaN as -inf, as [`memlayer_core::topk`]).
+//! * Candidates: only pairs `(a, b)` with `(a+1)(b+1) <= k` of the two sorted
+//!   halves can be among the k best (each is beaten by every pair it
+//!   dominates, under [`memlayer_core::pkm::candidate_order`]), so about
+//!   `k ln k` instead of `k²` candidates are ranked (all `k²` if a half
+//!   score is not finite).
+//! * Parallel over chunks of tokens.
+
+use crate::bag::bag_forward;
+use crate::error::{CpuError, check_len};
+use crate::simd::{Kernel, kernel};
+use crate::storage::Table;
+use memlayer_core::linalg::{dot, softmax_backward, softmax_in_place};
+use memlayer_core::pkm::{Candidate, Lookup, PkmConfig, QK_NORM_EPS, select_best};
+use memlayer_core::topk::rank_key;
+use rayon::prelude::*;
+
+/// Sub-keys per panel of the score matmul.
+pub const PANEL: usize = 16;
+/// Queries per register tile of the score matmul.
+const TILE: usize = 4;
+/// Tokens per parallel task.
+const TOKEN_CHUNK: usize = 32;
+
+/// RMS normalisation exactly as the oracle's (same expression, same order);
+/// writes the normalised copy and returns `1/rms`.
+fn rms_normalise_into(v: &[f32], out: &mut [f32]) -> f32 {
+    let ms = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+    let inv = 1.0 / (ms + QK_NORM_EPS).sqrt();
+    for (o, x) in out.iter_mut().zip(v) {
+        *o = x * inv;
+    }
+    inv
+}
+
+/// Backward of the RMS normalisation, exactly as the oracle's.
+fn rms_normalise_backward_into(y: &[f32], inv: f32, dy: &[f32], dx: &mut [f32]) {
+    let mean = dot(dy, y) / y.len() as f32;
+    for ((o, &yi), &gi) in dx.iter_mut().zip(y).zip(dy) {
+        *o = inv * (gi - yi * mean);
+    }
+}
+
+/// Scored (normalised if `qk_norm`) copy of `v` and its `1/rms` (1 without qk-norm).
+fn scored_into(qk_norm: bool, v: &[f32], out: &mut [f32]) -> f32 {
+    if qk_norm {
+        rms_normalise_into(v, out)
+    } else {
+        out.copy_from_slice(v);
+        1.0
+    }
+}
+
+/// Sub-keys prepared for [`lookup`]: validated, normalised when `qk_norm`,
+/// repacked into panels. Build once per key update, reuse across calls.
+#[derive(Clone, Debug)]
+pub struct PreparedKeys {
+    cfg: PkmConfig,
+    n_panels: usize,
+    /// (heads, 2, n_panels, half, PANEL), zero-padded past n_keys
+    panels: Vec<f32>,
+}
+
+impl PreparedKeys {
+    /// keys: (heads, 2, n_keys, half), Meta's layout.
+    pub fn new(cfg: &PkmConfig, keys: &[f32]) -> Result<Self, CpuError> {
+        cfg.validate()?;
+        let (n, half) = (cfg.n_keys, cfg.half());
+        check_len("keys", keys.len(), cfg.heads * 2 * n * half)?;
+        let n_panels = n.div_ceil(PANEL);
+        let mut panels = vec![0.0f32; cfg.heads * 2 * n_panels * half * PANEL];
+        panels
+            .par_chunks_mut(half * PANEL)
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; half],
+                |buf, (hp, panel)| {
+                    let (hs, p) = (hp / n_panels, hp % n_panels);
+                    for j in 0..PANEL {
+                        let key = p * PANEL + j;
+                        if key >= n {
+                            break;
+                        }
+                        let src = &keys[(hs * n + key) * half..][..half];
+                        scored_into(cfg.qk_norm, src, buf);
+                        for (d, &v) in buf.iter().enumerate() {
+                            panel[d * PANEL + j] = v;
+                        }
+                    }
+                },
+            );
+        Ok(Self {
+            cfg: cfg.clone(),
+            n_panels,
+            panels,
+        })
+    }
+
+    /// The configuration the keys were prepared for.
+    pub fn config(&self) -> &PkmConfig {
+        &self.cfg
+    }
+
+    fn panel(&self, head: usize, side: usize, p: usize) -> &[f32] {
+        let half = self.cfg.half();
+        let i = (head * 2 + side) * self.n_panels + p;
+        &self.panels[i * half * PANEL..][..half * PANEL]
+    }
+}
+
+/// One register tile: `out[t][j] = Σ_d qt[d][t] * panel[d][j]`, sequential in d.
+/// panel: (half, PANEL); qt: (half, TILE) → out (TILE, PANEL).
+#[inline(always)]
+fn tile_body(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
+    let mut acc = [[0.0f32; PANEL]; TILE];
+    for (kv, q) in panel.chunks_exact(PANEL).zip(qt.chunks_exact(TILE)) {
+        for t in 0..TILE {
+            let qd = q[t];
+            for j in 0..PANEL {
+                acc[t][j] += kv[j] * qd;
+            }
+        }
+    }
+    *out = acc;
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA (LLVM never contracts the separate mul/add into FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
+    tile_body(panel, qt, out)
+}
+
+#[inline]
+fn tile(k: Kernel, panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
+    match k {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+        Kernel::Avx2 => unsafe { tile_avx2(panel, qt, out) },
+        _ => tile_body(panel, qt, out),
+    }
+}
+
+/// Per-chunk scratch buffers.
+#[derive(Default)]
+struct Scratch {
+    /// (tiles, half, TILE) packed scored query halves
+    qt: Vec<f32>,
+    /// (tiles * TILE, n_panels * PANEL) sub-key scores
+    scores: Vec<f32>,
+    /// per side: (tokens, k) top-k scores and ids of each token's half
+    top_s: [Vec<f32>; 2],
+    top_i: [Vec<u32>; 2],
+    /// one top-k selection: rank keys, scores, ids
+    sel: (Vec<f32>, Vec<f32>, Vec<u32>),
+    cand: Vec<Candidate>,
+    qbuf: Vec<f32>,
+}
+/// Top-k of `scores` (ids = positions), best first, into `(keys, scores, ids)`;
+/// same order as [`memlayer_core::topk::topk`].
+fn topk_into(scores: &[f32], k: usize, out: &mut (Vec<f32>, Vec<f32>, Vec<u32>)) {
+    let (ks, ss, is) = out;
+    ks.clear();
+    ss.clear();
+    is.clear();
+    let k = k.min(scores.len());
+    if k == 0 {
+        return;
+    }
+    if k * 8 > scores.len() {
+        let (s, i) = memlayer_core::topk::topk(scores, k);
+        ks.extend(s.iter().map(|&x| rank_key(x)));
+        *ss = s;
+        *is = i;
+        return;
+    }
+    let insert = |ks: &mut Vec<f32>, ss: &mut Vec<f32>, is: &mut Vec<u32>, i: usize, s: f32| {
+        let key = rank_key(s);
+        // after every entry ranking at least as high (ties: lower id first)
+        let pos = ks.partition_point(|&x| x >= key);
+        ks.insert(pos, key);
+        ss.insert(pos, s);
+        is.insert(pos, i as u32);
+    };
+    for (i, &s) in scores[..k].iter().enumerate() {
+        insert(ks, ss, is, i, s);
+    }
+    let mut thr = ks[k - 1];
+    const BLOCK: usize = 16;
+    let mut i = k;
+    while i < scores.len() {
+        let end = (i + BLOCK).min(scores.len());
+        // `s > thr` is false for NaN, as `rank_key(NaN) = -inf > thr` is.
+        let any = scores[i..end].iter().fold(false, |m, &s| m | (s > thr));
+        if any {
+            for (j, &s) in scores[i..end].iter().enumerate() {
+                if s > thr {
+                    ks.pop();
+                    ss.pop();
+                    is.pop();
+                    insert(ks, ss, is, i + j, s);
+                    thr = ks[k - 1];
+                }
+            }
+        }
+        i = end;
+    }
+}
+
+/// Product-key search and softmax, bit-identical to [`memlayer_core::pkm::lookup`].
+///
+/// query: (tokens, heads, k_dim) → [`Lookup`] with indices, scores, weights
+/// (tokens, heads, knn).
+pub fn lookup(keys: &PreparedKeys, query: &[f32], tokens: usize) -> Result<Lookup, CpuError> {
+    let cfg = &keys.cfg;
+    check_len("query", query.len(), tokens * cfg.heads * cfg.k_dim)?;
+    let (heads, knn) = (cfg.heads, cfg.knn);
+    let hk = heads * knn;
+    let mut out = Lookup {
+        indices: vec![0; tokens * hk],
+        scores: vec![0.0; tokens * hk],
+        weights: vec![0.0; tokens * hk],
+    };
+    if tokens == 0 {
+        return Ok(out);
+    }
+    let kern = kernel();
+    out.indices
+        .par_chunks_mut(TOKEN_CHUNK * hk)
+        .zip(out.scores.par_chunks_mut(TOKEN_CHUNK * hk))
+        .zip(out.weights.par_chunks_mut(TOKEN_CHUNK * hk))
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (c, ((idx, sc), w))| {
+            let t0 = c * TOKEN_CHUNK;
+            let nt = idx.len() / hk;
+            lookup_chunk(
+                keys,
+                kern,
+                &query[t0 * heads * cfg.k_dim..(t0 + nt) * heads * cfg.k_dim],
+                nt,
+                scratch,
+                idx,
+                sc,
+                w,
+            );
+        });
+    Ok(out)
+}
+
+/// [`lookup`] with keys prepared on the fly. keys: (heads, 2, n_keys, half)
+pub fn lookup_keys(
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+) -> Result<Lookup, CpuError> {
+    lookup(&PreparedKeys::new(cfg, keys)?, query, tokens)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lookup_chunk(
+    keys: &PreparedKeys,
+    kern: Kernel,
+    query: &[f32],
+    nt: usize,
+    s: &mut Scratch,
+    idx: &mut [u32],
+    sc: &mut [f32],
+    w: &mut [f32],
+) {
+    let cfg = &keys.cfg;
+    let (n, half, k, heads) = (cfg.n_keys, cfg.half(), cfg.knn, cfg.heads);
+    let scale = cfg.score_scale();
+    let tiles = nt.div_ceil(TILE);
+    let width = keys.n_panels * PANEL;
+    s.qt.resize(tiles * half * TILE, 0.0);
+    s.scores.resize(tiles * TILE * width, 0.0);
+    s.qbuf.resize(half, 0.0);
+    for side in 0..2 {
+        s.top_s[side].resize(nt * k, 0.0);
+        s.top_i[side].resize(nt * k, 0);
+    }
+    for h in 0..heads {
+        for side in 0..2 {
+            // pack scored query halves: (tiles, half, TILE), zero-padded
+            s.qt.fill(0.0);
+            for t in 0..nt {
+                let q = &query[(t * heads + h) * cfg.k_dim + side * half..][..half];
+                scored_into(cfg.qk_norm, q, &mut s.qbuf);
+                let base = (t / TILE) * half * TILE + t % TILE;
+                for (d, &v) in s.qbuf.iter().enumerate() {
+                    s.qt[base + d * TILE] = v;
+                }
+            }
+            // scores: panels outer (each stays in L1), query tiles inner
+            let mut acc = [[0.0f32; PANEL]; TILE];
+            for p in 0..keys.n_panels {
+                let panel = keys.panel(h, side, p);
+                for tl in 0..tiles {
+                    tile(
+                        kern,
+                        panel,
+                        &s.qt[tl * half * TILE..][..half * TILE],
+                        &mut acc,
+                    );
+                    for (t, row) in acc.iter().enumerate() {
+                        let dst = &mut s.scores[(tl * TILE + t) * width + p * PANEL..][..PANEL];
+                        for (o, &v) in dst.iter_mut().zip(row) {
+                            *o = v * scale;
+                        }
+                    }
+                }
+            }
+            for t in 0..nt {
+                topk_into(&s.scores[t * width..t * width + n], k, &mut s.sel);
+                s.top_s[side][t * k..(t + 1) * k].copy_from_slice(&s.sel.1);
+                s.top_i[side][t * k..(t + 1) * k].copy_from_slice(&s.sel.2);
+            }
+        }
+        for t in 0..nt {
+            let (s1, i1) = (
+                &s.top_s[0][t * k..(t + 1) * k],
+                &s.top_i[0][t * k..(t + 1) * k],
+            );
+            let (s2, i2) = (
+                &s.top_s[1][t * k..(t + 1) * k],
+                &s.top_i[1][t * k..(t + 1) * k],
+            );
+            let finite = s1.iter().chain(s2).all(|x| x.is_finite());
+            s.cand.clear();
+            for a in 0..k {
+                let bmax = if finite { k / (a + 1) } else { k };
+                for b in 0..bmax {
+                    s.cand.push(Candidate {
+                        score: s1[a] + s2[b],
+                        s1: s1[a],
+                        s2: s2[b],
+                        row: i1[a] * n as u32 + i2[b],
+                    });
+                }
+            }
+            select_best(&mut s.cand, k);
+            let o = (t * heads + h) * k;
+            for (j, c) in s.cand.iter().enumerate() {
+                idx[o + j] = c.row;
+                sc[o + j] = c.score;
+                w[o + j] = c.score;
+            }
+            softmax_in_place(&mut w[o..o + k]);
+        }
+    }
+}
+
+/// Backward of the softmax over each (token, head) row, in parallel:
+/// weights, d_weights: (tokens, heads, knn) → d_scores (same shape).
+pub fn softmax_backward_rows(knn: usize, weights: &[f32], d_weights: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; weights.len()];
+    if knn == 0 {
+        return out;
+    }
+    out.par_chunks_mut(knn)
+        .zip(weights.par_chunks(knn).zip(d_weights.par_chunks(knn)))
+        .for_each(|(o, (w, g))| o.copy_from_slice(&softmax_backward(w, g)));
+    out
+}
+
+/// Backward of the product-key scores, bit-identical to
+/// [`memlayer_core::pkm::scores_backward`].
+///
+/// keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim);
+/// indices, d_scores: (tokens, heads, knn) → (d_keys like keys, d_query like query).
+///
+/// `d_query` is computed in parallel over (token, head). The sub-key
+/// gradient is a sum over tokens: its contributions are sorted by
+/// `(sub-key, position)` and each sub-key's segment is summed in ascending
+/// position — the oracle's order — as an embedding-bag over the scored
+/// query halves, so the reduction is deterministic for any thread count.
+pub fn scores_backward(
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+    indices: &[u32],
+    d_scores: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>), CpuError> {
+    cfg.validate()?;
+    let (n, half, k, heads) = (cfg.n_keys, cfg.half(), cfg.knn, cfg.heads);
+    check_len("keys", keys.len(), heads * 2 * n * half)?;
+    check_len("query", query.len(), tokens * heads * cfg.k_dim)?;
+    check_len("d_scores", d_scores.len(), tokens * heads * k)?;
+    check_len("indices", indices.len(), d_scores.len())?;
+    if let Some(&m) = indices.iter().max()
+        && m as usize >= cfg.n_rows()
+    {
+        return Err(CpuError::IndexOutOfRange {
+            index: m,
+            rows: cfg.n_rows(),
+        });
+    }
+    if d_scores.len() >= u32::MAX as usize {
+        return Err(CpuError::InvalidConfig(
+            "too many scores for u32 positions".into(),
+        ));
+    }
+    let scale = cfg.score_scale();
+    let qk = cfg.qk_norm;
+    // scored sub-keys and their 1/rms: (heads*2*n, half), (heads*2*n)
+    let mut keys_s = vec![0.0f32; keys.len()];
+    let mut keys_inv = vec![1.0f32; heads * 2 * n];
+    keys_s
+        .par_chunks_mut(half)
+        .zip(keys_inv.par_iter_mut())
+        .zip(keys.par_chunks(half))
+        .for_each(|((o, inv), kv)| *inv = scored_into(qk, kv, o));
+    // scored query halves: (tokens*heads*2, half), (tokens*heads*2)
+    let mut qs_all = vec![0.0f32; query.len()];
+    let mut q_inv = vec![1.0f32; tokens * heads * 2];
+    qs_all
+        .par_chunks_mut(half)
+        .zip(q_inv.par_iter_mut())
+        .zip(query.par_chunks(half))
+        .for_each(|((o, inv), qv)| *inv = scored_into(qk, qv, o));
+
+    // d_query, one (token, head) per task item
+    let mut d_query = vec![0.0f32; query.len()];
+    d_query.par_chunks_mut(cfg.k_dim).enumerate().for_each_init(
+        || vec![0.0f32; half],
+        |d_qs, (th, dq)| {
+            let h = th % heads;
+            for side in 0..2 {
+                d_qs.fill(0.0);
+                for j in 0..k {
+                    let g = d_scores[th * k + j] * scale;
+                    if g == 0.0 {
+                        continue;
+                    }
+                    let row = indices[th * k + j] as usize;
+                    let key = if side == 0 { row / n } else { row % n };
+                    let kv = &keys_s[((h * 2 + side) * n + key) * half..][..half];
+                    for (a, &v) in d_qs.iter_mut().zip(kv) {
+                        *a += g * v;
+                    }
+                }
+                let qs = &qs_all[(th * 2 + side) * half..][..half];
+                let dst = &mut dq[side * half..(side + 1) * half];
+                if qk {
+                    rms_normalise_backward_into(qs, q_inv[th * 2 + side], d_qs, dst);
+                } else {
+                    dst.copy_from_slice(d_qs);
+                }
+            }
+        },
+    );
+
+    // d_keys_s: contributions (sub-key row, position), sorted
+    let mut contrib: Vec<u64> = (0..d_scores.len())
+        .into_par_iter()
+        .flat_map_iter(|p| {
+            let g = d_scores[p] * scale;
+            let th = p / k;
+            let h = th % heads;
+            let row = indices[p] as usize;
+            let skip = g == 0.0;
+            (0..2usize).filter_map(move |side| {
+                if skip {
+                    return None;
+                }
+                let key = if side == 0 { row / n } else { row % n };
+                let krow = ((h * 2 + side) * n + key) as u64;
+                Some((krow << 32) | p as u64)
+            })
+        })
+        .collect();
+    contrib.par_sort_unstable();
+    let (gather, gw): (Vec<u32>, Vec<f32>) = contrib
+        .par_iter()
+        .map(|&c| {
+            let krow = (c >> 32) as usize;
+            let p = (c & 0xffff_ffff) as usize;
+            let side = (krow / n) % 2;
+            (((p / k) * 2 + side) as u32, d_scores[p] * scale)
+        })
+        .unzip();
+    let mut touched = Vec::new();
+    let mut seg = vec![0usize];
+    for (i, &c) in contrib.iter().enumerate() {
+        let krow = (c >> 32) as u32;
+        if touched.last() != Some(&krow) {
+            if i > 0 {
+                seg.push(i);
+            }
+            touched.push(krow);
+        }
+    }
+    if !contrib.is_empty() {
+        seg.push(contrib.len());
+    }
+    let mut sums = vec![0.0f32; touched.len() * half];
+    let qs_table = Table::new(&qs_all, tokens * heads * 2, half)?;
+    bag_forward(&qs_table, &gather, &gw, &seg, &mut sums)?;
+    let mut d_keys_s = vec![0.0f32; keys.len()];
+    for (&r, g) in touched.iter().zip(sums.chunks_exact(half.max(1))) {
+        d_keys_s[r as usize * half..][..half].copy_from_slice(g);
+    }
+    let d_keys = if qk {
+        let mut d = vec![0.0f32; keys.len()];
+        d.par_chunks_mut(half).enumerate().for_each(|(r, o)| {
+            let (ks, dks) = (&keys_s[r * half..][..half], &d_keys_s[r * half..][..half]);
+            rms_normalise_backward_into(ks, keys_inv[r], dks, o);
+        });
+        d
+    } else {
+        d_keys_s
+    };
+    Ok((d_keys, d_query))
+}

@@ -1,0 +1,370 @@
+//! Storage of a value table: element types (f32, f16, bf16; compute is always
+//! f32) and the two row sources the kernels read: a dense table and a paged
+//! table read through a page table.
+
+use crate::error::CpuError;
+use half::{bf16, f16};
+
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::*;
+
+/// Element type of a stored table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16 (the upper half of an f32).
+    Bf16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    /// Lower-case name (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A table element: stored narrow or wide, always widened to f32 to compute.
+pub trait Storage: bytemuck::Pod + Send + Sync + sealed::Sealed + 'static {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Widens to f32 (exact for all three types).
+    fn to_f32(self) -> f32;
+    /// Rounds an f32 to this type (round to nearest even).
+    fn from_f32(x: f32) -> Self;
+    /// Loads 8 consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p..p+8` must be readable, and the CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    unsafe fn load8_avx2(p: *const Self) -> __m256;
+}
+
+impl Storage for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8_avx2(p: *const Self) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Storage for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8_avx2(p: *const Self) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements (16 bytes); F16C is enabled.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+impl Storage for bf16 {
+    const DTYPE: DType = DType::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8_avx2(p: *const Self) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements (16 bytes); bf16 -> f32 is a
+        // zero-extension to 32 bits and a shift into the upper half.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// A source of table rows: what the embedding-bag kernels gather from.
+pub trait Rows: Sync {
+    /// Stored element type.
+    type Elem: Storage;
+    /// Rows addressable by an index.
+    fn rows(&self) -> usize;
+    /// Row width.
+    fn dim(&self) -> usize;
+    /// Checks that every row in `indices` can be read (in range, page resident).
+    fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError>;
+    /// Pointer to the first of the `dim` elements of row `r`.
+    ///
+    /// # Safety
+    /// `r` must have passed [`Rows::check_indices`].
+    unsafe fn row_ptr(&self, r: u32) -> *const Self::Elem;
+}
+
+fn check_range(indices: &[u32], rows: usize) -> Result<(), CpuError> {
+    // max first: one vectorised pass in the common case
+    match indices.iter().copied().max() {
+        Some(m) if m as usize >= rows => Err(CpuError::IndexOutOfRange { index: m, rows }),
+        _ => Ok(()),
+    }
+}
+
+/// A dense row-major table. data: (rows, dim)
+#[derive(Clone, Copy, Debug)]
+pub struct Table<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    dim: usize,
+}
+
+impl<'a, T: Storage> Table<'a, T> {
+    /// data: (rows, dim)
+    pub fn new(data: &'a [T], rows: usize, dim: usize) -> Result<Self, CpuError> {
+        crate::error::check_len("table", data.len(), rows * dim)?;
+        if rows > u32::MAX as usize + 1 {
+            return Err(CpuError::InvalidConfig(format!(
+                "{rows} rows cannot be addressed by u32 indices"
+            )));
+        }
+        Ok(Self { data, rows, dim })
+    }
+
+    /// The elements, (rows, dim).
+    pub fn data(&self) -> &'a [T] {
+        self.data
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> &'a [T] {
+        &self.data[r * self.dim..(r + 1) * self.dim]
+    }
+}
+
+impl<T: Storage> Rows for Table<'_, T> {
+    type Elem = T;
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError> {
+        check_range(indices, self.rows)
+    }
+    #[inline(always)]
+    unsafe fn row_ptr(&self, r: u32) -> *const T {
+        // SAFETY: r < rows was checked, so the row lies inside `data`.
+        unsafe { self.data.as_ptr().add(r as usize * self.dim) }
+    }
+}
+
+/// A table read through a page table, as the runtime's page cache holds it.
+///
+/// Row `r` lives in page `r / page_rows`, at position `r % page_rows` of that
+/// page. `page_to_slot[page]` is the slot holding the page; slot `s` is page
+/// `s % slots_per_buffer` of buffer `s / slots_per_buffer`, and each slot is
+/// `page_rows * dim` elements. A slot that is not backed by a buffer (e.g.
+/// [`memlayer_core::cache::NO_SLOT`]) marks a non-resident page.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedTable<'a, T> {
+    rows: usize,
+    dim: usize,
+    page_rows: u32,
+    page_to_slot: &'a [u32],
+    slots_per_buffer: u32,
+    buffers: &'a [&'a [T]],
+}
+
+impl<'a, T: Storage> PagedTable<'a, T> {
+    /// rows, dim: the logical table (rows, dim); page_rows: rows per page;
+    /// page_to_slot: (ceil(rows / page_rows)); buffers: each up to
+    /// (slots_per_buffer, page_rows, dim) elements.
+    pub fn new(
+        rows: usize,
+        dim: usize,
+        page_rows: usize,
+        page_to_slot: &'a [u32],
+        slots_per_buffer: usize,
+        buffers: &'a [&'a [T]],
+    ) -> Result<Self, CpuError> {
+        if page_rows == 0 || slots_per_buffer == 0 {
+            return Err(CpuError::InvalidConfig(
+                "page_rows and slots_per_buffer must be positive".into(),
+            ));
+        }
+        if rows > u32::MAX as usize + 1 || page_rows > u32::MAX as usize {
+            return Err(CpuError::InvalidConfig(format!(
+                "{rows} rows / {page_rows} page rows cannot be addressed by u32"
+            )));
+        }
+        let pages = rows.div_ceil(page_rows);
+        if page_to_slot.len() < pages {
+            return Err(CpuError::Shape {
+                what: "page_to_slot",
+                expected: pages,
+                got: page_to_slot.len(),
+            });
+        }
+        let slot_elems = page_rows * dim;
+        if slots_per_buffer as u64 * buffers.len() as u64 > u32::MAX as u64 {
+            return Err(CpuError::InvalidConfig("too many slots for u32 ids".into()));
+        }
+        for b in buffers {
+            if b.len() > slots_per_buffer * slot_elems {
+                return Err(CpuError::InvalidConfig(format!(
+                    "a slot buffer of {} elements exceeds {slots_per_buffer} slots of {slot_elems}",
+                    b.len()
+                )));
+            }
+        }
+        Ok(Self {
+            rows,
+            dim,
+            page_rows: page_rows as u32,
+            page_to_slot,
+            slots_per_buffer: slots_per_buffer as u32,
+            buffers,
+        })
+    }
+
+    fn slot_ok(&self, slot: u32) -> bool {
+        let b = (slot / self.slots_per_buffer) as usize;
+        let s = (slot % self.slots_per_buffer) as usize;
+        b < self.buffers.len()
+            && (s + 1) * self.page_rows as usize * self.dim <= self.buffers[b].len()
+    }
+}
+
+impl<T: Storage> Rows for PagedTable<'_, T> {
+    type Elem = T;
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError> {
+        check_range(indices, self.rows)?;
+        for &r in indices {
+            let page = (r / self.page_rows) as usize;
+            let slot = self.page_to_slot[page];
+            if !self.slot_ok(slot) {
+                return Err(CpuError::PageNotResident { row: r, page, slot });
+            }
+        }
+        Ok(())
+    }
+    #[inline(always)]
+    unsafe fn row_ptr(&self, r: u32) -> *const T {
+        let page = r / self.page_rows;
+        let within = r - page * self.page_rows;
+        // SAFETY: check_indices verified the page is mapped to a slot whose whole page lies
+        // inside its buffer, and within < page_rows.
+        unsafe {
+            let slot = *self.page_to_slot.get_unchecked(page as usize);
+            let buf = self
+                .buffers
+                .get_unchecked((slot / self.slots_per_buffer) as usize);
+            let s = (slot % self.slots_per_buffer) as usize;
+            buf.as_ptr()
+                .add((s * self.page_rows as usize + within as usize) * self.dim)
+        }
+    }
+}
+
+/// A dense table of a runtime-chosen element type.
+#[derive(Clone, Copy, Debug)]
+pub enum TableRef<'a> {
+    /// f32 storage.
+    F32(Table<'a, f32>),
+    /// f16 storage.
+    F16(Table<'a, f16>),
+    /// bf16 storage.
+    Bf16(Table<'a, bf16>),
+}
+
+impl TableRef<'_> {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            TableRef::F32(_) => DType::F32,
+            TableRef::F16(_) => DType::F16,
+            TableRef::Bf16(_) => DType::Bf16,
+        }
+    }
+}
+
+/// A paged table of a runtime-chosen element type.
+#[derive(Clone, Copy, Debug)]
+pub enum PagedTableRef<'a> {
+    /// f32 storage.
+    F32(PagedTable<'a, f32>),
+    /// f16 storage.
+    F16(PagedTable<'a, f16>),
+    /// bf16 storage.
+    Bf16(PagedTable<'a, bf16>),
+}
+
+/// Rounds f32 values to `T` (for building narrow tables and their oracle twins).
+pub fn narrow<T: Storage>(x: &[f32]) -> Vec<T> {
+    x.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+/// Widens `T` values to f32.
+pub fn widen<T: Storage>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|&v| v.to_f32()).collect()
+}
+
+/// Whether the AVX2 + FMA + F16C kernels run on this CPU (runtime detection).
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

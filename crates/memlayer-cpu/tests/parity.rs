@@ -1,0 +1,417 @@
+//! Parity of the optimised CPU path with the oracle (`memlayer_core`):
+//! embedding-bag forward (dense and paged, f32/f16/bf16), table and weight
+//! gradients, product-key lookup and score backward, at 1 and 2 threads.
+
+use half::{bf16, f16};
+use memlayer_core::bag as obag;
+use memlayer_core::pkm::{self as opkm, PkmConfig};
+use memlayer_core::rng::Rng;
+use memlayer_cpu::storage::{narrow, widen};
+use memlayer_cpu::{Cpu, CpuError, PagedTable, Storage, Table, bag, pkm};
+
+fn pools() -> Vec<Cpu> {
+    vec![Cpu::new(1).unwrap(), Cpu::new(2).unwrap()]
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Random CSR bags: sizes in 0..=max_size (some empty), indices may repeat.
+fn random_bags(
+    rng: &mut Rng,
+    rows: usize,
+    bags: usize,
+    max_size: usize,
+) -> (Vec<u32>, Vec<f32>, Vec<usize>) {
+    let mut offsets = vec![0usize];
+    let mut indices = Vec::new();
+    for _ in 0..bags {
+        let size = match rng.below(5) {
+            0 => 0,
+            _ => rng.below(max_size as u64 + 1) as usize,
+        };
+        let first = rng.below(rows as u64) as u32;
+        for j in 0..size {
+            // repeated indices inside a bag now and then
+            if j > 0 && rng.below(6) == 0 {
+                indices.push(first);
+            } else {
+                indices.push(rng.below(rows as u64) as u32);
+            }
+        }
+        offsets.push(indices.len());
+    }
+    let weights = rng.normal_vec(indices.len(), 0.0, 1.0);
+    (indices, weights, offsets)
+}
+
+fn check_forward<T: Storage>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    for &(rows, dim, bags, max_size) in &[
+        (50usize, 1usize, 9usize, 5usize),
+        (37, 5, 13, 9),
+        (64, 13, 7, 20),
+        (300, 256, 33, 128),
+        (100, 24, 0, 4),
+        (200, 100, 64, 3),
+    ] {
+        let master = rng.normal_vec(rows * dim, 0.0, 1.0);
+        let stored: Vec<T> = narrow(&master);
+        let wide = widen(&stored);
+        let (indices, weights, offsets) = random_bags(&mut rng, rows, bags, max_size);
+        let want = obag::bag_forward(&wide, rows, dim, &indices, &weights, &offsets).unwrap();
+        let table = Table::new(&stored, rows, dim).unwrap();
+        for cpu in pools() {
+            for portable in [false, true] {
+                memlayer_cpu::simd::force_portable(portable);
+                let mut out = vec![f32::NAN; bags * dim];
+                cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
+                    .unwrap();
+                memlayer_cpu::simd::force_portable(false);
+                assert_eq!(
+                    bits(&out),
+                    bits(&want),
+                    "{:?} rows {rows} dim {dim} threads {} portable {portable}",
+                    T::DTYPE,
+                    cpu.threads()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_is_bit_identical_f32() {
+    check_forward::<f32>(1);
+}
+
+#[test]
+fn forward_is_bit_identical_f16() {
+    check_forward::<f16>(2);
+}
+
+#[test]
+fn forward_is_bit_identical_bf16() {
+    check_forward::<bf16>(3);
+}
+
+#[test]
+fn forward_any_dispatches_on_dtype() {
+    let mut rng = Rng::new(4);
+    let (rows, dim) = (20, 16);
+    let master = rng.normal_vec(rows * dim, 0.0, 1.0);
+    let h: Vec<f16> = narrow(&master);
+    let (indices, weights, offsets) = random_bags(&mut rng, rows, 5, 6);
+    let want = obag::bag_forward(&widen(&h), rows, dim, &indices, &weights, &offsets).unwrap();
+    let mut out = vec![0.0; 5 * dim];
+    let t = memlayer_cpu::TableRef::F16(Table::new(&h, rows, dim).unwrap());
+    assert_eq!(t.dtype(), memlayer_cpu::DType::F16);
+    bag::bag_forward_any(t, &indices, &weights, &offsets, &mut out).unwrap();
+    assert_eq!(bits(&out), bits(&want));
+}
+
+fn check_paged<T: Storage>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    // rows not a multiple of page_rows: the last page is partial
+    let (rows, dim, page_rows, spb) = (101usize, 12usize, 8usize, 3usize);
+    let pages = rows.div_ceil(page_rows);
+    let master = rng.normal_vec(rows * dim, 0.0, 1.0);
+    let stored: Vec<T> = narrow(&master);
+    // random page -> slot map over several buffers, with spare slots
+    let n_slots = pages + 4;
+    let mut slots: Vec<u32> = (0..n_slots as u32).collect();
+    rng.shuffle(&mut slots);
+    let page_to_slot = &slots[..pages];
+    let n_buf = n_slots.div_ceil(spb);
+    let mut bufs: Vec<Vec<T>> = (0..n_buf)
+        .map(|_| vec![T::from_f32(f32::NAN); spb * page_rows * dim])
+        .collect();
+    for (p, &s) in page_to_slot.iter().enumerate() {
+        let (b, i) = (s as usize / spb, s as usize % spb);
+        for r in 0..page_rows {
+            let row = p * page_rows + r;
+            if row < rows {
+                bufs[b][(i * page_rows + r) * dim..][..dim]
+                    .copy_from_slice(&stored[row * dim..][..dim]);
+            }
+        }
+    }
+    let buf_refs: Vec<&[T]> = bufs.iter().map(|b| b.as_slice()).collect();
+    let paged = PagedTable::new(rows, dim, page_rows, page_to_slot, spb, &buf_refs).unwrap();
+    let (indices, weights, offsets) = random_bags(&mut rng, rows, 40, 30);
+    let want = obag::bag_forward(&widen(&stored), rows, dim, &indices, &weights, &offsets).unwrap();
+    for cpu in pools() {
+        let mut out = vec![0.0; 40 * dim];
+        cpu.bag_forward(&paged, &indices, &weights, &offsets, &mut out)
+            .unwrap();
+        assert_eq!(
+            bits(&out),
+            bits(&want),
+            "{:?} threads {}",
+            T::DTYPE,
+            cpu.threads()
+        );
+    }
+    // a page that is not resident fails loudly
+    let mut holes = page_to_slot.to_vec();
+    holes[3] = memlayer_core::cache::NO_SLOT;
+    let paged = PagedTable::new(rows, dim, page_rows, &holes, spb, &buf_refs).unwrap();
+    let mut out = vec![0.0; dim];
+    let err = bag::bag_forward(
+        &paged,
+        &[3 * page_rows as u32 + 1],
+        &[1.0],
+        &[0, 1],
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CpuError::PageNotResident { page: 3, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn paged_forward_matches_the_dense_oracle() {
+    check_paged::<f32>(10);
+    check_paged::<f16>(11);
+    check_paged::<bf16>(12);
+}
+
+#[test]
+fn backward_table_is_bit_identical() {
+    let mut rng = Rng::new(20);
+    for &(rows, dim, bags, max_size) in &[
+        (10usize, 3usize, 7usize, 8usize),
+        (1000, 64, 200, 128),
+        (50, 17, 0, 1),
+        (5, 256, 30, 40),
+    ] {
+        let (indices, weights, offsets) = random_bags(&mut rng, rows, bags, max_size);
+        let grad = rng.normal_vec(bags * dim, 0.0, 1.0);
+        let want =
+            obag::bag_backward_table(rows, dim, &indices, &weights, &offsets, &grad).unwrap();
+        for cpu in pools() {
+            let got = cpu
+                .bag_backward_table(rows, dim, &indices, &weights, &offsets, &grad)
+                .unwrap();
+            assert_eq!(got.rows, want.rows);
+            assert_eq!(got.dim, want.dim);
+            assert_eq!(
+                bits(&got.grads),
+                bits(&want.grads),
+                "threads {}",
+                cpu.threads()
+            );
+        }
+    }
+}
+
+fn check_backward_weights<T: Storage>(seed: u64) {
+    let mut rng = Rng::new(seed);
+    for &(rows, dim, bags) in &[(40usize, 7usize, 9usize), (500, 256, 50), (30, 33, 5)] {
+        let master = rng.normal_vec(rows * dim, 0.0, 1.0);
+        let stored: Vec<T> = narrow(&master);
+        let wide = widen(&stored);
+        let (indices, _, offsets) = random_bags(&mut rng, rows, bags, 20);
+        let grad = rng.normal_vec(bags * dim, 0.0, 1.0);
+        let want = obag::bag_backward_weights(&wide, rows, dim, &indices, &offsets, &grad).unwrap();
+        let table = Table::new(&stored, rows, dim).unwrap();
+        for cpu in pools() {
+            for portable in [false, true] {
+                memlayer_cpu::simd::force_portable(portable);
+                let mut dw = vec![f32::NAN; indices.len()];
+                cpu.bag_backward_weights(&table, &indices, &offsets, &grad, &mut dw)
+                    .unwrap();
+                memlayer_cpu::simd::force_portable(false);
+                let mut bag_of = vec![0; indices.len()];
+                for b in 0..bags {
+                    bag_of[offsets[b]..offsets[b + 1]].fill(b);
+                }
+                for e in 0..indices.len() {
+                    // tolerance relative to Σ|row * grad|
+                    let r = indices[e] as usize;
+                    let mag: f32 = (0..dim)
+                        .map(|d| (wide[r * dim + d] * grad[bag_of[e] * dim + d]).abs())
+                        .sum();
+                    assert!(
+                        (dw[e] - want[e]).abs() <= 1e-6 * mag + 1e-30,
+                        "entry {e}: {} vs {}",
+                        dw[e],
+                        want[e]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_weights_match_to_rounding() {
+    check_backward_weights::<f32>(30);
+    check_backward_weights::<f16>(31);
+    check_backward_weights::<bf16>(32);
+}
+
+#[test]
+fn bag_errors() {
+    let t = [0.0f32; 8];
+    let table = Table::new(&t, 4, 2).unwrap();
+    let mut out = [0.0; 2];
+    assert!(matches!(
+        bag::bag_forward(&table, &[4], &[1.0], &[0, 1], &mut out),
+        Err(CpuError::IndexOutOfRange { index: 4, rows: 4 })
+    ));
+    assert!(bag::bag_forward(&table, &[0], &[1.0], &[0, 2], &mut out).is_err());
+    assert!(bag::bag_forward(&table, &[0], &[], &[0, 1], &mut out).is_err());
+    assert!(bag::bag_forward(&table, &[0, 1], &[1.0, 1.0], &[0, 2, 1], &mut out).is_err());
+    assert!(bag::bag_forward(&table, &[0], &[1.0], &[0, 1], &mut [0.0; 3]).is_err());
+    assert!(Table::new(&t, 3, 2).is_err());
+}
+
+fn cfg(n_keys: usize, heads: usize, knn: usize, k_dim: usize, qk_norm: bool) -> PkmConfig {
+    PkmConfig {
+        dim: 8,
+        v_dim: 8,
+        heads,
+        n_keys,
+        k_dim,
+        knn,
+        qk_norm,
+        gated: false,
+    }
+}
+
+fn assert_lookup_eq(got: &opkm::Lookup, want: &opkm::Lookup, what: &str) {
+    assert_eq!(got.indices, want.indices, "indices: {what}");
+    assert_eq!(bits(&got.scores), bits(&want.scores), "scores: {what}");
+    assert_eq!(bits(&got.weights), bits(&want.weights), "weights: {what}");
+}
+
+/// Keys and queries: Gaussian, or integer-valued in {-1, 0, 1} (many exact ties).
+fn keys_and_query(rng: &mut Rng, c: &PkmConfig, tokens: usize, ties: bool) -> (Vec<f32>, Vec<f32>) {
+    let nk = c.heads * 2 * c.n_keys * c.half();
+    let nq = tokens * c.heads * c.k_dim;
+    if ties {
+        let tri = |rng: &mut Rng, n| {
+            (0..n)
+                .map(|_| rng.below(3) as f32 - 1.0)
+                .collect::<Vec<_>>()
+        };
+        (tri(rng, nk), tri(rng, nq))
+    } else {
+        (rng.normal_vec(nk, 0.0, 1.0), rng.normal_vec(nq, 0.0, 1.0))
+    }
+}
+
+#[test]
+fn lookup_is_bit_identical() {
+    let mut rng = Rng::new(40);
+    let cases = [
+        // (n_keys, heads, knn, k_dim, tokens)
+        (16usize, 1usize, 4usize, 8usize, 7usize),
+        (100, 4, 32, 16, 7),
+        (100, 1, 1, 6, 1),
+        (100, 4, 100, 4, 7),
+        (37, 2, 37, 2, 5),
+        (33, 4, 8, 34, 0),
+        (64, 4, 32, 64, 1024),
+        (100, 1, 5, 2, 64),
+    ];
+    for &(n_keys, heads, knn, k_dim, tokens) in &cases {
+        for qk_norm in [false, true] {
+            for ties in [false, true] {
+                let c = cfg(n_keys, heads, knn, k_dim, qk_norm);
+                let (keys, query) = keys_and_query(&mut rng, &c, tokens, ties);
+                let want = opkm::lookup(&c, &keys, &query, tokens).unwrap();
+                let prepared = pkm::PreparedKeys::new(&c, &keys).unwrap();
+                for cpu in pools() {
+                    let got = cpu.lookup(&prepared, &query, tokens).unwrap();
+                    assert_lookup_eq(
+                        &got,
+                        &want,
+                        &format!(
+                            "{c:?} tokens {tokens} ties {ties} threads {}",
+                            cpu.threads()
+                        ),
+                    );
+                }
+                memlayer_cpu::simd::force_portable(true);
+                let got = pkm::lookup_keys(&c, &keys, &query, tokens).unwrap();
+                memlayer_cpu::simd::force_portable(false);
+                assert_lookup_eq(&got, &want, &format!("portable {c:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn lookup_with_non_finite_scores() {
+    let mut rng = Rng::new(41);
+    let c = cfg(20, 2, 6, 4, false);
+    let (keys, mut query) = keys_and_query(&mut rng, &c, 5, false);
+    query[0] = f32::INFINITY;
+    query[5] = f32::NEG_INFINITY;
+    query[9] = f32::NAN;
+    let want = opkm::lookup(&c, &keys, &query, 5).unwrap();
+    let got = pkm::lookup_keys(&c, &keys, &query, 5).unwrap();
+    assert_lookup_eq(&got, &want, "non-finite");
+}
+
+#[test]
+fn scores_backward_is_bit_identical() {
+    let mut rng = Rng::new(50);
+    for &(n_keys, heads, knn, k_dim, tokens) in &[
+        (16usize, 1usize, 4usize, 8usize, 7usize),
+        (100, 4, 32, 16, 64),
+        (10, 2, 10, 6, 1),
+        (12, 4, 3, 4, 0),
+    ] {
+        for qk_norm in [false, true] {
+            let c = cfg(n_keys, heads, knn, k_dim, qk_norm);
+            let (keys, query) = keys_and_query(&mut rng, &c, tokens, false);
+            let lk = opkm::lookup(&c, &keys, &query, tokens).unwrap();
+            let mut d_scores = rng.normal_vec(lk.scores.len(), 0.0, 1.0);
+            for (i, d) in d_scores.iter_mut().enumerate() {
+                if i % 7 == 3 {
+                    *d = 0.0;
+                }
+            }
+            let (wk, wq) =
+                opkm::scores_backward(&c, &keys, &query, tokens, &lk.indices, &d_scores).unwrap();
+            for cpu in pools() {
+                let (gk, gq) = cpu
+                    .scores_backward(&c, &keys, &query, tokens, &lk.indices, &d_scores)
+                    .unwrap();
+                assert_eq!(
+                    bits(&gk),
+                    bits(&wk),
+                    "d_keys {c:?} threads {}",
+                    cpu.threads()
+                );
+                assert_eq!(
+                    bits(&gq),
+                    bits(&wq),
+                    "d_query {c:?} threads {}",
+                    cpu.threads()
+                );
+            }
+            let dw = rng.normal_vec(lk.weights.len(), 0.0, 1.0);
+            assert_eq!(
+                bits(&pkm::softmax_backward_rows(knn, &lk.weights, &dw)),
+                bits(&opkm::softmax_backward_rows(knn, &lk.weights, &dw))
+            );
+        }
+    }
+}
+
+#[test]
+fn bandwidth_probe_runs() {
+    let cpu = Cpu::new(2).unwrap();
+    let b = cpu.copy_bandwidth(8 << 20, 2);
+    assert!(b.gbps > 0.0 && b.gbps.is_finite());
+    assert_eq!((b.bytes, b.threads), (8 << 20, 2));
+    let r = cpu.install(|| memlayer_cpu::bandwidth::read_bandwidth(8 << 20, 2));
+    assert!(r.gbps > 0.0);
+}

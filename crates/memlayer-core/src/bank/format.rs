@@ -246,7 +246,10 @@ impl SectionSpec {
                         "empty block shape (nodes {nodes}, layers {layers}, units {units})"
                     ));
                 }
-                let per_block = u64::from(layers) * 3 * u64::from(units);
+                // (layers * 3) fits u64; times units may not.
+                let per_block = (u64::from(layers) * 3)
+                    .checked_mul(u64::from(units))
+                    .ok_or_else(|| format!("{layers} layers x 3 x {units} units overflow u64"))?;
                 let rows = nodes
                     .checked_mul(per_block)
                     .ok_or_else(|| format!("{nodes} blocks of {per_block} rows overflow u64"))?;
@@ -295,9 +298,9 @@ pub struct Geometry {
 impl Geometry {
     /// Rows held by local page `local` (0-based within the section); 0 if out of range.
     pub fn rows_in_page(&self, local: u64) -> u64 {
-        if local + 1 < self.page_count {
+        if local < self.page_count.saturating_sub(1) {
             self.page_rows
-        } else if local + 1 == self.page_count {
+        } else if self.page_count > 0 && local == self.page_count - 1 {
             self.last_page_rows
         } else {
             0
@@ -306,7 +309,7 @@ impl Geometry {
 
     /// Bytes of local page `local`; 0 if out of range.
     pub fn page_len(&self, local: u64) -> u64 {
-        self.rows_in_page(local) * self.row_bytes
+        self.rows_in_page(local).saturating_mul(self.row_bytes)
     }
 }
 
@@ -331,17 +334,18 @@ impl SectionInfo {
 
     /// Global page ids of the section.
     pub fn page_ids(&self) -> std::ops::Range<PageId> {
-        self.first_page..self.first_page + self.geometry.page_count
+        self.first_page..self.first_page.saturating_add(self.geometry.page_count)
     }
 
     /// Global page holding section row `row` and the row's index inside that page.
     pub fn locate_row(&self, row: u64) -> Option<(PageId, u64)> {
-        (row < self.geometry.rows).then(|| {
-            (
-                self.first_page + row / self.geometry.page_rows,
-                row % self.geometry.page_rows,
-            )
-        })
+        if row >= self.geometry.rows {
+            return None;
+        }
+        let page = self
+            .first_page
+            .checked_add(row.checked_div(self.geometry.page_rows)?)?;
+        Some((page, row % self.geometry.page_rows))
     }
 
     /// Global page of block `node` of an `ffn_blocks` section (None for other kinds).
@@ -367,7 +371,7 @@ pub struct PageEntry {
 impl PageEntry {
     /// One past the last byte of the page.
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
     }
 }
 

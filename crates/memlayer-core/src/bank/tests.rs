@@ -292,6 +292,10 @@ fn corrupted_table_fields_behind_valid_checksums_are_rejected() {
         (192 + 24 * 4 + 1, vec![0x60], "past file end"),
         (32, vec![0x19], "file length"),
         (24, vec![6], "header page count"),
+        // Found by cargo-fuzz: layers * 3 * units overflowing u64 panicked.
+        (128 + 36, vec![0xff; 8], "huge ffn block"),
+        (128 + 24, vec![0xff; 8], "huge ffn node count"),
+        (88, vec![0xff; 8], "huge row count"),
     ];
     for (at, patch, what) in cases {
         let mut b = good.clone();

@@ -24,9 +24,6 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 
-/// Bytes of rows prefetched ahead of the row being summed.
-const PREFETCH_BYTES: usize = 8 * 1024;
-
 /// Checks CSR offsets against `nnz` entries and returns the number of bags.
 pub fn check_offsets(nnz: usize, offsets: &[usize]) -> Result<usize, CpuError> {
     let bags = offsets
@@ -176,22 +173,28 @@ unsafe fn forward_range_portable<R: Rows>(
     }
 }
 
-/// Prefetches every cache line of `bytes` bytes from `p` into all cache levels.
+/// Prefetches every cache line of `bytes` bytes from `p` (all cache levels, or L2 with `l2`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_row(p: *const u8, bytes: usize) {
+fn prefetch_row(p: *const u8, bytes: usize, l2: bool) {
     let start = p as usize & !63;
     let end = p as usize + bytes;
     let mut a = start;
     while a < end {
         // SAFETY: prefetch never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(a as *const i8) };
+        unsafe {
+            if l2 {
+                _mm_prefetch::<_MM_HINT_T1>(a as *const i8)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(a as *const i8)
+            }
+        };
         a += 64;
     }
 }
 
 /// AVX2 forward: 8 lanes of dim at a time, four rows per accumulator pass,
-/// software prefetch of the rows ~[`PREFETCH_BYTES`] ahead; `acc + w * x`
+/// software prefetch of the rows [`crate::simd::prefetch_bytes`] ahead; `acc + w * x`
 /// with separate multiply and add so the result equals the oracle's.
 ///
 /// # Safety
@@ -208,7 +211,13 @@ unsafe fn forward_range_avx2<R: Rows>(
     let dim = table.dim();
     let d8 = dim & !7;
     let row_bytes = dim * std::mem::size_of::<R::Elem>();
-    let ahead = (PREFETCH_BYTES / row_bytes.max(1)).clamp(2, 32);
+    let pf_bytes = crate::simd::prefetch_bytes();
+    let ahead = if pf_bytes == 0 {
+        0
+    } else {
+        (pf_bytes / row_bytes.max(1)).clamp(2, 64)
+    };
+    let l2 = crate::simd::prefetch_l2();
     let last = offs[offs.len() - 1];
     let mut pf = offs[0];
     let op = out.as_mut_ptr();
@@ -221,11 +230,16 @@ unsafe fn forward_range_avx2<R: Rows>(
             std::ptr::write_bytes(acc, 0, dim);
             while e < end {
                 let n = (end - e).min(4);
-                let target = (e + n + ahead).min(last);
+                let target = if ahead == 0 {
+                    0
+                } else {
+                    (e + n + ahead).min(last)
+                };
                 while pf < target {
                     prefetch_row(
                         table.row_ptr(*indices.get_unchecked(pf)) as *const u8,
                         row_bytes,
+                        l2,
                     );
                     pf += 1;
                 }

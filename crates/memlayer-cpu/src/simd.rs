@@ -2,9 +2,35 @@
 //! detection, no `target-cpu` flag needed), else portable loops that build
 //! for every target (aarch64, wasm32, ...).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
+static PREFETCH_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_PREFETCH_BYTES);
+static PREFETCH_L2: AtomicBool = AtomicBool::new(false);
+
+/// Default distance of the software prefetch in the embedding-bag gather:
+/// rows are prefetched this many bytes of row data ahead of the row being summed.
+pub const DEFAULT_PREFETCH_BYTES: usize = 8 * 1024;
+
+/// Sets the software-prefetch distance in bytes of rows (0 disables it); for tuning.
+pub fn set_prefetch_bytes(bytes: usize) {
+    PREFETCH_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// Current software-prefetch distance in bytes of rows.
+pub fn prefetch_bytes() -> usize {
+    PREFETCH_BYTES.load(Ordering::Relaxed)
+}
+
+/// Prefetch into L2 only (`T1` hint) instead of all levels; for tuning.
+pub fn set_prefetch_l2(on: bool) {
+    PREFETCH_L2.store(on, Ordering::Relaxed);
+}
+
+/// Whether the prefetch uses the `T1` hint.
+pub fn prefetch_l2() -> bool {
+    PREFETCH_L2.load(Ordering::Relaxed)
+}
 
 /// Which kernel family runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -101,6 +101,11 @@ fn golden_tiny_bank_layout() {
         u64::from_le_bytes(b[56..64].try_into().unwrap()),
         checksum(&b[0..56])
     );
+    // Pinned values from docs/FORMAT.md, cross-checked with the reference
+    // implementation (`xxhsum -H3`, XXH3_64bits with seed 0).
+    assert_eq!(checksum(&b[0..56]), 0x16dc_e9df_e2f9_930a);
+    assert_eq!(checksum(&b[64..meta]), 0xced1_3c6d_99ff_5c54);
+    assert_eq!(checksum(&b[4096..4104]), 0xbf39_cba5_ba5b_8d09);
     // section 0: pkm_values f16, pages 0..3, rows 5, dim 2, page_rows 2
     let s0 = &b[64..128];
     assert_eq!(&s0[0..8], &[1, 0, 0, 0, 2, 0, 0, 0]);

@@ -25,11 +25,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let meta_len = bank.meta().meta_len();
     println!("bank {}", bank.location());
     println!(
-        "  format version {}, page alignment {} bytes, {} sections, {} pages",
+        "  format version {}, page alignment {} bytes, {}, {}",
         h.version,
         h.page_align,
-        bank.sections().len(),
-        bank.page_count()
+        plural(bank.sections().len() as u64, "section"),
+        plural(bank.page_count(), "page")
     );
     println!(
         "  file size {} bytes (header says {}), header + page table {meta_len} bytes",
@@ -70,9 +70,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     if args.verify {
         bank.verify_all(|_| {})?;
         let bytes: u64 = bank.pages().iter().map(|e| e.length).sum();
-        println!("verified {n} pages ({bytes} bytes): all checksums match");
+        println!(
+            "verified {} ({bytes} bytes): all checksums match",
+            plural(n, "page")
+        );
     }
     Ok(())
+}
+
+/// `1 page`, `3 pages`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("{n} {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn describe_section(s: &SectionInfo) -> String {

@@ -9,13 +9,16 @@
 //!   Every score is still accumulated sequentially over `d` from 0.0 with a
 //!   separate multiply and add, exactly like the oracle's `dot`, so scores
 //!   (and hence indices) are bit-identical.
-//! * Per-half top-k is a threshold scan with sorted insertion (ties to the
-//!   lower id, NaN as -inf, as [`memlayer_core::topk`]).
+//! * Per-half top-k is a vectorised threshold scan with sorted insertion of
+//!   u64 keys `(monotone score, !id)` (ties to the lower id, NaN as -inf,
+//!   `-0.0 == +0.0`, as [`memlayer_core::topk`]).
 //! * Candidates: only pairs `(a, b)` with `(a+1)(b+1) <= k` of the two sorted
 //!   halves can be among the k best (each is beaten by every pair it
 //!   dominates, under [`memlayer_core::pkm::candidate_order`]), so about
 //!   `k ln k` instead of `k²` candidates are ranked (all `k²` if a half
-//!   score is not finite).
+//!   score is not finite). `candidate_order` is encoded as one u128 key
+//!   (monotone images of score, s1, s2, then the negated row) so ranking is
+//!   integer comparison.
 //! * Parallel over chunks of tokens.
 
 use crate::bag::bag_forward;
@@ -23,7 +26,7 @@ use crate::error::{CpuError, check_len};
 use crate::simd::{Kernel, kernel};
 use crate::storage::Table;
 use memlayer_core::linalg::{dot, softmax_backward, softmax_in_place};
-use memlayer_core::pkm::{Candidate, Lookup, PkmConfig, QK_NORM_EPS, select_best};
+use memlayer_core::pkm::{Lookup, PkmConfig, QK_NORM_EPS};
 use memlayer_core::topk::rank_key;
 use rayon::prelude::*;
 
@@ -164,60 +167,100 @@ struct Scratch {
     /// per side: (tokens, k) top-k scores and ids of each token's half
     top_s: [Vec<f32>; 2],
     top_i: [Vec<u32>; 2],
-    /// one top-k selection: rank keys, scores, ids
-    sel: (Vec<f32>, Vec<f32>, Vec<u32>),
-    cand: Vec<Candidate>,
+    /// one top-k selection as rank keys
+    sel: Vec<u64>,
+    /// candidates: (sort key, a, b)
+    cand: Vec<(u128, u32, u32)>,
     qbuf: Vec<f32>,
 }
-/// Top-k of `scores` (ids = positions), best first, into `(keys, scores, ids)`;
-/// same order as [`memlayer_core::topk::topk`].
-fn topk_into(scores: &[f32], k: usize, out: &mut (Vec<f32>, Vec<f32>, Vec<u32>)) {
-    let (ks, ss, is) = out;
-    ks.clear();
-    ss.clear();
-    is.clear();
+/// Monotone u32 image of a score's rank: NaN ranks as -inf and -0.0 == +0.0,
+/// so `mono(a) > mono(b)` iff `a` ranks strictly above `b` in
+/// [`memlayer_core::topk::rank_order`] (ignoring ids).
+#[inline(always)]
+fn mono(s: f32) -> u32 {
+    let s = rank_key(s);
+    let s = if s == 0.0 { 0.0 } else { s };
+    let b = s.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// Sortable key of (score, id): larger key ranks first (higher score, then lower id).
+#[inline(always)]
+fn rank_u64(s: f32, id: u32) -> u64 {
+    ((mono(s) as u64) << 32) | (u32::MAX - id) as u64
+}
+
+/// Top-k of `scores` (ids = positions), best first, as keys of [`rank_u64`] in
+/// `keys`; same selection and order as [`memlayer_core::topk::topk`].
+///
+/// Threshold scan: 16 scores at a time are compared with the current k-th
+/// score (vectorised), and only the few that beat it are inserted.
+fn topk_into(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
+    keys.clear();
     let k = k.min(scores.len());
     if k == 0 {
         return;
     }
     if k * 8 > scores.len() {
-        let (s, i) = memlayer_core::topk::topk(scores, k);
-        ks.extend(s.iter().map(|&x| rank_key(x)));
-        *ss = s;
-        *is = i;
+        keys.extend(
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| rank_u64(s, i as u32)),
+        );
+        if k < keys.len() {
+            keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+            keys.truncate(k);
+        }
+        keys.sort_unstable_by(|a, b| b.cmp(a));
         return;
     }
-    let insert = |ks: &mut Vec<f32>, ss: &mut Vec<f32>, is: &mut Vec<u32>, i: usize, s: f32| {
-        let key = rank_key(s);
-        // after every entry ranking at least as high (ties: lower id first)
-        let pos = ks.partition_point(|&x| x >= key);
-        ks.insert(pos, key);
-        ss.insert(pos, s);
-        is.insert(pos, i as u32);
-    };
-    for (i, &s) in scores[..k].iter().enumerate() {
-        insert(ks, ss, is, i, s);
-    }
-    let mut thr = ks[k - 1];
+    keys.extend(
+        scores[..k]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| rank_u64(s, i as u32)),
+    );
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    // rank key of the k-th: a later score (higher id) enters iff it is strictly greater;
+    // `s > thr` is false for NaN, as `rank_key(NaN) = -inf > thr` is
+    let kth = |keys: &[u64]| rank_key(scores[(u32::MAX - keys[k - 1] as u32) as usize]);
+    let mut thr = kth(keys);
     const BLOCK: usize = 16;
-    let mut i = k;
-    while i < scores.len() {
-        let end = (i + BLOCK).min(scores.len());
-        // `s > thr` is false for NaN, as `rank_key(NaN) = -inf > thr` is.
-        let any = scores[i..end].iter().fold(false, |m, &s| m | (s > thr));
-        if any {
-            for (j, &s) in scores[i..end].iter().enumerate() {
-                if s > thr {
-                    ks.pop();
-                    ss.pop();
-                    is.pop();
-                    insert(ks, ss, is, i + j, s);
-                    thr = ks[k - 1];
+    let mut base = k;
+    for chunk in scores[k..].chunks(BLOCK) {
+        let mut mask = 0u32;
+        for (j, &s) in chunk.iter().enumerate() {
+            mask |= ((s > thr) as u32) << j;
+        }
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let s = chunk[j];
+            if s > thr {
+                let key = rank_u64(s, (base + j) as u32);
+                // insert in descending order, dropping the last
+                let mut pos = k - 1;
+                while pos > 0 && keys[pos - 1] < key {
+                    keys[pos] = keys[pos - 1];
+                    pos -= 1;
                 }
+                keys[pos] = key;
+                thr = kth(keys);
             }
         }
-        i = end;
+        base += chunk.len();
     }
+}
+
+/// Id of a [`rank_u64`] key.
+#[inline(always)]
+fn key_id(key: u64) -> u32 {
+    u32::MAX - key as u32
 }
 
 /// Product-key search and softmax, bit-identical to [`memlayer_core::pkm::lookup`].
@@ -325,9 +368,13 @@ fn lookup_chunk(
                 }
             }
             for t in 0..nt {
-                topk_into(&s.scores[t * width..t * width + n], k, &mut s.sel);
-                s.top_s[side][t * k..(t + 1) * k].copy_from_slice(&s.sel.1);
-                s.top_i[side][t * k..(t + 1) * k].copy_from_slice(&s.sel.2);
+                let row = &s.scores[t * width..t * width + n];
+                topk_into(row, k, &mut s.sel);
+                for (j, &key) in s.sel.iter().enumerate() {
+                    let id = key_id(key);
+                    s.top_s[side][t * k + j] = row[id as usize];
+                    s.top_i[side][t * k + j] = id;
+                }
             }
         }
         for t in 0..nt {
@@ -343,21 +390,29 @@ fn lookup_chunk(
             s.cand.clear();
             for a in 0..k {
                 let bmax = if finite { k / (a + 1) } else { k };
+                let m1 = (mono(s1[a]) as u128) << 64;
                 for b in 0..bmax {
-                    s.cand.push(Candidate {
-                        score: s1[a] + s2[b],
-                        s1: s1[a],
-                        s2: s2[b],
-                        row: i1[a] * n as u32 + i2[b],
-                    });
+                    let row = i1[a] * n as u32 + i2[b];
+                    // candidate_order as one integer: (score, s1, s2) higher, then row lower
+                    let key = ((mono(s1[a] + s2[b]) as u128) << 96)
+                        | m1
+                        | ((mono(s2[b]) as u128) << 32)
+                        | (u32::MAX - row) as u128;
+                    s.cand.push((key, a as u32, b as u32));
                 }
             }
-            select_best(&mut s.cand, k);
+            if k < s.cand.len() {
+                s.cand.select_nth_unstable_by(k - 1, |x, y| y.0.cmp(&x.0));
+                s.cand.truncate(k);
+            }
+            s.cand.sort_unstable_by(|x, y| y.0.cmp(&x.0));
             let o = (t * heads + h) * k;
-            for (j, c) in s.cand.iter().enumerate() {
-                idx[o + j] = c.row;
-                sc[o + j] = c.score;
-                w[o + j] = c.score;
+            for (j, &(_, a, b)) in s.cand.iter().enumerate() {
+                let (a, b) = (a as usize, b as usize);
+                idx[o + j] = i1[a] * n as u32 + i2[b];
+                let score = s1[a] + s2[b];
+                sc[o + j] = score;
+                w[o + j] = score;
             }
             softmax_in_place(&mut w[o..o + k]);
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
 static PREFETCH_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_PREFETCH_BYTES);
-static PREFETCH_L2: AtomicBool = AtomicBool::new(false);
+static PREFETCH_L2: AtomicBool = AtomicBool::new(true);
 
 /// Default distance of the software prefetch in the embedding-bag gather:
 /// rows are prefetched this many bytes of row data ahead of the row being summed.
@@ -22,7 +22,8 @@ pub fn prefetch_bytes() -> usize {
     PREFETCH_BYTES.load(Ordering::Relaxed)
 }
 
-/// Prefetch into L2 only (`T1` hint) instead of all levels; for tuning.
+/// Prefetch with the `T1` hint (L2 and outer levels; the default: it measured
+/// faster than `T0` here, L1 miss buffers stay free for the loads) or `T0` (all levels); for tuning.
 pub fn set_prefetch_l2(on: bool) {
     PREFETCH_L2.store(on, Ordering::Relaxed);
 }

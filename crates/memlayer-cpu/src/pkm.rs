@@ -216,7 +216,7 @@ fn topk_into(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
             keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
             keys.truncate(k);
         }
-        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys.sort_unstable_by_key(|&x| std::cmp::Reverse(x));
         return;
     }
     keys.extend(
@@ -225,7 +225,7 @@ fn topk_into(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
             .enumerate()
             .map(|(i, &s)| rank_u64(s, i as u32)),
     );
-    keys.sort_unstable_by(|a, b| b.cmp(a));
+    keys.sort_unstable_by_key(|&x| std::cmp::Reverse(x));
     // rank key of the k-th: a later score (higher id) enters iff it is strictly greater;
     // `s > thr` is false for NaN, as `rank_key(NaN) = -inf > thr` is
     let kth = |keys: &[u64]| rank_key(scores[(u32::MAX - keys[k - 1] as u32) as usize]);
@@ -405,7 +405,7 @@ fn lookup_chunk(
                 s.cand.select_nth_unstable_by(k - 1, |x, y| y.0.cmp(&x.0));
                 s.cand.truncate(k);
             }
-            s.cand.sort_unstable_by(|x, y| y.0.cmp(&x.0));
+            s.cand.sort_unstable_by_key(|x| std::cmp::Reverse(x.0));
             let o = (t * heads + h) * k;
             for (j, &(_, a, b)) in s.cand.iter().enumerate() {
                 let (a, b) = (a as usize, b as usize);

@@ -160,7 +160,7 @@ impl<'a, T: Storage> Table<'a, T> {
     /// data: (rows, dim)
     pub fn new(data: &'a [T], rows: usize, dim: usize) -> Result<Self, CpuError> {
         crate::error::check_len("table", data.len(), rows * dim)?;
-        if rows > u32::MAX as usize + 1 {
+        if rows as u64 > u32::MAX as u64 + 1 {
             return Err(CpuError::InvalidConfig(format!(
                 "{rows} rows cannot be addressed by u32 indices"
             )));
@@ -231,7 +231,7 @@ impl<'a, T: Storage> PagedTable<'a, T> {
                 "page_rows and slots_per_buffer must be positive".into(),
             ));
         }
-        if rows > u32::MAX as usize + 1 || page_rows > u32::MAX as usize {
+        if rows as u64 > u32::MAX as u64 + 1 || page_rows as u64 > u32::MAX as u64 {
             return Err(CpuError::InvalidConfig(format!(
                 "{rows} rows / {page_rows} page rows cannot be addressed by u32"
             )));

@@ -11,7 +11,10 @@
 //!
 //! Environment:
 //! - `MEMLAYER_BENCH_THREADS` thread counts, default `1,2`
-//! - `MEMLAYER_BENCH_MODE` `all` (default), `criterion` or `summary`
+//! - `MEMLAYER_BENCH_MODE` `all` (default), `criterion`, `summary`; `single` (one
+//!   table: `MEMLAYER_BENCH_SHAPE=rows,dim,bags`, `MEMLAYER_BENCH_DTYPE`) or `tune`
+//!   (prefetch sweep on `MEMLAYER_BENCH_SHAPE`)
+//! - `MEMLAYER_BENCH_PREFETCH` prefetch distance in bytes, `MEMLAYER_BENCH_PF_L2=0` T0 hint
 //! - `MEMLAYER_BENCH_HUGE=1` tables on transparent huge pages (default off, as torch)
 //! - `MEMLAYER_BENCH_ITERS` timed calls per summary line, default 20
 //! - `MEMLAYER_BENCH_QUICK=1` only the 2^16 x 512 table and 1024 bags
@@ -164,6 +167,50 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
     }
 }
 
+/// One configuration (`MEMLAYER_BENCH_SHAPE=rows,dim,bags`, `MEMLAYER_BENCH_DTYPE`), one
+/// JSON line per thread count, in the format of `scripts/bench_torch_bag.py`.
+fn single(pools: &[Cpu], huge: bool, iters: usize) {
+    let shape = env("MEMLAYER_BENCH_SHAPE", "1048576,256,1024");
+    let v: Vec<usize> = shape.split(',').map(|x| x.parse().unwrap()).collect();
+    let (rows, dim, nb) = (v[0], v[1], v[2]);
+    let dtype = env("MEMLAYER_BENCH_DTYPE", "f32");
+    let (f, h, b16);
+    let t = match dtype.as_str() {
+        "f32" => {
+            f = table::<f32>(rows, dim, 1, huge);
+            TableRef::F32(Table::new(&f, rows, dim).unwrap())
+        }
+        "f16" => {
+            h = table::<f16>(rows, dim, 2, huge);
+            TableRef::F16(Table::new(&h, rows, dim).unwrap())
+        }
+        _ => {
+            b16 = table::<bf16>(rows, dim, 3, huge);
+            TableRef::Bf16(Table::new(&b16, rows, dim).unwrap())
+        }
+    };
+    let b = bags(rows, nb, 7);
+    let mut out = vec![0.0f32; nb * dim];
+    let gathered = (nb * BAG_SIZE * dim * t.dtype().size()) as f64;
+    for cpu in pools {
+        let (med, best) = time_calls(iters, || {
+            cpu.install(|| bag::bag_forward_any(t, &b.indices, &b.weights, &b.offsets, &mut out))
+                .unwrap()
+        });
+        println!(
+            "{{\"gbps\": {:.4}, \"seconds_per_call\": {med:.6}, \"best_gbps\": {:.4}, \
+             \"best_seconds\": {best:.6}, \"threads\": {}, \"rows\": {rows}, \"dim\": {dim}, \
+             \"bags\": {nb}, \"bag_size\": {BAG_SIZE}, \"dtype\": \"{dtype}\", \
+             \"huge_pages\": {huge}, \"kernel\": \"{:?}\", \"prefetch_bytes\": {}}}",
+            gathered / med / 1e9,
+            gathered / best / 1e9,
+            cpu.threads(),
+            memlayer_cpu::simd::kernel(),
+            memlayer_cpu::simd::prefetch_bytes(),
+        );
+    }
+}
+
 fn main() {
     let threads: Vec<usize> = env("MEMLAYER_BENCH_THREADS", "1,2")
         .split(',')
@@ -184,9 +231,13 @@ fn main() {
     if let Ok(pf) = std::env::var("MEMLAYER_BENCH_PREFETCH") {
         memlayer_cpu::simd::set_prefetch_bytes(pf.parse().expect("MEMLAYER_BENCH_PREFETCH: bytes"));
     }
-    memlayer_cpu::simd::set_prefetch_l2(env("MEMLAYER_BENCH_PF_L2", "0") == "1");
+    memlayer_cpu::simd::set_prefetch_l2(env("MEMLAYER_BENCH_PF_L2", "1") == "1");
     if mode == "tune" {
         tune(&pools, huge, iters);
+        return;
+    }
+    if mode == "single" {
+        single(&pools, huge, iters);
         return;
     }
 

@@ -135,18 +135,27 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
     let tables = Tables::new(rows, dim, huge);
     let b = bags(rows, nb, 7);
     let mut out = vec![0.0f32; nb * dim];
-    let dists = [0usize, 4096, 8192, 16384, 32768, 65536];
+    let dists: Vec<usize> = env("MEMLAYER_BENCH_DISTS", "0,4096,8192,16384,32768,65536")
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let hints: Vec<bool> = env("MEMLAYER_BENCH_HINTS", "0,1")
+        .split(',')
+        .map(|x| x == "1")
+        .collect();
+    let rounds: usize = env("MEMLAYER_BENCH_ROUNDS", "3").parse().unwrap();
     let mut best = std::collections::BTreeMap::new();
-    for _round in 0..3 {
+    let mut best_call = std::collections::BTreeMap::new();
+    for _round in 0..rounds {
         for dtype in ["f32", "f16", "bf16"] {
             let t = tables.get(dtype);
             let gathered = (nb * BAG_SIZE * dim * t.dtype().size()) as f64;
             for cpu in pools {
                 for &pf in &dists {
-                    for l2 in [false, true] {
+                    for &l2 in &hints {
                         memlayer_cpu::simd::set_prefetch_bytes(pf);
                         memlayer_cpu::simd::set_prefetch_l2(l2);
-                        let (med, _) = time_calls(iters, || {
+                        let (med, fastest) = time_calls(iters, || {
                             cpu.install(|| {
                                 bag::bag_forward_any(
                                     t, &b.indices, &b.weights, &b.offsets, &mut out,
@@ -157,13 +166,20 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
                         let g = gathered / med / 1e9;
                         let e = best.entry((dtype, cpu.threads(), pf, l2)).or_insert(0.0f64);
                         *e = e.max(g);
+                        let e = best_call
+                            .entry((dtype, cpu.threads(), pf, l2))
+                            .or_insert(0.0f64);
+                        *e = e.max(gathered / fastest / 1e9);
                     }
                 }
             }
         }
     }
     for ((dtype, t, pf, l2), g) in best {
-        println!("tune {rows}x{dim} bags {nb} {dtype} t{t} pf {pf} l2 {l2}: {g:.3} GB/s");
+        let f = best_call[&(dtype, t, pf, l2)];
+        println!(
+            "tune {rows}x{dim} bags {nb} {dtype} t{t} pf {pf} l2 {l2}: {g:.3} GB/s (fastest call {f:.3})"
+        );
     }
 }
 

@@ -226,14 +226,15 @@ unsafe fn forward_range_avx2<R: Rows>(
         // SAFETY: out holds (offs.len() - 1) rows of dim; rows come from checked indices;
         // every pointer read below stays within its row of dim elements.
         unsafe {
-            let acc = op.add(b * dim);
+            let acc = op.add(b.wrapping_mul(dim));
             std::ptr::write_bytes(acc, 0, dim);
             while e < end {
-                let n = (end - e).min(4);
+                // wrapping: all positions are < indices.len(), no overflow checks needed
+                let n = end.wrapping_sub(e).min(4);
                 let target = if ahead == 0 {
                     0
                 } else {
-                    (e + n + ahead).min(last)
+                    e.wrapping_add(n).wrapping_add(ahead).min(last)
                 };
                 while pf < target {
                     prefetch_row(
@@ -241,7 +242,7 @@ unsafe fn forward_range_avx2<R: Rows>(
                         row_bytes,
                         l2,
                     );
-                    pf += 1;
+                    pf = pf.wrapping_add(1);
                 }
                 if n == 4 {
                     let p0 = table.row_ptr(*indices.get_unchecked(e));
@@ -298,7 +299,7 @@ unsafe fn forward_range_avx2<R: Rows>(
                         }
                     }
                 }
-                e += n;
+                e = e.wrapping_add(n);
             }
         }
     }

@@ -192,8 +192,9 @@ impl<T: Storage> Rows for Table<'_, T> {
     }
     #[inline(always)]
     unsafe fn row_ptr(&self, r: u32) -> *const T {
-        // SAFETY: r < rows was checked, so the row lies inside `data`.
-        unsafe { self.data.as_ptr().add(r as usize * self.dim) }
+        // SAFETY: r < rows was checked, so the row lies inside `data` (and the product
+        // cannot overflow; wrapping keeps overflow checks out of the hot loop).
+        unsafe { self.data.as_ptr().add((r as usize).wrapping_mul(self.dim)) }
     }
 }
 
@@ -296,7 +297,7 @@ impl<T: Storage> Rows for PagedTable<'_, T> {
     #[inline(always)]
     unsafe fn row_ptr(&self, r: u32) -> *const T {
         let page = r / self.page_rows;
-        let within = r - page * self.page_rows;
+        let within = r.wrapping_sub(page.wrapping_mul(self.page_rows));
         // SAFETY: check_indices verified the page is mapped to a slot whose whole page lies
         // inside its buffer, and within < page_rows.
         unsafe {
@@ -305,8 +306,10 @@ impl<T: Storage> Rows for PagedTable<'_, T> {
                 .buffers
                 .get_unchecked((slot / self.slots_per_buffer) as usize);
             let s = (slot % self.slots_per_buffer) as usize;
-            buf.as_ptr()
-                .add((s * self.page_rows as usize + within as usize) * self.dim)
+            let row_in_buf = s
+                .wrapping_mul(self.page_rows as usize)
+                .wrapping_add(within as usize);
+            buf.as_ptr().add(row_in_buf.wrapping_mul(self.dim))
         }
     }
 }

@@ -22,7 +22,7 @@
 // driver does not contract `acc + w * g` into an fma; see tests/backward.rs).
 //
 // Bindings (group 0):
-//   0: params          uniform  { dim, slot_base, slots, dim_chunks, x_groups: u32 }
+//   0: params          uniform  { dim, slot_base, slots, x_groups: u32 }
 //   1: seg_start       storage, read   array<u32> (n + 1) CSR of the reverse index:
 //                      row slot u owns sorted positions seg_start[u] .. seg_start[u + 1];
 //                      words past the last valid one are 0 (so end <= start marks a free slot)
@@ -32,10 +32,14 @@
 //   5: grad_out        storage, read   array<f32> (bags, dim)
 //   6: out             storage, read_write array<f32> (slots, dim): one shard of the
 //                      gradient rows, holding row slots slot_base .. slot_base + slots
-// Workgroup layout: 64 invocations = 64 consecutive elements d of one row
-// slot; workgroup w = wg.y * x_groups + wg.x handles slot slot_base + w / dim_chunks,
-// elements (w % dim_chunks) * 64 + lid, dim_chunks = ceil(dim / 64). Reads of
-// grad_out are coalesced; the entry list is read uniformly by the workgroup.
+// Workgroup layout: 256 invocations over consecutive (slot, element quad)
+// pairs: invocation t = (wg.y * x_groups + wg.x) * 256 + lid handles slot
+// slot_base + t / quads and elements 4 * (t % quads) .. + 4, quads =
+// ceil(dim / 4) (a vec4 of four independent per-element sums, rounded per
+// component; one load of the entry, weight and bag serves four elements).
+// Reads of grad_out are coalesced; invocations of one row read its entry
+// list uniformly. Elements past dim in the last quad are computed from
+// in-bounds scratch and never stored.
 // A row selected by every entry (hot row) is summed by `dim` invocations, each
 // over all n entries in order: that serial chain is the price of a
 // reproducible, oracle-exact order.
@@ -46,7 +50,6 @@ struct Params {
     dim: u32,
     slot_base: u32,
     slots: u32,
-    dim_chunks: u32,
     x_groups: u32,
 }
 
@@ -58,12 +61,13 @@ struct Params {
 @group(0) @binding(5) var<storage, read> grad_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let w = wg.y * params.x_groups + wg.x;
-    let local_slot = w / params.dim_chunks;
-    let d = (w % params.dim_chunks) * 64u + lid;
-    if local_slot >= params.slots || d >= params.dim {
+    let t = (wg.y * params.x_groups + wg.x) * 256u + lid;
+    let quads = (params.dim + 3u) / 4u;
+    let local_slot = t / quads;
+    let d = (t % quads) * 4u;
+    if local_slot >= params.slots {
         return;
     }
     let u = params.slot_base + local_slot;
@@ -72,10 +76,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if end <= start {
         return;
     }
-    var acc = 0.0;
+    var acc = vec4<f32>(0.0);
     for (var p = start; p < end; p++) {
         let e = sorted_entries[p];
-        acc += weights[e] * grad_out[bag_of[e] * params.dim + d];
+        let g = bag_of[e] * params.dim + d;
+        acc += weights[e] * vec4<f32>(grad_out[g], grad_out[g + 1u], grad_out[g + 2u], grad_out[g + 3u]);
     }
-    out[local_slot * params.dim + d] = acc;
+    let o = local_slot * params.dim + d;
+    out[o] = acc.x;
+    if d + 1u < params.dim {
+        out[o + 1u] = acc.y;
+    }
+    if d + 2u < params.dim {
+        out[o + 2u] = acc.z;
+    }
+    if d + 3u < params.dim {
+        out[o + 3u] = acc.w;
+    }
 }

@@ -33,7 +33,12 @@
 //   6: keys            storage, read  array<f32> (heads, 2, n_keys, half) raw sub-keys
 //   7: d_keys          storage, read_write array<f32> (heads, 2, n_keys, half)
 // Workgroup layout: 64 invocations per slot, element d handled by invocation
-// d % 64; slot = wg.y * x_groups + wg.x. Workgroup memory: MAX_HALF f32 (4 KiB).
+// d % 64; slot = wg.y * x_groups + wg.x. Entries are taken in chunks of 64,
+// each prepared once in workgroup memory (g_p and the query offset), so the
+// inner loop has no integer division, and an invocation accumulates four
+// consecutive elements (a vec4 of independent sums); the segment bounds are read with
+// workgroupUniformLoad so the chunk loop (with barriers) is uniform.
+// Workgroup memory: MAX_HALF f32 + 2 × 64 words (4.5 KiB).
 // Limits: half <= MAX_HALF = 1024 (host-checked); every array fits one binding.
 
 const WG: u32 = 64u;
@@ -61,6 +66,9 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> d_keys: array<f32>;
 
 var<workgroup> dk: array<f32, MAX_HALF>;
+var<workgroup> g_sh: array<f32, WG>;
+var<workgroup> qoff_sh: array<u32, WG>;
+var<workgroup> range_sh: vec2<u32>;
 var<workgroup> inv_shared: f32;
 var<workgroup> mean_shared: f32;
 
@@ -70,27 +78,52 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if slot >= params.slots {
         return;
     }
-    let start = seg_start[slot];
-    let end = seg_start[slot + 1u];
-    // a free slot (end <= start) computes nothing and writes nothing; it still
-    // reaches every barrier, which keeps them in uniform control flow
+    if lid == 0u {
+        range_sh = vec2<u32>(seg_start[slot], seg_start[slot + 1u]);
+    }
+    let range = workgroupUniformLoad(&range_sh);
+    let start = range.x;
+    let end = range.y;
+    // a free slot (end <= start) computes nothing and writes nothing
     let valid = end > start;
     let id = select(0u, unique_ids[slot], valid);
     let side = (id / params.n_keys) % 2u;
     let half = params.half;
     let koff = id * half;
-    for (var d = lid; d < half; d += WG) {
-        var acc = 0.0;
-        for (var p = start; p < end; p++) {
+    for (var d = lid; d < MAX_HALF; d += WG) {
+        dk[d] = 0.0;
+    }
+    // the sub-key's entries in chunks of WG: invocation lid prepares entry
+    // p0 + lid (score gradient and query offset, the divisions once per
+    // entry), then every invocation adds the chunk, in ascending p, to its elements
+    for (var p0 = start; p0 < end; p0 += WG) {
+        let p = p0 + lid;
+        if p < end {
             let e = sorted_entries[p];
             let th = e / (2u * params.knn);
-            let g = d_scores[th * params.knn + e % params.knn] * params.scale;
-            if g == 0.0 {
-                continue;
-            }
-            acc += g * qs[th * params.k_dim + side * half + d];
+            g_sh[lid] = d_scores[th * params.knn + e % params.knn] * params.scale;
+            qoff_sh[lid] = th * params.k_dim + side * half;
         }
-        dk[d] = acc;
+        workgroupBarrier();
+        let m = min(WG, end - p0);
+        // four consecutive elements per invocation and step; lanes past `half`
+        // compute scratch that is never stored
+        for (var q0 = lid * 4u; q0 < half; q0 += WG * 4u) {
+            var acc = vec4<f32>(dk[q0], dk[q0 + 1u], dk[q0 + 2u], dk[q0 + 3u]);
+            for (var i = 0u; i < m; i++) {
+                let g = g_sh[i];
+                if g == 0.0 {
+                    continue;
+                }
+                let q = qoff_sh[i] + q0;
+                acc += g * vec4<f32>(qs[q], qs[q + 1u], qs[q + 2u], qs[q + 3u]);
+            }
+            dk[q0] = acc.x;
+            dk[q0 + 1u] = acc.y;
+            dk[q0 + 2u] = acc.z;
+            dk[q0 + 3u] = acc.w;
+        }
+        workgroupBarrier();
     }
     if params.qk_norm == 0u {
         if valid {

@@ -25,7 +25,11 @@
 //   6: d_query   storage, read_write  array<f32> (th, k_dim)
 // Workgroup layout: 64 invocations per (th, side), element d handled by
 // invocation d % 64; workgroup w = wg.y * x_groups + wg.x is (th, side) = (w / 2, w % 2).
-// Workgroup memory: two arrays of MAX_HALF f32 (8 KiB).
+// The knn selected rows are taken in chunks of 64, each prepared once in
+// workgroup memory (g_j and the sub-key offset), so the inner loop has no
+// integer division; an invocation accumulates four consecutive elements
+// (a vec4 of independent per-element sums, rounded per component). Workgroup memory: two arrays of MAX_HALF f32 and two of
+// 64 words (8.5 KiB).
 // Limits: half <= MAX_HALF = 1024 (host-checked); every array fits one binding.
 
 const WG: u32 = 64u;
@@ -54,6 +58,8 @@ struct Params {
 
 var<workgroup> qv: array<f32, MAX_HALF>;
 var<workgroup> dq: array<f32, MAX_HALF>;
+var<workgroup> g_sh: array<f32, WG>;
+var<workgroup> koff_sh: array<u32, WG>;
 var<workgroup> inv_shared: f32;
 var<workgroup> mean_shared: f32;
 
@@ -93,23 +99,47 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             q = q * inv;
             qv[d] = q;
         }
-        var acc = 0.0;
-        for (var j = 0u; j < params.knn; j++) {
-            let g = d_scores[sbase + j] * params.scale;
-            if g == 0.0 {
-                continue;
-            }
+        qs_out[qoff + d] = q;
+    }
+    for (var d = lid; d < MAX_HALF; d += WG) {
+        dq[d] = 0.0;
+    }
+    // the selected rows in chunks of WG: invocation lid prepares slot j0 + lid
+    // (score gradient and sub-key offset, one division per slot), then every
+    // invocation adds the chunk's slots, in ascending j, to its elements
+    for (var j0 = 0u; j0 < params.knn; j0 += WG) {
+        let j = j0 + lid;
+        if j < params.knn {
+            g_sh[lid] = d_scores[sbase + j] * params.scale;
             let row = indices[sbase + j];
             var key = row / params.n_keys;
             if side == 1u {
                 key = row % params.n_keys;
             }
-            acc += g * keys_s[(kbase + key) * half + d];
+            koff_sh[lid] = (kbase + key) * half;
         }
-        dq[d] = acc;
-        qs_out[qoff + d] = q;
+        workgroupBarrier();
+        let m = min(WG, params.knn - j0);
+        // four consecutive elements per invocation and step (amortises the
+        // loads of g and the offset); lanes past `half` compute scratch that
+        // is never stored (reads stay within bounds-checked buffers)
+        for (var q0 = lid * 4u; q0 < half; q0 += WG * 4u) {
+            var acc = vec4<f32>(dq[q0], dq[q0 + 1u], dq[q0 + 2u], dq[q0 + 3u]);
+            for (var jj = 0u; jj < m; jj++) {
+                let g = g_sh[jj];
+                if g == 0.0 {
+                    continue;
+                }
+                let k = koff_sh[jj] + q0;
+                acc += g * vec4<f32>(keys_s[k], keys_s[k + 1u], keys_s[k + 2u], keys_s[k + 3u]);
+            }
+            dq[q0] = acc.x;
+            dq[q0 + 1u] = acc.y;
+            dq[q0 + 2u] = acc.z;
+            dq[q0 + 3u] = acc.w;
+        }
+        workgroupBarrier();
     }
-    workgroupBarrier();
     if lid == 0u {
         var m = 0.0;
         if params.qk_norm != 0u {

@@ -58,9 +58,7 @@ struct TableParams {
     dim: u32,
     slot_base: u32,
     slots: u32,
-    dim_chunks: u32,
     x_groups: u32,
-    _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -275,7 +273,6 @@ impl BagBackward {
         if idx.n == 0 || out.rows == 0 {
             return Ok(());
         }
-        let dim_chunks = dim.div_ceil(64);
         for (s, shard) in out.shards.iter().enumerate() {
             let slot_base = s * out.rows_per_shard;
             let slots = out.rows_per_shard.min(out.rows - slot_base.min(out.rows));
@@ -284,7 +281,8 @@ impl BagBackward {
             if slots == 0 {
                 continue;
             }
-            let groups = count_u32("table gradient workgroups", slots * dim_chunks)?;
+            let groups =
+                count_u32("table gradient elements", slots * dim.div_ceil(4))?.div_ceil(256);
             let g = grid(ctx, groups);
             let params = uniform_init(
                 ctx,
@@ -293,9 +291,7 @@ impl BagBackward {
                     dim: dim as u32,
                     slot_base: slot_base as u32,
                     slots: slots as u32,
-                    dim_chunks: dim_chunks as u32,
                     x_groups: g.0,
-                    _pad: [0; 3],
                 },
             );
             self.table.dispatch(

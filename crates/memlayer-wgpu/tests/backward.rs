@@ -254,7 +254,7 @@ fn run_case(ctx: &GpuContext, bb: &BagBackward, lb: &LookupBackward, c: &Case, f
 // ---------------------------------------------------------------- parity matrix
 
 /// Small and medium shapes: every n_keys, knn, heads and token count, qk-norm
-/// on and off, f16 tables, odd widths.
+/// on and off, f16 tables, odd widths, knn = n_keys > 64.
 #[test]
 fn backward_matches_oracle_small_shapes() {
     let Some(ctx) = gpu(None) else { return };
@@ -271,6 +271,8 @@ fn backward_matches_oracle_small_shapes() {
         Case { n_keys: 1024, heads: 1, knn: 1, tokens: 7, k_dim: 32, qk_norm: true, dim: 16, seed: 6 },
         Case { n_keys: 4096, heads: 4, knn: 8, tokens: 1, k_dim: 16, qk_norm: false, dim: 2, seed: 7 },
         Case { n_keys: 100, heads: 4, knn: 8, tokens: 7, k_dim: 512, qk_norm: true, dim: 9, seed: 8 },
+        // knn > 64: the query kernel takes the selected rows in several chunks
+        Case { n_keys: 100, heads: 2, knn: 100, tokens: 3, k_dim: 6, qk_norm: true, dim: 3, seed: 9 },
     ];
     for c in &cases {
         run_case(&ctx, &bb, &lb, c, true);

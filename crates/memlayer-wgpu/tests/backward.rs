@@ -305,6 +305,7 @@ fn backward_matches_oracle_big_shapes() {
 // ---------------------------------------------------------------- adversarial cases
 
 /// Bag backward of explicit bags against the oracle (and a second run).
+#[allow(clippy::too_many_arguments)]
 fn check_bags(
     ctx: &GpuContext,
     bb: &BagBackward,
@@ -522,9 +523,8 @@ fn invalid_inputs_are_refused() {
     let lb = LookupBackward::new(&ctx).unwrap();
     let t = ShardedTable::upload(&ctx, "t", &[0.0; 8], 4, 2, GpuDtype::F32).unwrap();
     let g = [0.0f32; 4];
-    let msg = |r: Result<(SparseRows, Vec<f32>), memlayer_wgpu::GpuError>| {
-        r.err().expect("must fail").to_string()
-    };
+    let msg =
+        |r: Result<(SparseRows, Vec<f32>), memlayer_wgpu::GpuError>| r.unwrap_err().to_string();
     assert!(msg(bb.run(&ctx, &t, &[4], &[1.0], &[0, 1], &g[..2])).contains("out of range"));
     assert!(msg(bb.run(&ctx, &t, &[0, 1], &[1.0], &[0, 2], &g[..2])).contains("per_sample"));
     assert!(msg(bb.run(&ctx, &t, &[0, 1], &[1.0; 2], &[1, 2], &g[..2])).contains("offsets"));
@@ -546,9 +546,7 @@ fn invalid_inputs_are_refused() {
         seed: 71,
     });
     let (cfg, keys, q, lk) = (&f.cfg, &f.keys, &f.query, &f.lk);
-    let err = |r: Result<(Vec<f32>, Vec<f32>), memlayer_wgpu::GpuError>| {
-        r.err().expect("must fail").to_string()
-    };
+    let err = |r: Result<(Vec<f32>, Vec<f32>), memlayer_wgpu::GpuError>| r.unwrap_err().to_string();
     let mut bad = lk.indices.clone();
     bad[1] = 64;
     assert!(

@@ -582,3 +582,58 @@ pub fn scores_backward(
     };
     Ok((d_keys, d_query))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memlayer_core::rng::Rng;
+
+    /// The threshold top-k equals the oracle's on random, tied and non-finite scores.
+    #[test]
+    fn topk_into_matches_the_oracle() {
+        let mut rng = Rng::new(3);
+        let mut keys = Vec::new();
+        for trial in 0..400 {
+            let n = 1 + rng.below(700) as usize;
+            let k = 1 + rng.below(n as u64) as usize;
+            let k = if trial % 3 == 0 {
+                k.min(n / 8).max(1)
+            } else {
+                k
+            };
+            let s: Vec<f32> = (0..n)
+                .map(|_| match trial % 4 {
+                    0 => rng.normal(),
+                    1 => rng.below(3) as f32 - 1.0,
+                    2 => [f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, 1.0]
+                        [rng.below(6) as usize],
+                    _ => (rng.below(5) as f32) * 0.5,
+                })
+                .collect();
+            topk_into(&s, k, &mut keys);
+            let ids: Vec<u32> = keys.iter().map(|&x| key_id(x)).collect();
+            let (_, want) = memlayer_core::topk::topk(&s, k);
+            assert_eq!(ids, want, "trial {trial} n {n} k {k}");
+        }
+    }
+
+    #[test]
+    fn mono_is_the_rank_order() {
+        let v = [
+            f32::NEG_INFINITY,
+            -3.0,
+            -f32::MIN_POSITIVE,
+            -0.0,
+            0.0,
+            1e-40,
+            2.0,
+            f32::INFINITY,
+        ];
+        for w in v.windows(2) {
+            assert!(mono(w[0]) <= mono(w[1]), "{} {}", w[0], w[1]);
+        }
+        assert_eq!(mono(-0.0), mono(0.0));
+        assert_eq!(mono(f32::NAN), mono(f32::NEG_INFINITY));
+        assert!(mono(-3.0) < mono(-2.0));
+    }
+}

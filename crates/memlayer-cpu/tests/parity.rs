@@ -318,6 +318,9 @@ fn lookup_is_bit_identical() {
         (33, 4, 8, 34, 0),
         (64, 4, 32, 64, 1024),
         (100, 1, 5, 2, 64),
+        // threshold top-k path (k * 8 <= n_keys), heads 4, ties and qk-norm
+        (1000, 4, 32, 8, 9),
+        (300, 2, 3, 2, 33),
     ];
     for &(n_keys, heads, knn, k_dim, tokens) in &cases {
         for qk_norm in [false, true] {

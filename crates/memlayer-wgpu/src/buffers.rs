@@ -285,7 +285,7 @@ impl ShardedTable {
         words: &[u32],
     ) -> Result<(), GpuError> {
         let rw = self.row_words();
-        if rw == 0 || words.len() % rw != 0 || first_row + words.len() / rw > self.rows {
+        if rw == 0 || !words.len().is_multiple_of(rw) || first_row + words.len() / rw > self.rows {
             return Err(GpuError::Invalid(format!(
                 "write of {} words at row {first_row} does not fit a table of {} rows × {rw} words",
                 words.len(),

@@ -35,7 +35,7 @@ impl CopyKernel {
         dst: &wgpu::Buffer,
         bytes: u64,
     ) -> Result<(), GpuError> {
-        if bytes % 16 != 0 || bytes > src.size() || bytes > dst.size() {
+        if !bytes.is_multiple_of(16) || bytes > src.size() || bytes > dst.size() {
             return Err(GpuError::Invalid(format!(
                 "copy of {bytes} bytes: must be a multiple of 16 within both buffers"
             )));

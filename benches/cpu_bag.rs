@@ -314,8 +314,51 @@ fn main() {
         }
     }
 
+    // paged f16 table (2^16 x 512, pages of 256 rows in 4 slot buffers, shuffled slots)
+    // against the same rows read densely
+    if mode != "summary" {
+        let (rows, dim, nb, page_rows) = (1 << 16, 512, 1024, 256);
+        let dense = table::<f16>(rows, dim, 5, huge);
+        let pages = rows / page_rows;
+        let spb = pages / 4;
+        let mut slots: Vec<u32> = (0..pages as u32).collect();
+        Rng::new(6).shuffle(&mut slots);
+        let mut bufs: Vec<LargeBuf<f16>> = (0..4)
+            .map(|_| LargeBuf::filled(spb * page_rows * dim, f16::ZERO, huge))
+            .collect();
+        for (p, &s) in slots.iter().enumerate() {
+            let (bi, si) = (s as usize / spb, s as usize % spb);
+            bufs[bi][si * page_rows * dim..(si + 1) * page_rows * dim]
+                .copy_from_slice(&dense[p * page_rows * dim..(p + 1) * page_rows * dim]);
+        }
+        let refs: Vec<&[f16]> = bufs.iter().map(|b| &b[..]).collect();
+        let paged =
+            memlayer_cpu::PagedTable::new(rows, dim, page_rows, &slots, spb, &refs).unwrap();
+        let dense_t = Table::new(&dense, rows, dim).unwrap();
+        let b = bags(rows, nb, 11);
+        let mut out = vec![0.0f32; nb * dim];
+        let gathered = (nb * BAG_SIZE * dim * 2) as u64;
+        for cpu in &pools {
+            let mut g = c.benchmark_group(format!("bag_forward_paged/{rows}x{dim}/f16"));
+            g.throughput(Throughput::BytesDecimal(gathered));
+            g.bench_function(format!("paged/t{}", cpu.threads()), |bch| {
+                bch.iter(|| {
+                    cpu.bag_forward(&paged, &b.indices, &b.weights, &b.offsets, &mut out)
+                        .unwrap()
+                })
+            });
+            g.bench_function(format!("dense/t{}", cpu.threads()), |bch| {
+                bch.iter(|| {
+                    cpu.bag_forward(&dense_t, &b.indices, &b.weights, &b.offsets, &mut out)
+                        .unwrap()
+                })
+            });
+            g.finish();
+        }
+    }
+
     // backward on the small table, f32
-    {
+    if mode != "summary" {
         let (rows, dim, nb) = (1 << 16, 512, 1024);
         let t = table::<f32>(rows, dim, 4, huge);
         let b = bags(rows, nb, 8);

@@ -1,1 +1,397 @@
 //! Embedding-bag forward kernel (flat and paged tables, f32 and f16 storage).
+//!
+//! The GPU version of [`memlayer_core::bag::bag_forward`]: sum mode with
+//! per-sample weights, CSR offsets, empty bags give zero rows, accumulation in
+//! f32 in entry order (bit-identical to the oracle when the table takes at
+//! most [`SHARDS_PER_PASS`] shards; see `shaders/bag_forward.wgsl`).
+//!
+//! Rows come from a [`ShardedTable`] either directly ([`BagTable::Flat`]) or
+//! through a page table ([`BagTable::Paged`]: row → page = row / page_rows →
+//! slot = page_table[page] → row slot * page_rows + row % page_rows of a slot
+//! pool). On the device a bag that touches a missing page (slot
+//! `0xFFFFFFFF`, or any slot outside the pool) or an out-of-range row comes
+//! out as NaN; the host-level [`BagForward::run_flat`]/[`BagForward::run_paged`]
+//! check every entry first and return a [`GpuError`] naming it.
+
+use crate::buffers::{GpuDtype, Kernel, ShardedTable, grid, read_back, storage_init, uniform_init};
+use crate::context::{GpuContext, GpuError};
+
+/// WGSL of the embedding-bag forward kernel.
+pub const SOURCE: &str = include_str!("../../../shaders/bag_forward.wgsl");
+
+/// Shard bindings of the kernel: a table of more shards takes
+/// `ceil(shards / SHARDS_PER_PASS)` dispatches.
+pub const SHARDS_PER_PASS: usize = 3;
+
+/// Page-table entry of a page that is not resident.
+pub const MISSING_PAGE: u32 = u32::MAX;
+
+const WG: usize = 256;
+const PER_LANE: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    bags: u32,
+    dim: u32,
+    row_words: u32,
+    n_shards: u32,
+    tpb: u32,
+    bags_per_wg: u32,
+    x_groups: u32,
+    _pad0: u32,
+    rows: u32,
+    page_rows: u32,
+    n_pages: u32,
+    n_slots: u32,
+    rows_per_shard: u32,
+    first_shard: u32,
+    accumulate: u32,
+    one: f32,
+}
+
+/// Where the bag's rows come from.
+#[derive(Clone, Copy)]
+pub enum BagTable<'a> {
+    /// Row `i` of the table is row `i` of this sharded table.
+    Flat(&'a ShardedTable),
+    /// Row `i` is row `i % page_rows` of page `i / page_rows`, which sits in
+    /// slot `page_table[page]` of `slots` (slot `s` = rows
+    /// `s * page_rows .. (s + 1) * page_rows`).
+    Paged {
+        /// The slot pool; its `rows_per_shard` must be a multiple of `page_rows`.
+        slots: &'a ShardedTable,
+        /// Rows per page.
+        page_rows: usize,
+        /// Pages in the (virtual) table: rows `0 .. n_pages * page_rows`.
+        n_pages: usize,
+        /// (n_pages) u32 slot of each page, [`MISSING_PAGE`] if absent.
+        page_table: &'a wgpu::Buffer,
+    },
+}
+
+impl BagTable<'_> {
+    fn storage(&self) -> &ShardedTable {
+        match self {
+            BagTable::Flat(t) => t,
+            BagTable::Paged { slots, .. } => slots,
+        }
+    }
+}
+
+/// The embedding-bag forward pipelines, built once per device: one per
+/// (storage type, flat/paged), selected by WGSL override constants.
+pub struct BagForward {
+    /// `[f16 as usize][paged as usize]`
+    kernels: [[Kernel; 2]; 2],
+}
+
+impl BagForward {
+    /// Compiles the kernel's four variants.
+    pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
+        let k = |f16: bool, paged: bool| {
+            Kernel::new(
+                ctx,
+                "bag_forward",
+                SOURCE,
+                "main",
+                &[("F16", f16 as u8 as f64), ("PAGED", paged as u8 as f64)],
+            )
+        };
+        Ok(Self {
+            kernels: [
+                [k(false, false)?, k(false, true)?],
+                [k(true, false)?, k(true, true)?],
+            ],
+        })
+    }
+
+    /// Records `out[b] = Σ_{e in bag b} weights[e] * table[indices[e]]`.
+    ///
+    /// indices: (nnz) u32; weights: (nnz) f32; offsets: (bags + 1) u32 CSR
+    /// (non-decreasing, from 0 to nnz: not checked on the device); out:
+    /// (bags, dim) f32. Entries whose row cannot be resolved turn their bag
+    /// into NaN. Records nothing for zero bags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        table: BagTable<'_>,
+        indices: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+        offsets: &wgpu::Buffer,
+        bags: usize,
+        out: &wgpu::Buffer,
+    ) -> Result<(), GpuError> {
+        let t = table.storage();
+        let dim = t.dim;
+        let out_bytes = (bags as u64) * (dim as u64) * 4;
+        if out.size() < out_bytes {
+            return Err(GpuError::Invalid(format!(
+                "bag output holds {} bytes, ({bags}, {dim}) f32 needs {out_bytes}",
+                out.size()
+            )));
+        }
+        if out_bytes > ctx.max_binding_bytes() {
+            return Err(GpuError::Invalid(format!(
+                "bag output ({bags}, {dim}) f32 takes {out_bytes} bytes, more than one binding \
+                 ({} bytes); split the batch",
+                ctx.max_binding_bytes()
+            )));
+        }
+        if offsets.size() < (bags as u64 + 1) * 4 {
+            return Err(GpuError::Invalid(format!(
+                "offsets buffer holds {} bytes, {bags} bags need {}",
+                offsets.size(),
+                (bags + 1) * 4
+            )));
+        }
+        if t.rows > u32::MAX as usize || t.rows_per_shard == 0 || t.shards.is_empty() {
+            return Err(GpuError::Invalid(format!(
+                "table of {} rows in {} shards cannot be addressed by the kernel",
+                t.rows,
+                t.shards.len()
+            )));
+        }
+        let (paged, page_rows, n_pages, n_slots, page_table) = match table {
+            BagTable::Flat(_) => (false, 1, 0, 0, indices),
+            BagTable::Paged {
+                slots,
+                page_rows,
+                n_pages,
+                page_table,
+            } => {
+                if page_rows == 0 || slots.rows_per_shard % page_rows != 0 {
+                    return Err(GpuError::Invalid(format!(
+                        "page_rows {page_rows} must be positive and divide the slot pool's \
+                         rows_per_shard {} (a page must not straddle two shards)",
+                        slots.rows_per_shard
+                    )));
+                }
+                if n_pages > u32::MAX as usize || page_table.size() < n_pages as u64 * 4 {
+                    return Err(GpuError::Invalid(format!(
+                        "page table buffer of {} bytes cannot hold {n_pages} pages",
+                        page_table.size()
+                    )));
+                }
+                (true, page_rows, n_pages, slots.rows / page_rows, page_table)
+            }
+        };
+        if bags == 0 {
+            return Ok(());
+        }
+        let kernel = &self.kernels[(t.dtype == GpuDtype::F16) as usize][paged as usize];
+        let row_words = t.row_words();
+        let tpb = row_words.div_ceil(PER_LANE).next_power_of_two().min(WG);
+        let bags_per_wg = WG / tpb;
+        let groups = grid(ctx, bags.div_ceil(bags_per_wg) as u32);
+        for (pass, first) in (0..t.shards.len()).step_by(SHARDS_PER_PASS).enumerate() {
+            let params = uniform_init(
+                ctx,
+                "bag_forward params",
+                &Params {
+                    bags: bags as u32,
+                    dim: dim as u32,
+                    row_words: row_words as u32,
+                    n_shards: t.shards.len() as u32,
+                    tpb: tpb as u32,
+                    bags_per_wg: bags_per_wg as u32,
+                    x_groups: groups.0,
+                    _pad0: 0,
+                    rows: t.rows as u32,
+                    page_rows: page_rows as u32,
+                    n_pages: n_pages as u32,
+                    n_slots: n_slots as u32,
+                    rows_per_shard: t.rows_per_shard as u32,
+                    first_shard: first as u32,
+                    accumulate: (pass > 0) as u32,
+                    one: 1.0,
+                },
+            );
+            let shard = |i: usize| t.shards.get(first + i).unwrap_or(&t.shards[first]);
+            kernel.dispatch(
+                ctx,
+                encoder,
+                &[
+                    params.as_entire_binding(),
+                    indices.as_entire_binding(),
+                    weights.as_entire_binding(),
+                    offsets.as_entire_binding(),
+                    page_table.as_entire_binding(),
+                    out.as_entire_binding(),
+                    shard(0).as_entire_binding(),
+                    shard(1).as_entire_binding(),
+                    shard(2).as_entire_binding(),
+                ],
+                groups,
+            );
+        }
+        Ok(())
+    }
+
+    /// Host-level bag forward over a flat sharded table `(rows, dim)`:
+    /// indices, weights: (nnz); offsets: (bags + 1) → (bags, dim).
+    pub fn run_flat(
+        &self,
+        ctx: &GpuContext,
+        table: &ShardedTable,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, GpuError> {
+        let bags = check_bags(table.rows, indices, weights, offsets)?;
+        self.run(ctx, BagTable::Flat(table), indices, weights, offsets, bags)
+    }
+
+    /// Host-level bag forward through a page table: row `i` of the virtual
+    /// `(page_table.len() * page_rows, dim)` table is row `i % page_rows` of
+    /// slot `page_table[i / page_rows]` of `slots`. A page an entry needs that
+    /// is missing ([`MISSING_PAGE`] or outside the pool) is an error.
+    /// indices, weights: (nnz); offsets: (bags + 1) → (bags, dim).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_paged(
+        &self,
+        ctx: &GpuContext,
+        slots: &ShardedTable,
+        page_rows: usize,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, GpuError> {
+        if page_rows == 0 {
+            return Err(GpuError::Invalid("page_rows must be positive".into()));
+        }
+        let rows = page_table.len().checked_mul(page_rows).ok_or_else(|| {
+            GpuError::Invalid(format!(
+                "{} pages of {page_rows} rows overflow",
+                page_table.len()
+            ))
+        })?;
+        let bags = check_bags(rows, indices, weights, offsets)?;
+        let n_slots = slots.rows / page_rows;
+        for b in 0..bags {
+            for (e, &row) in indices
+                .iter()
+                .enumerate()
+                .take(offsets[b + 1])
+                .skip(offsets[b])
+            {
+                let page = row as usize / page_rows;
+                let slot = page_table[page];
+                if slot as usize >= n_slots {
+                    let what = if slot == MISSING_PAGE {
+                        "is missing from the page table".to_string()
+                    } else {
+                        format!("maps to slot {slot}, outside the pool of {n_slots} slots")
+                    };
+                    return Err(GpuError::Invalid(format!(
+                        "bag {b}, entry {e} (row {row}): page {page} {what}"
+                    )));
+                }
+            }
+        }
+        let pt = storage_init(ctx, "bag page table", page_table);
+        self.run(
+            ctx,
+            BagTable::Paged {
+                slots,
+                page_rows,
+                n_pages: page_table.len(),
+                page_table: &pt,
+            },
+            indices,
+            weights,
+            offsets,
+            bags,
+        )
+    }
+
+    fn run(
+        &self,
+        ctx: &GpuContext,
+        table: BagTable<'_>,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+        bags: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        let dim = table.storage().dim;
+        if bags == 0 || dim == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = ctx.max_binding_bytes();
+        if indices.len() as u64 * 4 > limit {
+            return Err(GpuError::Invalid(format!(
+                "{} entries take more than one binding ({limit} bytes); split the batch",
+                indices.len()
+            )));
+        }
+        let offsets32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+        let (ib, wb, ob, out) = ctx.scoped("uploading bag inputs", || {
+            (
+                storage_init(ctx, "bag indices", indices),
+                storage_init(ctx, "bag weights", weights),
+                storage_init(ctx, "bag offsets", &offsets32),
+                crate::buffers::storage_zeroed(ctx, "bag out", (bags * dim) as u64 * 4),
+            )
+        })?;
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        ctx.scoped("recording the bag forward", || {
+            self.record(ctx, &mut encoder, table, &ib, &wb, &ob, bags, &out)
+        })??;
+        ctx.queue.submit([encoder.finish()]);
+        read_back(ctx, &out, 0, bags * dim)
+    }
+}
+
+/// Checks CSR bags as `memlayer_core::bag` does; returns the number of bags.
+fn check_bags(
+    rows: usize,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+) -> Result<usize, GpuError> {
+    if weights.len() != indices.len() {
+        return Err(GpuError::Invalid(format!(
+            "{} per-sample weights for {} indices (need one per index)",
+            weights.len(),
+            indices.len()
+        )));
+    }
+    if indices.len() > u32::MAX as usize {
+        return Err(GpuError::Invalid(format!(
+            "{} entries do not fit 32-bit offsets",
+            indices.len()
+        )));
+    }
+    let Some(bags) = offsets.len().checked_sub(1) else {
+        return Err(GpuError::Invalid(
+            "offsets must have bags + 1 entries (at least one)".into(),
+        ));
+    };
+    if offsets[0] != 0 || offsets[bags] != indices.len() {
+        return Err(GpuError::Invalid(format!(
+            "offsets must start at 0 and end at {} (got {} .. {})",
+            indices.len(),
+            offsets[0],
+            offsets[bags]
+        )));
+    }
+    if let Some(b) = offsets.windows(2).position(|w| w[0] > w[1]) {
+        return Err(GpuError::Invalid(format!(
+            "offsets must be non-decreasing (offsets[{b}] = {} > offsets[{}] = {})",
+            offsets[b],
+            b + 1,
+            offsets[b + 1]
+        )));
+    }
+    if let Some(e) = indices.iter().position(|&i| i as usize >= rows) {
+        return Err(GpuError::Invalid(format!(
+            "index {} (entry {e}) out of range for a table of {rows} rows",
+            indices[e]
+        )));
+    }
+    Ok(bags)
+}

@@ -212,6 +212,9 @@ pub struct PagedTable<'a, T> {
     page_rows: u32,
     page_to_slot: &'a [u32],
     slots_per_buffer: u32,
+    /// log2 of page_rows and slots_per_buffer when both are powers of two
+    /// (shifts instead of divisions in the gather loop)
+    shifts: Option<(u32, u32)>,
     buffers: &'a [&'a [T]],
 }
 
@@ -263,6 +266,14 @@ impl<'a, T: Storage> PagedTable<'a, T> {
             page_rows: page_rows as u32,
             page_to_slot,
             slots_per_buffer: slots_per_buffer as u32,
+            shifts: (page_rows.is_power_of_two() && slots_per_buffer.is_power_of_two()).then(
+                || {
+                    (
+                        page_rows.trailing_zeros(),
+                        slots_per_buffer.trailing_zeros(),
+                    )
+                },
+            ),
             buffers,
         })
     }
@@ -296,20 +307,27 @@ impl<T: Storage> Rows for PagedTable<'_, T> {
     }
     #[inline(always)]
     unsafe fn row_ptr(&self, r: u32) -> *const T {
-        let page = r / self.page_rows;
-        let within = r.wrapping_sub(page.wrapping_mul(self.page_rows));
+        let (page, within, spb_shift) = match self.shifts {
+            Some((ps, ss)) => (r >> ps, r & (self.page_rows - 1), Some(ss)),
+            None => {
+                let page = r / self.page_rows;
+                let within = r.wrapping_sub(page.wrapping_mul(self.page_rows));
+                (page, within, None)
+            }
+        };
         // SAFETY: check_indices verified the page is mapped to a slot whose whole page lies
         // inside its buffer, and within < page_rows.
         unsafe {
             let slot = *self.page_to_slot.get_unchecked(page as usize);
-            let buf = self
-                .buffers
-                .get_unchecked((slot / self.slots_per_buffer) as usize);
-            let s = (slot % self.slots_per_buffer) as usize;
-            let row_in_buf = s
+            let (b, s) = match spb_shift {
+                Some(ss) => (slot >> ss, slot & (self.slots_per_buffer - 1)),
+                None => (slot / self.slots_per_buffer, slot % self.slots_per_buffer),
+            };
+            let base = self.buffers.get_unchecked(b as usize);
+            let row_in_buf = (s as usize)
                 .wrapping_mul(self.page_rows as usize)
                 .wrapping_add(within as usize);
-            buf.as_ptr().add(row_in_buf.wrapping_mul(self.dim))
+            base.as_ptr().add(row_in_buf.wrapping_mul(self.dim))
         }
     }
 }

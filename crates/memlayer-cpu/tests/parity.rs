@@ -111,10 +111,8 @@ fn forward_any_dispatches_on_dtype() {
     assert_eq!(bits(&out), bits(&want));
 }
 
-fn check_paged<T: Storage>(seed: u64) {
+fn check_paged<T: Storage>(seed: u64, rows: usize, dim: usize, page_rows: usize, spb: usize) {
     let mut rng = Rng::new(seed);
-    // rows not a multiple of page_rows: the last page is partial
-    let (rows, dim, page_rows, spb) = (101usize, 12usize, 8usize, 3usize);
     let pages = rows.div_ceil(page_rows);
     let master = rng.normal_vec(rows * dim, 0.0, 1.0);
     let stored: Vec<T> = narrow(&master);
@@ -158,14 +156,8 @@ fn check_paged<T: Storage>(seed: u64) {
     holes[3] = memlayer_core::cache::NO_SLOT;
     let paged = PagedTable::new(rows, dim, page_rows, &holes, spb, &buf_refs).unwrap();
     let mut out = vec![0.0; dim];
-    let err = bag::bag_forward(
-        &paged,
-        &[3 * page_rows as u32 + 1],
-        &[1.0],
-        &[0, 1],
-        &mut out,
-    )
-    .unwrap_err();
+    let err =
+        bag::bag_forward(&paged, &[3 * page_rows as u32], &[1.0], &[0, 1], &mut out).unwrap_err();
     assert!(
         matches!(err, CpuError::PageNotResident { page: 3, .. }),
         "{err}"
@@ -174,9 +166,14 @@ fn check_paged<T: Storage>(seed: u64) {
 
 #[test]
 fn paged_forward_matches_the_dense_oracle() {
-    check_paged::<f32>(10);
-    check_paged::<f16>(11);
-    check_paged::<bf16>(12);
+    // rows not a multiple of page_rows (the last page is partial); divisions
+    check_paged::<f32>(10, 101, 12, 8, 3);
+    check_paged::<f16>(11, 101, 12, 8, 3);
+    check_paged::<bf16>(12, 101, 12, 8, 3);
+    // powers of two: shifts
+    check_paged::<f32>(13, 256, 16, 8, 4);
+    check_paged::<f16>(14, 250, 24, 16, 2);
+    check_paged::<bf16>(15, 64, 8, 1, 1);
 }
 
 #[test]

@@ -3,11 +3,16 @@
 use clap::{Parser, Subcommand};
 
 mod cmd_bank;
+mod cmd_bench;
 mod cmd_inspect;
 mod cmd_layer;
 
 #[derive(Parser)]
-#[command(name = "memlayer", version, about = "Portable memory layers: banks, kernels, models")]
+#[command(
+    name = "memlayer",
+    version,
+    about = "Portable memory layers: banks, kernels, models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,6 +27,11 @@ enum Command {
     },
     /// Print a bank's header and page table; `--verify` checks every page.
     Inspect(cmd_inspect::InspectArgs),
+    /// Benchmarks across backends.
+    Bench {
+        #[command(subcommand)]
+        command: cmd_bench::BenchCommand,
+    },
     /// Run a single memory layer (e.g. one imported from facebookresearch/memory).
     Layer {
         #[command(subcommand)]
@@ -33,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bank { command } => cmd_bank::run(command),
+        Command::Bench { command } => cmd_bench::run(command),
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Layer { command } => cmd_layer::run(command),
     };

@@ -374,6 +374,26 @@ fn main() {
                         .unwrap()
                 })
             });
+            let mut reused = memlayer_core::bag::SparseRows::empty(dim);
+            g.bench_function(
+                format!("table_into/{rows}x{dim}/t{}", cpu.threads()),
+                |bch| {
+                    bch.iter(|| {
+                        cpu.install(|| {
+                            bag::bag_backward_table_into(
+                                rows,
+                                dim,
+                                &b.indices,
+                                &b.weights,
+                                &b.offsets,
+                                &grad,
+                                &mut reused,
+                            )
+                        })
+                        .unwrap()
+                    })
+                },
+            );
             g.bench_function(format!("weights/{rows}x{dim}/t{}", cpu.threads()), |bch| {
                 bch.iter(|| {
                     cpu.bag_backward_weights(&tab, &b.indices, &b.offsets, &grad, &mut dw)

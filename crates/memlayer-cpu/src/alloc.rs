@@ -82,3 +82,25 @@ impl<T: bytemuck::Pod> Drop for LargeBuf<T> {
         unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len)) };
     }
 }
+
+/// A zeroed `Vec<f32>` of `len`; on Linux, buffers of 4 MiB and more are
+/// advised onto transparent huge pages before the first touch, so zeroing a
+/// fresh gradient of hundreds of MB takes a few hundred page faults instead
+/// of tens of thousands.
+pub fn zeroed_vec_huge(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    if len * 4 >= 4 << 20 {
+        let start = (v.as_mut_ptr() as usize).next_multiple_of(4096);
+        let end = (v.as_mut_ptr() as usize + len * 4) & !4095;
+        if end > start {
+            // SAFETY: advice on whole pages inside our own, not yet touched allocation;
+            // failure only means no huge pages.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v.resize(len, 0.0);
+    v
+}

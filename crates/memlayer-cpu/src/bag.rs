@@ -211,12 +211,7 @@ unsafe fn forward_range_avx2<R: Rows>(
     let dim = table.dim();
     let d8 = dim & !7;
     let row_bytes = dim * std::mem::size_of::<R::Elem>();
-    let pf_bytes = crate::simd::prefetch_bytes();
-    let ahead = if pf_bytes == 0 {
-        0
-    } else {
-        (pf_bytes / row_bytes.max(1)).clamp(2, 64)
-    };
+    let ahead = prefetch_ahead(row_bytes);
     let l2 = crate::simd::prefetch_l2();
     let last = offs[offs.len() - 1];
     let mut pf = offs[0];
@@ -324,6 +319,22 @@ pub fn bag_backward_table(
     offsets: &[usize],
     grad_out: &[f32],
 ) -> Result<SparseRows, CpuError> {
+    let mut out = SparseRows::empty(dim);
+    bag_backward_table_into(rows, dim, indices, weights, offsets, grad_out, &mut out)?;
+    Ok(out)
+}
+
+/// [`bag_backward_table`] into `out`, reusing its allocations (a training loop
+/// keeps one `SparseRows` and avoids faulting in a fresh gradient buffer per step).
+pub fn bag_backward_table_into(
+    rows: usize,
+    dim: usize,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    grad_out: &[f32],
+    out: &mut SparseRows,
+) -> Result<(), CpuError> {
     check_len("per_sample_weights", weights.len(), indices.len())?;
     let bags = check_offsets(indices.len(), offsets)?;
     check_len("grad_out", grad_out.len(), bags * dim)?;
@@ -371,28 +382,32 @@ pub fn bag_backward_table(
             (bag_of[e], weights[e])
         })
         .unzip();
-    let mut out_rows = Vec::new();
+    out.dim = dim;
+    out.rows.clear();
     let mut seg_offsets = vec![0usize];
     for (i, &k) in keys.iter().enumerate() {
         let r = (k >> 32) as u32;
-        if out_rows.last() != Some(&r) {
+        if out.rows.last() != Some(&r) {
             if i > 0 {
                 seg_offsets.push(i);
             }
-            out_rows.push(r);
+            out.rows.push(r);
         }
     }
     if !keys.is_empty() {
         seg_offsets.push(keys.len());
     }
-    let mut grads = vec![0.0f32; out_rows.len() * dim];
+    // every element is overwritten by the reduction below; a new buffer goes on huge
+    // pages (faulting in a fresh 100 MB gradient page by page costs more than the sum)
+    let len = out.rows.len() * dim;
+    if out.grads.capacity() < len {
+        out.grads = crate::alloc::zeroed_vec_huge(len);
+    } else {
+        out.grads.clear();
+        out.grads.resize(len, 0.0);
+    }
     let g = Table::new(grad_out, bags, dim)?;
-    bag_forward(&g, &seg_idx, &seg_w, &seg_offsets, &mut grads)?;
-    Ok(SparseRows {
-        dim,
-        rows: out_rows,
-        grads,
-    })
+    bag_forward(&g, &seg_idx, &seg_w, &seg_offsets, &mut out.grads)
 }
 
 /// Per-sample-weight gradient: `dw[e] = dot(table[indices[e]], grad_out[bag(e)])`.
@@ -426,11 +441,17 @@ pub fn bag_backward_weights<R: Rows>(
         parts.push((b0, b1, head));
         rest = tail;
     }
+    let ahead = prefetch_ahead(dim * std::mem::size_of::<R::Elem>());
     parts.into_par_iter().for_each(|(b0, b1, part)| {
-        let base = offsets[b0];
+        let (base, last) = (offsets[b0], offsets[b1]);
+        let mut pf = base;
         for b in b0..b1 {
             let g = &grad_out[b * dim..(b + 1) * dim];
             for e in offsets[b]..offsets[b + 1] {
+                if k == Kernel::Avx2 && ahead > 0 {
+                    // SAFETY: positions below `last` hold checked indices.
+                    unsafe { prefetch_rows(table, indices, &mut pf, (e + 1 + ahead).min(last)) };
+                }
                 // SAFETY: index checked; the row has dim elements.
                 let row = unsafe { std::slice::from_raw_parts(table.row_ptr(indices[e]), dim) };
                 part[e - base] = dot_row(k, row, g);
@@ -438,6 +459,37 @@ pub fn bag_backward_weights<R: Rows>(
         }
     });
     Ok(())
+}
+
+/// Rows to prefetch ahead for rows of `row_bytes` (0: prefetch off).
+fn prefetch_ahead(row_bytes: usize) -> usize {
+    let pf_bytes = crate::simd::prefetch_bytes();
+    if pf_bytes == 0 {
+        0
+    } else {
+        (pf_bytes / row_bytes.max(1)).clamp(2, 64)
+    }
+}
+
+/// Prefetches the rows of `indices[*pf..target]` and advances `pf` (no-op off x86-64).
+///
+/// # Safety
+/// Every index in `indices[*pf..target]` passed `table.check_indices`.
+#[inline(always)]
+unsafe fn prefetch_rows<R: Rows>(table: &R, indices: &[u32], pf: &mut usize, target: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let row_bytes = table.dim() * std::mem::size_of::<R::Elem>();
+        let l2 = crate::simd::prefetch_l2();
+        while *pf < target {
+            // SAFETY: checked index (caller); prefetching never faults.
+            let p = unsafe { table.row_ptr(*indices.get_unchecked(*pf)) };
+            prefetch_row(p as *const u8, row_bytes, l2);
+            *pf += 1;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, indices, pf, target);
 }
 
 /// [`bag_backward_weights`] on a dense table of runtime dtype.

@@ -18,10 +18,12 @@
 //
 // Method: one workgroup computes a 32-token × 128-key tile of one (head,
 // side). The dot products advance in steps of 8 dimensions: the 128 × 8 key
-// slab and 32 × 8 query slab are staged in workgroup memory (transposed, so
-// reads are conflict-free), then each invocation adds 8 products to each of
-// its 4 tokens × 4 keys accumulators. Keys are read from global memory once
-// per 32 tokens instead of once per token; 2 barriers per step.
+// slab and 32 × 8 query slab are staged in workgroup memory, transposed and
+// packed as vec4 (4 consecutive keys / tokens of one dimension), so each
+// step reads one vec4 of keys and one of tokens per invocation and adds 8
+// products to each of its 4 tokens × 4 keys accumulators (an outer product
+// per dimension). Keys are read from global memory once per 32 tokens
+// instead of once per token; 2 barriers per step.
 //
 // Bindings (group 0):
 //   0: params  uniform  Params (below)
@@ -29,7 +31,7 @@
 //   2: query   storage, read        array<f32>  (tokens, heads, 2 * half)
 //   3: scores  storage, read_write  array<f32>  (batch, heads, 2, n_keys)
 // Workgroup layout: 256 invocations = 8 token groups (ty) × 32 key groups
-// (kx); invocation (ty, kx) owns tokens t0 + ty + 8*i and keys k0 + kx + 32*j,
+// (kx); invocation (ty, kx) owns tokens t0 + 4*ty + i and keys k0 + 4*kx + j,
 // i, j = 0..3. Workgroups: key_tiles × token_tiles × heads × 2, linear id
 // wid = wg.y * x_groups + wg.x, key tile = wid % key_tiles, token tile =
 // (wid / key_tiles) % token_tiles, head/side = wid / (key_tiles * token_tiles).
@@ -59,8 +61,8 @@ const TD: u32 = 8u;   // dimensions per step
 @group(0) @binding(2) var<storage, read> query: array<f32>;
 @group(0) @binding(3) var<storage, read_write> scores: array<f32>;
 
-var<workgroup> k_tile: array<f32, 1024>; // [dd * TK + key]
-var<workgroup> q_tile: array<f32, 256>;  // [dd * TT + token]
+var<workgroup> k_tile: array<vec4<f32>, 256>; // [dd * 32 + key / 4][key % 4]
+var<workgroup> q_tile: array<vec4<f32>, 64>;   // [dd * 8 + token / 4][token % 4]
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -80,7 +82,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let ty = lid / 32u;
     let kx = lid % 32u;
 
-    // acc_i[j]: token t0 + ty + 8*i, key k0 + kx + 32*j (vectors, not arrays:
+    // acc_i[j]: token t0 + 4*ty + i, key k0 + 4*kx + j (vectors, not arrays:
     // no dynamically indexed private memory)
     var acc0 = vec4<f32>();
     var acc1 = vec4<f32>();
@@ -96,7 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if k0 + key < n_keys && d0 + dd < half {
                 v = keys[(key_base + k0 + key) * half + d0 + dd];
             }
-            k_tile[dd * TK + key] = v;
+            k_tile[dd * 32u + key / 4u][key % 4u] = v;
         }
         // query slab: 32 tokens × 8 dims, 1 load per invocation
         {
@@ -107,33 +109,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 let t = params.token0 + t0 + tok;
                 v = query[((t * params.heads + h) * 2u + side) * half + d0 + dd];
             }
-            q_tile[dd * TT + tok] = v;
+            q_tile[dd * 8u + tok / 4u][tok % 4u] = v;
         }
         workgroupBarrier();
         let dn = min(TD, half - d0);
         for (var dd = 0u; dd < dn; dd++) {
-            let kb = dd * TK + kx;
-            let kv = vec4<f32>(k_tile[kb], k_tile[kb + 32u], k_tile[kb + 64u], k_tile[kb + 96u]);
-            let qb = dd * TT + ty;
+            let kv = k_tile[dd * 32u + kx];
+            let qv = q_tile[dd * 8u + ty];
             // (q * k) * one: the product is rounded before it is added, FMA or not
-            acc0 = acc0 + (q_tile[qb] * kv) * params.one;
-            acc1 = acc1 + (q_tile[qb + 8u] * kv) * params.one;
-            acc2 = acc2 + (q_tile[qb + 16u] * kv) * params.one;
-            acc3 = acc3 + (q_tile[qb + 24u] * kv) * params.one;
+            acc0 = acc0 + (qv.x * kv) * params.one;
+            acc1 = acc1 + (qv.y * kv) * params.one;
+            acc2 = acc2 + (qv.z * kv) * params.one;
+            acc3 = acc3 + (qv.w * kv) * params.one;
         }
         workgroupBarrier();
     }
 
     let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     for (var i = 0u; i < 4u; i++) {
-        let tok = t0 + ty + 8u * i;
+        let tok = t0 + ty * 4u + i;
         if tok >= params.batch {
             continue;
         }
         let row = (tok * params.heads + h) * 2u + side;
         let acc = accs[i];
         for (var j = 0u; j < 4u; j++) {
-            let key = k0 + kx + 32u * j;
+            let key = k0 + kx * 4u + j;
             if key < n_keys {
                 scores[row * n_keys + key] = acc[j] * params.scale;
             }

@@ -10,15 +10,16 @@
 //
 // Method (few barriers — each one costs a coroutine switch per SIMD batch on
 // CPU drivers like lavapipe — and 12 KiB of workgroup storage):
-//  1. Invocation l < G (G = `groups`, a power of two in [64, 256] and >= 2k,
-//     chosen by the host) scans sub-keys l, l+G, … and keeps its best entry.
-//     Each of the G maxima is ranked among them by counting (G comparisons);
-//     the one of rank k-1 publishes T. At least k distinct entries rank at
-//     or before T, so the whole top-k does.
+//  1. Invocation l < G (G = `groups`, chosen by the host: a power of two
+//     >= k, usually 2k clamped to [64, 256], at most next_pow2(n_keys))
+//     scans sub-keys l, l+G, … and keeps its best entry. Each of the G
+//     maxima is ranked among them by counting (G comparisons); the one of
+//     rank k-1 publishes T. At least k distinct entries rank at or before T,
+//     so the whole top-k does.
 //  2. Every entry ranking at or before T is appended (atomic slot counter) to
 //     a buffer of 1024. At most k of the G strides hold such entries, so
-//     that is at most k * ceil(n_keys / G) entries, and ~k + k/2 for random
-//     scores. Each buffered entry's rank is counted against the others; the
+//     that is at most k * ceil(n_keys / G) entries, typically k to 2k for
+//     random scores. Each buffered entry's rank is counted against the others; the
 //     ranks < k are written straight to the output.
 //  3. If more than 1024 entries qualify (only when the best sub-keys crowd
 //     into a few strides), fall back to a streaming top-k: chunks of 256
@@ -35,7 +36,7 @@
 // Workgroup layout: 256 invocations, one workgroup per row,
 // r = wg.y * x_groups + wg.x.
 // Workgroup storage: 1024 × (score, id, key) = 12 KiB + 16 bytes.
-// Limits: 1 <= k <= min(n_keys, groups / 2) <= 128.
+// Limits: 1 <= k <= min(n_keys, groups) <= 256.
 
 struct Params {
     rows: u32,
@@ -163,7 +164,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     workgroupBarrier();
     var rank = 0u;
-    for (var m = 0u; m < g; m++) {
+    // (the loop condition, not an `if` around it, lets SIMD drivers skip
+    // batches of idle invocations)
+    for (var m = 0u; lid < g && m < g; m++) {
         if before_k(buf_k[m], buf_i[m], mk, mi) {
             rank++;
         }

@@ -93,10 +93,14 @@ struct CandidatesParams {
 }
 
 /// Invocations of `pk_topk.wgsl` whose maxima set the collection threshold:
-/// at least k (the threshold is the k-th best of them), a few times k for a
-/// tight threshold, few enough that ranking them by counting stays cheap.
-fn topk_groups(k: usize) -> usize {
-    (2 * k).next_power_of_two().clamp(64, 256)
+/// at least k (the threshold is the k-th best of them; k <= n_keys), a few
+/// times k for a tight threshold, few enough that ranking them by counting
+/// stays cheap, and no more than there are sub-keys.
+fn topk_groups(k: usize, n_keys: usize) -> usize {
+    (2 * k)
+        .next_power_of_two()
+        .clamp(64, 256)
+        .min(n_keys.next_power_of_two())
 }
 
 /// Shapes of one lookup and how its work is cut into dispatches.
@@ -354,7 +358,7 @@ impl LookupKernels {
                     k: cfg.knn as u32,
                     row0: (token0 * cfg.heads * 2) as u32,
                     x_groups: groups.0,
-                    groups: topk_groups(cfg.knn) as u32,
+                    groups: topk_groups(cfg.knn, cfg.n_keys) as u32,
                     _pad: [0; 2],
                 },
             );

@@ -414,6 +414,26 @@ fn concentrated_best_keys_take_the_streaming_fallback() {
     }
 }
 
+/// More (token, head, half) rows than one grid dimension holds (65535
+/// workgroups): the top-k dispatch spills into the grid's y dimension.
+#[test]
+fn grids_beyond_65535_workgroups() {
+    let Some((ctx, kernels)) = setup() else {
+        return;
+    };
+    let c = Case {
+        n_keys: 16,
+        k: 4,
+        heads: 1,
+        tokens: 40_000,
+        k_dim: 4,
+        qk_norm: false,
+        inputs: Inputs::Dyadic,
+        batch: None,
+    };
+    check(&kernels, &ctx, &c, 900);
+}
+
 #[test]
 fn large_k_non_power_of_two_and_odd_half() {
     let Some((ctx, kernels)) = setup() else {

@@ -165,8 +165,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let lane = lid % params.tpb;
     let tpb = params.tpb;
     let rw = params.row_words;
-    let start = offsets[bag];
-    let end = offsets[bag + 1u];
+    // clamped to the entries that exist: garbage offsets (e.g. from a buggy
+    // producer kernel) cannot make the loop run away
+    let end = min(offsets[bag + 1u], arrayLength(&indices));
+    let start = min(offsets[bag], end);
     let nan = bitcast<f32>(0x7fc00000u);
     // the whole table in shard0 (one pass): no shard arithmetic per entry
     let single = params.n_shards == 1u;

@@ -78,12 +78,13 @@ fn flat_tables_f32_and_f16_over_many_widths() {
     let Some(ctx) = gpu_for_tests(GpuOptions::default()) else {
         return;
     };
-    let bag = BagForward::new(&ctx).unwrap();
+    let mut bag = BagForward::new(&ctx).unwrap();
     let mut rng = Rng::new(1);
     // widths cover: one word, fewer words than a lane's 4, odd f16 (padding
-    // half), several bags per workgroup, exactly 256 lanes, and rows wider
-    // than 4 × 256 words (several word blocks)
-    for dim in [1, 3, 8, 37, 64, 256, 1024, 2500, 4099] {
+    // half), several bags per workgroup, exactly 256 lanes, rows wider than
+    // one block of words (4 × 256 u32, 2 × 256 vec4), and f16 widths that are
+    // a multiple of 4 but not 8 (u32 kernel)
+    for dim in [1, 3, 8, 12, 37, 64, 256, 1024, 2052, 2500, 4099] {
         for dtype in [GpuDtype::F32, GpuDtype::F16] {
             let rows = 300;
             let data = rng.normal_vec(rows * dim, 0.0, 1.0);
@@ -92,8 +93,17 @@ fn flat_tables_f32_and_f16_over_many_widths() {
             let bags = if dim > 1000 { 40 } else { 333 };
             let (idx, w, off) = random_bags(&mut rng, bags, 12, rows);
             let want = bag_forward(&stored(&data, dim, dtype), rows, dim, &idx, &w, &off).unwrap();
-            let got = bag.run_flat(&ctx, &table, &idx, &w, &off).unwrap();
-            assert_close(&want, &got, true, &format!("dim {dim} {dtype:?}"));
+            // both kernels: 16-byte loads where the width allows, u32 loads
+            for vectorised in [Some(true), Some(false), None] {
+                bag.vectorised = vectorised;
+                let got = bag.run_flat(&ctx, &table, &idx, &w, &off).unwrap();
+                assert_close(
+                    &want,
+                    &got,
+                    true,
+                    &format!("dim {dim} {dtype:?} vectorised {vectorised:?}"),
+                );
+            }
         }
     }
 }
@@ -183,7 +193,8 @@ fn paged_setup(
     (virt, page_table, pool, resident_pages)
 }
 
-fn paged_case(ctx: &GpuContext, bag: &BagForward, seed: u64, dtype: GpuDtype, dim: usize) {
+/// Runs one paged case against the oracle; returns the slot pool's shard count.
+fn paged_case(ctx: &GpuContext, bag: &BagForward, seed: u64, dtype: GpuDtype, dim: usize) -> usize {
     let mut rng = Rng::new(seed);
     let (n_pages, resident, n_slots, page_rows) = (60, 35, 48, 8);
     let (virt, page_table, pool, resident_pages) =
@@ -212,6 +223,7 @@ fn paged_case(ctx: &GpuContext, bag: &BagForward, seed: u64, dtype: GpuDtype, di
         n_shards <= SHARDS_PER_PASS,
         &format!("paged {dtype:?} dim {dim}, {n_shards} shard(s)"),
     );
+    n_shards
 }
 
 #[test]
@@ -229,7 +241,7 @@ fn paged_tables_with_random_slots_and_a_partly_filled_pool() {
     .into_iter()
     .enumerate()
     {
-        paged_case(&ctx, &bag, 10 + i as u64, dtype, dim);
+        assert_eq!(paged_case(&ctx, &bag, 10 + i as u64, dtype, dim), 1);
     }
 }
 
@@ -241,14 +253,16 @@ fn paged_tables_spanning_shards_under_a_small_binding_limit() {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
-    paged_case(&ctx, &bag, 20, GpuDtype::F32, 64);
-    paged_case(&ctx, &bag, 21, GpuDtype::F16, 64);
+    assert_eq!(paged_case(&ctx, &bag, 20, GpuDtype::F32, 64), 12);
+    assert_eq!(paged_case(&ctx, &bag, 21, GpuDtype::F16, 64), 6);
+    // odd width (u32-load kernel): 6 pages a shard, 8 shards, 3 passes
+    assert_eq!(paged_case(&ctx, &bag, 23, GpuDtype::F32, 37), 8);
     // 36 KiB: 3 shards, a single (bit-identical) pass
     let Some(ctx) = small_binding_ctx(36 * 1024) else {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
-    paged_case(&ctx, &bag, 22, GpuDtype::F32, 64);
+    assert_eq!(paged_case(&ctx, &bag, 22, GpuDtype::F32, 64), 3);
 }
 
 #[test]
@@ -257,8 +271,15 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
+    // 16: bag_forward_vec4.wgsl, 15: bag_forward.wgsl
+    for dim in [16, 15] {
+        missing_pages_case(&ctx, &bag, dim);
+    }
+}
+
+fn missing_pages_case(ctx: &GpuContext, bag: &BagForward, dim: usize) {
     let mut rng = Rng::new(30);
-    let (dim, page_rows, n_pages, n_slots) = (16, 4, 10, 6);
+    let (page_rows, n_pages, n_slots) = (4, 10, 6);
     let (_, mut page_table, pool, _) = paged_setup(&mut rng, n_pages, 6, n_slots, page_rows, dim);
     let missing = page_table.iter().position(|&s| s == MISSING_PAGE).unwrap();
     let present = page_table.iter().position(|&s| s != MISSING_PAGE).unwrap();
@@ -267,9 +288,9 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
         panic!("test setup: pick another seed");
     }
     let slots =
-        ShardedTable::zeroed(&ctx, "slots", n_slots * page_rows, dim, GpuDtype::F32, 4).unwrap();
+        ShardedTable::zeroed(ctx, "slots", n_slots * page_rows, dim, GpuDtype::F32, 4).unwrap();
     slots
-        .write_rows(&ctx, 0, &encode_rows(&pool, dim, GpuDtype::F32))
+        .write_rows(ctx, 0, &encode_rows(&pool, dim, GpuDtype::F32))
         .unwrap();
     let row_on = |p: usize| (p * page_rows + 1) as u32;
     // bag 0: resident only; bag 1: touches the missing page; bag 2: empty;
@@ -285,7 +306,7 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
     let offsets = vec![0, 1, 3, 3, 4, 5];
     let e = bag
         .run_paged(
-            &ctx,
+            ctx,
             &slots,
             page_rows,
             &page_table,
@@ -297,12 +318,12 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
         .to_string();
     assert!(e.contains(&format!("page {missing} is missing")), "{e}");
     // the device path: bags touching bad pages come out NaN, the others exact
-    let ib = storage_init(&ctx, "i", &indices);
-    let wb = storage_init(&ctx, "w", &weights);
+    let ib = storage_init(ctx, "i", &indices);
+    let wb = storage_init(ctx, "w", &weights);
     let offsets32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
-    let ob = storage_init(&ctx, "o", &offsets32);
-    let pt = storage_init(&ctx, "pt", &page_table);
-    let out = storage_zeroed(&ctx, "out", 5 * dim as u64 * 4);
+    let ob = storage_init(ctx, "o", &offsets32);
+    let pt = storage_init(ctx, "pt", &page_table);
+    let out = storage_zeroed(ctx, "out", 5 * dim as u64 * 4);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     let table = BagTable::Paged {
         slots: &slots,
@@ -310,10 +331,10 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
         n_pages,
         page_table: &pt,
     };
-    bag.record(&ctx, &mut enc, table, &ib, &wb, &ob, 5, &out)
+    bag.record(ctx, &mut enc, table, &ib, &wb, &ob, 5, &out)
         .unwrap();
     ctx.queue.submit([enc.finish()]);
-    let got: Vec<f32> = read_back(&ctx, &out, 0, 5 * dim).unwrap();
+    let got: Vec<f32> = read_back(ctx, &out, 0, 5 * dim).unwrap();
     let slot = page_table[present] as usize;
     let row = &pool[(slot * page_rows + 1) * dim..][..dim];
     for (b, want) in [
@@ -335,11 +356,11 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
     }
     // a flat table: rows past the end are NaN on the device too
     let flat =
-        ShardedTable::upload(&ctx, "flat", &pool, n_slots * page_rows, dim, GpuDtype::F32).unwrap();
-    let bad = storage_init(&ctx, "i", &[0u32, 24, 3, 1000, 2]);
+        ShardedTable::upload(ctx, "flat", &pool, n_slots * page_rows, dim, GpuDtype::F32).unwrap();
+    let bad = storage_init(ctx, "i", &[0u32, 24, 3, 1000, 2]);
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     bag.record(
-        &ctx,
+        ctx,
         &mut enc,
         BagTable::Flat(&flat),
         &bad,
@@ -350,7 +371,7 @@ fn missing_pages_are_errors_on_the_host_and_nan_on_the_device() {
     )
     .unwrap();
     ctx.queue.submit([enc.finish()]);
-    let got: Vec<f32> = read_back(&ctx, &out, 0, 5 * dim).unwrap();
+    let got: Vec<f32> = read_back(ctx, &out, 0, 5 * dim).unwrap();
     assert!(got[..dim].iter().all(|v| v.is_finite()));
     assert!(got[dim..2 * dim].iter().all(|v| v.is_nan()), "row 24 of 24");
     assert!(got[3 * dim..4 * dim].iter().all(|v| v.is_nan()), "row 1000");

@@ -66,7 +66,7 @@ struct Params {
     tpb: u32,
     bags_per_wg: u32,
     x_groups: u32,
-    _pad0: u32,
+    page_shift: u32,
     rows: u32,
     page_rows: u32,
     n_pages: u32,
@@ -110,7 +110,16 @@ fn table_row(idx: u32) -> u32 {
     if !PAGED {
         return select(INVALID, idx, idx < params.rows);
     }
-    let page = idx / params.page_rows;
+    // page_shift = log2(page_rows) when that is a power of two: no division
+    var page: u32;
+    var in_page: u32;
+    if params.page_shift != INVALID {
+        page = idx >> params.page_shift;
+        in_page = idx & (params.page_rows - 1u);
+    } else {
+        page = idx / params.page_rows;
+        in_page = idx % params.page_rows;
+    }
     if page >= params.n_pages {
         return INVALID;
     }
@@ -118,7 +127,7 @@ fn table_row(idx: u32) -> u32 {
     if slot >= params.n_slots {
         return INVALID;
     }
-    return slot * params.page_rows + idx % params.page_rows;
+    return slot * params.page_rows + in_page;
 }
 
 // acc + w * value(word), value = the f32 (x) or the two f16 halves (x, y);

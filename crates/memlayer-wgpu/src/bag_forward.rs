@@ -47,7 +47,8 @@ struct Params {
     tpb: u32,
     bags_per_wg: u32,
     x_groups: u32,
-    _pad0: u32,
+    /// log2(page_rows) when page_rows is a power of two, else u32::MAX
+    page_shift: u32,
     rows: u32,
     page_rows: u32,
     n_pages: u32,
@@ -248,7 +249,11 @@ impl BagForward {
                     tpb: tpb as u32,
                     bags_per_wg: bags_per_wg as u32,
                     x_groups: groups.0,
-                    _pad0: 0,
+                    page_shift: if page_rows.is_power_of_two() {
+                        page_rows.trailing_zeros()
+                    } else {
+                        u32::MAX
+                    },
                     rows: t.rows as u32,
                     page_rows: page_rows as u32,
                     n_pages: n_pages as u32,

@@ -194,9 +194,16 @@ fn paged_setup(
 }
 
 /// Runs one paged case against the oracle; returns the slot pool's shard count.
-fn paged_case(ctx: &GpuContext, bag: &BagForward, seed: u64, dtype: GpuDtype, dim: usize) -> usize {
+fn paged_case(
+    ctx: &GpuContext,
+    bag: &BagForward,
+    seed: u64,
+    dtype: GpuDtype,
+    dim: usize,
+    page_rows: usize,
+) -> usize {
     let mut rng = Rng::new(seed);
-    let (n_pages, resident, n_slots, page_rows) = (60, 35, 48, 8);
+    let (n_pages, resident, n_slots) = (60, 35, 48);
     let (virt, page_table, pool, resident_pages) =
         paged_setup(&mut rng, n_pages, resident, n_slots, page_rows, dim);
     let slots =
@@ -232,16 +239,22 @@ fn paged_tables_with_random_slots_and_a_partly_filled_pool() {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
-    for (i, (dtype, dim)) in [
-        (GpuDtype::F32, 64),
-        (GpuDtype::F16, 64),
-        (GpuDtype::F16, 37),
-        (GpuDtype::F32, 5),
+    // page_rows 8 (shift and mask) and 6 (division)
+    for (i, (dtype, dim, page_rows)) in [
+        (GpuDtype::F32, 64, 8),
+        (GpuDtype::F16, 64, 8),
+        (GpuDtype::F16, 37, 8),
+        (GpuDtype::F32, 5, 8),
+        (GpuDtype::F32, 64, 6),
+        (GpuDtype::F16, 37, 6),
     ]
     .into_iter()
     .enumerate()
     {
-        assert_eq!(paged_case(&ctx, &bag, 10 + i as u64, dtype, dim), 1);
+        assert_eq!(
+            paged_case(&ctx, &bag, 10 + i as u64, dtype, dim, page_rows),
+            1
+        );
     }
 }
 
@@ -253,16 +266,16 @@ fn paged_tables_spanning_shards_under_a_small_binding_limit() {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
-    assert_eq!(paged_case(&ctx, &bag, 20, GpuDtype::F32, 64), 12);
-    assert_eq!(paged_case(&ctx, &bag, 21, GpuDtype::F16, 64), 6);
+    assert_eq!(paged_case(&ctx, &bag, 20, GpuDtype::F32, 64, 8), 12);
+    assert_eq!(paged_case(&ctx, &bag, 21, GpuDtype::F16, 64, 8), 6);
     // odd width (u32-load kernel): 6 pages a shard, 8 shards, 3 passes
-    assert_eq!(paged_case(&ctx, &bag, 23, GpuDtype::F32, 37), 8);
+    assert_eq!(paged_case(&ctx, &bag, 23, GpuDtype::F32, 37, 8), 8);
     // 36 KiB: 3 shards, a single (bit-identical) pass
     let Some(ctx) = small_binding_ctx(36 * 1024) else {
         return;
     };
     let bag = BagForward::new(&ctx).unwrap();
-    assert_eq!(paged_case(&ctx, &bag, 22, GpuDtype::F32, 64), 3);
+    assert_eq!(paged_case(&ctx, &bag, 22, GpuDtype::F32, 64, 8), 3);
 }
 
 #[test]

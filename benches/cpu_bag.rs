@@ -144,15 +144,24 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
         .map(|x| x == "1")
         .collect();
     let rounds: usize = env("MEMLAYER_BENCH_ROUNDS", "3").parse().unwrap();
+    let modes: Vec<usize> = env("MEMLAYER_BENCH_PFMODES", "0")
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let dtypes: Vec<String> = env("MEMLAYER_BENCH_DTYPES", "f32,f16,bf16")
+        .split(',')
+        .map(String::from)
+        .collect();
     let mut best = std::collections::BTreeMap::new();
     let mut best_call = std::collections::BTreeMap::new();
     for _round in 0..rounds {
-        for dtype in ["f32", "f16", "bf16"] {
+        for dtype in dtypes.iter().map(String::as_str) {
             let t = tables.get(dtype);
             let gathered = (nb * BAG_SIZE * dim * t.dtype().size()) as f64;
             for cpu in pools {
-                for &pf in &dists {
+                for (&pf, &mode) in dists.iter().flat_map(|d| modes.iter().map(move |m| (d, m))) {
                     for &l2 in &hints {
+                        memlayer_cpu::simd::set_prefetch_mode(mode);
                         memlayer_cpu::simd::set_prefetch_bytes(pf);
                         memlayer_cpu::simd::set_prefetch_l2(l2);
                         let (med, fastest) = time_calls(iters, || {
@@ -164,10 +173,12 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
                             .unwrap()
                         });
                         let g = gathered / med / 1e9;
-                        let e = best.entry((dtype, cpu.threads(), pf, l2)).or_insert(0.0f64);
+                        let e = best
+                            .entry((dtype, cpu.threads(), pf * 10 + mode, l2))
+                            .or_insert(0.0f64);
                         *e = e.max(g);
                         let e = best_call
-                            .entry((dtype, cpu.threads(), pf, l2))
+                            .entry((dtype, cpu.threads(), pf * 10 + mode, l2))
                             .or_insert(0.0f64);
                         *e = e.max(gathered / fastest / 1e9);
                     }
@@ -178,7 +189,9 @@ fn tune(pools: &[Cpu], huge: bool, iters: usize) {
     for ((dtype, t, pf, l2), g) in best {
         let f = best_call[&(dtype, t, pf, l2)];
         println!(
-            "tune {rows}x{dim} bags {nb} {dtype} t{t} pf {pf} l2 {l2}: {g:.3} GB/s (fastest call {f:.3})"
+            "tune {rows}x{dim} bags {nb} {dtype} t{t} pf {} mode {} l2 {l2}: {g:.3} GB/s (fastest call {f:.3})",
+            pf / 10,
+            pf % 10
         );
     }
 }

@@ -215,6 +215,10 @@ unsafe fn forward_range_avx2<R: Rows>(
     let l2 = crate::simd::prefetch_l2();
     let last = offs[offs.len() - 1];
     let mut pf = offs[0];
+    // early first-line touch (starts the page walk) at twice the distance
+    let early = crate::simd::prefetch_mode() == 2;
+    let first_only = crate::simd::prefetch_mode() == 1;
+    let mut pf2 = offs[0];
     let op = out.as_mut_ptr();
     for b in 0..offs.len() - 1 {
         let (mut e, end) = (offs[b], offs[b + 1]);
@@ -231,10 +235,18 @@ unsafe fn forward_range_avx2<R: Rows>(
                 } else {
                     e.wrapping_add(n).wrapping_add(ahead).min(last)
                 };
+                if early && ahead > 0 {
+                    let target2 = e.wrapping_add(n).wrapping_add(2 * ahead).min(last);
+                    while pf2 < target2 {
+                        let p = table.row_ptr(*indices.get_unchecked(pf2)) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T1>(p);
+                        pf2 = pf2.wrapping_add(1);
+                    }
+                }
                 while pf < target {
                     prefetch_row(
                         table.row_ptr(*indices.get_unchecked(pf)) as *const u8,
-                        row_bytes,
+                        if first_only { 1 } else { row_bytes },
                         l2,
                     );
                     pf = pf.wrapping_add(1);

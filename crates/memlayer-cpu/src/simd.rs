@@ -7,6 +7,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 static FORCE_PORTABLE: AtomicBool = AtomicBool::new(false);
 static PREFETCH_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_PREFETCH_BYTES);
 static PREFETCH_L2: AtomicBool = AtomicBool::new(true);
+static PREFETCH_MODE: AtomicUsize = AtomicUsize::new(0);
+
+/// Prefetch pattern of the gather (tuning): 0 every line of each row at the
+/// prefetch distance; 1 only the row's first line; 2 as 0 plus the first line
+/// again at twice the distance (starts the page walk earlier).
+pub fn set_prefetch_mode(mode: usize) {
+    PREFETCH_MODE.store(mode, Ordering::Relaxed);
+}
+
+/// Current prefetch pattern (see [`set_prefetch_mode`]).
+pub fn prefetch_mode() -> usize {
+    PREFETCH_MODE.load(Ordering::Relaxed)
+}
 
 /// Default distance of the software prefetch in the embedding-bag gather:
 /// rows are prefetched this many bytes of row data ahead of the row being summed.

@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use memlayer_core::pkm::{Candidate, PkmConfig, candidate_order, select_best};
 use memlayer_core::rng::Rng;
+use memlayer_cpu::alloc::LargeBuf;
 use memlayer_cpu::{Cpu, Table};
 use memlayer_wgpu::bag_forward::{BagForward, BagTable};
 use memlayer_wgpu::buffers::{storage_init, storage_zeroed};
@@ -128,6 +129,7 @@ impl Shapes {
             "bag": {
                 "rows": self.rows, "dim": self.dim, "bags": self.bags, "bag_size": self.bag_size,
                 "indices": "uniform random", "weights": "normal", "threads": threads,
+                "memory": "tables on transparent huge pages (madvise) for memlayer; THP_MEM_ALLOC_ENABLE=1 for torch",
                 "iters": self.iters, "statistic": "median seconds per call after one warm-up call",
                 "gbps": "bags * bag_size * dim * element bytes / seconds / 1e9"
             },
@@ -247,7 +249,8 @@ fn kernels(args: KernelsArgs) -> Result<()> {
     let mut out = vec![0.0f32; s.bags * s.dim];
     {
         bar.set_message("bag forward: cpu_fast f32");
-        let t = Table::new(&data.table, s.rows, s.dim)?;
+        let buf = LargeBuf::from_slice(&data.table, true);
+        let t = Table::new(&buf, s.rows, s.dim)?;
         let secs = time_median(s.iters, || {
             cpu.bag_forward(&t, &data.indices, &data.weights, &data.offsets, &mut out)?;
             Ok(())
@@ -257,7 +260,10 @@ fn kernels(args: KernelsArgs) -> Result<()> {
     }
     {
         bar.set_message("bag forward: cpu_fast f16");
-        let h: Vec<half::f16> = memlayer_cpu::storage::narrow(&data.table);
+        let h = LargeBuf::from_slice(
+            &memlayer_cpu::storage::narrow::<half::f16>(&data.table),
+            true,
+        );
         let t = Table::new(&h, s.rows, s.dim)?;
         let secs = time_median(s.iters, || {
             cpu.bag_forward(&t, &data.indices, &data.weights, &data.offsets, &mut out)?;
@@ -271,7 +277,10 @@ fn kernels(args: KernelsArgs) -> Result<()> {
     }
     {
         bar.set_message("bag forward: cpu_fast bf16");
-        let h: Vec<half::bf16> = memlayer_cpu::storage::narrow(&data.table);
+        let h = LargeBuf::from_slice(
+            &memlayer_cpu::storage::narrow::<half::bf16>(&data.table),
+            true,
+        );
         let t = Table::new(&h, s.rows, s.dim)?;
         let secs = time_median(s.iters, || {
             cpu.bag_forward(&t, &data.indices, &data.weights, &data.offsets, &mut out)?;
@@ -464,7 +473,9 @@ fn torch_bag(
     threads: usize,
     dtype: &str,
 ) -> Result<(Option<f64>, Value)> {
+    // torch gets transparent huge pages for its tensors, as memlayer's tables have
     let out = Command::new(&args.python)
+        .env("THP_MEM_ALLOC_ENABLE", "1")
         .arg(&args.torch_script)
         .args(["--rows", &s.rows.to_string(), "--dim", &s.dim.to_string()])
         .args([

@@ -35,6 +35,9 @@ pub const MISSING_PAGE: u32 = u32::MAX;
 
 const WG: usize = 256;
 const PER_LANE: usize = 4;
+/// vec4s per invocation and block in bag_forward_vec4.wgsl (its PER_LANE);
+/// f16 rows use half of them (see the shader header)
+const PER_LANE_VEC4: usize = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -98,10 +101,9 @@ pub struct BagForward {
     kernels_vec4: [[Kernel; 2]; 2],
     /// Which kernel: `Some(true)` the 16-byte-load kernel whenever the row
     /// width allows it, `Some(false)` always the u32 one, `None` (default)
-    /// automatic: 16-byte loads where the width allows, except on CPU
-    /// adapters (lavapipe) for rows of 512 words or more, where the u32
-    /// kernel measured faster (e.g. 65% vs 47% of the copy kernel's bandwidth
-    /// at dim 1024 f32). Both give bit-identical results.
+    /// automatic: 16-byte loads wherever the width allows (on lavapipe
+    /// faster than the u32 kernel at every width measured, 64 to 1024).
+    /// Both give bit-identical results.
     pub vectorised: Option<bool>,
 }
 
@@ -134,15 +136,12 @@ impl BagForward {
     }
 
     /// Whether a table of this storage type and width takes the 16-byte-load kernel.
-    fn takes_vec4(&self, ctx: &GpuContext, dtype: GpuDtype, dim: usize) -> bool {
+    fn takes_vec4(&self, dtype: GpuDtype, dim: usize) -> bool {
         let fits = match dtype {
             GpuDtype::F32 => dim.is_multiple_of(4),
             GpuDtype::F16 => dim.is_multiple_of(8),
         };
-        let wanted = self.vectorised.unwrap_or_else(|| {
-            ctx.info.device_type != wgpu::DeviceType::Cpu || dtype.row_words(dim) < 512
-        });
-        fits && wanted
+        fits && self.vectorised.unwrap_or(true)
     }
 
     /// Records `out[b] = Σ_{e in bag b} weights[e] * table[indices[e]]`.
@@ -220,7 +219,7 @@ impl BagForward {
         if bags == 0 {
             return Ok(());
         }
-        let vec4 = self.takes_vec4(ctx, t.dtype, dim);
+        let vec4 = self.takes_vec4(t.dtype, dim);
         let kernels = if vec4 {
             &self.kernels_vec4
         } else {
@@ -228,13 +227,17 @@ impl BagForward {
         };
         let kernel = &kernels[(t.dtype == GpuDtype::F16) as usize][paged as usize];
         // words per row for bag_forward.wgsl (4 per invocation and block),
-        // vec4s per row for bag_forward_vec4.wgsl (2 per invocation and block)
-        let (row_words, per_lane) = if vec4 {
-            (t.row_words() / 4, 2)
-        } else {
-            (t.row_words(), PER_LANE)
+        // vec4s per row for bag_forward_vec4.wgsl (16 per invocation and
+        // block for f32, 8 for f16; at least 2 invocations per bag: measured)
+        let (row_words, per_lane, min_tpb) = match (vec4, t.dtype) {
+            (false, _) => (t.row_words(), PER_LANE, 1),
+            (true, GpuDtype::F32) => (t.row_words() / 4, PER_LANE_VEC4, 2),
+            (true, GpuDtype::F16) => (t.row_words() / 4, PER_LANE_VEC4 / 2, 2),
         };
-        let tpb = row_words.div_ceil(per_lane).next_power_of_two().min(WG);
+        let tpb = row_words
+            .div_ceil(per_lane)
+            .next_power_of_two()
+            .clamp(min_tpb, WG);
         let bags_per_wg = WG / tpb;
         let groups = grid(ctx, bags.div_ceil(bags_per_wg) as u32);
         for (pass, first) in (0..t.shards.len()).step_by(SHARDS_PER_PASS).enumerate() {

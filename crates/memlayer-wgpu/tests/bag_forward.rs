@@ -82,9 +82,9 @@ fn flat_tables_f32_and_f16_over_many_widths() {
     let mut rng = Rng::new(1);
     // widths cover: one word, fewer words than a lane's 4, odd f16 (padding
     // half), several bags per workgroup, exactly 256 lanes, rows wider than
-    // one block of words (4 × 256 u32, 2 × 256 vec4), and f16 widths that are
-    // a multiple of 4 but not 8 (u32 kernel)
-    for dim in [1, 3, 8, 12, 37, 64, 256, 1024, 2052, 2500, 4099] {
+    // one block of words (4 × 256 u32, 16 × 256 vec4 f32, 8 × 256 vec4 f16),
+    // and f16 widths that are a multiple of 4 but not 8 (u32 kernel)
+    for dim in [1, 3, 8, 12, 37, 64, 256, 1024, 2052, 2500, 4099, 16392] {
         for dtype in [GpuDtype::F32, GpuDtype::F16] {
             let rows = 300;
             let data = rng.normal_vec(rows * dim, 0.0, 1.0);

@@ -38,6 +38,10 @@ pub struct GpuOptions {
     /// The device is *created* with this limit, so wgpu validates it: used to
     /// test that tables are sharded rather than assumed to fit one binding.
     pub max_binding_bytes: Option<u64>,
+    /// Create the device with WebGPU's default limits (`wgpu::Limits::default()`:
+    /// 16 KiB workgroup storage, 8 storage buffers per stage, 128 MiB bindings)
+    /// instead of the adapter's: proves kernels run in any browser.
+    pub webgpu_default_limits: bool,
 }
 
 /// An adapter, its device and queue, and the limits kernels size themselves by.
@@ -120,7 +124,11 @@ impl GpuContext {
     /// them), lowered to `opts.max_binding_bytes` if given.
     pub async fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Self, GpuError> {
         let info = adapter.get_info();
-        let mut limits = adapter.limits();
+        let mut limits = if opts.webgpu_default_limits {
+            wgpu::Limits::default()
+        } else {
+            adapter.limits()
+        };
         if let Some(max) = opts.max_binding_bytes {
             let max = max.min(limits.max_storage_buffer_binding_size);
             limits.max_storage_buffer_binding_size = max;

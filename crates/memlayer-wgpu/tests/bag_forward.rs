@@ -523,26 +523,15 @@ fn lookup_then_bag_chained_on_the_device() {
 /// The kernel fits WebGPU's default limits (8 storage buffers per stage).
 #[test]
 fn kernel_builds_and_runs_under_webgpu_default_limits() {
-    let Some(base) = gpu_for_tests(GpuOptions::default()) else {
+    let opts = GpuOptions {
+        webgpu_default_limits: true,
+        ..Default::default()
+    };
+    let Some(ctx) = gpu_for_tests(opts) else {
         return;
     };
-    let limits = wgpu::Limits::default();
+    let limits = &ctx.limits;
     assert_eq!(limits.max_storage_buffers_per_shader_stage, 8);
-    let (device, queue) =
-        pollster::block_on(base.adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("webgpu defaults"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
-            ..Default::default()
-        }))
-        .unwrap();
-    let ctx = GpuContext {
-        adapter: base.adapter.clone(),
-        device,
-        queue,
-        info: base.info.clone(),
-        limits,
-    };
     let bag = BagForward::new(&ctx).unwrap();
     let mut rng = Rng::new(50);
     let (rows, dim) = (100, 24);

@@ -582,26 +582,15 @@ fn zero_tokens_and_bad_arguments() {
 /// storage buffers per stage, 128 MiB bindings), not only lavapipe's.
 #[test]
 fn kernels_build_and_run_under_webgpu_default_limits() {
-    let Some(base) = gpu_for_tests(GpuOptions::default()) else {
+    let opts = GpuOptions {
+        webgpu_default_limits: true,
+        ..Default::default()
+    };
+    let Some(ctx) = gpu_for_tests(opts) else {
         return;
     };
-    let limits = wgpu::Limits::default();
+    let limits = &ctx.limits;
     assert_eq!(limits.max_compute_workgroup_storage_size, 16384);
-    let (device, queue) =
-        pollster::block_on(base.adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("webgpu defaults"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits.clone(),
-            ..Default::default()
-        }))
-        .unwrap();
-    let ctx = GpuContext {
-        adapter: base.adapter.clone(),
-        device,
-        queue,
-        info: base.info.clone(),
-        limits,
-    };
     let kernels = LookupKernels::new(&ctx).unwrap();
     for (batch, qk_norm) in [(None, true), (Some(2), false)] {
         let c = Case {

@@ -30,8 +30,8 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
-step "memlayer-core builds for wasm32"
-cargo check -p memlayer-core --release --target wasm32-unknown-unknown
+step "memlayer-core, memlayer-cpu and memlayer-wgpu build for wasm32"
+cargo check -p memlayer-core -p memlayer-cpu -p memlayer-wgpu --release --target wasm32-unknown-unknown
 
 step "fuzz target builds"
 cargo check --release --manifest-path fuzz/Cargo.toml

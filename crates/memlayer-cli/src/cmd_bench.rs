@@ -24,6 +24,7 @@ use memlayer_cpu::storage::narrow;
 use memlayer_cpu::{Cpu, Storage, Table};
 use memlayer_wgpu::bag_forward::{BagForward, BagTable};
 use memlayer_wgpu::buffers::{storage_init, storage_zeroed};
+use memlayer_wgpu::context::adapter_matches;
 use memlayer_wgpu::copy::CopyKernel;
 use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
 use memlayer_wgpu::{GpuContext, GpuDtype, GpuOptions, ShardedTable};
@@ -198,13 +199,9 @@ fn kernels(args: KernelsArgs) -> Result<()> {
     let adapters: Vec<wgpu::Adapter> = GpuContext::adapters()
         .into_iter()
         .filter(|a| {
-            let i = a.get_info();
-            args.adapter.as_ref().is_none_or(|f| {
-                let f = f.to_lowercase();
-                i.name.to_lowercase().contains(&f)
-                    || i.driver.to_lowercase().contains(&f)
-                    || format!("{:?}", i.backend).to_lowercase().contains(&f)
-            })
+            args.adapter
+                .as_ref()
+                .is_none_or(|f| adapter_matches(&a.get_info(), f))
         })
         .collect();
     let steps = 4 + 3 + 3 + adapters.len() as u64 * (1 + 2 + 1) + s.n_keys.len() as u64 * 2;

@@ -68,11 +68,13 @@ impl fmt::Debug for GpuContext {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
-fn matches(info: &wgpu::AdapterInfo, filter: &str) -> bool {
+/// Whether the adapter's name, driver or backend contains `filter` (case-insensitive).
+pub fn adapter_matches(info: &wgpu::AdapterInfo, filter: &str) -> bool {
     let f = filter.to_lowercase();
     info.name.to_lowercase().contains(&f)
         || info.driver.to_lowercase().contains(&f)
@@ -93,7 +95,7 @@ impl GpuContext {
         let adapter = match &opts.adapter_filter {
             Some(f) => adapters
                 .into_iter()
-                .find(|a| matches(&a.get_info(), f))
+                .find(|a| adapter_matches(&a.get_info(), f))
                 .ok_or_else(|| GpuError::NoAdapter(format!(" matching {f:?}")))?,
             None => {
                 // Prefer Vulkan/Metal/DX12 over GL, discrete over integrated over CPU.
@@ -176,12 +178,13 @@ impl GpuContext {
 
     /// Runs `f` inside a validation + out-of-memory error scope and turns a
     /// captured error into [`GpuError::Wgpu`] naming `context`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn scoped<T>(&self, context: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();
-        let v = block_on(validation.pop());
-        let o = block_on(oom.pop());
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
         match v.or(o) {
             None => Ok(out),
             Some(e) => Err(GpuError::Wgpu {
@@ -191,6 +194,13 @@ impl GpuContext {
         }
     }
 
+    /// On the web error scopes resolve asynchronously: `f` runs unscoped and
+    /// errors reach the device's uncaptured-error handler.
+    #[cfg(target_arch = "wasm32")]
+    pub fn scoped<T>(&self, _context: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        Ok(f())
+    }
+
     /// Blocks until all submitted work is done.
     pub fn wait(&self) -> Result<(), GpuError> {
         self.device
@@ -198,16 +208,6 @@ impl GpuContext {
             .map(|_| ())
             .map_err(|e| GpuError::ReadBack(e.to_string()))
     }
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    pollster::block_on(f)
-}
-
-#[cfg(target_arch = "wasm32")]
-fn block_on<F: std::future::Future>(_f: F) -> F::Output {
-    unreachable!("error scopes are awaited asynchronously on the web")
 }
 
 /// The device for a test. With `MEMLAYER_REQUIRE_GPU=1` (set in CI) a missing

@@ -16,4 +16,6 @@ pub mod lookup;
 pub mod reverse_index;
 
 pub use buffers::{GpuDtype, ShardedTable};
-pub use context::{GpuContext, GpuError, GpuOptions, gpu_for_tests};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::gpu_for_tests;
+pub use context::{GpuContext, GpuError, GpuOptions};

@@ -1,6 +1,7 @@
 //! Criterion benches of the WGSL kernels on the default wgpu adapter
 //! (lavapipe here): the copy kernel (the adapter's bandwidth ceiling), the
-//! embedding-bag forward (f32 and f16 storage) and the product-key lookup.
+//! embedding-bag forward (f32 and f16 storage, flat and paged through a page
+//! table) and the product-key lookup.
 //! Each iteration records, submits and waits for one dispatch chain; uploads
 //! happen once, outside the timed loop.
 //!
@@ -11,7 +12,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use memlayer_core::pkm::PkmConfig;
 use memlayer_core::rng::Rng;
 use memlayer_wgpu::bag_forward::{BagForward, BagTable};
-use memlayer_wgpu::buffers::{storage_init, storage_zeroed};
+use memlayer_wgpu::buffers::{encode_rows, storage_init, storage_zeroed};
 use memlayer_wgpu::copy::CopyKernel;
 use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
 use memlayer_wgpu::{GpuContext, GpuDtype, GpuOptions, ShardedTable};
@@ -81,6 +82,45 @@ fn benches(c: &mut Criterion) {
                 submit(&ctx, |e| {
                     bag.record(&ctx, e, BagTable::Flat(&t), &ib, &wb, &ob, BAGS, &out)
                         .expect("bag")
+                })
+            })
+        });
+    }
+    // paged: every page resident, slots in a random order (the runtime's
+    // device cache at a 100% budget), pages of 4096 rows
+    let page_rows = 4096;
+    let n_pages = ROWS / page_rows;
+    let mut slot_of: Vec<u32> = (0..n_pages as u32).collect();
+    rng.shuffle(&mut slot_of);
+    for (dtype, label, elem) in [
+        (GpuDtype::F32, "paged_f32", 4),
+        (GpuDtype::F16, "paged_f16", 2),
+    ] {
+        let slots =
+            ShardedTable::zeroed(&ctx, "slots", ROWS, DIM, dtype, page_rows).expect("slot pool");
+        for (page, &slot) in slot_of.iter().enumerate() {
+            let rows = &table[page * page_rows * DIM..(page + 1) * page_rows * DIM];
+            slots
+                .write_rows(
+                    &ctx,
+                    slot as usize * page_rows,
+                    &encode_rows(rows, DIM, dtype),
+                )
+                .expect("upload page");
+        }
+        let pt = storage_init(&ctx, "page table", &slot_of);
+        let paged = BagTable::Paged {
+            slots: &slots,
+            page_rows,
+            n_pages,
+            page_table: &pt,
+        };
+        g.throughput(Throughput::Bytes((nnz * DIM * elem) as u64));
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                submit(&ctx, |e| {
+                    bag.record(&ctx, e, paged, &ib, &wb, &ob, BAGS, &out)
+                        .expect("paged bag")
                 })
             })
         });

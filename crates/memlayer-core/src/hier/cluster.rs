@@ -483,6 +483,233 @@ fn cluster_means(x: &[f32], e: usize, pts: &[u32], labels: &[u32], k: usize) -> 
     members.iter().flat_map(|mem| mean_of(x, e, mem)).collect()
 }
 
+/// Format name stored in a saved tree's safetensors metadata.
+pub const TREE_FORMAT: &str = "memlayer-cluster-tree";
+
+/// Little-endian 4-byte words (f32 or u32) of a tensor's bytes.
+fn le_words<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| bytemuck::cast(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+fn bad_tree(msg: String) -> OracleError {
+    OracleError::InvalidConfig(format!("cluster tree file: {msg}"))
+}
+
+impl ClusterTree {
+    /// Serialises the tree as safetensors: `centroids.{l}` f32 (b^l, e) and
+    /// `sizes.{l}` u32 (b^l) for l = 1..=L, `paths` u32 (n, L); metadata
+    /// `format`, `version` = 1, `levels`, `branching`, `dim`, `points`.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, OracleError> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let err = |e: safetensors::SafeTensorError| bad_tree(e.to_string());
+        let b = self.branching();
+        let mut views = Vec::new();
+        for l in 1..=self.levels() {
+            let nodes = b.pow(l as u32);
+            let c = &self.centroids[l - 1];
+            let z = &self.sizes[l - 1];
+            views.push((
+                format!("centroids.{l}"),
+                TensorView::new(Dtype::F32, vec![nodes, self.dim], bytemuck::cast_slice(c))
+                    .map_err(err)?,
+            ));
+            views.push((
+                format!("sizes.{l}"),
+                TensorView::new(Dtype::U32, vec![nodes], bytemuck::cast_slice(z)).map_err(err)?,
+            ));
+        }
+        views.push((
+            "paths".to_string(),
+            TensorView::new(
+                Dtype::U32,
+                vec![self.n, self.levels()],
+                bytemuck::cast_slice(&self.paths),
+            )
+            .map_err(err)?,
+        ));
+        let meta = [
+            ("format", TREE_FORMAT.to_string()),
+            ("version", "1".to_string()),
+            ("levels", self.levels().to_string()),
+            ("branching", b.to_string()),
+            ("dim", self.dim.to_string()),
+            ("points", self.n.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::serialize(views, Some(meta)).map_err(err)
+    }
+
+    /// Reads a tree written by [`Self::to_safetensors`], checking every shape,
+    /// that centroids are finite and that every stored path descends through
+    /// children; errors name the tensor or field.
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, OracleError> {
+        use safetensors::{SafeTensors, tensor::Dtype};
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad_tree(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad_tree(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |k: &str| -> Result<usize, OracleError> {
+            meta.get(k)
+                .ok_or_else(|| bad_tree(format!("metadata `{k}` is missing")))?
+                .parse()
+                .map_err(|e| bad_tree(format!("metadata `{k}`: {e}")))
+        };
+        if meta.get("format").map(String::as_str) != Some(TREE_FORMAT) {
+            return Err(bad_tree(format!(
+                "metadata `format` is not {TREE_FORMAT:?}"
+            )));
+        }
+        if field("version")? != 1 {
+            return Err(bad_tree("unsupported version (this build reads 1)".into()));
+        }
+        let (levels, b, dim, n) = (
+            field("levels")?,
+            field("branching")?,
+            field("dim")?,
+            field("points")?,
+        );
+        let layout = BlockLayout::new(levels, b)?;
+        let tensor = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>, OracleError> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad_tree(format!("tensor `{name}` is missing")))?;
+            if t.dtype() != dtype || t.shape() != shape {
+                return Err(bad_tree(format!(
+                    "tensor `{name}` is {:?} {:?}, expected {dtype:?} {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data().to_vec())
+        };
+        let (mut centroids, mut sizes) = (Vec::new(), Vec::new());
+        for l in 1..=levels {
+            let nodes = layout.nodes_at(l)?;
+            let c: Vec<f32> = le_words(&tensor(
+                &format!("centroids.{l}"),
+                Dtype::F32,
+                &[nodes, dim],
+            )?);
+            if c.iter().any(|v| !v.is_finite()) {
+                return Err(bad_tree(format!("tensor `centroids.{l}` is not finite")));
+            }
+            centroids.push(c);
+            sizes.push(le_words(&tensor(
+                &format!("sizes.{l}"),
+                Dtype::U32,
+                &[nodes],
+            )?));
+        }
+        let paths: Vec<u32> = le_words(&tensor("paths", Dtype::U32, &[n, levels])?);
+        for (i, p) in paths.chunks_exact(levels.max(1)).enumerate() {
+            layout
+                .path_blocks(p)
+                .map_err(|e| bad_tree(format!("tensor `paths` row {i}: {e}")))?;
+        }
+        Ok(Self {
+            layout,
+            dim,
+            n,
+            centroids,
+            sizes,
+            paths,
+        })
+    }
+}
+
+#[cfg(test)]
+mod io_tests {
+    use super::*;
+
+    fn tree() -> ClusterTree {
+        let mut rng = Rng::new(9);
+        let (n, e) = (60, 5);
+        let emb = rng.normal_vec(n * e, 0.0, 1.0);
+        ClusterTree::build(&emb, n, e, &ClusterConfig::new(2, 3, 4)).unwrap()
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_exact() {
+        let t = tree();
+        let back = ClusterTree::from_safetensors(&t.to_safetensors().unwrap()).unwrap();
+        assert_eq!(back.levels(), t.levels());
+        assert_eq!(back.branching(), t.branching());
+        assert_eq!(back.train_paths(), t.train_paths());
+        for l in 1..=t.levels() {
+            let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(back.centroids(l).unwrap()),
+                bits(t.centroids(l).unwrap())
+            );
+            assert_eq!(back.cluster_sizes(l).unwrap(), t.cluster_sizes(l).unwrap());
+        }
+        let q = [0.3, -1.0, 0.2, 0.0, 2.0];
+        assert_eq!(back.path(&q).unwrap(), t.path(&q).unwrap());
+    }
+
+    /// Re-serialises `t` with one tensor replaced (or dropped when `data` is None).
+    fn tampered(
+        t: &ClusterTree,
+        name: &str,
+        data: Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+    ) -> Vec<u8> {
+        let bytes = t.to_safetensors().unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(k, _)| k != name)
+            .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        if let Some((d, shape, b)) = data {
+            owned.push((name.to_string(), d, shape, b));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(k, d, s, b)| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize(views, header.metadata().clone()).unwrap()
+    }
+
+    #[test]
+    fn corrupt_files_are_named_errors() {
+        let t = tree();
+        let err = |b: &[u8]| ClusterTree::from_safetensors(b).unwrap_err().to_string();
+        assert!(err(b"not a tree").contains("cluster tree file"));
+        assert!(err(&tampered(&t, "centroids.2", None)).contains("`centroids.2` is missing"));
+        let wrong = (safetensors::Dtype::F32, vec![2, 5], vec![0u8; 40]);
+        assert!(err(&tampered(&t, "centroids.1", Some(wrong))).contains("`centroids.1`"));
+        let mut nan = t.centroids(1).unwrap().to_vec();
+        nan[0] = f32::NAN;
+        let nan = (
+            safetensors::Dtype::F32,
+            vec![3, 5],
+            bytemuck::cast_slice(&nan).to_vec(),
+        );
+        assert!(err(&tampered(&t, "centroids.1", Some(nan))).contains("not finite"));
+        // a path whose level-2 node is not a child of its level-1 node
+        let mut paths = t.train_paths().to_vec();
+        paths[0] = 0;
+        paths[1] = 8;
+        let paths = (
+            safetensors::Dtype::U32,
+            vec![60, 2],
+            bytemuck::cast_slice(&paths).to_vec(),
+        );
+        assert!(err(&tampered(&t, "paths", Some(paths))).contains("`paths` row 0"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

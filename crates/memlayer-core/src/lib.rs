@@ -12,6 +12,7 @@ pub mod error;
 pub mod hier;
 pub mod interop;
 pub mod linalg;
+pub mod model;
 pub mod pkm;
 pub mod rng;
 pub mod topk;

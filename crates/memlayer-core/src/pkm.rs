@@ -322,6 +322,55 @@ pub fn select_best(cand: &mut Vec<Candidate>, k: usize) {
     cand.sort_unstable_by(candidate_order);
 }
 
+/// Product-key selection from precomputed sub-key scores (already scaled):
+/// scores: (groups, 2, n_keys), one group per (token, head) → the `knn`
+/// best rows of each group, best first, as `(i1, i2)` sub-key pairs
+/// (row = `i1 * n_keys + i2`), shape (groups, knn, 2). The same rule as
+/// [`lookup`]: top-`knn` of each half, then top-`knn` of the `knn²` sums in
+/// [`candidate_order`]. `knn` must be `1..=n_keys`.
+pub fn select_from_scores(
+    scores: &[f32],
+    n_keys: usize,
+    knn: usize,
+) -> Result<Vec<u32>, OracleError> {
+    if n_keys == 0 || knn == 0 || knn > n_keys {
+        return Err(OracleError::InvalidConfig(format!(
+            "product-key selection needs 1 <= knn ({knn}) <= n_keys ({n_keys})"
+        )));
+    }
+    if !scores.len().is_multiple_of(2 * n_keys) {
+        return Err(OracleError::Shape {
+            what: "sub-key scores",
+            shape: format!("[groups, 2, {n_keys}]"),
+            expected: scores.len().div_ceil(2 * n_keys) * 2 * n_keys,
+            got: scores.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(scores.len() / n_keys * knn);
+    let mut cand: Vec<Candidate> = Vec::with_capacity(knn * knn);
+    for g in scores.chunks_exact(2 * n_keys) {
+        let (s1, i1) = topk(&g[..n_keys], knn);
+        let (s2, i2) = topk(&g[n_keys..], knn);
+        cand.clear();
+        for a in 0..knn {
+            for b in 0..knn {
+                cand.push(Candidate {
+                    score: s1[a] + s2[b],
+                    s1: s1[a],
+                    s2: s2[b],
+                    row: i1[a] * n_keys as u32 + i2[b],
+                });
+            }
+        }
+        select_best(&mut cand, knn);
+        for c in &cand {
+            out.push(c.row / n_keys as u32);
+            out.push(c.row % n_keys as u32);
+        }
+    }
+    Ok(out)
+}
+
 /// Product-key search and softmax. keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim).
 pub fn lookup(
     cfg: &PkmConfig,
@@ -1065,5 +1114,78 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod select_from_scores_tests {
+    use super::*;
+
+    /// Scaled sub-key scores as [`lookup`] computes them: (tokens*heads, 2, n_keys).
+    fn sub_scores(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize) -> Vec<f32> {
+        let (n, half) = (cfg.n_keys, cfg.half());
+        let (keys_s, _) = scored_keys(cfg, keys);
+        let mut out = Vec::new();
+        for t in 0..tokens {
+            for h in 0..cfg.heads {
+                let q = &query[(t * cfg.heads + h) * cfg.k_dim..][..cfg.k_dim];
+                for side in 0..2 {
+                    let (qs, _) = scored_query(cfg, &q[side * half..(side + 1) * half]);
+                    let kt = &keys_s[(h * 2 + side) * n * half..][..n * half];
+                    for i in 0..n {
+                        out.push(dot(&kt[i * half..(i + 1) * half], &qs) * cfg.score_scale());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn equals_lookup_on_random_and_tied_scores() {
+        let mut rng = Rng::new(5);
+        for (n_keys, knn, qk_norm, ties) in [
+            (7, 3, false, false),
+            (7, 7, true, false),
+            (16, 4, false, true),
+            (10, 1, true, true),
+        ] {
+            let cfg = PkmConfig {
+                dim: 8,
+                v_dim: 8,
+                heads: 3,
+                n_keys,
+                k_dim: 6,
+                knn,
+                qk_norm,
+                gated: false,
+            };
+            let tokens = 9;
+            let draw = |rng: &mut Rng, n: usize| -> Vec<f32> {
+                if ties {
+                    (0..n).map(|_| rng.below(3) as f32 - 1.0).collect()
+                } else {
+                    rng.normal_vec(n, 0.0, 1.0)
+                }
+            };
+            let keys = draw(&mut rng, cfg.heads * 2 * n_keys * cfg.half());
+            let query = draw(&mut rng, tokens * cfg.query_dim());
+            let lk = lookup(&cfg, &keys, &query, tokens).unwrap();
+            let pairs =
+                select_from_scores(&sub_scores(&cfg, &keys, &query, tokens), n_keys, knn).unwrap();
+            let rows: Vec<u32> = pairs
+                .chunks_exact(2)
+                .map(|p| p[0] * n_keys as u32 + p[1])
+                .collect();
+            assert_eq!(rows, lk.indices, "n_keys {n_keys} knn {knn}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_knn_and_ragged_scores() {
+        assert!(select_from_scores(&[0.0; 8], 4, 5).is_err());
+        assert!(select_from_scores(&[0.0; 8], 4, 0).is_err());
+        assert!(select_from_scores(&[0.0; 9], 4, 2).is_err());
+        assert_eq!(select_from_scores(&[], 4, 2).unwrap(), Vec::<u32>::new());
     }
 }

@@ -42,6 +42,10 @@ pub struct GpuOptions {
     /// 16 KiB workgroup storage, 8 storage buffers per stage, 128 MiB bindings)
     /// instead of the adapter's: proves kernels run in any browser.
     pub webgpu_default_limits: bool,
+    /// Enable every feature the adapter offers (except mappable primary
+    /// buffers). Needed when the device is shared with burn-wgpu, whose
+    /// compiler assumes the adapter's features (e.g. 64-bit integers).
+    pub adapter_features: bool,
 }
 
 /// An adapter, its device and queue, and the limits kernels size themselves by.
@@ -138,7 +142,13 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("memlayer"),
-                required_features: wgpu::Features::empty(),
+                required_features: if opts.adapter_features {
+                    adapter
+                        .features()
+                        .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
+                } else {
+                    wgpu::Features::empty()
+                },
                 required_limits: limits.clone(),
                 ..Default::default()
             })

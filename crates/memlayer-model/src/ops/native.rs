@@ -1,0 +1,294 @@
+//! The memory ops as a burn backend extension.
+//!
+//! [`MemoryBackend`] adds two ops to burn's backend trait. The CPU
+//! implementation runs on burn's Flex backend with `memlayer-cpu`'s kernels
+//! (the optimised CPU path: bit-identical to the oracle for the forward and
+//! the table gradient); `Autodiff<B>` gets a hand-written backward:
+//! `dV[idx] += w · dm` (rows touched by the batch only, scattered into the
+//! dense gradient burn expects) and `dw = V[idx] · dm`.
+
+use burn::backend::AutodiffBackend;
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use memlayer_core::pkm;
+use std::sync::OnceLock;
+
+use super::OpsError;
+
+/// Memory ops added to a burn backend.
+#[backend_extension(Autodiff, Flex)]
+pub trait MemoryBackend: burn::backend::Backend {
+    /// Weighted embedding-bag. values: (rows, v_dim); indices, weights:
+    /// (bags, bag) → (bags, v_dim).
+    fn memory_bag(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Gradient of [`Self::memory_bag`] for the value table: (rows, v_dim),
+    /// zero outside the rows in `indices`.
+    fn memory_bag_grad_values(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Gradient of [`Self::memory_bag`] for the weights: (bags, bag).
+    fn memory_bag_grad_weights(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Product-key selection. scores: (groups, 2, n_keys) → (groups, knn, 2)
+    /// sub-key ids, best row first (not differentiable).
+    fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self>;
+}
+
+/// Whether [`MemoryBackend`] runs on `device` (Flex, with or without autodiff).
+pub fn supported(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// Weighted embedding-bag through the extension.
+pub fn embedding_bag(values: Tensor<2>, indices: Tensor<2, Int>, weights: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::memory_bag(
+        values.into_dispatch(),
+        indices.into_dispatch(),
+        weights.into_dispatch(),
+    ))
+}
+
+/// Product-key selection through the extension.
+pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsError> {
+    let device = scores.device();
+    if !supported(&device) {
+        return Err(OpsError::Unsupported(format!("{device:?}")));
+    }
+    let [_, two, n_keys] = scores.dims();
+    if two != 2 || knn == 0 || knn > n_keys {
+        return Err(OpsError::Oracle(
+            memlayer_core::error::OracleError::InvalidConfig(format!(
+                "product-key selection needs scores (groups, 2, n_keys) and 1 <= knn ({knn}) <= n_keys ({n_keys})"
+            )),
+        ));
+    }
+    Ok(Tensor::from_dispatch(Dispatch::memory_pk_select(
+        scores.detach().into_dispatch(),
+        knn,
+    )))
+}
+
+/// The CPU pool of the native ops (all cores).
+fn cpu() -> &'static memlayer_cpu::Cpu {
+    static POOL: OnceLock<memlayer_cpu::Cpu> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        memlayer_cpu::Cpu::new(threads).unwrap_or_else(|e| panic!("CPU pool: {e}"))
+    })
+}
+
+fn floats(t: &FloatTensor<Flex>) -> Vec<f32> {
+    t.clone().into_data().iter::<f32>().collect()
+}
+
+fn ids(t: &FloatTensor<Flex>) -> Vec<u32> {
+    t.clone()
+        .into_data()
+        .iter::<i64>()
+        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+        .collect()
+}
+
+fn dims2(t: &FloatTensor<Flex>) -> [usize; 2] {
+    let s = t.layout().shape();
+    [s[0], s[1]]
+}
+
+fn flex_f32(data: Vec<f32>, shape: impl Into<Shape>) -> FloatTensor<Flex> {
+    burn::backend::flex::FlexTensor::from_data(TensorData::new(data, shape.into()))
+}
+
+/// Panics with the op and the oracle's message: extension ops return
+/// tensors, so shape errors caught here are programming errors of the caller
+/// (the model validates its config up front).
+fn expect<T, E: std::fmt::Display>(op: &str, r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{op}: {e}"))
+}
+
+impl MemoryBackend for Flex {
+    fn memory_bag(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [rows, v_dim] = dims2(&values);
+        let [bags, bag] = dims2(&indices);
+        let table_data = floats(&values);
+        let table = expect(
+            "memory_bag",
+            memlayer_cpu::Table::new(&table_data, rows, v_dim),
+        );
+        let idx = ids(&indices);
+        let w = floats(&weights);
+        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
+        let mut out = vec![0.0f32; bags * v_dim];
+        expect(
+            "memory_bag",
+            cpu().bag_forward(&table, &idx, &w, &offsets, &mut out),
+        );
+        flex_f32(out, [bags, v_dim])
+    }
+
+    fn memory_bag_grad_values(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [rows, v_dim] = dims2(&values);
+        let [bags, bag] = dims2(&indices);
+        let idx = ids(&indices);
+        let w = floats(&weights);
+        let g = floats(&grad_out);
+        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
+        let sparse = expect(
+            "memory_bag backward",
+            cpu().bag_backward_table(rows, v_dim, &idx, &w, &offsets, &g),
+        );
+        let mut dense = vec![0.0f32; rows * v_dim];
+        for (r, grad) in sparse.rows.iter().zip(sparse.grads.chunks_exact(v_dim)) {
+            let r = *r as usize;
+            dense[r * v_dim..(r + 1) * v_dim].copy_from_slice(grad);
+        }
+        flex_f32(dense, [rows, v_dim])
+    }
+
+    fn memory_bag_grad_weights(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [rows, v_dim] = dims2(&values);
+        let [bags, bag] = dims2(&indices);
+        let table_data = floats(&values);
+        let table = expect(
+            "memory_bag backward",
+            memlayer_cpu::Table::new(&table_data, rows, v_dim),
+        );
+        let idx = ids(&indices);
+        let g = floats(&grad_out);
+        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
+        let mut dw = vec![0.0f32; bags * bag];
+        expect(
+            "memory_bag backward",
+            cpu().bag_backward_weights(&table, &idx, &offsets, &g, &mut dw),
+        );
+        flex_f32(dw, [bags, bag])
+    }
+
+    fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self> {
+        let s = scores.layout().shape().clone();
+        let (groups, n_keys) = (s[0], s[2]);
+        let pairs = expect(
+            "memory_pk_select",
+            pkm::select_from_scores(&floats(&scores), n_keys, knn),
+        );
+        let ids: Vec<i64> = pairs.into_iter().map(i64::from).collect();
+        burn::backend::flex::FlexTensor::from_data(
+            TensorData::new(ids, [groups, knn, 2]).convert_dtype(DType::I64),
+        )
+    }
+}
+
+impl<B: MemoryBackend, C: CheckpointStrategy> MemoryBackend for Autodiff<B, C> {
+    fn memory_bag(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MemoryBagBackward;
+
+        impl<B: MemoryBackend> Backward<B, 2> for MemoryBagBackward {
+            // values, indices, weights of the forward
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_values, node_weights] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (values, indices, weights) = ops.state;
+                if let Some(node) = node_weights {
+                    let dw =
+                        B::memory_bag_grad_weights(values.clone(), indices.clone(), grad.clone());
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_values {
+                    let dv = B::memory_bag_grad_values(values, indices, weights, grad);
+                    grads.register::<B>(node.id, dv);
+                }
+            }
+        }
+
+        let (values, values_node) = values.into_parts();
+        let (weights, weights_node) = weights.into_parts();
+        match MemoryBagBackward
+            .prepare::<C>([values_node, weights_node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::memory_bag(values.clone(), indices.clone(), weights.clone());
+                prep.finish((values, indices, weights), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::memory_bag(values, indices, weights)),
+        }
+    }
+
+    fn memory_bag_grad_values(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Autodiff::<B, C>::from_inner(B::memory_bag_grad_values(
+            Autodiff::<B, C>::inner(values),
+            indices,
+            Autodiff::<B, C>::inner(weights),
+            Autodiff::<B, C>::inner(grad_out),
+        ))
+    }
+
+    fn memory_bag_grad_weights(
+        values: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        grad_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Autodiff::<B, C>::from_inner(B::memory_bag_grad_weights(
+            Autodiff::<B, C>::inner(values),
+            indices,
+            Autodiff::<B, C>::inner(grad_out),
+        ))
+    }
+
+    fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self> {
+        B::memory_pk_select(Autodiff::<B, C>::inner(scores), knn)
+    }
+}

@@ -1,0 +1,36 @@
+//! Portable memory ops from burn tensor ops: run on any backend, get their
+//! backward from burn's autodiff. The reference the native ops are tested
+//! against (besides the CPU oracle).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use memlayer_core::pkm;
+
+use super::OpsError;
+
+/// Product-key selection. scores: (groups, 2, n_keys), already scaled →
+/// (groups, knn, 2) sub-key ids `(i1, i2)`, best row first, by the oracle's
+/// rule ([`pkm::select_from_scores`]). Reads the scores back to the host.
+pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsError> {
+    let [groups, two, n_keys] = scores.dims();
+    debug_assert_eq!(two, 2);
+    let device = scores.device();
+    let host: Vec<f32> = scores.detach().into_data().iter::<f32>().collect();
+    let pairs = pkm::select_from_scores(&host, n_keys, knn)?;
+    let ids: Vec<i64> = pairs.into_iter().map(i64::from).collect();
+    Ok(Tensor::from_data(
+        TensorData::new(ids, [groups, knn, 2]),
+        &device,
+    ))
+}
+
+/// Weighted embedding-bag with fixed bag size. values: (rows, v_dim);
+/// indices, weights: (bags, bag) → (bags, v_dim), `out[b] = Σ_j w[b,j] · values[idx[b,j]]`.
+pub fn embedding_bag(values: Tensor<2>, indices: Tensor<2, Int>, weights: Tensor<2>) -> Tensor<2> {
+    let [bags, bag] = indices.dims();
+    let [_, v_dim] = values.dims();
+    let rows = values.select(0, indices.reshape([bags * bag]));
+    // (bags, bag, v_dim) * (bags, bag, 1) summed over the bag
+    let rows: Tensor<3> = rows.reshape([bags, bag, v_dim]);
+    let w: Tensor<3> = weights.reshape([bags, bag, 1]);
+    (rows * w).sum_dim(1).reshape([bags, v_dim])
+}

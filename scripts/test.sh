@@ -11,12 +11,14 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "system packages"
 # A Vulkan driver that runs on the CPU (lavapipe), for the GPU tests and kernels.
-if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+# DejaVu Sans: the font of the PNG plots (plotters draws text with ab_glyph).
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
+  || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    mesa-vulkan-drivers libvulkan1
+    mesa-vulkan-drivers libvulkan1 fonts-dejavu-core
 fi
-ls /usr/share/vulkan/icd.d/lvp_icd*.json
+ls /usr/share/vulkan/icd.d/lvp_icd*.json /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
 step "rust components"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt

@@ -35,6 +35,8 @@ use serde_json::{Map, Value, json};
 pub enum BenchCommand {
     /// Embedding-bag and product-key lookup on every backend, with the copy-bandwidth limits.
     Kernels(KernelsArgs),
+    /// Training step time of dense vs memory variants, per backend.
+    Train(crate::cmd_bench_train::TrainBenchArgs),
 }
 
 #[derive(Args)]
@@ -62,6 +64,7 @@ pub struct KernelsArgs {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Kernels(args) => kernels(args),
+        BenchCommand::Train(args) => crate::cmd_bench_train::run(args),
     }
 }
 

@@ -4,8 +4,10 @@ use clap::{Parser, Subcommand};
 
 mod cmd_bank;
 mod cmd_bench;
+mod cmd_bench_train;
 mod cmd_inspect;
 mod cmd_layer;
+mod cmd_train;
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +39,10 @@ enum Command {
         #[command(subcommand)]
         command: cmd_layer::LayerCommand,
     },
+    /// Train a model (preset or config) into a model directory, then evaluate it.
+    Train(cmd_train::TrainArgs),
+    /// Evaluate a model directory: fact recall by frequency bucket, perplexity.
+    Eval(cmd_train::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +52,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench { command } => cmd_bench::run(command),
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Layer { command } => cmd_layer::run(command),
+        Command::Train(args) => cmd_train::run_train(args),
+        Command::Eval(args) => cmd_train::run_eval(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,240 @@
+//! A model directory: everything a runtime needs, one file per part.
+//!
+//! ```text
+//! config.json          ModelConfig
+//! model.safetensors    dense weights (f32), ParamStore names
+//! memory.bank          product-key values and FFN-memory blocks (docs/FORMAT.md)
+//! tokenizer.json       HF tokenizers BPE
+//! retriever.json       TF-IDF retriever     (hierarchical memory)
+//! tree.safetensors     cluster tree         (hierarchical memory)
+//! eval.jsonl           held-out fact questions (facts data)
+//! train.json           the training config
+//! report.json          evaluation and timing
+//! metrics.jsonl        loss per step; loss.png its plot
+//! ```
+//!
+//! Bank sections: `pkm_values` (rows `n_keys²`, `VALUE_PAGE_BYTES` per page)
+//! then one `ffn_blocks` section per level whose nodes are the level's
+//! table rows (`b^l` tree nodes, then the generic block when trained).
+
+use crate::data::retriever::TfIdfRetriever;
+use crate::data::tokenizer::Tokenizer;
+use crate::data::write_atomic;
+use crate::prepare::Routing;
+use crate::trainer::TrainError;
+use memlayer_core::bank::{BankFileWriter, BankLayout, BankReader, Dtype, FileSource, SectionSpec};
+use memlayer_core::hier::cluster::ClusterTree;
+use memlayer_core::model::params::{VALUES, hier_name};
+use memlayer_core::model::{ModelConfig, ParamGroup, ParamStore};
+use std::path::{Path, PathBuf};
+
+/// Target bytes of one value page (rows per page = this / row bytes).
+pub const VALUE_PAGE_BYTES: usize = 16 * 1024;
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Rows per value page for rows of `v_dim` values of `dtype`.
+pub fn value_page_rows(v_dim: usize, dtype: Dtype) -> u32 {
+    (VALUE_PAGE_BYTES / (v_dim * dtype.size()).max(1)).clamp(1, u32::MAX as usize) as u32
+}
+
+/// The bank layout of `cfg`'s memory (None when it has none).
+pub fn bank_layout(cfg: &ModelConfig, dtype: Dtype) -> Option<BankLayout> {
+    let mut sections = Vec::new();
+    if let Some(c) = cfg.pkm_config() {
+        sections.push(SectionSpec::pkm_values(
+            c.n_rows() as u64,
+            c.v_dim as u32,
+            value_page_rows(c.v_dim, dtype),
+            dtype,
+        ));
+    }
+    if let Some(h) = &cfg.hier {
+        let layers = cfg.dense_layers().len() as u32;
+        for l in 1..=h.levels {
+            sections.push(SectionSpec::ffn_blocks(
+                l as u32,
+                h.rows(l) as u64,
+                layers,
+                h.units[l - 1] as u32,
+                cfg.dim as u32,
+                dtype,
+            ));
+        }
+    }
+    (!sections.is_empty()).then(|| BankLayout::new(sections))
+}
+
+/// Writes the memory of `store` into a bank file at `path` (atomically).
+pub fn write_bank(
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    path: &Path,
+    dtype: Dtype,
+) -> Result<u64, TrainError> {
+    let Some(layout) = bank_layout(cfg, dtype) else {
+        return Ok(0);
+    };
+    let mut w = BankFileWriter::create(path, &layout).map_err(|e| io(path, e))?;
+    if cfg.pkm.is_some() {
+        w.write_rows(store.data(VALUES)?).map_err(|e| io(path, e))?;
+    }
+    if let Some(h) = &cfg.hier {
+        for l in 1..=h.levels {
+            let p = store.get(&hier_name(l))?;
+            for row in p.data.chunks_exact(p.row_len()) {
+                w.write_page(row).map_err(|e| io(path, e))?;
+            }
+        }
+    }
+    w.finish().map_err(|e| io(path, e))
+}
+
+/// Reads the memory parameters of `store` back from a bank (every page,
+/// checksums verified).
+pub fn read_bank(cfg: &ModelConfig, store: &mut ParamStore, path: &Path) -> Result<(), TrainError> {
+    let src = FileSource::open(path).map_err(|e| io(path, e))?;
+    let reader = BankReader::open(src).map_err(|e| io(path, e))?;
+    let mut section = 0usize;
+    let mut fill = |name: &str, section: usize| -> Result<(), TrainError> {
+        let info = reader
+            .sections()
+            .get(section)
+            .ok_or_else(|| io(path, format!("missing section {section} for {name}")))?
+            .clone();
+        let mut data = Vec::new();
+        for page in info.page_ids() {
+            data.extend(reader.read_page_f32(page).map_err(|e| io(path, e))?);
+        }
+        let i = store
+            .position(name)
+            .ok_or_else(|| io(path, format!("no parameter {name}")))?;
+        let p = &mut store.params_mut()[i];
+        if data.len() != p.data.len() {
+            return Err(io(
+                path,
+                format!(
+                    "section {section} has {} values, {name} needs {}",
+                    data.len(),
+                    p.data.len()
+                ),
+            ));
+        }
+        p.data = data;
+        Ok(())
+    };
+    if cfg.pkm.is_some() {
+        fill(VALUES, section)?;
+        section += 1;
+    }
+    if let Some(h) = &cfg.hier {
+        for l in 1..=h.levels {
+            fill(&hier_name(l), section)?;
+            section += 1;
+        }
+    }
+    Ok(())
+}
+
+/// What [`export`] writes besides the weights.
+pub struct ExportParts<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a Tokenizer,
+    /// Retriever + tree (hierarchical memory).
+    pub routing: Option<&'a Routing>,
+    /// Bank element type.
+    pub bank_dtype: Dtype,
+}
+
+/// Writes `config.json`, `model.safetensors`, `memory.bank`, `tokenizer.json`
+/// and the routing files of a trained model into `dir`.
+pub fn export(
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    dir: &Path,
+    parts: &ExportParts,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| io(dir, e))?;
+    write_atomic(&dir.join("config.json"), json.as_bytes())?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "memlayer-dense-v1".to_string());
+    let dense = store.to_safetensors(
+        |p| !matches!(p.group, ParamGroup::MemoryValues | ParamGroup::MemoryBlocks),
+        Some(meta),
+    )?;
+    write_atomic(&dir.join("model.safetensors"), &dense)?;
+    write_bank(cfg, store, &dir.join("memory.bank"), parts.bank_dtype)?;
+    parts.tokenizer.save(&dir.join("tokenizer.json"))?;
+    if let Some(r) = parts.routing {
+        r.retriever.save(&dir.join("retriever.json"))?;
+        let bytes = r.tree.to_safetensors()?;
+        write_atomic(&dir.join("tree.safetensors"), &bytes)?;
+    }
+    Ok(())
+}
+
+/// A model directory loaded into memory.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Model configuration.
+    pub config: ModelConfig,
+    /// All parameters (dense and memory).
+    pub store: ParamStore,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Retriever + tree, when the model has a hierarchical memory.
+    pub routing: Option<Routing>,
+}
+
+/// Loads a model directory written by [`export`]; errors name the file.
+pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
+    config.validate().map_err(|e| io(&cfg_path, e))?;
+    let mut store = ParamStore::init(&config, 0)?;
+    let st_path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
+    let n = store
+        .load_safetensors(&bytes)
+        .map_err(|e| io(&st_path, e))?;
+    let dense = store
+        .params()
+        .iter()
+        .filter(|p| !matches!(p.group, ParamGroup::MemoryValues | ParamGroup::MemoryBlocks))
+        .count();
+    if n != dense {
+        return Err(io(
+            &st_path,
+            format!("{n} tensors read, the config needs {dense}"),
+        ));
+    }
+    if config.pkm.is_some() || config.hier.is_some() {
+        read_bank(&config, &mut store, &dir.join("memory.bank"))?;
+    }
+    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    let routing = if config.hier.is_some() {
+        let retriever = TfIdfRetriever::load(&dir.join("retriever.json"))?;
+        let tp = dir.join("tree.safetensors");
+        let tb = std::fs::read(&tp).map_err(|e| io(&tp, e))?;
+        let tree = ClusterTree::from_safetensors(&tb).map_err(|e| io(&tp, e))?;
+        Some(Routing { retriever, tree })
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        dir: dir.to_path_buf(),
+        config,
+        store,
+        tokenizer,
+        routing,
+    })
+}

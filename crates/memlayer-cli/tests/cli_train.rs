@@ -152,10 +152,8 @@ fn killed_and_resumed_run_equals_unbroken_run() {
         let t0 = Instant::now();
         // wait for a checkpoint at step 8 or 16, then kill without warning
         loop {
-            if let Some(s) = checkpoint_step(&b) {
-                if (8..24).contains(&s) {
-                    break;
-                }
+            if checkpoint_step(&b).is_some_and(|s| (8..24).contains(&s)) {
+                break;
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("{preset}: run b ended ({status}) before it could be killed");

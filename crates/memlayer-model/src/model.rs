@@ -162,7 +162,7 @@ impl Model {
 
     /// Token ids as an int tensor. tokens: (batch, seq) row-major.
     pub fn tokens(&self, tokens: &[u32], batch: usize) -> Result<Tensor<2, Int>, ModelError> {
-        if batch == 0 || tokens.len() % batch != 0 {
+        if batch == 0 || !tokens.len().is_multiple_of(batch) {
             return Err(ModelError::Input(format!(
                 "{} tokens do not split into {batch} sequences",
                 tokens.len()

@@ -102,11 +102,10 @@ pub fn read_bank(cfg: &ModelConfig, store: &mut ParamStore, path: &Path) -> Resu
     let reader = BankReader::open(src).map_err(|e| io(path, e))?;
     let mut section = 0usize;
     let mut fill = |name: &str, section: usize| -> Result<(), TrainError> {
-        let info = reader
+        let info = *reader
             .sections()
             .get(section)
-            .ok_or_else(|| io(path, format!("missing section {section} for {name}")))?
-            .clone();
+            .ok_or_else(|| io(path, format!("missing section {section} for {name}")))?;
         let mut data = Vec::new();
         for page in info.page_ids() {
             data.extend(reader.read_page_f32(page).map_err(|e| io(path, e))?);

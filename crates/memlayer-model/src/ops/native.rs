@@ -200,12 +200,18 @@ impl MemoryBackend for Flex {
     }
 
     fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self> {
+        use rayon::prelude::*;
         let s = scores.layout().shape().clone();
         let (groups, n_keys) = (s[0], s[2]);
-        let pairs = expect(
-            "memory_pk_select",
-            pkm::select_from_scores(&floats(&scores), n_keys, knn),
-        );
+        let host = floats(&scores);
+        // groups are independent: select in parallel, chunks in order
+        let chunk = 2 * n_keys * 64;
+        let parts: Vec<Vec<u32>> = cpu().install(|| {
+            host.par_chunks(chunk)
+                .map(|c| expect("memory_pk_select", pkm::select_from_scores(c, n_keys, knn)))
+                .collect()
+        });
+        let pairs: Vec<u32> = parts.concat();
         let ids: Vec<i64> = pairs.into_iter().map(i64::from).collect();
         burn::backend::flex::FlexTensor::from_data(
             TensorData::new(ids, [groups, knn, 2]).convert_dtype(DType::I64),

@@ -83,7 +83,7 @@ impl TrainConfig {
             "pkm" => {
                 // one memory layer in the middle, replacing that layer's FFN
                 let layer = c.model.n_layers / 2;
-                let n_keys = if size == "tiny" { 32 } else { 64 };
+                let n_keys = if size == "tiny" { 64 } else { 128 };
                 c.model.pkm = Some(PkmSpec {
                     layers: vec![layer],
                     n_keys,

@@ -968,8 +968,13 @@ mod tests {
 
     impl Out {
         fn new(name: &str) -> Out {
-            let dir =
-                std::env::temp_dir().join(format!("memlayer-plot-tests-{}", std::process::id()));
+            // one directory per output: tests run in parallel, and each
+            // removes its own directory when done
+            let dir = std::env::temp_dir().join(format!(
+                "memlayer-plot-tests-{}-{}",
+                std::process::id(),
+                name.replace(['/', '.'], "_")
+            ));
             std::fs::create_dir_all(&dir).unwrap();
             Out(dir.join(name))
         }

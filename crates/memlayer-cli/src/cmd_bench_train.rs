@@ -24,6 +24,9 @@ pub struct TrainBenchArgs {
     /// Untimed steps first (kernel compilation, allocator warm-up).
     #[arg(long, default_value_t = 3)]
     pub warmup: u64,
+    /// Variants to measure (the first is the reference of "vs dense").
+    #[arg(long, value_delimiter = ',', default_value = "dense,pkm,hier")]
+    pub variants: Vec<String>,
     /// Backends to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu")]
     pub backends: Vec<Backend>,
@@ -42,7 +45,7 @@ pub fn run(args: TrainBenchArgs) -> Result<()> {
         let (device, ops) = device_for(backend, OpsChoice::Auto)?;
         let device = device.autodiff();
         let mut dense_ms = None;
-        for variant in ["dense", "pkm", "hier"] {
+        for variant in &args.variants {
             let name = format!("{}-{variant}", args.size);
             let cfg = TrainConfig::preset(&name)
                 .with_context(|| format!("no preset {name} (sizes: tiny, demo)"))?;

@@ -403,14 +403,15 @@ impl ParamStore {
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| OracleError::InvalidConfig(format!("safetensors: {e}")))?;
         let mut n = 0;
-        for (name, view) in st.tensors() {
-            let Some(i) = self.position(&name) else {
+        // store order, so the first mismatch reported does not depend on the file
+        for p in self.params.iter_mut() {
+            let Ok(view) = st.tensor(&p.name) else {
                 continue;
             };
-            let p = &mut self.params[i];
             if view.dtype() != Dtype::F32 || view.shape() != p.shape.as_slice() {
                 return Err(OracleError::InvalidConfig(format!(
-                    "tensor {name}: {:?} {:?}, expected F32 {:?}",
+                    "tensor {}: {:?} {:?}, expected F32 {:?}",
+                    p.name,
                     view.dtype(),
                     view.shape(),
                     p.shape
@@ -495,8 +496,11 @@ mod tests {
         assert!(err.to_string().contains("tok_embeddings.weight"), "{err}");
         // names shared with a wider model: shapes differ → named error
         let mut other = ParamStore::init(&cfg2, 4).unwrap();
-        let err = other.load_safetensors(&bytes).unwrap_err();
-        assert!(err.to_string().contains("expected F32 [32"), "{err}");
+        let msg = other.load_safetensors(&bytes).unwrap_err().to_string();
+        assert!(
+            msg.contains("tok_embeddings.weight") && msg.contains("expected F32 [37, 32]"),
+            "{msg}"
+        );
     }
 
     #[test]

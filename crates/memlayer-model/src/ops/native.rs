@@ -128,28 +128,51 @@ fn expect<T, E: std::fmt::Display>(op: &str, r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{op}: {e}"))
 }
 
+/// A bag op's inputs on the host: table shape, flat row ids and the CSR
+/// offsets of fixed-size bags.
+struct HostBag {
+    rows: usize,
+    v_dim: usize,
+    bags: usize,
+    bag: usize,
+    idx: Vec<u32>,
+    offsets: Vec<usize>,
+}
+
+impl HostBag {
+    fn new(values: &FloatTensor<Flex>, indices: &IntTensor<Flex>) -> Self {
+        let [rows, v_dim] = dims2(values);
+        let [bags, bag] = dims2(indices);
+        Self {
+            rows,
+            v_dim,
+            bags,
+            bag,
+            idx: ids(indices),
+            offsets: memlayer_core::bag::uniform_offsets(bags, bag),
+        }
+    }
+}
+
 impl MemoryBackend for Flex {
     fn memory_bag(
         values: FloatTensor<Self>,
         indices: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [rows, v_dim] = dims2(&values);
-        let [bags, bag] = dims2(&indices);
+        let h = HostBag::new(&values, &indices);
         let table_data = floats(&values);
         let table = expect(
             "memory_bag",
-            memlayer_cpu::Table::new(&table_data, rows, v_dim),
+            memlayer_cpu::Table::new(&table_data, h.rows, h.v_dim),
         );
-        let idx = ids(&indices);
         let w = floats(&weights);
-        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
-        let mut out = vec![0.0f32; bags * v_dim];
+        let mut out = vec![0.0f32; h.bags * h.v_dim];
         expect(
             "memory_bag",
-            cpu().bag_forward(&table, &idx, &w, &offsets, &mut out),
+            cpu().bag_forward(&table, &h.idx, &w, &h.offsets, &mut out),
         );
-        flex_f32(out, [bags, v_dim])
+        flex_f32(out, [h.bags, h.v_dim])
     }
 
     fn memory_bag_grad_values(
@@ -158,15 +181,13 @@ impl MemoryBackend for Flex {
         weights: FloatTensor<Self>,
         grad_out: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [rows, v_dim] = dims2(&values);
-        let [bags, bag] = dims2(&indices);
-        let idx = ids(&indices);
+        let h = HostBag::new(&values, &indices);
+        let (rows, v_dim) = (h.rows, h.v_dim);
         let w = floats(&weights);
         let g = floats(&grad_out);
-        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
         let sparse = expect(
             "memory_bag backward",
-            cpu().bag_backward_table(rows, v_dim, &idx, &w, &offsets, &g),
+            cpu().bag_backward_table(rows, v_dim, &h.idx, &w, &h.offsets, &g),
         );
         let mut dense = vec![0.0f32; rows * v_dim];
         for (r, grad) in sparse.rows.iter().zip(sparse.grads.chunks_exact(v_dim)) {
@@ -181,22 +202,19 @@ impl MemoryBackend for Flex {
         indices: IntTensor<Self>,
         grad_out: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [rows, v_dim] = dims2(&values);
-        let [bags, bag] = dims2(&indices);
+        let h = HostBag::new(&values, &indices);
         let table_data = floats(&values);
         let table = expect(
             "memory_bag backward",
-            memlayer_cpu::Table::new(&table_data, rows, v_dim),
+            memlayer_cpu::Table::new(&table_data, h.rows, h.v_dim),
         );
-        let idx = ids(&indices);
         let g = floats(&grad_out);
-        let offsets = memlayer_core::bag::uniform_offsets(bags, bag);
-        let mut dw = vec![0.0f32; bags * bag];
+        let mut dw = vec![0.0f32; h.bags * h.bag];
         expect(
             "memory_bag backward",
-            cpu().bag_backward_weights(&table, &idx, &offsets, &g, &mut dw),
+            cpu().bag_backward_weights(&table, &h.idx, &h.offsets, &g, &mut dw),
         );
-        flex_f32(dw, [bags, bag])
+        flex_f32(dw, [h.bags, h.bag])
     }
 
     fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self> {

@@ -464,16 +464,15 @@ impl Model {
             .mul_scalar(c.score_scale())
             .swap_dims(0, 1);
         let s: Tensor<3> = s.reshape([n * heads, 2, nk]);
-        // (n*heads, knn, 2) sub-key ids
-        let pairs = self.ops.pk_select(s.clone(), knn)?;
-        let a = pairs.clone().narrow(2, 0, 1).reshape([n * heads, knn]);
-        let bb = pairs.narrow(2, 1, 1).reshape([n * heads, knn]);
+        // (n*heads, knn) rows i1 * n_keys + i2, and their sub-key ids
+        let rows = self.ops.pk_select(s.clone(), knn)?;
+        let a = rows.clone().div_scalar(nk as i64);
+        let bb = rows.clone().remainder_scalar(nk as i64);
         let s1: Tensor<2> = s.clone().narrow(1, 0, 1).reshape([n * heads, nk]);
         let s2: Tensor<2> = s.narrow(1, 1, 1).reshape([n * heads, nk]);
         // (n*heads, knn) selected scores and their softmax
         let sigma = s1.gather(1, a.clone()) + s2.gather(1, bb.clone());
         let w = activation::softmax(sigma, 1);
-        let rows = a.mul_scalar(nk as i64) + bb;
         let host_rows: Vec<u32> = rows
             .clone()
             .into_data()

@@ -338,7 +338,11 @@ fn pk_select_ops_equal_oracle_on_ties_and_full_k() {
                 }
             })
             .collect();
-        let want = pkm::select_from_scores(&scores, n_keys, knn).unwrap();
+        let want: Vec<u32> = pkm::select_from_scores(&scores, n_keys, knn)
+            .unwrap()
+            .chunks_exact(2)
+            .map(|p| p[0] * n_keys as u32 + p[1])
+            .collect();
         for ops in [MemoryOps::Portable, MemoryOps::Native] {
             let s = Tensor::<3>::from_data(
                 TensorData::new(scores.clone(), [groups, 2, n_keys]),

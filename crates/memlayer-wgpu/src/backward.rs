@@ -43,34 +43,37 @@ pub const PK_KEYS_SOURCE: &str = include_str!("../../../shaders/pk_backward_keys
 /// Largest sub-key width (`k_dim / 2`) the lookup backward handles (workgroup memory).
 pub const MAX_HALF: usize = 1024;
 
+/// Uniform of `bag_backward_bag_of.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct BagOfParams {
-    n: u32,
-    bags: u32,
-    x_groups: u32,
-    _pad: u32,
+pub struct BagOfParams {
+    pub n: u32,
+    pub bags: u32,
+    pub x_groups: u32,
+    pub _pad: u32,
 }
 
+/// Uniform of `bag_backward_table.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TableParams {
-    dim: u32,
-    slot_base: u32,
-    slots: u32,
-    x_groups: u32,
+pub struct TableParams {
+    pub dim: u32,
+    pub slot_base: u32,
+    pub slots: u32,
+    pub x_groups: u32,
 }
 
+/// Uniform of `bag_backward_weights.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct WeightsParams {
-    n: u32,
-    dim: u32,
-    row_words: u32,
-    first_row: u32,
-    shard_rows: u32,
-    x_groups: u32,
-    _pad: [u32; 2],
+pub struct WeightsParams {
+    pub n: u32,
+    pub dim: u32,
+    pub row_words: u32,
+    pub first_row: u32,
+    pub shard_rows: u32,
+    pub x_groups: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]

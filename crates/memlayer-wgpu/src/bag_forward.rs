@@ -39,27 +39,28 @@ const PER_LANE: usize = 4;
 /// f16 rows use half of them (see the shader header)
 const PER_LANE_VEC4: usize = 16;
 
+/// Uniform of `bag_forward.wgsl` / `bag_forward_vec4.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    bags: u32,
-    dim: u32,
+pub struct Params {
+    pub bags: u32,
+    pub dim: u32,
     /// u32 words per row (bag_forward.wgsl) or vec4s per row (bag_forward_vec4.wgsl)
-    row_words: u32,
-    n_shards: u32,
-    tpb: u32,
-    bags_per_wg: u32,
-    x_groups: u32,
+    pub row_words: u32,
+    pub n_shards: u32,
+    pub tpb: u32,
+    pub bags_per_wg: u32,
+    pub x_groups: u32,
     /// log2(page_rows) when page_rows is a power of two, else u32::MAX
-    page_shift: u32,
-    rows: u32,
-    page_rows: u32,
-    n_pages: u32,
-    n_slots: u32,
-    rows_per_shard: u32,
-    first_shard: u32,
-    accumulate: u32,
-    one: f32,
+    pub page_shift: u32,
+    pub rows: u32,
+    pub page_rows: u32,
+    pub n_pages: u32,
+    pub n_slots: u32,
+    pub rows_per_shard: u32,
+    pub first_shard: u32,
+    pub accumulate: u32,
+    pub one: f32,
 }
 
 /// Where the bag's rows come from.

@@ -71,32 +71,35 @@ struct ScoresParams {
     _pad: [u32; 2],
 }
 
+/// Uniform of `pk_topk.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct TopkParams {
-    rows: u32,
-    n_keys: u32,
-    k: u32,
-    row0: u32,
-    x_groups: u32,
-    groups: u32,
-    _pad: [u32; 2],
+pub struct TopkParams {
+    pub rows: u32,
+    pub n_keys: u32,
+    pub k: u32,
+    pub row0: u32,
+    pub x_groups: u32,
+    pub groups: u32,
+    pub _pad: [u32; 2],
 }
 
+/// Uniform of `pk_candidates.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct CandidatesParams {
-    tokens_heads: u32,
-    k: u32,
-    n_keys: u32,
-    x_groups: u32,
+pub struct CandidatesParams {
+    pub tokens_heads: u32,
+    pub k: u32,
+    pub n_keys: u32,
+    pub x_groups: u32,
 }
 
 /// Invocations of `pk_topk.wgsl` whose maxima set the collection threshold:
 /// at least k (the threshold is the k-th best of them; k <= n_keys), a few
 /// times k for a tight threshold, few enough that ranking them by counting
 /// stays cheap, and no more than there are sub-keys.
-fn topk_groups(k: usize, n_keys: usize) -> usize {
+/// Workgroup lanes `pk_topk.wgsl` scans with for top-`k` of `n_keys`.
+pub fn topk_groups(k: usize, n_keys: usize) -> usize {
     (2 * k)
         .next_power_of_two()
         .clamp(64, 256)

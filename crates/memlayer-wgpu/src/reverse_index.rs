@@ -37,29 +37,31 @@ pub const HEADS_SOURCE: &str = include_str!("../../../shaders/reverse_index_head
 pub const COMPACT_SOURCE: &str = include_str!("../../../shaders/reverse_index_compact.wgsl");
 
 /// Elements per radix block (one workgroup).
-const SORT_BLOCK: usize = 256;
+pub const SORT_BLOCK: usize = 256;
 /// Words per scan block.
-const SCAN_BLOCK: usize = 1024;
+pub const SCAN_BLOCK: usize = 1024;
 /// Digits per radix pass.
-const RADIX: usize = 256;
+pub const RADIX: usize = 256;
 
+/// Uniform of `reverse_index_hist.wgsl` / `reverse_index_scatter.wgsl`. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct SortParams {
-    n: u32,
-    shift: u32,
-    n_blocks: u32,
-    x_groups: u32,
-    first_pass: u32,
-    _pad: [u32; 3],
+pub struct SortParams {
+    pub n: u32,
+    pub shift: u32,
+    pub n_blocks: u32,
+    pub x_groups: u32,
+    pub first_pass: u32,
+    pub _pad: [u32; 3],
 }
 
+/// Uniform of the scan, heads and compact passes of the reverse index. (WGSL layout).
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LenParams {
-    n: u32,
-    x_groups: u32,
-    _pad: [u32; 2],
+pub struct LenParams {
+    pub n: u32,
+    pub x_groups: u32,
+    pub _pad: [u32; 2],
 }
 
 /// Fails with a clear error when a buffer of `bytes` would not fit one binding.

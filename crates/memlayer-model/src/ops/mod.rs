@@ -4,14 +4,18 @@
 //! Two implementations with one contract:
 //! - [`portable`]: burn tensor ops (any backend; autodiff by burn);
 //! - [`native`]: a burn backend extension ([`native::MemoryBackend`]) whose
-//!   CPU implementation runs `memlayer-cpu`'s kernels on burn's Flex backend,
-//!   with a hand-written backward on `Autodiff<B>`.
+//!   CPU implementation runs `memlayer-cpu`'s kernels on burn's Flex backend
+//!   and whose GPU implementation ([`wgsl`], feature `wgpu`) launches the
+//!   WGSL kernels of `shaders/` on burn-wgpu, with a hand-written backward
+//!   on `Autodiff<B>` for both.
 //!
 //! [`MemoryOps`] picks one; the tests check that both agree with each other
 //! and with the CPU oracle, forward and backward.
 
 pub mod native;
 pub mod portable;
+#[cfg(feature = "wgpu")]
+pub mod wgsl;
 
 use burn::tensor::{Device, Int, Tensor};
 use memlayer_core::error::OracleError;
@@ -32,7 +36,7 @@ pub enum OpsError {
 pub enum MemoryOps {
     /// Composition of burn tensor ops.
     Portable,
-    /// The backend extension (memlayer-cpu kernels on Flex).
+    /// The backend extension (memlayer-cpu kernels on Flex, WGSL kernels on burn-wgpu).
     Native,
 }
 
@@ -46,8 +50,8 @@ impl MemoryOps {
         }
     }
 
-    /// Product-key selection. scores: (groups, 2, n_keys) → (groups, knn, 2) sub-key ids.
-    pub fn pk_select(self, scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsError> {
+    /// Product-key selection. scores: (groups, 2, n_keys) → (groups, knn) rows `i1 * n_keys + i2`.
+    pub fn pk_select(self, scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsError> {
         match self {
             Self::Portable => portable::pk_select(scores, knn),
             Self::Native => native::pk_select(scores, knn),

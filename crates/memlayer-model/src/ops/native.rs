@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 use super::OpsError;
 
 /// Memory ops added to a burn backend.
-#[backend_extension(Autodiff, Flex)]
+#[backend_extension(Autodiff, Flex, Cube: cfg(feature = "wgpu"))]
 pub trait MemoryBackend: burn::backend::Backend {
     /// Weighted embedding-bag. values: (rows, v_dim); indices, weights:
     /// (bags, bag) → (bags, v_dim).
@@ -49,17 +49,21 @@ pub trait MemoryBackend: burn::backend::Backend {
         grad_out: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// Product-key selection. scores: (groups, 2, n_keys) → (groups, knn, 2)
-    /// sub-key ids, best row first (not differentiable).
+    /// Product-key selection. scores: (groups, 2, n_keys) → (groups, knn)
+    /// rows `i1 * n_keys + i2`, best first, by the oracle's rule (not
+    /// differentiable).
     fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self>;
 }
 
-/// Whether [`MemoryBackend`] runs on `device` (Flex, with or without autodiff).
+/// Whether [`MemoryBackend`] runs on `device` (with or without autodiff):
+/// Flex, and burn-wgpu with the `wgpu` feature.
 pub fn supported(device: &Device) -> bool {
-    matches!(
-        device.clone().inner().as_dispatch(),
-        DispatchDevice::Flex(_)
-    )
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "wgpu")]
+        DispatchDevice::Cube(cubecl::Device::Wgpu(_)) => true,
+        _ => false,
+    }
 }
 
 /// Weighted embedding-bag through the extension.
@@ -71,17 +75,26 @@ pub fn embedding_bag(values: Tensor<2>, indices: Tensor<2, Int>, weights: Tensor
     ))
 }
 
-/// Product-key selection through the extension.
-pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsError> {
+/// Product-key selection through the extension: (groups, 2, n_keys) scores
+/// → (groups, knn) rows.
+pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsError> {
     let device = scores.device();
     if !supported(&device) {
         return Err(OpsError::Unsupported(format!("{device:?}")));
     }
     let [_, two, n_keys] = scores.dims();
-    if two != 2 || knn == 0 || knn > n_keys {
+    let max_knn = if matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    ) {
+        n_keys
+    } else {
+        MAX_GPU_KNN.min(n_keys)
+    };
+    if two != 2 || knn == 0 || knn > max_knn {
         return Err(OpsError::Oracle(
             memlayer_core::error::OracleError::InvalidConfig(format!(
-                "product-key selection needs scores (groups, 2, n_keys) and 1 <= knn ({knn}) <= n_keys ({n_keys})"
+                "product-key selection needs scores (groups, 2, n_keys) and 1 <= knn ({knn}) <= {max_knn} (n_keys {n_keys}, GPU limit {MAX_GPU_KNN})"
             )),
         ));
     }
@@ -90,6 +103,9 @@ pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsErr
         knn,
     )))
 }
+
+/// Largest `knn` the WGSL selection handles (`pk_candidates.wgsl`).
+pub const MAX_GPU_KNN: usize = 128;
 
 /// The CPU pool of the native ops (all cores).
 fn cpu() -> &'static memlayer_cpu::Cpu {
@@ -229,10 +245,13 @@ impl MemoryBackend for Flex {
                 .map(|c| expect("memory_pk_select", pkm::select_from_scores(c, n_keys, knn)))
                 .collect()
         });
-        let pairs: Vec<u32> = parts.concat();
-        let ids: Vec<i64> = pairs.into_iter().map(i64::from).collect();
+        let ids: Vec<i64> = parts
+            .concat()
+            .chunks_exact(2)
+            .map(|p| i64::from(p[0]) * n_keys as i64 + i64::from(p[1]))
+            .collect();
         burn::backend::flex::FlexTensor::from_data(
-            TensorData::new(ids, [groups, knn, 2]).convert_dtype(DType::I64),
+            TensorData::new(ids, [groups, knn]).convert_dtype(DType::I64),
         )
     }
 }

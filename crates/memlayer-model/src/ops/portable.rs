@@ -8,17 +8,20 @@ use memlayer_core::pkm;
 use super::OpsError;
 
 /// Product-key selection. scores: (groups, 2, n_keys), already scaled →
-/// (groups, knn, 2) sub-key ids `(i1, i2)`, best row first, by the oracle's
-/// rule ([`pkm::select_from_scores`]). Reads the scores back to the host.
-pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<3, Int>, OpsError> {
+/// (groups, knn) rows `i1 * n_keys + i2`, best first, by the oracle's rule
+/// ([`pkm::select_from_scores`]). Reads the scores back to the host.
+pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsError> {
     let [groups, two, n_keys] = scores.dims();
     debug_assert_eq!(two, 2);
     let device = scores.device();
     let host: Vec<f32> = scores.detach().into_data().iter::<f32>().collect();
     let pairs = pkm::select_from_scores(&host, n_keys, knn)?;
-    let ids: Vec<i64> = pairs.into_iter().map(i64::from).collect();
+    let ids: Vec<i64> = pairs
+        .chunks_exact(2)
+        .map(|p| i64::from(p[0]) * n_keys as i64 + i64::from(p[1]))
+        .collect();
     Ok(Tensor::from_data(
-        TensorData::new(ids, [groups, knn, 2]),
+        TensorData::new(ids, [groups, knn]),
         &device,
     ))
 }

@@ -30,6 +30,10 @@ pub struct TrainBenchArgs {
     /// Backends to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu")]
     pub backends: Vec<Backend>,
+    /// Memory ops: the backend extension (`native`: memlayer-cpu kernels on
+    /// cpu, the WGSL kernels on wgpu), burn tensor ops, or the fastest.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ops: OpsChoice,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -38,11 +42,11 @@ pub struct TrainBenchArgs {
 pub fn run(args: TrainBenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     println!(
-        "{:<8} {:<12} {:>10} {:>10} {:>12} {:>14} {:>10}",
-        "backend", "variant", "ms/step", "tok/s", "vs dense", "active params", "MFLOP/tok"
+        "{:<8} {:<9} {:<12} {:>10} {:>10} {:>12} {:>14} {:>10}",
+        "backend", "ops", "variant", "ms/step", "tok/s", "vs dense", "active params", "MFLOP/tok"
     );
     for &backend in &args.backends {
-        let (device, ops) = device_for(backend, OpsChoice::Auto)?;
+        let (device, ops) = device_for(backend, args.ops)?;
         let device = device.autodiff();
         let mut dense_ms = None;
         for variant in &args.variants {
@@ -87,8 +91,9 @@ pub fn run(args: TrainBenchArgs) -> Result<()> {
             let counts = cfg.model.param_counts();
             let flops = cfg.model.flops_per_token(cfg.seq_len);
             println!(
-                "{:<8} {:<12} {:>10.1} {:>10.0} {:>11.2}x {:>14} {:>10.2}",
+                "{:<8} {:<9} {:<12} {:>10.1} {:>10.0} {:>11.2}x {:>14} {:>10.2}",
                 format!("{backend:?}").to_lowercase(),
+                format!("{ops:?}").to_lowercase(),
                 name,
                 ms,
                 tokens / (ms / 1e3),

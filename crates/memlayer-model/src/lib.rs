@@ -10,5 +10,5 @@ pub mod gpu;
 pub mod model;
 pub mod ops;
 
-pub use model::{Forward, KvCache, MemoryReads, Model, ModelError};
+pub use model::{Forward, KvCache, MemoryReads, MemorySource, Model, ModelError};
 pub use ops::MemoryOps;

@@ -10,6 +10,7 @@ use memlayer_core::model::reference::rope_tables;
 use memlayer_core::model::{ModelConfig, ParamStore};
 
 use crate::ops::{MemoryOps, OpsError};
+use std::sync::Arc;
 
 /// Errors of the burn model.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,36 @@ pub enum ModelError {
     /// Inputs that do not fit the model.
     #[error("{0}")]
     Input(String),
+    /// The external memory could not deliver (a page source failed, a page
+    /// was corrupt, the budget cannot hold a token's pages...).
+    #[error("memory: {0}")]
+    Memory(String),
+}
+
+/// Memory held outside the model's parameters: a runtime that pages the
+/// bank in on demand ([`Model::with_memory`]). It answers the two reads the
+/// model makes of its memory, with the same values the resident parameters
+/// would give.
+pub trait MemorySource: Send + Sync + std::fmt::Debug {
+    /// Weighted embedding-bag over the product-key value table:
+    /// `out[b] = Σ_j weights[b, j] · values[rows[b * bag + j]]`.
+    /// rows: (bags · bag) host row ids; weights: (bags, bag) → (bags, v_dim) on `device`.
+    fn values_bag(
+        &self,
+        rows: &[u32],
+        weights: Tensor<2>,
+        device: &Device,
+    ) -> Result<Tensor<2>, ModelError>;
+
+    /// The FFN-memory blocks of `level` (1-based) at table rows `rows`, one
+    /// per sequence: (rows.len(), dense_layers · 3 · units · dim), each row
+    /// in the bank page layout (gate, up, down per dense layer).
+    fn blocks(
+        &self,
+        level: usize,
+        rows: &[usize],
+        device: &Device,
+    ) -> Result<Tensor<2>, ModelError>;
 }
 
 /// The model's parameters on a device.
@@ -35,6 +66,8 @@ pub struct Model {
     shapes: Vec<Vec<usize>>,
     /// One flat leaf per parameter, in [`ParamStore`] order.
     tensors: Vec<Tensor<1>>,
+    /// Memory outside the parameters ([`Model::with_memory`]).
+    memory: Option<Arc<dyn MemorySource>>,
 }
 
 /// Per-layer attention cache: keys and values after RoPE, (batch, heads, positions, head_dim).
@@ -96,6 +129,33 @@ impl Model {
     ) -> Result<Self, ModelError> {
         cfg.validate()?;
         store.check(cfg)?;
+        Self::upload(cfg, store, device, ops, trainable, None)
+    }
+
+    /// A model whose memory (product-key values, FFN-memory blocks) is read
+    /// through `memory` instead of parameters: `store` holds the dense
+    /// parameters only ([`ParamStore::dense_zeros`] + `model.safetensors`).
+    /// For inference (no gradient reaches the memory).
+    pub fn with_memory(
+        cfg: &ModelConfig,
+        store: &ParamStore,
+        device: &Device,
+        ops: MemoryOps,
+        memory: Arc<dyn MemorySource>,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        store.check_dense(cfg)?;
+        Self::upload(cfg, store, device, ops, false, Some(memory))
+    }
+
+    fn upload(
+        cfg: &ModelConfig,
+        store: &ParamStore,
+        device: &Device,
+        ops: MemoryOps,
+        trainable: bool,
+        memory: Option<Arc<dyn MemorySource>>,
+    ) -> Result<Self, ModelError> {
         let mut names = Vec::new();
         let mut shapes = Vec::new();
         let mut tensors = Vec::new();
@@ -113,6 +173,7 @@ impl Model {
             names,
             shapes,
             tensors,
+            memory,
         })
     }
 
@@ -383,13 +444,27 @@ impl Model {
             if r == 0 {
                 continue;
             }
-            let table: Tensor<2> = self
-                .p1(&hier_name(l))?
-                .reshape([hs.rows(l), layers * 3 * r * d]);
-            let ids: Vec<i64> = level_rows.iter().map(|&x| x as i64).collect();
-            let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b]), &self.device);
+            // (b, layers * 3 * r * d)
+            let sel: Tensor<2> = match &self.memory {
+                Some(src) => src.blocks(l, &level_rows, &self.device)?,
+                None => {
+                    let table: Tensor<2> = self
+                        .p1(&hier_name(l))?
+                        .reshape([hs.rows(l), layers * 3 * r * d]);
+                    let ids: Vec<i64> = level_rows.iter().map(|&x| x as i64).collect();
+                    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [b]), &self.device);
+                    table.select(0, ids)
+                }
+            };
+            if sel.dims() != [b, layers * 3 * r * d] {
+                return Err(ModelError::Memory(format!(
+                    "level {l} blocks came back as {:?}, expected [{b}, {}]",
+                    sel.dims(),
+                    layers * 3 * r * d
+                )));
+            }
             // (b, layers, 3, r, d)
-            let sel: Tensor<5> = table.select(0, ids).reshape([b, layers, 3, r, d]);
+            let sel: Tensor<5> = sel.reshape([b, layers, 3, r, d]);
             for (k, part) in parts.iter_mut().enumerate() {
                 part.push(sel.clone().narrow(2, k, 1).reshape([b, layers, r, d]));
             }
@@ -479,12 +554,15 @@ impl Model {
             .iter::<i64>()
             .map(|v| v as u32)
             .collect();
-        let values: Tensor<2> = self.p(VALUES)?;
-        let mem = self.ops.embedding_bag(
-            values,
-            rows.reshape([n, heads * knn]),
-            w.reshape([n, heads * knn]),
-        );
+        // (n, v_dim)
+        let mem = match &self.memory {
+            Some(src) => src.values_bag(&host_rows, w.reshape([n, heads * knn]), &self.device)?,
+            None => self.ops.embedding_bag(
+                self.p(VALUES)?,
+                rows.reshape([n, heads * knn]),
+                w.reshape([n, heads * knn]),
+            ),
+        };
         let u = linear(h.clone(), self.p(&m("swilu_projection.weight"))?)
             + self.p1(&m("swilu_projection.bias"))?.reshape([1, c.v_dim]);
         let out = linear(mem * activation::silu(u), self.p(&m("value_proj.weight"))?)

@@ -45,12 +45,20 @@ pub fn value_page_rows(v_dim: usize, dtype: Dtype) -> u32 {
 
 /// The bank layout of `cfg`'s memory (None when it has none).
 pub fn bank_layout(cfg: &ModelConfig, dtype: Dtype) -> Option<BankLayout> {
+    let page_rows = cfg
+        .pkm_config()
+        .map_or(1, |c| value_page_rows(c.v_dim, dtype));
+    bank_layout_with(cfg, dtype, page_rows)
+}
+
+/// [`bank_layout`] with `page_rows` value rows per page.
+pub fn bank_layout_with(cfg: &ModelConfig, dtype: Dtype, page_rows: u32) -> Option<BankLayout> {
     let mut sections = Vec::new();
     if let Some(c) = cfg.pkm_config() {
         sections.push(SectionSpec::pkm_values(
             c.n_rows() as u64,
             c.v_dim as u32,
-            value_page_rows(c.v_dim, dtype),
+            page_rows,
             dtype,
         ));
     }
@@ -77,7 +85,27 @@ pub fn write_bank(
     path: &Path,
     dtype: Dtype,
 ) -> Result<u64, TrainError> {
-    let Some(layout) = bank_layout(cfg, dtype) else {
+    write_bank_layout(cfg, store, path, bank_layout(cfg, dtype))
+}
+
+/// [`write_bank`] with `page_rows` value rows per page.
+pub fn write_bank_with(
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    path: &Path,
+    dtype: Dtype,
+    page_rows: u32,
+) -> Result<u64, TrainError> {
+    write_bank_layout(cfg, store, path, bank_layout_with(cfg, dtype, page_rows))
+}
+
+fn write_bank_layout(
+    cfg: &ModelConfig,
+    store: &ParamStore,
+    path: &Path,
+    layout: Option<BankLayout>,
+) -> Result<u64, TrainError> {
+    let Some(layout) = layout else {
         return Ok(0);
     };
     let mut w = BankFileWriter::create(path, &layout).map_err(|e| io(path, e))?;
@@ -195,29 +223,44 @@ pub struct LoadedModel {
 
 /// Loads a model directory written by [`export`]; errors name the file.
 pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
+    let dense = load_dense(dir)?;
+    let config = dense.config;
+    let mut store = ParamStore::init(&config, 0)?;
+    for p in dense.store.params() {
+        let i = store
+            .position(&p.name)
+            .ok_or_else(|| io(dir, format!("no parameter {}", p.name)))?;
+        store.params_mut()[i].data.clone_from(&p.data);
+    }
+    if config.pkm.is_some() || config.hier.is_some() {
+        read_bank(&config, &mut store, &dir.join("memory.bank"))?;
+    }
+    Ok(LoadedModel {
+        config,
+        store,
+        ..dense
+    })
+}
+
+/// Loads a model directory without its memory: the store holds the dense
+/// parameters only ([`ParamStore::dense_zeros`]); the bank stays where it
+/// is, for a runtime that pages it in.
+pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let config: ModelConfig = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
     config.validate().map_err(|e| io(&cfg_path, e))?;
-    let mut store = ParamStore::init(&config, 0)?;
+    let mut store = ParamStore::dense_zeros(&config)?;
     let st_path = dir.join("model.safetensors");
     let bytes = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
     let n = store
         .load_safetensors(&bytes)
         .map_err(|e| io(&st_path, e))?;
-    let dense = store
-        .params()
-        .iter()
-        .filter(|p| !matches!(p.group, ParamGroup::MemoryValues | ParamGroup::MemoryBlocks))
-        .count();
-    if n != dense {
+    if n != store.len() {
         return Err(io(
             &st_path,
-            format!("{n} tensors read, the config needs {dense}"),
+            format!("{n} tensors read, the config needs {}", store.len()),
         ));
-    }
-    if config.pkm.is_some() || config.hier.is_some() {
-        read_bank(&config, &mut store, &dir.join("memory.bank"))?;
     }
     let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
     let routing = if config.hier.is_some() {

@@ -323,6 +323,62 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Whether `name` is a memory parameter (the product-key values or a
+    /// level's FFN-memory blocks): what lives in the bank, not in
+    /// `model.safetensors`.
+    pub fn is_memory_name(name: &str) -> bool {
+        name == VALUES || name.starts_with("hier.level")
+    }
+
+    /// The dense parameters of `cfg` (everything but the memory), zero-filled,
+    /// in store order: what a runtime loads `model.safetensors` into while the
+    /// memory stays in the bank and is paged in on demand.
+    pub fn dense_zeros(cfg: &ModelConfig) -> Result<Self, OracleError> {
+        let mut s = Self::new();
+        for (name, shape) in Self::shapes(cfg)? {
+            if Self::is_memory_name(&name) {
+                continue;
+            }
+            let n = shape.iter().product();
+            let group = if shape.len() == 1 {
+                ParamGroup::NoDecay
+            } else {
+                ParamGroup::Dense
+            };
+            s.push(name, &shape, vec![0.0; n], group)?;
+        }
+        Ok(s)
+    }
+
+    /// Like [`ParamStore::check`] for a store without the memory parameters
+    /// ([`ParamStore::dense_zeros`]).
+    pub fn check_dense(&self, cfg: &ModelConfig) -> Result<(), OracleError> {
+        let reference: Vec<_> = Self::shapes(cfg)?
+            .into_iter()
+            .filter(|(n, _)| !Self::is_memory_name(n))
+            .collect();
+        for (name, shape) in &reference {
+            let p = self.get(name)?;
+            if &p.shape != shape {
+                return Err(OracleError::InvalidConfig(format!(
+                    "parameter {name} has shape {:?}, config wants {shape:?}",
+                    p.shape
+                )));
+            }
+        }
+        if let Some(extra) = self
+            .params
+            .iter()
+            .find(|p| !reference.iter().any(|(n, _)| n == &p.name))
+        {
+            return Err(OracleError::InvalidConfig(format!(
+                "unexpected parameter {} for a dense store of this config",
+                extra.name
+            )));
+        }
+        Ok(())
+    }
+
     /// (name, shape) of every parameter of `cfg`, in order.
     pub fn shapes(cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>, OracleError> {
         cfg.validate()?;

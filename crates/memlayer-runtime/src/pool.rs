@@ -1,0 +1,193 @@
+//! Slot pools: where resident value pages live (host memory or device
+//! buffers), and the embedding-bag that reads them through a page table.
+//!
+//! A pool has `slots` slots of `page_rows × dim` f32; page `p` of the value
+//! table is resident in slot `page_table[p]` ([`NO_SLOT`] otherwise). Both
+//! pools sum in the oracle's order, so a bag through a pool is bit-identical
+//! to the bag over the full table (`memlayer_core::bag::bag_forward`).
+
+use memlayer_core::cache::NO_SLOT;
+
+/// Errors of a pool.
+pub type PoolError = String;
+
+/// Resident value pages and the bag over them.
+pub trait SlotPool: Send {
+    /// Writes page data (`≤ page_rows × dim` values; a short last page
+    /// leaves the slot's tail stale, never read) into `slot`.
+    fn write_slot(&mut self, slot: u32, data: &[f32]) -> Result<(), PoolError>;
+
+    /// `out[b] = Σ_{e in offsets[b]..offsets[b+1]} weights[e] · row(indices[e])`
+    /// where row `r` is row `r % page_rows` of slot `page_table[r / page_rows]`.
+    /// Every page an entry needs must be resident. → (bags, dim)
+    fn bag(
+        &mut self,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, PoolError>;
+
+    /// Bytes the pool holds.
+    fn bytes(&self) -> u64;
+
+    /// Where the slots live (`host` or the adapter's name).
+    fn describe(&self) -> String;
+}
+
+/// Slots in host memory, summed by `memlayer-cpu`'s paged gather.
+pub struct HostPool {
+    rows: usize,
+    dim: usize,
+    page_rows: usize,
+    slots: usize,
+    data: Vec<f32>,
+    cpu: memlayer_cpu::Cpu,
+}
+
+impl HostPool {
+    /// A pool of `slots` slots for a table of `rows × dim` in pages of `page_rows`.
+    pub fn new(rows: usize, dim: usize, page_rows: usize, slots: usize) -> Result<Self, PoolError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu = memlayer_cpu::Cpu::new(threads).map_err(|e| e.to_string())?;
+        Ok(Self {
+            rows,
+            dim,
+            page_rows,
+            slots,
+            data: vec![0.0; slots * page_rows * dim],
+            cpu,
+        })
+    }
+}
+
+impl SlotPool for HostPool {
+    fn write_slot(&mut self, slot: u32, data: &[f32]) -> Result<(), PoolError> {
+        let slot_len = self.page_rows * self.dim;
+        if slot as usize >= self.slots || data.len() > slot_len {
+            return Err(format!(
+                "slot {slot} / {} values do not fit a pool of {} slots × {slot_len}",
+                data.len(),
+                self.slots
+            ));
+        }
+        self.data[slot as usize * slot_len..][..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn bag(
+        &mut self,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, PoolError> {
+        let bags = offsets.len().saturating_sub(1);
+        let buffers = [self.data.as_slice()];
+        let table = memlayer_cpu::PagedTable::new(
+            self.rows,
+            self.dim,
+            self.page_rows,
+            page_table,
+            self.slots.max(1),
+            &buffers,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut out = vec![0.0f32; bags * self.dim];
+        self.cpu
+            .bag_forward(&table, indices, weights, offsets, &mut out)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.data.len() * 4) as u64
+    }
+
+    fn describe(&self) -> String {
+        "host memory".into()
+    }
+}
+
+/// Slots in device buffers (sharded by the adapter's binding limit), summed
+/// by `bag_forward.wgsl` through the page table.
+#[cfg(feature = "wgpu")]
+pub struct DevicePool {
+    ctx: std::sync::Arc<memlayer_wgpu::GpuContext>,
+    kernels: memlayer_wgpu::bag_forward::BagForward,
+    slots: memlayer_wgpu::ShardedTable,
+    page_rows: usize,
+    dim: usize,
+}
+
+#[cfg(feature = "wgpu")]
+impl DevicePool {
+    /// A pool of `slots` slots of `page_rows × dim` f32 on `ctx`'s device.
+    pub fn new(
+        ctx: std::sync::Arc<memlayer_wgpu::GpuContext>,
+        dim: usize,
+        page_rows: usize,
+        slots: usize,
+    ) -> Result<Self, PoolError> {
+        let kernels =
+            memlayer_wgpu::bag_forward::BagForward::new(&ctx).map_err(|e| e.to_string())?;
+        let table = memlayer_wgpu::ShardedTable::zeroed(
+            &ctx,
+            "page slots",
+            slots * page_rows,
+            dim,
+            memlayer_wgpu::GpuDtype::F32,
+            page_rows,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            ctx,
+            kernels,
+            slots: table,
+            page_rows,
+            dim,
+        })
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl SlotPool for DevicePool {
+    fn write_slot(&mut self, slot: u32, data: &[f32]) -> Result<(), PoolError> {
+        let words =
+            memlayer_wgpu::buffers::encode_rows(data, self.dim, memlayer_wgpu::GpuDtype::F32);
+        self.slots
+            .write_rows(&self.ctx, slot as usize * self.page_rows, &words)
+            .map_err(|e| e.to_string())
+    }
+
+    fn bag(
+        &mut self,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, PoolError> {
+        self.kernels
+            .run_paged(
+                &self.ctx,
+                &self.slots,
+                self.page_rows,
+                page_table,
+                indices,
+                weights,
+                offsets,
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.slots.rows * self.dim * 4) as u64
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({:?})", self.ctx.info.name, self.ctx.info.backend)
+    }
+}
+
+/// Marks a non-resident page in a page table.
+pub const MISSING: u32 = NO_SLOT;

@@ -31,6 +31,10 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Length of `data.bin`: above tiny_http's 32 KiB chunked threshold, so
+/// the tests see that replies keep an exact `Content-Length`.
+const N: usize = 100_000;
+
 struct Site {
     _tmp: tempfile::TempDir,
     data: Vec<u8>,
@@ -54,7 +58,7 @@ fn site() -> Site {
     ] {
         std::fs::create_dir_all(d).expect("mkdir");
     }
-    let data = bytes(10_000, 1);
+    let data = bytes(N, 1);
     let w = |p: &Path, b: &[u8]| std::fs::write(p, b).expect("write");
     w(&root.join("secret.txt"), b"secret");
     w(&root.join("Cargo.toml"), b"[package] secret");
@@ -158,7 +162,7 @@ fn server_full_get_and_head() {
     let r = get(a, "/data.bin");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, s.data);
-    assert_eq!(r.h("content-length"), Some("10000"));
+    assert_eq!(r.h("content-length"), Some("100000"));
     assert_eq!(r.h("accept-ranges"), Some("bytes"));
     assert_eq!(r.h("content-type"), Some("application/octet-stream"));
     assert_eq!(r.h("cache-control"), Some("no-cache"));
@@ -171,7 +175,7 @@ fn server_full_get_and_head() {
 
     let r = raw(a, "HEAD", "/data.bin", &[]);
     assert_eq!(r.status, 200);
-    assert_eq!(r.h("content-length"), Some("10000"));
+    assert_eq!(r.h("content-length"), Some("100000"));
     assert_eq!(r.h("accept-ranges"), Some("bytes"));
     assert!(r.body.is_empty());
 
@@ -190,7 +194,7 @@ fn server_ranges() {
         assert_eq!(r.status, 206, "{range}");
         assert_eq!(
             r.h("content-range"),
-            Some(format!("bytes {start}-{end}/10000").as_str()),
+            Some(format!("bytes {start}-{end}/100000").as_str()),
             "{range}"
         );
         let len = (end - start + 1).to_string();
@@ -200,23 +204,29 @@ fn server_ranges() {
     };
     check("bytes=0-0", 0, 0);
     check("bytes=100-4195", 100, 4195);
-    check("bytes=9999-9999", 9999, 9999);
-    check("bytes=9000-", 9000, 9999);
-    check("bytes=-10", 9990, 9999);
-    check("bytes=5000-99999", 5000, 9999); // end clamped
-    check("bytes=-20000", 0, 9999); // suffix longer than the file
+    check("bytes=99999-99999", 99_999, 99_999);
+    check("bytes=90000-", 90_000, 99_999);
+    check("bytes=-10", 99_990, 99_999);
+    check("bytes=-40000", 60_000, 99_999);
+    check("bytes=5000-999999", 5000, 99_999); // end clamped
+    check("bytes=-200000", 0, 99_999); // suffix longer than the file
 
     // HEAD with a range: the headers of the 206, no body.
     let r = raw(a, "HEAD", "/data.bin", &[("Range", "bytes=10-19")]);
     assert_eq!(r.status, 206);
-    assert_eq!(r.h("content-range"), Some("bytes 10-19/10000"));
+    assert_eq!(r.h("content-range"), Some("bytes 10-19/100000"));
     assert_eq!(r.h("content-length"), Some("10"));
     assert!(r.body.is_empty());
 
-    for bad in ["bytes=10000-", "bytes=10000-10005", "bytes=-0", "bytes=5-3"] {
+    for bad in [
+        "bytes=100000-",
+        "bytes=100000-100005",
+        "bytes=-0",
+        "bytes=5-3",
+    ] {
         let r = get_range(a, "/data.bin", bad);
         assert_eq!(r.status, 416, "{bad}");
-        assert_eq!(r.h("content-range"), Some("bytes */10000"), "{bad}");
+        assert_eq!(r.h("content-range"), Some("bytes */100000"), "{bad}");
         assert!(r.body.is_empty(), "{bad}");
     }
     let r = get_range(a, "/empty.bin", "bytes=0-0");
@@ -349,7 +359,7 @@ fn source_reads_match_the_file() {
     let s = site();
     let url = format!("{}/data.bin", s.server.url());
     let src = HttpSource::open(&url).expect("open");
-    assert_eq!(src.len().expect("len"), 10_000);
+    assert_eq!(src.len().expect("len"), N as u64);
     assert_eq!(src.describe(), url);
     let d = &s.data;
     let mut rng = 12345u64;
@@ -359,10 +369,16 @@ fn source_reads_match_the_file() {
             .wrapping_add(1442695040888963407);
         (rng >> 33) % n
     };
-    let mut ranges = vec![(0usize, 10_000usize), (9_999, 1), (0, 1), (4096, 4096)];
+    let mut ranges = vec![
+        (0usize, N),
+        (N - 1, 1),
+        (0, 1),
+        (4096, 4096),
+        (1000, 70_000),
+    ];
     for _ in 0..40 {
-        let off = next(10_000) as usize;
-        let len = 1 + next((10_000 - off) as u64) as usize;
+        let off = next(N as u64) as usize;
+        let len = 1 + next((N - off).min(20_000) as u64) as usize;
         ranges.push((off, len));
     }
     let before = src.stats();
@@ -378,7 +394,7 @@ fn source_reads_match_the_file() {
     assert_eq!(after.bytes - before.bytes, total);
     assert_eq!(after.retries, 0);
     // 0-length reads inside the file (including at its end): no request.
-    for off in [0, 5000, 10_000] {
+    for off in [0, 5000, N as u64] {
         src.read_at(off, &mut []).expect("empty read");
     }
     assert_eq!(src.stats().requests, after.requests);
@@ -389,14 +405,19 @@ fn source_out_of_bounds_without_a_request() {
     let s = site();
     let src = HttpSource::open(format!("{}/data.bin", s.server.url())).expect("open");
     let requests = src.stats().requests;
-    for (off, len) in [(10_000u64, 1usize), (9_999, 2), (20_000, 0), (u64::MAX, 1)] {
+    for (off, len) in [
+        (N as u64, 1usize),
+        (N as u64 - 1, 2),
+        (2 * N as u64, 0),
+        (u64::MAX, 1),
+    ] {
         let mut buf = vec![0u8; len];
         match src.read_at(off, &mut buf) {
             Err(SourceError::OutOfBounds {
                 offset,
                 length,
                 size,
-            }) => assert_eq!((offset, length, size), (off, len as u64, 10_000)),
+            }) => assert_eq!((offset, length, size), (off, len as u64, N as u64)),
             other => panic!("{off}+{len}: {other:?}"),
         }
     }
@@ -414,7 +435,7 @@ fn source_concurrent_reads() {
             let data = Arc::clone(&data);
             std::thread::spawn(move || {
                 for i in 0..50u64 {
-                    let off = ((t * 7919 + i * 104_729) % 9_000) as usize;
+                    let off = ((t * 7919 + i * 104_729) % (N as u64 - 1000)) as usize;
                     let len = 1 + ((t + i * 31) % 1000) as usize;
                     let mut buf = vec![0u8; len];
                     src.read_at(off as u64, &mut buf).expect("read_at");

@@ -1,0 +1,516 @@
+//! [`HttpSource`]: a [`PageSource`] over HTTP `Range` requests.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use memlayer_core::bank::{PageSource, SourceError};
+use ureq::http::{HeaderMap, StatusCode};
+
+use crate::range::{parse_content_range, parse_unsatisfied_length};
+
+/// Timeouts and retries of an [`HttpSource`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpOptions {
+    /// Limit for connecting, and for each wait for bytes from the server
+    /// (reply headers or the next chunk of the body). A server that stalls
+    /// longer fails the attempt with "timed out". Default 10 s.
+    pub timeout: Duration,
+    /// How many times a failed request is repeated after the first attempt
+    /// (so at most `retries + 1` attempts). Only connection errors, timeouts
+    /// and 5xx replies are retried. Default 3.
+    pub retries: u32,
+    /// Wait before the first retry; doubled before each further one
+    /// (100 ms, 200 ms, 400 ms with the defaults). Default 100 ms.
+    pub backoff: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Traffic of an [`HttpSource`] since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    /// HTTP requests sent, counting the length probe at open and every retry.
+    pub requests: u64,
+    /// Body bytes delivered by successful range reads (and the probe).
+    pub bytes: u64,
+    /// Attempts that failed with a retryable error and were repeated.
+    pub retries: u64,
+}
+
+/// A bank file read with HTTP `Range` requests: one `GET` with
+/// `Range: bytes=start-end` per [`PageSource::read_at`].
+///
+/// Opening sends a `HEAD` (or, when that does not show `Content-Length` and
+/// `Accept-Ranges: bytes`, a `GET` of `bytes=0-0`) to learn the length and
+/// check that the server honours ranges. Every read must then come back as
+/// `206 Partial Content` with a `Content-Range` naming exactly the requested
+/// bytes of a file of the length seen at open, and exactly that many body
+/// bytes; anything else is an error, so a read never returns partial or
+/// wrong bytes (the bank reader's checksums are a second line of defence).
+///
+/// Cheap to share between threads: requests go through one
+/// [`ureq::Agent`], which keeps a pool of idle connections.
+#[derive(Debug)]
+pub struct HttpSource {
+    url: String,
+    agent: ureq::Agent,
+    options: HttpOptions,
+    len: u64,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// Why one attempt failed, and whether another attempt may help.
+struct Failure {
+    cause: String,
+    retryable: bool,
+    kind: io::ErrorKind,
+}
+
+impl Failure {
+    fn fatal(cause: impl Into<String>) -> Self {
+        Self {
+            cause: cause.into(),
+            retryable: false,
+            kind: io::ErrorKind::Other,
+        }
+    }
+
+    fn retry(cause: impl Into<String>, kind: io::ErrorKind) -> Self {
+        Self {
+            cause: cause.into(),
+            retryable: true,
+            kind,
+        }
+    }
+
+    /// A failure because of the reply's status (5xx retryable, others not).
+    fn status(status: StatusCode) -> Self {
+        let cause = show_status(status);
+        if status.is_server_error() {
+            Self::retry(cause, io::ErrorKind::Other)
+        } else {
+            let kind = match status.as_u16() {
+                404 | 410 => io::ErrorKind::NotFound,
+                401 | 403 => io::ErrorKind::PermissionDenied,
+                _ => io::ErrorKind::Other,
+            };
+            Self {
+                cause,
+                retryable: false,
+                kind,
+            }
+        }
+    }
+}
+
+fn show_status(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("HTTP {} {reason}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    }
+}
+
+/// Classifies a ureq error: transport problems are retried, the rest not.
+fn transport_failure(e: ureq::Error, timeout: Duration) -> Failure {
+    match e {
+        ureq::Error::Timeout(t) => Failure::retry(
+            format!("timed out after {timeout:?} ({t})"),
+            io::ErrorKind::TimedOut,
+        ),
+        ureq::Error::Io(e) => io_failure(&e, timeout),
+        ureq::Error::ConnectionFailed => {
+            Failure::retry("connection failed", io::ErrorKind::ConnectionRefused)
+        }
+        ureq::Error::HostNotFound => Failure {
+            cause: "host not found".into(),
+            retryable: true,
+            kind: io::ErrorKind::NotFound,
+        },
+        e => Failure::fatal(e.to_string()),
+    }
+}
+
+/// An I/O error on the connection: retried; timeouts say "timed out".
+fn io_failure(e: &io::Error, timeout: Duration) -> Failure {
+    // A ureq timeout hit while reading the body arrives wrapped in io::Error.
+    if let Some(inner) = e.get_ref().and_then(|x| x.downcast_ref::<ureq::Error>())
+        && let ureq::Error::Timeout(t) = inner
+    {
+        return Failure::retry(
+            format!("timed out after {timeout:?} ({t})"),
+            io::ErrorKind::TimedOut,
+        );
+    }
+    match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::retry(
+            format!("timed out after {timeout:?} ({e})"),
+            io::ErrorKind::TimedOut,
+        ),
+        kind => Failure::retry(format!("I/O error: {e}"), kind),
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Fails if the body is content-encoded (its bytes would not be the file's).
+fn check_identity(headers: &HeaderMap) -> Result<(), Failure> {
+    match header(headers, "content-encoding").map(str::trim) {
+        None | Some("") => Ok(()),
+        Some(enc) if enc.eq_ignore_ascii_case("identity") => Ok(()),
+        Some(enc) => Err(Failure::fatal(format!(
+            "the reply is content-encoded ({enc}), so its bytes are not the file's"
+        ))),
+    }
+}
+
+const NO_RANGE: &str = "the server does not support Range requests";
+
+impl HttpSource {
+    /// Opens `url` (`http://` or `https://`) with default [`HttpOptions`].
+    pub fn open(url: impl Into<String>) -> Result<Self, SourceError> {
+        Self::open_with(url, HttpOptions::default())
+    }
+
+    /// Opens `url`: learns its length and checks that the server honours
+    /// byte ranges (see the type docs). Fails with [`SourceError::Open`]
+    /// naming the URL; its I/O error kind is `TimedOut` for timeouts,
+    /// `NotFound` for 404/410, `Unsupported` for a server without ranges.
+    pub fn open_with(url: impl Into<String>, options: HttpOptions) -> Result<Self, SourceError> {
+        let url = url.into();
+        let scheme_ok = ["http://", "https://"].iter().any(|s| {
+            url.get(..s.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(s))
+        });
+        if !scheme_ok {
+            return Err(SourceError::Open {
+                location: url,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not an http:// or https:// URL",
+                ),
+            });
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(options.timeout))
+            .timeout_per_read(Some(options.timeout))
+            .timeout_per_write(Some(options.timeout))
+            .max_idle_connections_per_host(16)
+            .user_agent(concat!("memlayer-http/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let mut source = Self {
+            url,
+            agent: config.into(),
+            options,
+            len: 0,
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        };
+        source.len = source.probe()?;
+        Ok(source)
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &HttpOptions {
+        &self.options
+    }
+
+    /// Requests, bytes and retries so far (relaxed atomics: a snapshot).
+    pub fn stats(&self) -> HttpStats {
+        HttpStats {
+            requests: self.requests.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retries are
+    /// spent; `what` names the request in the error (`GET <url> bytes=a-b`).
+    fn with_retries<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, (String, io::ErrorKind)> {
+        let max = self.options.retries.saturating_add(1);
+        let mut delay = self.options.backoff;
+        let mut n = 1;
+        loop {
+            self.requests.fetch_add(1, Relaxed);
+            let f = match attempt() {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            let tries = if n == 1 {
+                "1 attempt".to_string()
+            } else {
+                format!("{n} attempts")
+            };
+            if !f.retryable {
+                return Err((
+                    format!("{what}: {} ({tries}, not retried)", f.cause),
+                    f.kind,
+                ));
+            }
+            if n >= max {
+                return Err((
+                    format!("{what}: {} (gave up after {tries})", f.cause),
+                    f.kind,
+                ));
+            }
+            self.retries.fetch_add(1, Relaxed);
+            std::thread::sleep(delay);
+            delay = delay.saturating_mul(2);
+            n += 1;
+        }
+    }
+
+    /// Learns the length: `HEAD`, falling back to a `GET` of `bytes=0-0`.
+    fn probe(&self) -> Result<u64, SourceError> {
+        let open_err = |(msg, kind): (String, io::ErrorKind)| SourceError::Open {
+            location: self.url.clone(),
+            source: io::Error::new(kind, msg),
+        };
+        // The URL is the error's location already: name only the request.
+        if let Some(len) = self
+            .with_retries("HEAD", || self.head_once())
+            .map_err(open_err)?
+        {
+            return Ok(len);
+        }
+        self.with_retries("GET bytes=0-0", || self.probe_once())
+            .map_err(open_err)
+    }
+
+    /// `Some(len)` if a `HEAD` shows the length and `Accept-Ranges: bytes`;
+    /// `None` (use the GET probe) for any other reply.
+    fn head_once(&self) -> Result<Option<u64>, Failure> {
+        let resp = self
+            .agent
+            .head(&self.url)
+            .call()
+            .map_err(|e| transport_failure(e, self.options.timeout))?;
+        if !resp.status().is_success() {
+            return Ok(None);
+        }
+        let h = resp.headers();
+        let ranges = header(h, "accept-ranges")
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("bytes")));
+        let len = header(h, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        Ok(len.filter(|_| ranges && check_identity(h).is_ok()))
+    }
+
+    /// `GET` of `bytes=0-0`: the length from the `Content-Range` of a 206
+    /// (or of a 416 for an empty file).
+    fn probe_once(&self) -> Result<u64, Failure> {
+        let resp = self
+            .agent
+            .get(&self.url)
+            .header("Range", "bytes=0-0")
+            .call()
+            .map_err(|e| transport_failure(e, self.options.timeout))?;
+        let status = resp.status();
+        let h = resp.headers();
+        let content_range = header(h, "content-range").unwrap_or("").to_string();
+        match status.as_u16() {
+            206 => {
+                check_identity(h)?;
+                let cr = parse_content_range(&content_range)
+                    .filter(|cr| cr.first == 0 && cr.last == 0)
+                    .ok_or_else(|| {
+                        Failure::fatal(format!(
+                            "206 reply with a Content-Range of {content_range:?} for bytes 0-0"
+                        ))
+                    })?;
+                let len = cr.complete.ok_or_else(|| {
+                    Failure::fatal(format!(
+                        "the server does not tell the file length (Content-Range {content_range:?})"
+                    ))
+                })?;
+                let mut byte = [0u8; 1];
+                read_body(resp.into_body(), &mut byte, self.options.timeout)?;
+                self.bytes.fetch_add(1, Relaxed);
+                Ok(len)
+            }
+            // bytes=0-0 is unsatisfiable only for an empty file.
+            416 => match parse_unsatisfied_length(&content_range) {
+                Some(0) => Ok(0),
+                _ => Err(Failure::fatal(format!(
+                    "HTTP 416 Range Not Satisfiable for bytes=0-0 (Content-Range {content_range:?})"
+                ))),
+            },
+            s if (200..300).contains(&s) => Err(Failure {
+                cause: format!(
+                    "{NO_RANGE}: it answered {} instead of 206 Partial Content",
+                    show_status(status)
+                ),
+                retryable: false,
+                kind: io::ErrorKind::Unsupported,
+            }),
+            _ => Err(Failure::status(status)),
+        }
+    }
+
+    /// One `GET` of `offset..offset + buf.len()` (`buf` not empty, in bounds).
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Failure> {
+        let last = offset + buf.len() as u64 - 1;
+        let resp = self
+            .agent
+            .get(&self.url)
+            .header("Range", format!("bytes={offset}-{last}"))
+            .call()
+            .map_err(|e| transport_failure(e, self.options.timeout))?;
+        let status = resp.status();
+        let h = resp.headers();
+        let content_range = header(h, "content-range").unwrap_or("").to_string();
+        match status.as_u16() {
+            206 => {}
+            416 => {
+                let now = parse_unsatisfied_length(&content_range)
+                    .map_or_else(|| "unknown".to_string(), |n| format!("{n} bytes"));
+                return Err(Failure::fatal(format!(
+                    "HTTP 416 Range Not Satisfiable: the file is now {now} long, it was {} bytes when opened",
+                    self.len
+                )));
+            }
+            s if (200..300).contains(&s) => {
+                return Err(Failure::fatal(format!(
+                    "{NO_RANGE}: it answered {} instead of 206 Partial Content",
+                    show_status(status)
+                )));
+            }
+            _ => return Err(Failure::status(status)),
+        }
+        check_identity(h)?;
+        let cr = parse_content_range(&content_range).ok_or_else(|| {
+            Failure::fatal(format!(
+                "206 reply without a valid Content-Range (got {content_range:?})"
+            ))
+        })?;
+        if cr.first != offset || cr.last != last {
+            return Err(Failure::fatal(format!(
+                "the server sent bytes {}-{} (Content-Range {content_range:?}) instead of {offset}-{last}",
+                cr.first, cr.last
+            )));
+        }
+        if let Some(total) = cr.complete
+            && total != self.len
+        {
+            return Err(Failure::fatal(format!(
+                "the file changed on the server: it is now {total} bytes long, it was {} bytes when opened",
+                self.len
+            )));
+        }
+        if let Some(n) = header(h, "content-length").and_then(|v| v.trim().parse::<u64>().ok())
+            && n != buf.len() as u64
+        {
+            return Err(Failure::fatal(format!(
+                "206 reply with Content-Length {n} for a range of {} bytes",
+                buf.len()
+            )));
+        }
+        read_body(resp.into_body(), buf, self.options.timeout)?;
+        self.bytes.fetch_add(buf.len() as u64, Relaxed);
+        Ok(())
+    }
+}
+
+/// Fills `buf` from the body, which must hold exactly `buf.len()` bytes.
+fn read_body(body: ureq::Body, buf: &mut [u8], timeout: Duration) -> Result<(), Failure> {
+    let mut reader = body.into_reader();
+    let mut done = 0;
+    while done < buf.len() {
+        match reader.read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(Failure::retry(
+                    format!(
+                        "the body ended after {done} of {} bytes (connection closed)",
+                        buf.len()
+                    ),
+                    io::ErrorKind::UnexpectedEof,
+                ));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let mut f = io_failure(&e, timeout);
+                f.cause = format!("{} after {done} of {} body bytes", f.cause, buf.len());
+                return Err(f);
+            }
+        }
+    }
+    // The body must end here (ureq enforces Content-Length; this catches
+    // chunked or close-delimited bodies that run long). Reading to the end
+    // also lets the connection go back to the pool.
+    let mut extra = [0u8; 1];
+    loop {
+        match reader.read(&mut extra) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {
+                return Err(Failure::fatal(format!(
+                    "the body is longer than the {} bytes requested",
+                    buf.len()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let mut f = io_failure(&e, timeout);
+                f.cause = format!("{} at the end of the body", f.cause);
+                return Err(f);
+            }
+        }
+    }
+}
+
+impl PageSource for HttpSource {
+    /// One ranged `GET` (with retries); a read of 0 bytes inside the file
+    /// succeeds without a request; a range past the end is
+    /// [`SourceError::OutOfBounds`] without a request. Other failures are
+    /// [`SourceError::Other`] naming the URL, the byte range, the cause and
+    /// the number of attempts.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let length = buf.len() as u64;
+        match offset.checked_add(length) {
+            Some(end) if end <= self.len => {}
+            _ => {
+                return Err(SourceError::OutOfBounds {
+                    offset,
+                    length,
+                    size: self.len,
+                });
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let what = format!("GET {} bytes={offset}-{}", self.url, offset + length - 1);
+        self.with_retries(&what, || self.read_once(offset, buf))
+            .map_err(|(msg, _)| SourceError::Other(msg))
+    }
+
+    fn len(&self) -> Result<u64, SourceError> {
+        Ok(self.len)
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}

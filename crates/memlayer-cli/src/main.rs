@@ -5,6 +5,8 @@ use clap::{Parser, Subcommand};
 mod cmd_bank;
 mod cmd_bench;
 mod cmd_bench_train;
+mod cmd_demo;
+mod cmd_generate;
 mod cmd_inspect;
 mod cmd_layer;
 mod cmd_train;
@@ -43,6 +45,15 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Evaluate a model directory: fact recall by frequency bucket, perplexity.
     Eval(cmd_train::EvalArgs),
+    /// Generate text with the model's memory paged in on demand under a budget.
+    Generate(cmd_generate::GenerateArgs),
+    /// Interactive generation, one prompt per line, with a stats line per turn.
+    Chat(cmd_generate::ChatArgs),
+    /// Serve a model directory (and the web app) over HTTP with Range support on 127.0.0.1.
+    Serve(cmd_generate::ServeArgs),
+    /// The main job: held-out fact questions answered with 25% of the memory resident,
+    /// next to the fully resident run.
+    Demo(cmd_demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +65,10 @@ fn main() -> std::process::ExitCode {
         Command::Layer { command } => cmd_layer::run(command),
         Command::Train(args) => cmd_train::run_train(args),
         Command::Eval(args) => cmd_train::run_eval(args),
+        Command::Generate(args) => cmd_generate::run_generate(args),
+        Command::Chat(args) => cmd_generate::run_chat(args),
+        Command::Serve(args) => cmd_generate::run_serve(args),
+        Command::Demo(args) => cmd_demo::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -176,12 +176,14 @@ fn err(msg: impl std::fmt::Display) -> ModelError {
     ModelError::Memory(msg.to_string())
 }
 
+/// A fetched page's values, or why it could not be fetched.
+type Fetched = Result<Vec<f32>, String>;
+
 /// Reads `pages` (global ids) from the bank with up to `threads` concurrent
 /// fetches; one result per page, in order.
-fn fetch_pages(bank: &Bank, pages: &[PageId], threads: usize) -> Vec<Result<Vec<f32>, String>> {
+fn fetch_pages(bank: &Bank, pages: &[PageId], threads: usize) -> Vec<Fetched> {
     let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<Vec<f32>, String>>>> =
-        pages.iter().map(|_| Mutex::new(None)).collect();
+    let results: Vec<Mutex<Option<Fetched>>> = pages.iter().map(|_| Mutex::new(None)).collect();
     let workers = threads.clamp(1, pages.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {

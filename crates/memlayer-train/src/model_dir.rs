@@ -13,7 +13,8 @@
 //! metrics.jsonl        loss per step; loss.png its plot
 //! ```
 //!
-//! Bank sections: `pkm_values` (rows `n_keys²`, `VALUE_PAGE_BYTES` per page)
+//! Bank sections: `pkm_values` (rows `n_keys²`, `VALUE_PAGE_BYTES` per page,
+//! at least `MIN_VALUE_PAGES` pages)
 //! then one `ffn_blocks` section per level whose nodes are the level's
 //! table rows (`b^l` tree nodes, then the generic block when trained).
 
@@ -38,16 +39,30 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-/// Rows per value page for rows of `v_dim` values of `dtype`.
-pub fn value_page_rows(v_dim: usize, dtype: Dtype) -> u32 {
-    (VALUE_PAGE_BYTES / (v_dim * dtype.size()).max(1)).clamp(1, u32::MAX as usize) as u32
+/// Least number of pages a value table is cut into (a small table still
+/// gets pages fine enough for a budget of a fraction of it to hold one
+/// token's rows).
+pub const MIN_VALUE_PAGES: usize = 256;
+
+/// Rows per value page for a table of `rows` rows of `v_dim` values of
+/// `dtype`: [`VALUE_PAGE_BYTES`] per page, fewer rows (a power of two) when
+/// the table would otherwise have fewer than [`MIN_VALUE_PAGES`] pages.
+pub fn value_page_rows(rows: usize, v_dim: usize, dtype: Dtype) -> u32 {
+    let by_bytes = (VALUE_PAGE_BYTES / (v_dim * dtype.size()).max(1)).max(1);
+    let by_count = (rows / MIN_VALUE_PAGES).max(1);
+    let by_count = if by_count.is_power_of_two() {
+        by_count
+    } else {
+        by_count.next_power_of_two() / 2
+    };
+    by_bytes.min(by_count).clamp(1, u32::MAX as usize) as u32
 }
 
 /// The bank layout of `cfg`'s memory (None when it has none).
 pub fn bank_layout(cfg: &ModelConfig, dtype: Dtype) -> Option<BankLayout> {
     let page_rows = cfg
         .pkm_config()
-        .map_or(1, |c| value_page_rows(c.v_dim, dtype));
+        .map_or(1, |c| value_page_rows(c.n_rows(), c.v_dim, dtype));
     bank_layout_with(cfg, dtype, page_rows)
 }
 

@@ -37,6 +37,8 @@ pub enum BenchCommand {
     Kernels(KernelsArgs),
     /// Training step time of dense vs memory variants, per backend.
     Train(crate::cmd_bench_train::TrainBenchArgs),
+    /// Decode speed and bytes streamed with paged memory under budgets vs resident.
+    Paged(crate::cmd_bench_paged::PagedBenchArgs),
 }
 
 #[derive(Args)]
@@ -65,6 +67,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Kernels(args) => kernels(args),
         BenchCommand::Train(args) => crate::cmd_bench_train::run(args),
+        BenchCommand::Paged(args) => crate::cmd_bench_paged::run(args),
     }
 }
 

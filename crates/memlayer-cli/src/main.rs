@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd_bank;
 mod cmd_bench;
+mod cmd_bench_paged;
 mod cmd_bench_train;
 mod cmd_demo;
 mod cmd_generate;

@@ -25,7 +25,6 @@ use memlayer_core::cache::{CacheStats, PageCache};
 use memlayer_model::{MemorySource, ModelError};
 use serde::Serialize;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -139,7 +138,8 @@ struct State {
 /// Shared between the memory and its prefetch threads.
 struct Shared {
     bank: Bank,
-    fetch_threads: usize,
+    /// Fetch workers (`PagedOptions::fetch_threads`).
+    fetchers: rayon::ThreadPool,
     levels: Vec<Level>,
     state: Mutex<State>,
 }
@@ -152,7 +152,8 @@ pub struct PagedMemory {
     block_bytes: u64,
     value_slots: u32,
     prefetch_enabled: bool,
-    prefetch: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The running prefetch: its block rows and thread.
+    prefetch: Mutex<Option<(Vec<usize>, std::thread::JoinHandle<()>)>>,
     pool_name: String,
 }
 
@@ -179,33 +180,16 @@ fn err(msg: impl std::fmt::Display) -> ModelError {
 /// A fetched page's values, or why it could not be fetched.
 type Fetched = Result<Vec<f32>, String>;
 
-/// Reads `pages` (global ids) from the bank with up to `threads` concurrent
-/// fetches; one result per page, in order.
-fn fetch_pages(bank: &Bank, pages: &[PageId], threads: usize) -> Vec<Fetched> {
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Fetched>>> = pages.iter().map(|_| Mutex::new(None)).collect();
-    let workers = threads.clamp(1, pages.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&page) = pages.get(i) else { break };
-                    let r = bank.read_page_f32(page).map_err(|e| e.to_string());
-                    *lock(&results[i]) = Some(r);
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .zip(pages)
-        .map(|(m, p)| {
-            m.into_inner()
-                .unwrap_or_else(|e| e.into_inner())
-                .unwrap_or_else(|| Err(format!("page {p} was not fetched")))
-        })
-        .collect()
+/// Reads `pages` (global ids) from the bank on `pool` (bounded concurrency:
+/// its threads); one result per page, in order. A single page is read on
+/// the caller's thread.
+fn fetch_pages(bank: &Bank, pages: &[PageId], pool: &rayon::ThreadPool) -> Vec<Fetched> {
+    use rayon::prelude::*;
+    let read = |&p: &PageId| bank.read_page_f32(p).map_err(|e| e.to_string());
+    if pages.len() <= 1 {
+        return pages.iter().map(read).collect();
+    }
+    pool.install(|| pages.par_iter().map(read).collect())
 }
 
 impl PagedMemory {
@@ -292,7 +276,11 @@ impl PagedMemory {
         Ok(Self {
             shared: Arc::new(Shared {
                 bank,
-                fetch_threads: opts.fetch_threads.max(1),
+                fetchers: rayon::ThreadPoolBuilder::new()
+                    .num_threads(opts.fetch_threads.max(1))
+                    .thread_name(|i| format!("memlayer-fetch-{i}"))
+                    .build()
+                    .map_err(err)?,
                 levels,
                 state: Mutex::new(state),
             }),
@@ -394,7 +382,8 @@ impl PagedMemory {
         }
         self.wait_prefetch();
         let shared = self.shared.clone();
-        let rows = rows.to_vec();
+        let target = rows.to_vec();
+        let rows = target.clone();
         let handle = std::thread::spawn(move || {
             for (l, &row) in rows.iter().enumerate() {
                 {
@@ -420,14 +409,24 @@ impl PagedMemory {
                 }
             }
         });
-        *lock(&self.prefetch) = Some(handle);
+        *lock(&self.prefetch) = Some((target, handle));
         Ok(())
     }
 
     /// Waits for a running prefetch.
     pub fn wait_prefetch(&self) {
-        if let Some(h) = lock(&self.prefetch).take() {
+        if let Some((_, h)) = lock(&self.prefetch).take() {
             let _ = h.join();
+        }
+    }
+
+    /// Waits for a running prefetch if it is fetching `row` of `level` (0-based).
+    fn wait_prefetch_of(&self, level: usize, row: usize) {
+        let pending = lock(&self.prefetch)
+            .as_ref()
+            .is_some_and(|(rows, _)| rows.get(level) == Some(&row));
+        if pending {
+            self.wait_prefetch();
         }
     }
 
@@ -462,7 +461,7 @@ impl PagedMemory {
         }
         let t0 = Instant::now();
         let pages: Vec<PageId> = misses.iter().map(|m| m.0).collect();
-        let fetched = fetch_pages(&self.shared.bank, &pages, self.shared.fetch_threads);
+        let fetched = fetch_pages(&self.shared.bank, &pages, &self.shared.fetchers);
         st.stats.fetch_seconds += t0.elapsed().as_secs_f64();
         let mut failure = None;
         for ((page, slot), r) in misses.iter().zip(fetched) {
@@ -597,7 +596,8 @@ impl MemorySource for PagedMemory {
                 device,
             ));
         };
-        self.wait_prefetch();
+        // a prefetch of another context runs on while this one computes
+        self.wait_prefetch_of(i, row);
         let mut guard = lock(&self.shared.state);
         let st = &mut *guard;
         st.stats.block_requests += 1;

@@ -1,0 +1,206 @@
+//! `memlayer bench paged`: decode speed and bytes streamed with the memory
+//! paged under budgets (percent of the bank) against the fully resident
+//! model, with and without block prefetch, in one run.
+
+use crate::cmd_generate::{MemoryArgs, open_paged, runtime_device};
+use crate::cmd_train::Backend;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use memlayer_runtime::{Generation, Generator, Sampling};
+use memlayer_train::data::facts::read_eval_jsonl;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct PagedBenchArgs {
+    /// Model directory (default: the shipped demo model).
+    #[arg(long, default_value = "models/demo-pkm")]
+    pub model: PathBuf,
+    /// Held-out questions answered per configuration (after an untimed pass over the same ones).
+    #[arg(long, default_value_t = 24)]
+    pub questions: usize,
+    /// Tokens generated per question (no early stop).
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// Budgets in percent of the bank.
+    #[arg(long, value_delimiter = ',', default_value = "100,25")]
+    pub budgets: Vec<f64>,
+    /// Where the model runs and the page slots live.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: Backend,
+    /// The bank: `file` or an http(s):// URL.
+    #[arg(long, default_value = "file")]
+    pub source: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Totals of one pass over the questions.
+#[derive(Default)]
+struct Pass {
+    prompt_tokens: usize,
+    generated: usize,
+    decode_tokens: usize,
+    decode_seconds: f64,
+    first_token_seconds: f64,
+}
+
+impl Pass {
+    fn add(&mut self, g: &Generation) {
+        self.prompt_tokens += g.prompt_tokens;
+        self.generated += g.tokens.len();
+        self.decode_tokens += g.tokens.len().saturating_sub(1);
+        self.decode_seconds += g.seconds - g.first_token_seconds;
+        self.first_token_seconds += g.first_token_seconds;
+    }
+
+    fn decode_tok_s(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+fn pass(
+    g: &Generator,
+    prompts: &[String],
+    max_tokens: usize,
+    mut before: impl FnMut(usize),
+) -> Result<Pass> {
+    let mut p = Pass::default();
+    let sampling = Sampling {
+        max_tokens,
+        ..Sampling::default()
+    };
+    for (i, prompt) in prompts.iter().enumerate() {
+        before(i);
+        let out = g
+            .generate(prompt, &sampling, None, |_| {})
+            .with_context(|| format!("question {i}"))?;
+        p.add(&out);
+    }
+    Ok(p)
+}
+
+pub fn run(args: PagedBenchArgs) -> Result<()> {
+    let dir = &args.model;
+    let queries = read_eval_jsonl(&dir.join("eval.jsonl"))
+        .with_context(|| format!("reading {}", dir.join("eval.jsonl").display()))?;
+    // spread over the buckets: every k-th question
+    let step = (queries.len() / args.questions.max(1)).max(1);
+    let prompts: Vec<String> = queries
+        .iter()
+        .step_by(step)
+        .take(args.questions)
+        .map(|q| q.prompt.clone())
+        .collect();
+    if prompts.is_empty() {
+        bail!("{} has no questions", dir.display());
+    }
+    let backend = format!("{:?}", args.backend).to_lowercase();
+    println!(
+        "{:<22} {:>9} {:>12} {:>9} {:>10} {:>12} {:>12} {:>9}",
+        "memory",
+        "budget%",
+        "decode tok/s",
+        "vs 100%",
+        "hit rate",
+        "KiB/token",
+        "1st token s",
+        "evicted"
+    );
+    let mut rows = Vec::new();
+
+    // fully resident reference
+    let (device, ops, _) = runtime_device(args.backend)?;
+    let resident = memlayer_runtime::open_resident(dir, &device, ops)?;
+    pass(&resident, &prompts, args.max_tokens, |_| {})?;
+    let r = pass(&resident, &prompts, args.max_tokens, |_| {})?;
+    println!(
+        "{:<22} {:>9} {:>12.1} {:>9} {:>10} {:>12} {:>12.3} {:>9}",
+        "resident (all loaded)",
+        "-",
+        r.decode_tok_s(),
+        "",
+        "",
+        "",
+        r.first_token_seconds / prompts.len() as f64,
+        ""
+    );
+    rows.push(
+        json!({"memory": "resident", "decode_tokens_per_second": r.decode_tok_s(),
+        "first_token_seconds": r.first_token_seconds / prompts.len() as f64}),
+    );
+    let hier = resident.model.config().hier.is_some();
+    drop(resident);
+
+    let mut full_tok_s = None;
+    for &budget in &args.budgets {
+        for prefetch in if hier { vec![false, true] } else { vec![false] } {
+            let mem_args = MemoryArgs {
+                source: args.source.clone(),
+                budget_mb: None,
+                budget_percent: Some(budget),
+                backend: args.backend,
+                fetch_threads: 4,
+            };
+            let o = open_paged(dir, &mem_args, prefetch)?;
+            let routes: Vec<Option<Vec<usize>>> = prompts
+                .iter()
+                .map(|p| o.generator.route(p))
+                .collect::<Result<_, _>>()?;
+            let mut before = |i: usize| {
+                if prefetch && let Some(Some(next)) = routes.get(i + 1) {
+                    let _ = o.memory.prefetch_blocks(next);
+                }
+            };
+            // untimed pass, then the measured one
+            pass(&o.generator, &prompts, args.max_tokens, &mut before)?;
+            o.memory.reset_stats();
+            let p = pass(&o.generator, &prompts, args.max_tokens, &mut before)?;
+            o.memory.wait_prefetch();
+            let st = o.memory.stats();
+            let tok_s = p.decode_tok_s();
+            let full = *full_tok_s.get_or_insert(tok_s);
+            let processed = (p.prompt_tokens + p.generated) as f64;
+            let name = format!("paged{}", if prefetch { " + prefetch" } else { "" });
+            println!(
+                "{:<22} {:>9.0} {:>12.1} {:>8.2}x {:>9.1}% {:>12.2} {:>12.3} {:>9}",
+                name,
+                budget,
+                tok_s,
+                tok_s / full,
+                100.0 * st.hit_rate(),
+                st.bytes_streamed as f64 / 1024.0 / processed,
+                p.first_token_seconds / prompts.len() as f64,
+                st.evictions
+            );
+            rows.push(json!({
+                "memory": name,
+                "budget_percent": budget,
+                "budget_bytes": o.memory.budget_bytes(),
+                "bank_bytes": o.bank_bytes,
+                "prefetch": prefetch,
+                "decode_tokens_per_second": tok_s,
+                "ratio_vs_first_budget": tok_s / full,
+                "first_token_seconds": p.first_token_seconds / prompts.len() as f64,
+                "bytes_streamed_per_token": st.bytes_streamed as f64 / processed,
+                "tokens": processed,
+                "stats": st,
+            }));
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "bench": "paged",
+            "model": dir,
+            "backend": backend,
+            "source": args.source,
+            "questions": prompts.len(),
+            "max_tokens": args.max_tokens,
+            "results": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -30,7 +30,16 @@ use memlayer_core::model::{ModelConfig, ParamGroup, ParamStore};
 use std::path::{Path, PathBuf};
 
 /// Target bytes of one value page (rows per page = this / row bytes).
-pub const VALUE_PAGE_BYTES: usize = 16 * 1024;
+///
+/// Small on purpose: a token reads `heads × knn` rows spread over the whole
+/// table, so nearly every row a token reads sits on a page of its own, and
+/// the bytes a miss streams beyond the row are waste. Measured with
+/// `memlayer bench paged` on the demo model at a 25 % budget (docs/BENCHMARKS.md):
+/// 16 KiB pages streamed ~40× the bytes per token of 512 B pages and hit
+/// less often (23 % vs 57 % of accesses); 2 KiB (4 rows of the demo model)
+/// stays close to the small pages while keeping the page table and the
+/// request count of HTTP sources moderate.
+pub const VALUE_PAGE_BYTES: usize = 2 * 1024;
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io {

@@ -19,6 +19,10 @@ use memlayer_core::model::{ParamGroup, ParamStore};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// Parameters (or touched rows) of at least this many elements are updated
+/// on the rayon pool.
+const PARALLEL_MIN_ELEMS: usize = 1 << 17;
+
 /// Hyper-parameters of one group, relative to the base learning rate.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GroupHyper {
@@ -282,9 +286,14 @@ impl AdamW {
                     data[j] -= plr * (mhat / (vhat.sqrt() + c.eps) + h.weight_decay * data[j]);
                 }
             };
+            // small parameters stay on this thread: waking the pool costs more
+            // (its threads spin afterwards, next to this thread's work)
+            let parallel = |elems: usize| elems >= PARALLEL_MIN_ELEMS;
             match (&grads.touched[i], sparse) {
                 // sorted unique rows (checked in range above): the rows in parallel
-                (Some(rows), true) if rows.windows(2).all(|w| w[0] < w[1]) => {
+                (Some(rows), true)
+                    if parallel(rows.len() * rl) && rows.windows(2).all(|w| w[0] < w[1]) =>
+                {
                     let mut hit = vec![false; n / rl];
                     for &r in rows {
                         hit[r as usize] = true;
@@ -313,6 +322,7 @@ impl AdamW {
                         );
                     }
                 }
+                (None, _) | (Some(_), false) if !parallel(n) => update(g, m, v, data),
                 _ => {
                     const CHUNK: usize = 1 << 14;
                     data.par_chunks_mut(CHUNK)

@@ -322,12 +322,82 @@ pub fn select_best(cand: &mut Vec<Candidate>, k: usize) {
     cand.sort_unstable_by(candidate_order);
 }
 
+/// Sort key of a score in rank order (a smaller key ranks first): higher
+/// [`rank_key`] first, `-0.0` equal to `+0.0`, NaN as `-inf` — the order
+/// [`candidate_order`] and [`crate::topk`] use, as one integer compare.
+#[inline]
+fn desc_key(x: f32) -> u32 {
+    let x = rank_key(x);
+    // IEEE: -0.0 == +0.0, so both get the key of +0.0
+    let bits = if x == 0.0 { 0 } else { x.to_bits() };
+    // ascending order of the floats as unsigned integers, then reversed
+    let asc = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    !asc
+}
+
+/// Up to this `knn`, the selection keeps its best candidates in a sorted
+/// buffer (insertion, stopping a row at its first rejected candidate); above,
+/// it partitions (`select_nth_unstable`) and sorts.
+const INSERTION_MAX_K: usize = 64;
+
+/// Inserts `key` into `best` (ascending, at most `k` distinct keys), keeping
+/// the `k` smallest; false when `key` is not kept (`best` is full and its
+/// last key is smaller).
+#[inline]
+fn insert_best<T: Ord + Copy>(best: &mut Vec<T>, k: usize, key: T) -> bool {
+    if best.len() == k {
+        if best.last().is_some_and(|&last| key >= last) {
+            return false;
+        }
+        best.pop();
+    }
+    let mut i = best.len();
+    best.push(key);
+    while i > 0 && best[i - 1] > key {
+        best[i] = best[i - 1];
+        i -= 1;
+    }
+    best[i] = key;
+    true
+}
+
+/// Top-`k` of one half's sub-key scores into `keys`, best first, as
+/// `desc_key(score) << 32 | id`: the order of [`topk`] (higher score, then
+/// lower id).
+fn top_half(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
+    keys.clear();
+    keys.extend(
+        scores
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (u64::from(desc_key(v)) << 32) | i as u64),
+    );
+    if k < keys.len() {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
+    }
+    keys.sort_unstable();
+}
+
 /// Product-key selection from precomputed sub-key scores (already scaled):
 /// scores: (groups, 2, n_keys), one group per (token, head) → the `knn`
 /// best rows of each group, best first, as `(i1, i2)` sub-key pairs
-/// (row = `i1 * n_keys + i2`), shape (groups, knn, 2). The same rule as
-/// [`lookup`]: top-`knn` of each half, then top-`knn` of the `knn²` sums in
-/// [`candidate_order`]. `knn` must be `1..=n_keys`.
+/// (row = `i1 * n_keys + i2`), shape (groups, knn, 2). The same rule and
+/// result as [`lookup`]: top-`knn` of each half, then top-`knn` of the
+/// `knn²` sums in [`candidate_order`]. `knn` must be `1..=n_keys`.
+///
+/// Faster than the rule as written, same result: with both halves in rank
+/// order, candidate `(a, b)` (the a-th best first half with the b-th best
+/// second half) ranks after every `(a', b') <= (a, b)` — f32 addition is
+/// monotone, equal sums fall to `s1`, `s2` and then the row, which within a
+/// tie follows `(a, b)` — so it is among the best `knn` only if
+/// `(a + 1)(b + 1) <= knn`: about `knn·ln(knn)` candidates instead of `knn²`,
+/// fewer still as a row `a` stops at its first candidate worse than the
+/// `knn` kept so far. Scores compare as integer keys (`desc_key`).
 pub fn select_from_scores(
     scores: &[f32],
     n_keys: usize,
@@ -346,26 +416,53 @@ pub fn select_from_scores(
             got: scores.len(),
         });
     }
+    if knn > u16::MAX as usize + 1 {
+        return Err(OracleError::InvalidConfig(format!(
+            "product-key selection supports knn <= 65536, got {knn}"
+        )));
+    }
     let mut out = Vec::with_capacity(scores.len() / n_keys * knn);
-    let mut cand: Vec<Candidate> = Vec::with_capacity(knn * knn);
+    let (mut k1, mut k2) = (Vec::with_capacity(n_keys), Vec::with_capacity(n_keys));
+    // (score, s1, s2, a·knn + b) keys: within equal scores and sub-scores,
+    // the order of (a, b) is the order of the row (see above)
+    let mut cand: Vec<u128> = Vec::with_capacity(knn * 4);
     for g in scores.chunks_exact(2 * n_keys) {
-        let (s1, i1) = topk(&g[..n_keys], knn);
-        let (s2, i2) = topk(&g[n_keys..], knn);
+        let (h1, h2) = g.split_at(n_keys);
+        top_half(h1, knn, &mut k1);
+        top_half(h2, knn, &mut k2);
         cand.clear();
-        for a in 0..knn {
-            for b in 0..knn {
-                cand.push(Candidate {
-                    score: s1[a] + s2[b],
-                    s1: s1[a],
-                    s2: s2[b],
-                    row: i1[a] * n_keys as u32 + i2[b],
-                });
+        let small = knn <= INSERTION_MAX_K;
+        'rows: for (a, &ka) in k1.iter().enumerate() {
+            let s1 = h1[(ka & 0xffff_ffff) as usize];
+            let key1 = u128::from((ka >> 32) as u32) << 64;
+            for (b, &kb) in k2[..knn / (a + 1)].iter().enumerate() {
+                let s2 = h2[(kb & 0xffff_ffff) as usize];
+                let key2 = u128::from((kb >> 32) as u32) << 32;
+                // a, b < knn <= 65536: a·knn + b < 2^32
+                let ab = u128::from((a * knn + b) as u32);
+                let key = (u128::from(desc_key(s1 + s2)) << 96) | key1 | key2 | ab;
+                if !small {
+                    cand.push(key);
+                } else if !insert_best(&mut cand, knn, key) {
+                    // keys grow along b, and (a', 0) > (a, 0) for a' > a
+                    if b == 0 {
+                        break 'rows;
+                    }
+                    break;
+                }
             }
         }
-        select_best(&mut cand, knn);
-        for c in &cand {
-            out.push(c.row / n_keys as u32);
-            out.push(c.row % n_keys as u32);
+        if !small {
+            if knn < cand.len() {
+                cand.select_nth_unstable(knn - 1);
+                cand.truncate(knn);
+            }
+            cand.sort_unstable();
+        }
+        for &c in &cand {
+            let ab = (c & 0xffff_ffff) as usize;
+            out.push((k1[ab / knn] & 0xffff_ffff) as u32);
+            out.push((k2[ab % knn] & 0xffff_ffff) as u32);
         }
     }
     Ok(out)
@@ -1178,6 +1275,92 @@ mod select_from_scores_tests {
                 .map(|p| p[0] * n_keys as u32 + p[1])
                 .collect();
             assert_eq!(rows, lk.indices, "n_keys {n_keys} knn {knn}");
+        }
+    }
+
+    /// The rule as written: top-`knn` of each half with [`topk`], all
+    /// `knn²` sums as [`Candidate`]s, [`select_best`].
+    fn select_by_the_rule(scores: &[f32], n_keys: usize, knn: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        for g in scores.chunks_exact(2 * n_keys) {
+            let (s1, i1) = topk(&g[..n_keys], knn);
+            let (s2, i2) = topk(&g[n_keys..], knn);
+            let mut cand = Vec::new();
+            for a in 0..knn {
+                for b in 0..knn {
+                    cand.push(Candidate {
+                        score: s1[a] + s2[b],
+                        s1: s1[a],
+                        s2: s2[b],
+                        row: i1[a] * n_keys as u32 + i2[b],
+                    });
+                }
+            }
+            select_best(&mut cand, knn);
+            for c in &cand {
+                out.push(c.row / n_keys as u32);
+                out.push(c.row % n_keys as u32);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pruned_selection_equals_the_rule_on_ties_signed_zeros_nan_and_inf() {
+        let mut rng = Rng::new(17);
+        let special = [
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0,
+            -1.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ];
+        for trial in 0..700 {
+            // every 7th trial: knn above INSERTION_MAX_K (partition path)
+            let big = trial % 7 == 6;
+            let n_keys = if big {
+                INSERTION_MAX_K + 1 + rng.below(80) as usize
+            } else {
+                1 + rng.below(40) as usize
+            };
+            let knn = match trial % 4 {
+                _ if big => {
+                    INSERTION_MAX_K + 1 + rng.below((n_keys - INSERTION_MAX_K) as u64) as usize
+                }
+                0 => 1,
+                1 => n_keys,
+                _ => 1 + rng.below(n_keys as u64) as usize,
+            };
+            let groups = 1 + rng.below(6) as usize;
+            let scores: Vec<f32> = (0..groups * 2 * n_keys)
+                .map(|_| match trial % 5 {
+                    0 => rng.normal(),
+                    // few distinct values: exact ties everywhere
+                    1 => rng.below(3) as f32 - 1.0,
+                    // sums that tie only through rounding
+                    2 => [1.0, 1e-8, 2e-8, 3.0e-8, 16_777_216.0, 1.0 + f32::EPSILON]
+                        [rng.below(6) as usize],
+                    3 => special[rng.below(special.len() as u64) as usize],
+                    _ => {
+                        if rng.below(4) == 0 {
+                            special[rng.below(special.len() as u64) as usize]
+                        } else {
+                            rng.normal()
+                        }
+                    }
+                })
+                .collect();
+            assert_eq!(
+                select_from_scores(&scores, n_keys, knn).unwrap(),
+                select_by_the_rule(&scores, n_keys, knn),
+                "trial {trial}: n_keys {n_keys} knn {knn} scores {scores:?}"
+            );
         }
     }
 

@@ -422,6 +422,63 @@ pub fn bag_backward_table_into(
     bag_forward(&g, &seg_idx, &seg_w, &seg_offsets, &mut out.grads)
 }
 
+/// Dense table gradient: [`bag_backward_table`] written into a (rows, dim)
+/// buffer with zeros in untouched rows, bit-identical to
+/// `bag_backward_table(..).to_dense(rows)` without the sparse copy.
+///
+/// indices, weights: (nnz); offsets: (bags + 1); grad_out: (bags, dim);
+/// out: (rows, dim), overwritten.
+///
+/// The entries are grouped by row with a stable counting sort (O(nnz + rows),
+/// which the dense output costs anyway), so each row's segment holds its
+/// entries in ascending position, as in [`bag_backward_table`]; the segments
+/// of all rows — empty for untouched rows — are then reduced in parallel by
+/// an embedding-bag forward over `grad_out`, which zeroes empty segments.
+pub fn bag_backward_table_dense(
+    rows: usize,
+    dim: usize,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    grad_out: &[f32],
+    out: &mut [f32],
+) -> Result<(), CpuError> {
+    check_len("per_sample_weights", weights.len(), indices.len())?;
+    let bags = check_offsets(indices.len(), offsets)?;
+    check_len("grad_out", grad_out.len(), bags * dim)?;
+    check_len("out", out.len(), rows * dim)?;
+    if let Some(&m) = indices.iter().max()
+        && m as usize >= rows
+    {
+        return Err(CpuError::IndexOutOfRange { index: m, rows });
+    }
+    if bags > u32::MAX as usize {
+        return Err(CpuError::InvalidConfig("more than u32::MAX bags".into()));
+    }
+    // row_offsets[r]..row_offsets[r + 1]: the segment of row r
+    let mut row_offsets = vec![0usize; rows + 1];
+    for &r in indices {
+        row_offsets[r as usize + 1] += 1;
+    }
+    for r in 0..rows {
+        row_offsets[r + 1] += row_offsets[r];
+    }
+    // entries in ascending position within each segment: bag and weight
+    let mut next = row_offsets[..rows].to_vec();
+    let mut seg_idx = vec![0u32; indices.len()];
+    let mut seg_w = vec![0.0f32; indices.len()];
+    for b in 0..bags {
+        for e in offsets[b]..offsets[b + 1] {
+            let slot = &mut next[indices[e] as usize];
+            seg_idx[*slot] = b as u32;
+            seg_w[*slot] = weights[e];
+            *slot += 1;
+        }
+    }
+    let g = Table::new(grad_out, bags, dim)?;
+    bag_forward(&g, &seg_idx, &seg_w, &row_offsets, out)
+}
+
 /// Per-sample-weight gradient: `dw[e] = dot(table[indices[e]], grad_out[bag(e)])`.
 ///
 /// table: (rows, dim); indices: (nnz); offsets: (bags + 1); grad_out: (bags, dim);

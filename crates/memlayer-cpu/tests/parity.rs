@@ -201,6 +201,19 @@ fn backward_table_is_bit_identical() {
                 "threads {}",
                 cpu.threads()
             );
+            let mut dense = vec![f32::NAN; rows * dim];
+            cpu.install(|| {
+                bag::bag_backward_table_dense(
+                    rows, dim, &indices, &weights, &offsets, &grad, &mut dense,
+                )
+            })
+            .unwrap();
+            assert_eq!(
+                bits(&dense),
+                bits(&want.to_dense(rows)),
+                "dense, threads {}",
+                cpu.threads()
+            );
         }
     }
 }

@@ -217,7 +217,17 @@ impl Model {
     pub fn grads(&self, grads: &burn::tensor::Gradients) -> Vec<Option<Vec<f32>>> {
         self.tensors
             .iter()
-            .map(|t| t.grad(grads).map(|g| g.into_data().iter::<f32>().collect()))
+            .map(|t| t.grad(grads).map(host_f32))
+            .collect()
+    }
+
+    /// [`Self::grads`], taking the gradients out of `grads`: a gradient no
+    /// longer shared with `grads` moves to the host without a copy where the
+    /// backend allows it (burn's CPU backend).
+    pub fn take_grads(&self, grads: &mut burn::tensor::Gradients) -> Vec<Option<Vec<f32>>> {
+        self.tensors
+            .iter()
+            .map(|t| t.grad_remove(grads).map(host_f32))
             .collect()
     }
 
@@ -532,21 +542,23 @@ impl Model {
             q = norm(q);
             keys = norm(keys);
         }
-        // (heads*2, n, half) @ (heads*2, half, nk) → (heads*2, n, nk) → (n, heads, 2, nk)
+        // (heads*2, n, half) @ (heads*2, half, nk) → (heads*2, n, nk) → (n, heads, 2, nk),
+        // scaled once contiguous (the backward then scales a contiguous gradient)
         let s = q
             .swap_dims(0, 1)
             .matmul(keys.swap_dims(1, 2))
-            .mul_scalar(c.score_scale())
             .swap_dims(0, 1);
-        let s: Tensor<3> = s.reshape([n * heads, 2, nk]);
+        let s: Tensor<3> = s.reshape([n * heads, 2, nk]).mul_scalar(c.score_scale());
         // (n*heads, knn) rows i1 * n_keys + i2, and their sub-key ids
         let rows = self.ops.pk_select(s.clone(), knn)?;
         let a = rows.clone().div_scalar(nk as i64);
         let bb = rows.clone().remainder_scalar(nk as i64);
-        let s1: Tensor<2> = s.clone().narrow(1, 0, 1).reshape([n * heads, nk]);
-        let s2: Tensor<2> = s.narrow(1, 1, 1).reshape([n * heads, nk]);
-        // (n*heads, knn) selected scores and their softmax
-        let sigma = s1.gather(1, a.clone()) + s2.gather(1, bb.clone());
+        // (n*heads, 2*knn) scores of the selected first-half then second-half
+        // sub-keys, in one gather from (n*heads, 2*nk)
+        let cols = Tensor::cat(vec![a, bb.add_scalar(nk as i64)], 1);
+        let picked: Tensor<2> = s.reshape([n * heads, 2 * nk]).gather(1, cols);
+        // (n*heads, knn) selected scores s1[a] + s2[b] and their softmax
+        let sigma = picked.clone().narrow(1, 0, knn) + picked.narrow(1, knn, knn);
         let w = activation::softmax(sigma, 1);
         let host_rows: Vec<u32> = rows
             .clone()
@@ -576,6 +588,14 @@ impl Model {
         };
         Ok((out, host_rows))
     }
+}
+
+/// The values of `t` as a host f32 vector, reusing the tensor's buffer when
+/// it is an f32 buffer of its own (else a copy).
+fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap_or_else(|e| panic!("tensor values to host f32: {e:?}"))
 }
 
 fn pkm_eps() -> f32 {

@@ -11,11 +11,17 @@
 //! - FFN-memory blocks: their own (lower) learning rate, small weight decay and
 //!   clipping; only the blocks fetched in the step are updated.
 //!
-//! The update is plain sequential f32 arithmetic, so a run resumed from a
-//! checkpoint continues bit for bit.
+//! The update is plain f32 arithmetic per element (elements are updated in
+//! parallel, each by the same expression; the norms are sequential sums), so a
+//! run resumed from a checkpoint continues bit for bit.
 
 use memlayer_core::model::{ParamGroup, ParamStore};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Parameters (or touched rows) of at least this many elements are updated
+/// on the rayon pool.
+const PARALLEL_MIN_ELEMS: usize = 1 << 17;
 
 /// Hyper-parameters of one group, relative to the base learning rate.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -269,8 +275,9 @@ impl AdamW {
             let rl = p.row_len();
             let n = p.data.len();
             let (m, v, data) = (&mut self.m[i], &mut self.v[i], &mut p.data);
-            let mut update = |range: std::ops::Range<usize>| {
-                for j in range {
+            // one element at a time, the same arithmetic whichever thread runs it
+            let update = |g: &[f32], m: &mut [f32], v: &mut [f32], data: &mut [f32]| {
+                for j in 0..g.len() {
                     let gj = g[j] * scale;
                     m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
                     v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
@@ -279,14 +286,51 @@ impl AdamW {
                     data[j] -= plr * (mhat / (vhat.sqrt() + c.eps) + h.weight_decay * data[j]);
                 }
             };
+            // small parameters stay on this thread: waking the pool costs more
+            // (its threads spin afterwards, next to this thread's work)
+            let parallel = |elems: usize| elems >= PARALLEL_MIN_ELEMS;
             match (&grads.touched[i], sparse) {
+                // sorted unique rows (checked in range above): the rows in parallel
+                (Some(rows), true)
+                    if parallel(rows.len() * rl) && rows.windows(2).all(|w| w[0] < w[1]) =>
+                {
+                    let mut hit = vec![false; n / rl];
+                    for &r in rows {
+                        hit[r as usize] = true;
+                    }
+                    data.par_chunks_mut(rl)
+                        .zip(m.par_chunks_mut(rl))
+                        .zip(v.par_chunks_mut(rl))
+                        .zip(g.par_chunks(rl))
+                        .zip(hit.par_iter())
+                        .with_min_len(64)
+                        .for_each(|((((d, m), v), g), &hit)| {
+                            if hit {
+                                update(g, m, v, d);
+                            }
+                        });
+                }
                 (Some(rows), true) => {
                     for &r in rows {
                         let r = r as usize;
-                        update(r * rl..(r + 1) * rl);
+                        let range = r * rl..(r + 1) * rl;
+                        update(
+                            &g[range.clone()],
+                            &mut m[range.clone()],
+                            &mut v[range.clone()],
+                            &mut data[range],
+                        );
                     }
                 }
-                _ => update(0..n),
+                (None, _) | (Some(_), false) if !parallel(n) => update(g, m, v, data),
+                _ => {
+                    const CHUNK: usize = 1 << 14;
+                    data.par_chunks_mut(CHUNK)
+                        .zip(m.par_chunks_mut(CHUNK))
+                        .zip(v.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(((d, m), v), g)| update(g, m, v, d));
+                }
             }
         }
         Ok(StepStats {

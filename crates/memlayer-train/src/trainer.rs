@@ -129,18 +129,37 @@ pub fn batch_inputs(
     (tokens, rows)
 }
 
+/// The distinct values of `ids`, ascending: marked in a table of `n_rows`
+/// flags (one pass, no sort of the tens of thousands of reads of a step); ids
+/// outside `0..n_rows` are kept too (the optimiser rejects them).
+fn sorted_unique(ids: impl Iterator<Item = u32> + Clone, n_rows: usize) -> Vec<u32> {
+    let mut seen = vec![false; n_rows];
+    let mut outside = false;
+    for r in ids.clone() {
+        match seen.get_mut(r as usize) {
+            Some(s) => *s = true,
+            None => outside = true,
+        }
+    }
+    if outside {
+        let mut rows: Vec<u32> = ids.collect();
+        rows.sort_unstable();
+        rows.dedup();
+        return rows;
+    }
+    (0..n_rows as u32).filter(|&r| seen[r as usize]).collect()
+}
+
 /// Rows touched per parameter (sparse groups) from what the forward read.
 fn touched(store: &ParamStore, reads: &MemoryReads) -> Vec<Option<Vec<u32>>> {
     store
         .params()
         .iter()
         .map(|p| match p.group {
-            ParamGroup::MemoryValues => {
-                let mut rows: Vec<u32> = reads.value_rows.iter().flatten().copied().collect();
-                rows.sort_unstable();
-                rows.dedup();
-                Some(rows)
-            }
+            ParamGroup::MemoryValues => Some(sorted_unique(
+                reads.value_rows.iter().flatten().copied(),
+                p.shape.first().copied().unwrap_or(0),
+            )),
             ParamGroup::MemoryBlocks => {
                 let level: usize = p
                     .name
@@ -187,9 +206,9 @@ pub fn train_step(
             "loss is {loss_value} at step {step}; lower the learning rate"
         )));
     }
-    let grads = loss.backward();
+    let mut grads = loss.backward();
     let g = StepGrads {
-        grads: model.grads(&grads),
+        grads: model.take_grads(&mut grads),
         touched: touched(store, &reads),
     };
     let lr = cfg.optim.lr_at(step, cfg.steps);
@@ -346,4 +365,18 @@ pub fn train(
         steps_this_run: end.saturating_sub(start),
         seconds_this_run: run_start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sorted_unique;
+
+    #[test]
+    fn sorted_unique_equals_sort_and_dedup() {
+        let ids = [7u32, 3, 3, 0, 9, 7, 1];
+        assert_eq!(sorted_unique(ids.iter().copied(), 10), vec![0, 1, 3, 7, 9]);
+        assert!(sorted_unique(std::iter::empty(), 4).is_empty());
+        // ids outside the table are kept, sorted, for the optimiser to reject
+        assert_eq!(sorted_unique(ids.iter().copied(), 8), vec![0, 1, 3, 7, 9]);
+    }
 }

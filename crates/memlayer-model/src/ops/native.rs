@@ -18,7 +18,6 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
 use memlayer_core::pkm;
-use std::sync::OnceLock;
 
 use super::OpsError;
 
@@ -107,17 +106,18 @@ pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsErr
 /// Largest `knn` the WGSL selection handles (`pk_candidates.wgsl`).
 pub const MAX_GPU_KNN: usize = 128;
 
-/// The CPU pool of the native ops (all cores).
-fn cpu() -> &'static memlayer_cpu::Cpu {
-    static POOL: OnceLock<memlayer_cpu::Cpu> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        memlayer_cpu::Cpu::new(threads).unwrap_or_else(|e| panic!("CPU pool: {e}"))
-    })
-}
-
 fn floats(t: &FloatTensor<Flex>) -> Vec<f32> {
     t.clone().into_data().iter::<f32>().collect()
+}
+
+/// `f` over the values of `t` in row-major order: borrowed from the tensor
+/// when it is contiguous f32 (no host copy of the value table or the scores),
+/// else from a copy.
+fn with_floats<R>(t: &FloatTensor<Flex>, f: impl FnOnce(&[f32]) -> R) -> R {
+    match t.as_slice::<f32>() {
+        Some(s) => f(s),
+        None => f(&floats(t)),
+    }
 }
 
 fn ids(t: &FloatTensor<Flex>) -> Vec<u32> {
@@ -177,17 +177,19 @@ impl MemoryBackend for Flex {
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let h = HostBag::new(&values, &indices);
-        let table_data = floats(&values);
-        let table = expect(
-            "memory_bag",
-            memlayer_cpu::Table::new(&table_data, h.rows, h.v_dim),
-        );
-        let w = floats(&weights);
         let mut out = vec![0.0f32; h.bags * h.v_dim];
-        expect(
-            "memory_bag",
-            cpu().bag_forward(&table, &h.idx, &w, &h.offsets, &mut out),
-        );
+        with_floats(&values, |table_data| {
+            let table = expect(
+                "memory_bag",
+                memlayer_cpu::Table::new(table_data, h.rows, h.v_dim),
+            );
+            with_floats(&weights, |w| {
+                expect(
+                    "memory_bag",
+                    memlayer_cpu::bag::bag_forward(&table, &h.idx, w, &h.offsets, &mut out),
+                )
+            })
+        });
         flex_f32(out, [h.bags, h.v_dim])
     }
 
@@ -199,17 +201,19 @@ impl MemoryBackend for Flex {
     ) -> FloatTensor<Self> {
         let h = HostBag::new(&values, &indices);
         let (rows, v_dim) = (h.rows, h.v_dim);
-        let w = floats(&weights);
-        let g = floats(&grad_out);
-        let sparse = expect(
-            "memory_bag backward",
-            cpu().bag_backward_table(rows, v_dim, &h.idx, &w, &h.offsets, &g),
-        );
+        // written straight into the dense gradient burn expects (no sparse
+        // rows in between); every element is overwritten
         let mut dense = vec![0.0f32; rows * v_dim];
-        for (r, grad) in sparse.rows.iter().zip(sparse.grads.chunks_exact(v_dim)) {
-            let r = *r as usize;
-            dense[r * v_dim..(r + 1) * v_dim].copy_from_slice(grad);
-        }
+        with_floats(&weights, |w| {
+            with_floats(&grad_out, |g| {
+                expect(
+                    "memory_bag backward",
+                    memlayer_cpu::bag::bag_backward_table_dense(
+                        rows, v_dim, &h.idx, w, &h.offsets, g, &mut dense,
+                    ),
+                )
+            })
+        });
         flex_f32(dense, [rows, v_dim])
     }
 
@@ -219,17 +223,19 @@ impl MemoryBackend for Flex {
         grad_out: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let h = HostBag::new(&values, &indices);
-        let table_data = floats(&values);
-        let table = expect(
-            "memory_bag backward",
-            memlayer_cpu::Table::new(&table_data, h.rows, h.v_dim),
-        );
-        let g = floats(&grad_out);
         let mut dw = vec![0.0f32; h.bags * h.bag];
-        expect(
-            "memory_bag backward",
-            cpu().bag_backward_weights(&table, &h.idx, &h.offsets, &g, &mut dw),
-        );
+        with_floats(&values, |table_data| {
+            let table = expect(
+                "memory_bag backward",
+                memlayer_cpu::Table::new(table_data, h.rows, h.v_dim),
+            );
+            with_floats(&grad_out, |g| {
+                expect(
+                    "memory_bag backward",
+                    memlayer_cpu::bag::bag_backward_weights(&table, &h.idx, &h.offsets, g, &mut dw),
+                )
+            })
+        });
         flex_f32(dw, [h.bags, h.bag])
     }
 
@@ -237,19 +243,20 @@ impl MemoryBackend for Flex {
         use rayon::prelude::*;
         let s = scores.layout().shape().clone();
         let (groups, n_keys) = (s[0], s[2]);
-        let host = floats(&scores);
-        // groups are independent: select in parallel, chunks in order
-        let chunk = 2 * n_keys * 64;
-        let parts: Vec<Vec<u32>> = cpu().install(|| {
-            host.par_chunks(chunk)
-                .map(|c| expect("memory_pk_select", pkm::select_from_scores(c, n_keys, knn)))
-                .collect()
+        // groups are independent: select in parallel, 64 groups per task,
+        // each task writing its own part of the output: rows i1 * n_keys + i2
+        const GROUPS_PER_TASK: usize = 64;
+        let mut ids = vec![0i64; groups * knn];
+        with_floats(&scores, |host| {
+            host.par_chunks(2 * n_keys * GROUPS_PER_TASK)
+                .zip(ids.par_chunks_mut(knn * GROUPS_PER_TASK))
+                .for_each(|(c, out)| {
+                    let pairs = expect("memory_pk_select", pkm::select_from_scores(c, n_keys, knn));
+                    for (o, p) in out.iter_mut().zip(pairs.chunks_exact(2)) {
+                        *o = i64::from(p[0]) * n_keys as i64 + i64::from(p[1]);
+                    }
+                })
         });
-        let ids: Vec<i64> = parts
-            .concat()
-            .chunks_exact(2)
-            .map(|p| i64::from(p[0]) * n_keys as i64 + i64::from(p[1]))
-            .collect();
         burn::backend::flex::FlexTensor::from_data(
             TensorData::new(ids, [groups, knn]).convert_dtype(DType::I64),
         )

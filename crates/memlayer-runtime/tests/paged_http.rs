@@ -1,0 +1,189 @@
+//! Paged memory over HTTP Range: a server that answers 500 for one page, or
+//! never answers for it, makes the forward fail with an error that names the
+//! page, the URL and the cause; every other page still reads, and nothing
+//! wrong is ever returned.
+
+use burn::tensor::Device;
+use memlayer_core::bank::{BankReader, Dtype, PageSource};
+use memlayer_core::model::{ModelConfig, ParamStore, PkmSpec};
+use memlayer_core::rng::Rng;
+use memlayer_http::{HttpOptions, HttpSource};
+use memlayer_model::{MemoryOps, Model};
+use memlayer_runtime::paged::{PagedMemory, PagedOptions};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 31,
+        dim: 16,
+        n_layers: 2,
+        n_heads: 2,
+        ffn_hidden: 24,
+        max_seq_len: 32,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+        pkm: Some(PkmSpec {
+            layers: vec![1],
+            n_keys: 16,
+            heads: 2,
+            k_dim: 8,
+            knn: 3,
+            v_dim: 16,
+            qk_norm: true,
+            gated: false,
+        }),
+        hier: None,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    Status500,
+    Silent,
+}
+
+/// Serves `bytes` with single-range GETs and HEAD; requests overlapping
+/// `bad` get `fault`. Returns the URL.
+fn faulty_server(bytes: Arc<Vec<u8>>, bad: std::ops::Range<u64>, fault: Fault) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let (bytes, bad) = (bytes.clone(), bad.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let mut req = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !req.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut byte) {
+                            Ok(1) => req.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    let len = bytes.len() as u64;
+                    let range = text.lines().find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        let v = v.trim().strip_prefix("bytes=")?;
+                        let (a, b) = v.split_once('-')?;
+                        n.eq_ignore_ascii_case("range")
+                            .then(|| (a.parse::<u64>().ok(), b.parse::<u64>().ok()))
+                    });
+                    let head = text.starts_with("HEAD");
+                    let (status, body, extra): (&str, Vec<u8>, String) = match range {
+                        Some((Some(a), Some(b))) if b < len && a <= b => {
+                            if a < bad.end && bad.start <= b {
+                                match fault {
+                                    Fault::Status500 => (
+                                        "500 Internal Server Error",
+                                        b"oops".to_vec(),
+                                        String::new(),
+                                    ),
+                                    Fault::Silent => {
+                                        std::thread::sleep(Duration::from_secs(30));
+                                        return;
+                                    }
+                                }
+                            } else {
+                                (
+                                    "206 Partial Content",
+                                    bytes[a as usize..=b as usize].to_vec(),
+                                    format!("Content-Range: bytes {a}-{b}/{len}\r\n"),
+                                )
+                            }
+                        }
+                        _ => ("200 OK", bytes.to_vec(), String::new()),
+                    };
+                    let mut reply = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n{extra}\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    if !head {
+                        reply.extend_from_slice(&body);
+                    }
+                    if conn.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/memory.bank")
+}
+
+#[test]
+fn http_500_and_timeouts_name_the_page_and_the_url() {
+    let cfg = cfg();
+    let store = ParamStore::init(&cfg, 3).unwrap();
+    let mut dense = ParamStore::dense_zeros(&cfg).unwrap();
+    for p in dense.params_mut() {
+        p.data.clone_from(&store.get(&p.name).unwrap().data);
+    }
+    let dir = std::env::temp_dir().join(format!("memlayer-paged-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("memory.bank");
+    memlayer_train::model_dir::write_bank_with(&cfg, &store, &path, Dtype::F32, 4).unwrap();
+    let bytes = Arc::new(std::fs::read(&path).unwrap());
+    let file = memlayer_core::bank::FileSource::open(&path).unwrap();
+    let reader = BankReader::open(file).unwrap();
+    let device = Device::flex();
+    let resident = Model::new(&cfg, &store, &device, MemoryOps::Portable, false).unwrap();
+    let bad_page = reader.sections()[0].first_page + 3;
+    let e = *reader.page(bad_page).unwrap();
+    let first = reader.sections()[0].first_page;
+    for fault in [Fault::Status500, Fault::Silent] {
+        let url = faulty_server(bytes.clone(), e.offset..e.offset + e.length, fault);
+        let opts = HttpOptions {
+            timeout: Duration::from_millis(300),
+            retries: 1,
+            backoff: Duration::from_millis(10),
+        };
+        let src = HttpSource::open_with(url.clone(), opts).unwrap();
+        let bank = BankReader::open(Box::new(src) as Box<dyn PageSource>).unwrap();
+        let mem = Arc::new(PagedMemory::new(bank, PagedOptions::host(64 * 4 * 16 * 4)).unwrap());
+        let m = Model::with_memory(&cfg, &dense, &device, MemoryOps::Portable, mem).unwrap();
+        let (mut failed, mut ok) = (0, 0);
+        for seed in 0..12 {
+            let mut rng = Rng::new(seed);
+            let toks: Vec<u32> = (0..8).map(|_| rng.below(31) as u32).collect();
+            let want = resident
+                .forward(resident.tokens(&toks, 1).unwrap(), None, None)
+                .unwrap();
+            let reads_bad = want
+                .reads
+                .value_rows
+                .concat()
+                .iter()
+                .any(|&r| u64::from(r / 4) + first == bad_page);
+            match m.forward(m.tokens(&toks, 1).unwrap(), None, None) {
+                Ok(f) => {
+                    assert!(!reads_bad, "page {bad_page} was read without an error");
+                    let got: Vec<f32> = f.logits.into_data().iter::<f32>().collect();
+                    let want: Vec<f32> = want.logits.into_data().iter::<f32>().collect();
+                    assert_eq!(got, want);
+                    ok += 1;
+                }
+                Err(err) => {
+                    let msg = err.to_string();
+                    assert!(reads_bad, "{msg}");
+                    assert!(msg.contains(&format!("page {bad_page}")), "{msg}");
+                    assert!(msg.contains(&url), "{msg}");
+                    let cause = match fault {
+                        Fault::Status500 => "HTTP 500",
+                        Fault::Silent => "timed out",
+                    };
+                    assert!(msg.contains(cause), "{msg}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(failed > 0 && ok > 0, "failed {failed}, ok {ok}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

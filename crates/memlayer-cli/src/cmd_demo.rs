@@ -104,7 +104,14 @@ struct Run {
     seconds: f64,
 }
 
-fn answer_all(g: &Generator, qs: &[FactQuery], mut each: impl FnMut(usize)) -> Result<Run> {
+/// Answers every question greedily; `before(i)` runs before question `i`,
+/// `after(i)` after it.
+fn answer_all(
+    g: &Generator,
+    qs: &[FactQuery],
+    mut before: impl FnMut(usize),
+    mut after: impl FnMut(usize),
+) -> Result<Run> {
     let t0 = Instant::now();
     let mut run = Run {
         answers: Vec::new(),
@@ -114,6 +121,7 @@ fn answer_all(g: &Generator, qs: &[FactQuery], mut each: impl FnMut(usize)) -> R
         seconds: 0.0,
     };
     for (i, q) in qs.iter().enumerate() {
+        before(i);
         let sampling = Sampling {
             max_tokens: 8,
             ..Sampling::default()
@@ -126,7 +134,7 @@ fn answer_all(g: &Generator, qs: &[FactQuery], mut each: impl FnMut(usize)) -> R
         run.correct.push(answered(&out.text, &q.answer));
         run.answers
             .push(out.text.trim().trim_end_matches('.').to_string());
-        each(i);
+        after(i);
     }
     run.seconds = t0.elapsed().as_secs_f64();
     Ok(run)
@@ -174,7 +182,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let resident = memlayer_runtime::open_resident(&dir, &device, ops)
         .with_context(|| format!("loading {}", dir.display()))?;
     let resident_load = t0.elapsed().as_secs_f64();
-    let full = answer_all(&resident, &qs, |_| {})?;
+    let full = answer_all(&resident, &qs, |_| {}, |_| {})?;
     drop(resident);
 
     // paged under the budget
@@ -189,9 +197,24 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let o = open_paged(&dir, &mem_args, args.prefetch)?;
     let paged_load = t0.elapsed().as_secs_f64();
     let mut max_resident = 0u64;
-    let paged = answer_all(&o.generator, &qs, |_| {
-        max_resident = max_resident.max(o.memory.resident_bytes());
-    })?;
+    // with --prefetch, the next question's blocks are fetched while this one decodes
+    let routes: Vec<Option<Vec<usize>>> = qs
+        .iter()
+        .map(|q| o.generator.route(&q.prompt))
+        .collect::<Result<_, _>>()?;
+    let paged = answer_all(
+        &o.generator,
+        &qs,
+        |i| {
+            if args.prefetch
+                && let Some(Some(next)) = routes.get(i + 1)
+            {
+                let _ = o.memory.prefetch_blocks(next);
+            }
+        },
+        |_| max_resident = max_resident.max(o.memory.resident_bytes()),
+    )?;
+    o.memory.wait_prefetch();
     let st: MemoryStats = o.memory.stats();
 
     println!();

@@ -1,40 +1,13 @@
 //! End-to-end tests of `memlayer bank synth` and `memlayer inspect`.
 
+mod common;
+use common::*;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use memlayer_core::bank::{BankReader, Dtype, FileSource, round_trip};
 use memlayer_core::rng::Rng;
-
-fn memlayer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(args)
-        .output()
-        .expect("run memlayer")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Asserts a clean failure: exit code 1 (an error), never 101 (a panic).
-fn assert_fails(out: &Output) -> String {
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    stderr
-}
-
-fn assert_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "status {:?}, stderr: {}",
-        out.status,
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 fn synth(path: &Path, rows: u64, dim: u32, page_rows: u32, dtype: &str, seed: u64) -> String {
     assert_ok(&memlayer(&[

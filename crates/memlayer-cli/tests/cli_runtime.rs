@@ -3,31 +3,12 @@
 //! gives the same text as with the memory fully resident, under 25 % of the
 //! bank; `demo` runs; bad sources and budgets fail with a clear message.
 
+mod common;
+use common::*;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-
-fn memlayer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(args)
-        .output()
-        .expect("run memlayer")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use std::process::{Child, Command, Stdio};
 
 /// A briefly trained model directory (the weights only need to be fixed).
 fn train(preset: &str, dir: &Path) {

@@ -3,31 +3,12 @@
 //! recalled above the baseline), and a run killed mid-way (SIGKILL) and
 //! resumed ends with the same weights as an unbroken run.
 
+mod common;
+use common::*;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn memlayer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(args)
-        .output()
-        .expect("run memlayer")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 fn report(dir: &Path) -> serde_json::Value {
     let t = std::fs::read_to_string(dir.join("report.json")).expect("report.json");

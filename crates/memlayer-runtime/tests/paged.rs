@@ -3,9 +3,12 @@
 //! 100 %, 25 % and the minimum that holds one token's pages; the budget is
 //! never exceeded; corrupt pages and failing sources are named.
 
+mod common;
+use common::{cfg, dense_of};
+
 use burn::tensor::Device;
 use memlayer_core::bank::{BankReader, Dtype, FileSource, MemSource, PageSource, SourceError};
-use memlayer_core::model::{HierSpec, ModelConfig, ParamStore, PkmSpec};
+use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::rng::Rng;
 use memlayer_model::{KvCache, MemoryOps, MemoryReads, Model};
 use memlayer_runtime::paged::{PagedMemory, PagedOptions, PoolDevice};
@@ -13,36 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const PAGE_ROWS: u32 = 4;
-
-fn cfg(hier: bool) -> ModelConfig {
-    ModelConfig {
-        vocab_size: 31,
-        dim: 16,
-        n_layers: 2,
-        n_heads: 2,
-        ffn_hidden: 24,
-        max_seq_len: 32,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-        pkm: Some(PkmSpec {
-            layers: vec![1],
-            n_keys: 16,
-            heads: 2,
-            k_dim: 8,
-            knn: 3,
-            v_dim: 16,
-            qk_norm: true,
-            gated: false,
-        }),
-        hier: hier.then(|| HierSpec {
-            levels: 2,
-            branching: 2,
-            units: vec![4, 2],
-            generic: false,
-        }),
-    }
-}
 
 struct Fixture {
     cfg: ModelConfig,
@@ -70,10 +43,7 @@ fn fixture(hier: bool, name: &str) -> Fixture {
             p.data.iter_mut().for_each(|v| *v = rng.normal() * 0.3);
         }
     }
-    let mut dense = ParamStore::dense_zeros(&cfg).unwrap();
-    for p in dense.params_mut() {
-        p.data.clone_from(&store.get(&p.name).unwrap().data);
-    }
+    let dense = dense_of(&cfg, &store);
     let dir = std::env::temp_dir().join(format!("memlayer-paged-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bank = dir.join("memory.bank");

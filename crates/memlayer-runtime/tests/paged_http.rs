@@ -3,9 +3,12 @@
 //! page, the URL and the cause; every other page still reads, and nothing
 //! wrong is ever returned.
 
+mod common;
+use common::{cfg, dense_of};
+
 use burn::tensor::Device;
 use memlayer_core::bank::{BankReader, Dtype, PageSource};
-use memlayer_core::model::{ModelConfig, ParamStore, PkmSpec};
+use memlayer_core::model::ParamStore;
 use memlayer_core::rng::Rng;
 use memlayer_http::{HttpOptions, HttpSource};
 use memlayer_model::{MemoryOps, Model};
@@ -14,31 +17,6 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn cfg() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 31,
-        dim: 16,
-        n_layers: 2,
-        n_heads: 2,
-        ffn_hidden: 24,
-        max_seq_len: 32,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-        pkm: Some(PkmSpec {
-            layers: vec![1],
-            n_keys: 16,
-            heads: 2,
-            k_dim: 8,
-            knn: 3,
-            v_dim: 16,
-            qk_norm: true,
-            gated: false,
-        }),
-        hier: None,
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
@@ -119,12 +97,9 @@ fn faulty_server(bytes: Arc<Vec<u8>>, bad: std::ops::Range<u64>, fault: Fault) -
 
 #[test]
 fn http_500_and_timeouts_name_the_page_and_the_url() {
-    let cfg = cfg();
+    let cfg = cfg(false);
     let store = ParamStore::init(&cfg, 3).unwrap();
-    let mut dense = ParamStore::dense_zeros(&cfg).unwrap();
-    for p in dense.params_mut() {
-        p.data.clone_from(&store.get(&p.name).unwrap().data);
-    }
+    let dense = dense_of(&cfg, &store);
     let dir = std::env::temp_dir().join(format!("memlayer-paged-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("memory.bank");

@@ -300,8 +300,15 @@ impl ParamStore {
     /// Checks that this store has exactly the parameters `cfg` needs, with
     /// the right shapes (the error names the first mismatch).
     pub fn check(&self, cfg: &ModelConfig) -> Result<(), OracleError> {
-        let reference = Self::shapes(cfg)?;
-        for (name, shape) in &reference {
+        self.check_against(&Self::shapes(cfg)?, "this config")
+    }
+
+    fn check_against(
+        &self,
+        reference: &[(String, Vec<usize>)],
+        what: &str,
+    ) -> Result<(), OracleError> {
+        for (name, shape) in reference {
             let p = self.get(name)?;
             if &p.shape != shape {
                 return Err(OracleError::InvalidConfig(format!(
@@ -316,7 +323,7 @@ impl ParamStore {
             .find(|p| !reference.iter().any(|(n, _)| n == &p.name))
         {
             return Err(OracleError::InvalidConfig(format!(
-                "unexpected parameter {} for this config",
+                "unexpected parameter {} for {what}",
                 extra.name
             )));
         }
@@ -357,26 +364,7 @@ impl ParamStore {
             .into_iter()
             .filter(|(n, _)| !Self::is_memory_name(n))
             .collect();
-        for (name, shape) in &reference {
-            let p = self.get(name)?;
-            if &p.shape != shape {
-                return Err(OracleError::InvalidConfig(format!(
-                    "parameter {name} has shape {:?}, config wants {shape:?}",
-                    p.shape
-                )));
-            }
-        }
-        if let Some(extra) = self
-            .params
-            .iter()
-            .find(|p| !reference.iter().any(|(n, _)| n == &p.name))
-        {
-            return Err(OracleError::InvalidConfig(format!(
-                "unexpected parameter {} for a dense store of this config",
-                extra.name
-            )));
-        }
-        Ok(())
+        self.check_against(&reference, "a dense store of this config")
     }
 
     /// (name, shape) of every parameter of `cfg`, in order.

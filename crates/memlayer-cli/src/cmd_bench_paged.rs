@@ -141,7 +141,7 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
                 budget_mb: None,
                 budget_percent: Some(budget),
                 backend: args.backend,
-                fetch_threads: 4,
+                fetch_threads: 0,
             };
             let o = open_paged(dir, &mem_args, prefetch)?;
             let routes: Vec<Option<Vec<usize>>> = prompts

@@ -191,7 +191,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         budget_mb: None,
         budget_percent: Some(args.budget_percent),
         backend: args.backend,
-        fetch_threads: 4,
+        fetch_threads: 0,
     };
     let t0 = Instant::now();
     let o = open_paged(&dir, &mem_args, args.prefetch)?;

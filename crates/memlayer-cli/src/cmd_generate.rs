@@ -29,8 +29,8 @@ pub struct MemoryArgs {
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
-    /// Pages fetched concurrently.
-    #[arg(long, default_value_t = 4)]
+    /// Pages fetched concurrently (0: 1 for a file, 8 for a URL).
+    #[arg(long, default_value_t = 0)]
     pub fetch_threads: usize,
 }
 
@@ -145,9 +145,15 @@ pub fn open_paged(dir: &Path, args: &MemoryArgs, prefetch: bool) -> Result<Opene
         (None, Some(p)) => (bank_bytes as f64 * p / 100.0) as u64,
         (None, None) => bank_bytes,
     };
+    let remote = args.source.starts_with("http://") || args.source.starts_with("https://");
+    let fetch_threads = match args.fetch_threads {
+        0 if remote => 8,
+        0 => 1,
+        n => n,
+    };
     let opts = PagedOptions {
         budget_bytes,
-        fetch_threads: args.fetch_threads,
+        fetch_threads,
         prefetch,
         device: pool,
     };

@@ -46,7 +46,8 @@ pub enum PoolDevice {
 pub struct PagedOptions {
     /// Bytes of resident memory (value slots + blocks), f32 as held.
     pub budget_bytes: u64,
-    /// Pages fetched concurrently on a miss burst.
+    /// Pages fetched concurrently on a miss burst (1: on the calling thread,
+    /// best for local files; more for HTTP, where a fetch is a round trip).
     pub fetch_threads: usize,
     /// Reserve one extra block per level for [`PagedMemory::prefetch_blocks`].
     pub prefetch: bool,
@@ -55,11 +56,11 @@ pub struct PagedOptions {
 }
 
 impl PagedOptions {
-    /// Host slots, 4 fetch threads, no prefetch.
+    /// Host slots, fetches on the calling thread, no prefetch.
     pub fn host(budget_bytes: u64) -> Self {
         Self {
             budget_bytes,
-            fetch_threads: 4,
+            fetch_threads: 1,
             prefetch: false,
             device: PoolDevice::Host,
         }
@@ -138,8 +139,9 @@ struct State {
 /// Shared between the memory and its prefetch threads.
 struct Shared {
     bank: Bank,
-    /// Fetch workers (`PagedOptions::fetch_threads`).
-    fetchers: rayon::ThreadPool,
+    /// Fetch workers (`PagedOptions::fetch_threads`; none for 1: fetches run
+    /// on the calling thread, the right choice for a local file).
+    fetchers: Option<rayon::ThreadPool>,
     levels: Vec<Level>,
     state: Mutex<State>,
 }
@@ -181,15 +183,15 @@ fn err(msg: impl std::fmt::Display) -> ModelError {
 type Fetched = Result<Vec<f32>, String>;
 
 /// Reads `pages` (global ids) from the bank on `pool` (bounded concurrency:
-/// its threads); one result per page, in order. A single page is read on
-/// the caller's thread.
-fn fetch_pages(bank: &Bank, pages: &[PageId], pool: &rayon::ThreadPool) -> Vec<Fetched> {
+/// its threads) or, without a pool or for a single page, on the caller's
+/// thread; one result per page, in order.
+fn fetch_pages(bank: &Bank, pages: &[PageId], pool: Option<&rayon::ThreadPool>) -> Vec<Fetched> {
     use rayon::prelude::*;
     let read = |&p: &PageId| bank.read_page_f32(p).map_err(|e| e.to_string());
-    if pages.len() <= 1 {
-        return pages.iter().map(read).collect();
+    match pool {
+        Some(pool) if pages.len() > 1 => pool.install(|| pages.par_iter().map(read).collect()),
+        _ => pages.iter().map(read).collect(),
     }
-    pool.install(|| pages.par_iter().map(read).collect())
 }
 
 impl PagedMemory {
@@ -276,11 +278,17 @@ impl PagedMemory {
         Ok(Self {
             shared: Arc::new(Shared {
                 bank,
-                fetchers: rayon::ThreadPoolBuilder::new()
-                    .num_threads(opts.fetch_threads.max(1))
-                    .thread_name(|i| format!("memlayer-fetch-{i}"))
-                    .build()
-                    .map_err(err)?,
+                fetchers: if opts.fetch_threads > 1 {
+                    Some(
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(opts.fetch_threads)
+                            .thread_name(|i| format!("memlayer-fetch-{i}"))
+                            .build()
+                            .map_err(err)?,
+                    )
+                } else {
+                    None
+                },
                 levels,
                 state: Mutex::new(state),
             }),
@@ -461,7 +469,7 @@ impl PagedMemory {
         }
         let t0 = Instant::now();
         let pages: Vec<PageId> = misses.iter().map(|m| m.0).collect();
-        let fetched = fetch_pages(&self.shared.bank, &pages, &self.shared.fetchers);
+        let fetched = fetch_pages(&self.shared.bank, &pages, self.shared.fetchers.as_ref());
         st.stats.fetch_seconds += t0.elapsed().as_secs_f64();
         let mut failure = None;
         for ((page, slot), r) in misses.iter().zip(fetched) {

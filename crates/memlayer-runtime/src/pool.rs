@@ -42,21 +42,17 @@ pub struct HostPool {
     page_rows: usize,
     slots: usize,
     data: Vec<f32>,
-    cpu: memlayer_cpu::Cpu,
 }
 
 impl HostPool {
     /// A pool of `slots` slots for a table of `rows × dim` in pages of `page_rows`.
     pub fn new(rows: usize, dim: usize, page_rows: usize, slots: usize) -> Result<Self, PoolError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cpu = memlayer_cpu::Cpu::new(threads).map_err(|e| e.to_string())?;
         Ok(Self {
             rows,
             dim,
             page_rows,
             slots,
             data: vec![0.0; slots * page_rows * dim],
-            cpu,
         })
     }
 }
@@ -94,8 +90,8 @@ impl SlotPool for HostPool {
         )
         .map_err(|e| e.to_string())?;
         let mut out = vec![0.0f32; bags * self.dim];
-        self.cpu
-            .bag_forward(&table, indices, weights, offsets, &mut out)
+        // on the ambient rayon pool (burn's, when called from the model)
+        memlayer_cpu::bag::bag_forward(&table, indices, weights, offsets, &mut out)
             .map_err(|e| e.to_string())?;
         Ok(out)
     }

@@ -99,7 +99,16 @@ pub fn bank_layout_with(cfg: &ModelConfig, dtype: Dtype, page_rows: u32) -> Opti
             ));
         }
     }
-    (!sections.is_empty()).then(|| BankLayout::new(sections))
+    // pages start on a boundary of their own size (up to 4 KiB): small value
+    // pages are not padded to 4 KiB each
+    let smallest = sections
+        .iter()
+        .filter_map(|s| s.geometry().ok().map(|g| g.page_bytes))
+        .min()
+        .unwrap_or(4096)
+        .clamp(8, 4096);
+    let align = 1u32 << (63 - smallest.leading_zeros());
+    (!sections.is_empty()).then(|| BankLayout::new(sections).with_page_align(align))
 }
 
 /// Writes the memory of `store` into a bank file at `path` (atomically).
@@ -249,7 +258,7 @@ pub struct LoadedModel {
 pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
     let dense = load_dense(dir)?;
     let config = dense.config;
-    let mut store = ParamStore::init(&config, 0)?;
+    let mut store = ParamStore::zeros(&config)?;
     for p in dense.store.params() {
         let i = store
             .position(&p.name)

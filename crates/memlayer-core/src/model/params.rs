@@ -341,13 +341,27 @@ impl ParamStore {
     /// in store order: what a runtime loads `model.safetensors` into while the
     /// memory stays in the bank and is paged in on demand.
     pub fn dense_zeros(cfg: &ModelConfig) -> Result<Self, OracleError> {
+        Self::zeros_where(cfg, |name| !Self::is_memory_name(name))
+    }
+
+    /// Every parameter of `cfg`, zero-filled, in store order (a target to
+    /// load weights into; no random draws).
+    pub fn zeros(cfg: &ModelConfig) -> Result<Self, OracleError> {
+        Self::zeros_where(cfg, |_| true)
+    }
+
+    fn zeros_where(cfg: &ModelConfig, keep: impl Fn(&str) -> bool) -> Result<Self, OracleError> {
         let mut s = Self::new();
         for (name, shape) in Self::shapes(cfg)? {
-            if Self::is_memory_name(&name) {
+            if !keep(&name) {
                 continue;
             }
             let n = shape.iter().product();
-            let group = if shape.len() == 1 {
+            let group = if name == VALUES {
+                ParamGroup::MemoryValues
+            } else if Self::is_memory_name(&name) {
+                ParamGroup::MemoryBlocks
+            } else if shape.len() == 1 {
                 ParamGroup::NoDecay
             } else {
                 ParamGroup::Dense

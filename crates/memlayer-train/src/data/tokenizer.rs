@@ -41,6 +41,7 @@ pub struct Tokenizer {
     inner: hf::Tokenizer,
     eos_id: u32,
     pad_id: Option<u32>,
+    vocab_size: usize,
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens (specials and the 256 byte
@@ -111,10 +112,13 @@ impl Tokenizer {
             .token_to_id(EOS_TOKEN)
             .ok_or_else(|| format!("the tokenizer has no {EOS_TOKEN} token"))?;
         let pad_id = inner.token_to_id(PAD_TOKEN);
+        // HF builds the whole vocabulary map to count it: count once
+        let vocab_size = inner.get_vocab_size(true);
         Ok(Self {
             inner,
             eos_id,
             pad_id,
+            vocab_size,
         })
     }
 
@@ -178,7 +182,7 @@ impl Tokenizer {
 
     /// Number of ids, special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Id of [`EOS_TOKEN`].

@@ -20,11 +20,11 @@ pub enum Backend {
 /// Memory-op implementation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OpsChoice {
-    /// The fastest available on the backend.
+    /// The backend extension where it runs (CPU kernels, WGSL on wgpu), else portable.
     Auto,
     /// burn tensor ops only.
     Portable,
-    /// The backend extension (CPU kernels on `cpu`).
+    /// The backend extension (CPU kernels on `cpu`, WGSL kernels on `wgpu`).
     Native,
 }
 

@@ -29,17 +29,17 @@ use memlayer_core::model::params::{VALUES, hier_name};
 use memlayer_core::model::{ModelConfig, ParamGroup, ParamStore};
 use std::path::{Path, PathBuf};
 
-/// Target bytes of one value page (rows per page = this / row bytes).
+/// Target bytes of one value page (rows per page = this / row bytes, at
+/// least one row).
 ///
 /// Small on purpose: a token reads `heads × knn` rows spread over the whole
-/// table, so nearly every row a token reads sits on a page of its own, and
-/// the bytes a miss streams beyond the row are waste. Measured with
-/// `memlayer bench paged` on the demo model at a 25 % budget (docs/BENCHMARKS.md):
-/// 16 KiB pages streamed ~40× the bytes per token of 512 B pages and hit
-/// less often (23 % vs 57 % of accesses); 2 KiB (4 rows of the demo model)
-/// stays close to the small pages while keeping the page table and the
-/// request count of HTTP sources moderate.
-pub const VALUE_PAGE_BYTES: usize = 2 * 1024;
+/// table, so nearly every row a token reads sits on a page of its own; every
+/// other row of a page is streamed for nothing and takes a slot from a hot
+/// row. Measured with `memlayer bench paged` on the demo model (rows of
+/// 512 B) at a 25 % budget (docs/BENCHMARKS.md): 16 KiB pages hit 23 % of
+/// accesses and stream 495 KiB per token, 2 KiB pages 29 % and 75 KiB,
+/// one-row pages 57 % and 13 KiB, and fewer requests per token.
+pub const VALUE_PAGE_BYTES: usize = 512;
 
 fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io {

@@ -41,7 +41,10 @@ pub enum MemoryOps {
 }
 
 impl MemoryOps {
-    /// The fastest implementation available on `device`.
+    /// The backend extension where it runs on `device` (the memory ops stay
+    /// on the device), else the portable ops. On a software Vulkan driver
+    /// (lavapipe) the portable ops train small models faster
+    /// (docs/BENCHMARKS.md); pick them explicitly there.
     pub fn best_for(device: &Device) -> Self {
         if native::supported(device) {
             Self::Native

@@ -196,13 +196,18 @@ fn bad_sources_and_budgets_fail_with_clear_messages() {
         "/no/such.bank",
     ]);
     assert!(text(&out.stderr).contains("/no/such.bank"));
-    // a budget below one page
+    // a budget below one page is refused at open, with the minimum
+    let out = memlayer(&["generate", d, "--prompt", PROMPT, "--budget-mb", "0.0001"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("at least"), "{err}");
+    // a budget of two pages cannot hold one token's pages: the token is named
     let out = memlayer(&["generate", d, "--prompt", PROMPT, "--budget-mb", "0.001"]);
     assert!(!out.status.success());
+    let err = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("at least"),
-        "{}",
-        text(&out.stderr)
+        err.contains("token 0 reads") && err.contains("raise --budget-mb"),
+        "{err}"
     );
     // serve refuses a directory that is not a model
     let out = memlayer(&["serve", tmp.path().join("nothing").to_str().unwrap()]);

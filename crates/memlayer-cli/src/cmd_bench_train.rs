@@ -56,29 +56,23 @@ pub fn run(args: TrainBenchArgs) -> Result<()> {
             let prepared = prepare(&cfg)?;
             let mut store = memlayer_core::model::ParamStore::init(&cfg.model, cfg.seed)?;
             let mut optim = AdamW::new(cfg.optim.clone(), &store);
-            for step in 0..args.warmup {
-                train_step(
-                    &cfg,
-                    &mut store,
-                    &mut optim,
-                    &prepared.train,
-                    step,
-                    &device,
-                    ops,
-                )?;
-            }
+            let mut run = |steps: std::ops::Range<u64>| -> Result<()> {
+                for step in steps {
+                    train_step(
+                        &cfg,
+                        &mut store,
+                        &mut optim,
+                        &prepared.train,
+                        step,
+                        &device,
+                        ops,
+                    )?;
+                }
+                Ok(())
+            };
+            run(0..args.warmup)?;
             let t0 = Instant::now();
-            for step in args.warmup..args.warmup + args.steps {
-                train_step(
-                    &cfg,
-                    &mut store,
-                    &mut optim,
-                    &prepared.train,
-                    step,
-                    &device,
-                    ops,
-                )?;
-            }
+            run(args.warmup..args.warmup + args.steps)?;
             let ms = t0.elapsed().as_secs_f64() * 1e3 / args.steps.max(1) as f64;
             let tokens = (cfg.batch_size * cfg.seq_len) as f64;
             let ratio = match dense_ms {

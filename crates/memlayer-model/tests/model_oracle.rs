@@ -2,11 +2,12 @@
 //! (`memlayer_core::model::reference`, `memlayer_core::bag`, `memlayer_core::pkm`),
 //! on burn's Flex backend, portable and native ops.
 
+mod common;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use memlayer_core::bag;
 use memlayer_core::model::params::{ParamGroup, VALUES};
 use memlayer_core::model::{HierSpec, ModelConfig, ParamStore, PkmSpec, reference};
-use memlayer_core::pkm;
 use memlayer_core::rng::Rng;
 use memlayer_model::{KvCache, MemoryOps, Model};
 
@@ -329,20 +330,7 @@ fn pk_select_ops_equal_oracle_on_ties_and_full_k() {
     let mut rng = Rng::new(8);
     for (n_keys, knn, ties) in [(6, 6, false), (9, 3, true), (16, 1, true), (5, 4, false)] {
         let groups = 11;
-        let scores: Vec<f32> = (0..groups * 2 * n_keys)
-            .map(|_| {
-                if ties {
-                    rng.below(3) as f32 - 1.0
-                } else {
-                    rng.normal()
-                }
-            })
-            .collect();
-        let want: Vec<u32> = pkm::select_from_scores(&scores, n_keys, knn)
-            .unwrap()
-            .chunks_exact(2)
-            .map(|p| p[0] * n_keys as u32 + p[1])
-            .collect();
+        let (scores, want) = common::selection_case(&mut rng, groups, n_keys, knn, ties);
         for ops in [MemoryOps::Portable, MemoryOps::Native] {
             let s = Tensor::<3>::from_data(
                 TensorData::new(scores.clone(), [groups, 2, n_keys]),

@@ -5,10 +5,11 @@
 //! software driver.
 #![cfg(feature = "wgpu")]
 
+mod common;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use memlayer_core::bag;
 use memlayer_core::model::{HierSpec, ModelConfig, ParamStore, PkmSpec, reference};
-use memlayer_core::pkm;
 use memlayer_core::rng::Rng;
 use memlayer_model::{MemoryOps, Model};
 use memlayer_wgpu::{GpuContext, GpuOptions, gpu_for_tests};
@@ -111,20 +112,7 @@ fn wgsl_pk_select_equals_oracle_on_ties_and_full_k() {
         (5, 100, 32, false),
         (8, 64, 16, true),
     ] {
-        let scores: Vec<f32> = (0..groups * 2 * n_keys)
-            .map(|_| {
-                if ties {
-                    rng.below(3) as f32 - 1.0
-                } else {
-                    rng.normal()
-                }
-            })
-            .collect();
-        let want: Vec<u32> = pkm::select_from_scores(&scores, n_keys, knn)
-            .unwrap()
-            .chunks_exact(2)
-            .map(|p| p[0] * n_keys as u32 + p[1])
-            .collect();
+        let (scores, want) = common::selection_case(&mut rng, groups, n_keys, knn, ties);
         let s = Tensor::<3>::from_data(TensorData::new(scores, [groups, 2, n_keys]), &device);
         let got: Vec<u32> = MemoryOps::Native
             .pk_select(s, knn)

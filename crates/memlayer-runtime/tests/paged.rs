@@ -61,6 +61,24 @@ fn open(path: &Path) -> BankReader<Box<dyn PageSource>> {
     BankReader::open(Box::new(FileSource::open(path).unwrap()) as Box<dyn PageSource>).unwrap()
 }
 
+/// The fixture's model with its memory paged from `bank` under `opts`.
+fn paged_model(
+    fx: &Fixture,
+    bank: BankReader<Box<dyn PageSource>>,
+    opts: PagedOptions,
+) -> (Model, Arc<PagedMemory>) {
+    let mem = Arc::new(PagedMemory::new(bank, opts).unwrap());
+    let m = Model::with_memory(
+        &fx.cfg,
+        &fx.dense,
+        &Device::flex(),
+        MemoryOps::Portable,
+        mem.clone(),
+    )
+    .unwrap();
+    (m, mem)
+}
+
 fn tokens(n: usize, seed: u64) -> Vec<u32> {
     let mut rng = Rng::new(seed);
     (0..n).map(|_| rng.below(31) as u32).collect()
@@ -231,16 +249,7 @@ fn a_context_change_fetches_only_the_levels_that_changed_and_prefetch_hides_it()
         prefetch: true,
         device: PoolDevice::Host,
     };
-    let mem = Arc::new(PagedMemory::new(open(&fx.bank), opts).unwrap());
-    let device = Device::flex();
-    let m = Model::with_memory(
-        &fx.cfg,
-        &fx.dense,
-        &device,
-        MemoryOps::Portable,
-        mem.clone(),
-    )
-    .unwrap();
+    let (m, mem) = paged_model(&fx, open(&fx.bank), opts);
     let toks = tokens(6, 4);
     let fwd = |rows: &[usize]| {
         m.forward(m.tokens(&toks, 1).unwrap(), Some(rows), None)
@@ -292,16 +301,7 @@ fn a_corrupt_page_fails_naming_the_page_and_the_file() {
     bytes[entry.offset as usize + 3] ^= 0x40;
     std::fs::write(&fx.bank, &bytes).unwrap();
     let (slot, _) = sizes(&fx.cfg);
-    let mem = Arc::new(PagedMemory::new(open(&fx.bank), PagedOptions::host(64 * slot)).unwrap());
-    let device = Device::flex();
-    let m = Model::with_memory(
-        &fx.cfg,
-        &fx.dense,
-        &device,
-        MemoryOps::Portable,
-        mem.clone(),
-    )
-    .unwrap();
+    let (m, mem) = paged_model(&fx, open(&fx.bank), PagedOptions::host(64 * slot));
     // some token sequence reads page 5: try seeds until one does
     let mut named = None;
     for seed in 0..200 {

@@ -64,7 +64,7 @@ fn pass(
     g: &Generator,
     prompts: &[String],
     max_tokens: usize,
-    mut before: impl FnMut(usize),
+    mut first_token: impl FnMut(usize),
 ) -> Result<Pass> {
     let mut p = Pass::default();
     let sampling = Sampling {
@@ -72,9 +72,14 @@ fn pass(
         ..Sampling::default()
     };
     for (i, prompt) in prompts.iter().enumerate() {
-        before(i);
+        let mut fired = false;
         let out = g
-            .generate(prompt, &sampling, None, |_| {})
+            .generate(prompt, &sampling, None, |_| {
+                if !fired {
+                    fired = true;
+                    first_token(i);
+                }
+            })
             .with_context(|| format!("question {i}"))?;
         p.add(&out);
     }
@@ -148,15 +153,17 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
                 .iter()
                 .map(|p| o.generator.route(p))
                 .collect::<Result<_, _>>()?;
-            let mut before = |i: usize| {
+            // the next question's blocks are fetched once this one's prefill
+            // has made its own blocks resident, while it decodes
+            let mut first_token = |i: usize| {
                 if prefetch && let Some(Some(next)) = routes.get(i + 1) {
                     let _ = o.memory.prefetch_blocks(next);
                 }
             };
             // untimed pass, then the measured one
-            pass(&o.generator, &prompts, args.max_tokens, &mut before)?;
+            pass(&o.generator, &prompts, args.max_tokens, &mut first_token)?;
             o.memory.reset_stats();
-            let p = pass(&o.generator, &prompts, args.max_tokens, &mut before)?;
+            let p = pass(&o.generator, &prompts, args.max_tokens, &mut first_token)?;
             o.memory.wait_prefetch();
             let st = o.memory.stats();
             let tok_s = p.decode_tok_s();

@@ -104,12 +104,12 @@ struct Run {
     seconds: f64,
 }
 
-/// Answers every question greedily; `before(i)` runs before question `i`,
-/// `after(i)` after it.
+/// Answers every question greedily; `first_token(i)` runs when question
+/// `i` produced its first token (its prefill is done), `after(i)` after it.
 fn answer_all(
     g: &Generator,
     qs: &[FactQuery],
-    mut before: impl FnMut(usize),
+    mut first_token: impl FnMut(usize),
     mut after: impl FnMut(usize),
 ) -> Result<Run> {
     let t0 = Instant::now();
@@ -121,13 +121,18 @@ fn answer_all(
         seconds: 0.0,
     };
     for (i, q) in qs.iter().enumerate() {
-        before(i);
+        let mut fired = false;
         let sampling = Sampling {
             max_tokens: 8,
             ..Sampling::default()
         };
         let out = g
-            .generate(&q.prompt, &sampling, Some("."), |_| {})
+            .generate(&q.prompt, &sampling, Some("."), |_| {
+                if !fired {
+                    fired = true;
+                    first_token(i);
+                }
+            })
             .with_context(|| format!("question {i}: {:?}", q.prompt))?;
         run.tokens += out.tokens.len();
         run.decode_seconds += out.seconds;
@@ -197,7 +202,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let o = open_paged(&dir, &mem_args, args.prefetch)?;
     let paged_load = t0.elapsed().as_secs_f64();
     let mut max_resident = 0u64;
-    // with --prefetch, the next question's blocks are fetched while this one decodes
+    // with --prefetch, the next question's blocks are fetched while this one
+    // decodes (after its prefill made its own blocks resident)
     let routes: Vec<Option<Vec<usize>>> = qs
         .iter()
         .map(|q| o.generator.route(&q.prompt))

@@ -68,6 +68,8 @@ pub struct Model {
     tensors: Vec<Tensor<1>>,
     /// Memory outside the parameters ([`Model::with_memory`]).
     memory: Option<Arc<dyn MemorySource>>,
+    /// RoPE cos and sin for positions `0..max_seq_len`, (positions, head_dim/2).
+    rope: Arc<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Per-layer attention cache: keys and values after RoPE, (batch, heads, positions, head_dim).
@@ -174,6 +176,7 @@ impl Model {
             shapes,
             tensors,
             memory,
+            rope: Arc::new(rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta)),
         })
     }
 
@@ -344,16 +347,15 @@ impl Model {
 
     /// (1, 1, t, head_dim/2) cos and sin for positions `pos0..pos0+t`.
     fn rope(&self, pos0: usize, t: usize) -> (Tensor<4>, Tensor<4>) {
-        let hd = self.cfg.head_dim();
-        let (cos, sin) = rope_tables(pos0 + t, hd, self.cfg.rope_theta);
-        let half = hd / 2;
-        let mk = |v: Vec<f32>| {
+        let half = self.cfg.head_dim() / 2;
+        // forward checked pos0 + t <= max_seq_len, the tables' length
+        let mk = |v: &[f32]| {
             Tensor::<4>::from_data(
-                TensorData::new(v[pos0 * half..].to_vec(), [1, 1, t, half]),
+                TensorData::new(v[pos0 * half..(pos0 + t) * half].to_vec(), [1, 1, t, half]),
                 &self.device,
             )
         };
-        (mk(cos), mk(sin))
+        (mk(&self.rope.0), mk(&self.rope.1))
     }
 
     /// x: (b, heads, t, hd) → rotated.

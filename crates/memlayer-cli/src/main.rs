@@ -7,6 +7,7 @@ mod cmd_bench;
 mod cmd_bench_paged;
 mod cmd_bench_train;
 mod cmd_demo;
+mod cmd_experiment;
 mod cmd_generate;
 mod cmd_inspect;
 mod cmd_layer;
@@ -44,6 +45,9 @@ enum Command {
     },
     /// Train a model (preset or config) into a model directory, then evaluate it.
     Train(cmd_train::TrainArgs),
+    /// The memory-vs-dense grid at equal compute: trains every variant with 2 seeds and
+    /// writes report.md, report.json and plots.
+    Experiment(cmd_experiment::ExperimentArgs),
     /// Evaluate a model directory: fact recall by frequency bucket, perplexity.
     Eval(cmd_train::EvalArgs),
     /// Generate text with the model's memory paged in on demand under a budget.
@@ -65,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Layer { command } => cmd_layer::run(command),
         Command::Train(args) => cmd_train::run_train(args),
+        Command::Experiment(args) => cmd_experiment::run(args),
         Command::Eval(args) => cmd_train::run_eval(args),
         Command::Generate(args) => cmd_generate::run_generate(args),
         Command::Chat(args) => cmd_generate::run_chat(args),

@@ -45,6 +45,12 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Seed of initialisation, batch order and generic-block draws.
     pub seed: u64,
+    /// Seed of the data split (held-out contexts, hence the tokenizer), the
+    /// cluster tree and the evaluation sample; `None` uses `seed`. An
+    /// experiment sets it so that runs with different `seed`s see identical
+    /// data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_seed: Option<u64>,
     /// Optimiser and schedule.
     pub optim: OptimConfig,
     /// Write a checkpoint every this many steps (and at the end).
@@ -134,6 +140,7 @@ impl TrainConfig {
             batch_size: 16,
             steps: 800,
             seed: 1,
+            data_seed: None,
             optim: OptimConfig {
                 lr: 3e-3,
                 warmup_steps: 40,
@@ -164,6 +171,11 @@ impl TrainConfig {
         c.checkpoint_every = 200;
         c.eval_per_bucket = 300;
         c
+    }
+
+    /// Seed of everything data-side (see [`TrainConfig::data_seed`]).
+    pub fn data_seed(&self) -> u64 {
+        self.data_seed.unwrap_or(self.seed)
     }
 
     /// Checks the run's own constraints (the model config validates itself).

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod experiment;
 pub mod model_dir;
 pub mod optim;
 pub mod pipeline;

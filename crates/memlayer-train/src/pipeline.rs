@@ -32,7 +32,8 @@ pub struct RunReport {
     pub first_loss: f32,
     /// Mean loss of the last 10 steps.
     pub final_loss: f32,
-    /// Training seconds in the process that finished the run.
+    /// Training seconds of the whole run: the step times summed over every
+    /// step, including steps before a resume.
     pub train_seconds: f64,
     /// Training tokens per second (steps of this process).
     pub tokens_per_second: f64,
@@ -88,7 +89,7 @@ pub fn train_and_report(
     let queries = p
         .facts
         .as_ref()
-        .map(|f| sample_queries(f, cfg.eval_per_bucket, cfg.seed))
+        .map(|f| sample_queries(f, cfg.eval_per_bucket, cfg.data_seed()))
         .unwrap_or_default();
     if let Some(f) = &p.facts {
         f.write_eval_jsonl(&dir.join("eval.jsonl"))?;
@@ -119,7 +120,7 @@ pub fn train_and_report(
         tokens_per_step: (cfg.batch_size * cfg.seq_len) as u64,
         first_loss: mean_loss(&h[..h.len().min(10)]),
         final_loss: mean_loss(&h[h.len().saturating_sub(10)..]),
-        train_seconds: out.seconds_this_run,
+        train_seconds: h.iter().map(|r| r.seconds).sum(),
         tokens_per_second: (out.steps_this_run * (cfg.batch_size * cfg.seq_len) as u64) as f64
             / out.seconds_this_run.max(1e-9),
         seconds_per_step: out.seconds_this_run / steps_here as f64,
@@ -166,7 +167,7 @@ pub fn eval_dir(
                     message: "does not match the facts world of train.json".into(),
                 });
             }
-            sample_queries(f, train_cfg.eval_per_bucket, train_cfg.seed)
+            sample_queries(f, train_cfg.eval_per_bucket, train_cfg.data_seed())
         }
         None => Vec::new(),
     };

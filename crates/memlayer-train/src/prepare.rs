@@ -71,7 +71,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared, DataError> {
     };
     // held-out split: a seeded sample of contexts
     let mut order: Vec<usize> = (0..contexts.len()).collect();
-    Rng::new(cfg.seed ^ 0x4845_4c44).shuffle(&mut order);
+    Rng::new(cfg.data_seed() ^ 0x4845_4c44).shuffle(&mut order);
     let n_held = ((contexts.len() as f64) * cfg.heldout_fraction).round() as usize;
     let mut held_ids: Vec<usize> = order[..n_held.min(order.len())].to_vec();
     held_ids.sort_unstable();
@@ -105,7 +105,7 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared, DataError> {
                 &emb,
                 texts.len(),
                 retriever.dim(),
-                &ClusterConfig::new(h.levels, h.branching, cfg.seed),
+                &ClusterConfig::new(h.levels, h.branching, cfg.data_seed()),
             )?;
             let train = pack_with_tree(&train_ids, &tree, cfg.seq_len, eos)?;
             let routing = Routing { retriever, tree };

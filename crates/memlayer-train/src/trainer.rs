@@ -224,7 +224,7 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 }
 
 /// Reads `metrics.jsonl`, keeping the records up to `step`.
-fn read_history(path: &Path, step: u64) -> Result<Vec<StepRecord>, TrainError> {
+pub(crate) fn read_history(path: &Path, step: u64) -> Result<Vec<StepRecord>, TrainError> {
     if !path.exists() {
         return Ok(Vec::new());
     }

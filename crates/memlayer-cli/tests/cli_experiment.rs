@@ -1,0 +1,137 @@
+//! `memlayer experiment --quick`: the smoke test of the memory-vs-dense grid.
+//! It checks that the report is produced, complete and consistent, and that
+//! a rerun reuses the finished runs; it does not judge the numbers (the
+//! quick grid trains for 150 steps).
+
+mod common;
+
+use common::{assert_fails, assert_ok, memlayer};
+use serde_json::Value;
+use std::path::Path;
+
+fn json(path: &Path) -> Value {
+    let t = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn quick_grid_writes_a_complete_report_and_reuses_finished_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exp");
+    let out_s = out.to_str().unwrap();
+    let stdout = assert_ok(&memlayer(&["experiment", "--quick", "--out", out_s]));
+    assert!(stdout.contains("report: "), "{stdout}");
+
+    let r = json(&out.join("report.json"));
+    let variants = r["variants"].as_array().unwrap();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dense-1x", "dense-2x", "dense-4x", "pkm", "hier"]);
+    let seeds = r["grid"]["seeds"].as_array().unwrap().len();
+    assert!(seeds >= 2);
+    assert_eq!(r["runs"].as_array().unwrap().len(), 5 * seeds);
+    assert_eq!(r["reused_runs"], 0);
+    for v in variants {
+        let name = v["name"].as_str().unwrap();
+        // every per-seed figure is there and finite
+        for key in [
+            "train_seconds",
+            "final_loss",
+            "heldout_loss",
+            "recall",
+            "ranked_recall",
+        ] {
+            let vals = v[key]["values"].as_array().unwrap();
+            assert_eq!(vals.len(), seeds, "{name} {key}");
+            assert!(
+                vals.iter().all(|x| f(x).is_finite()),
+                "{name} {key}: {vals:?}"
+            );
+        }
+        let buckets = v["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), 4, "{name}");
+        for b in buckets {
+            let rec = &b["recall"];
+            assert!((0.0..=1.0).contains(&f(&rec["mean"])), "{name}: {b}");
+            assert!(f(&rec["spread"]) >= 0.0);
+            assert!(b["queries"].as_u64().unwrap() > 0);
+        }
+        // FLOPs per token: dense multiples and memory within 10 % of the base
+        let ratio = f(&v["flops_ratio"]);
+        let want = match name {
+            "dense-2x" => 2.0,
+            "dense-4x" => 4.0,
+            _ => 1.0,
+        };
+        let tol = if name.starts_with("dense") {
+            0.05
+        } else {
+            0.10
+        };
+        assert!((ratio / want - 1.0).abs() <= tol, "{name}: {ratio}");
+    }
+    let facts = &r["grid_facts"];
+    assert!(f(&facts["hier_fetched_fraction"]) <= 0.10);
+    assert!(f(&facts["hier_bank_ratio"]) >= 10.0);
+    assert_eq!(r["targets"].as_array().unwrap().len(), 4);
+    let routing = r["routing"].as_array().unwrap();
+    assert_eq!(routing.len(), 4);
+    for b in routing {
+        assert_eq!(b["agreement"].as_array().unwrap().len(), 3, "{b}");
+    }
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "## Variants",
+        "1-2",
+        "32+",
+        "## Targets",
+        "## Routing",
+        "dense-2x",
+        "recall_by_bucket.png",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle}:\n{md}");
+    }
+    for png in [
+        "recall_by_bucket.png",
+        "ranked_recall_by_bucket.png",
+        "recall_vs_flops.png",
+        "ranked_recall_vs_flops.png",
+        "loss.png",
+    ] {
+        let bytes = std::fs::read(out.join(png)).unwrap();
+        assert!(bytes.len() > 1000 && bytes.starts_with(b"\x89PNG"), "{png}");
+    }
+    // each run is a model directory
+    for file in [
+        "model.safetensors",
+        "memory.bank",
+        "tokenizer.json",
+        "report.json",
+    ] {
+        assert!(out.join("runs/pkm-s1").join(file).exists(), "{file}");
+    }
+
+    // a rerun trains nothing and reproduces the figures
+    let again = memlayer(&["experiment", "--quick", "--out", out_s]);
+    assert_ok(&again);
+    let r2 = json(&out.join("report.json"));
+    assert_eq!(r2["reused_runs"].as_u64().unwrap() as usize, 5 * seeds);
+    assert_eq!(r2["variants"], r["variants"]);
+
+    // a run directory of another config is refused, by name
+    let train_json = out.join("runs/hier-s2/train.json");
+    let t = std::fs::read_to_string(&train_json).unwrap();
+    std::fs::write(&train_json, t.replace("\"steps\": 150", "\"steps\": 151")).unwrap();
+    let err = assert_fails(&memlayer(&["experiment", "--quick", "--out", out_s]));
+    assert!(
+        err.contains("hier-s2") && err.contains("different experiment config"),
+        "{err}"
+    );
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_fails, assert_ok, memlayer};
+use common::{assert_ok, memlayer, text};
 use serde_json::Value;
 use std::path::Path;
 
@@ -16,6 +16,37 @@ fn json(path: &Path) -> Value {
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Equal JSON, numbers to 1e-12 relative (serde_json's default float
+/// parsing may be one ulp off).
+fn assert_close(a: &Value, b: &Value, at: &str) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (f(&Value::Number(x.clone())), f(&Value::Number(y.clone())));
+            assert!(
+                (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                "{at}: {x} vs {y}"
+            );
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                assert_close(x, y, &format!("{at}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{at}"
+            );
+            for (k, v) in x {
+                assert_close(v, &y[k], &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{at}"),
+    }
 }
 
 #[test]
@@ -123,13 +154,19 @@ fn quick_grid_writes_a_complete_report_and_reuses_finished_runs() {
     assert_ok(&again);
     let r2 = json(&out.join("report.json"));
     assert_eq!(r2["reused_runs"].as_u64().unwrap() as usize, 5 * seeds);
-    assert_eq!(r2["variants"], r["variants"]);
+    assert_close(&r2["variants"], &r["variants"], "variants");
 
     // a run directory of another config is refused, by name
     let train_json = out.join("runs/hier-s2/train.json");
     let t = std::fs::read_to_string(&train_json).unwrap();
     std::fs::write(&train_json, t.replace("\"steps\": 150", "\"steps\": 151")).unwrap();
-    let err = assert_fails(&memlayer(&["experiment", "--quick", "--out", out_s]));
+    let refused = memlayer(&["experiment", "--quick", "--out", out_s]);
+    let err = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("\nerror: ") && !err.contains("panicked"),
+        "{err}"
+    );
     assert!(
         err.contains("hier-s2") && err.contains("different experiment config"),
         "{err}"

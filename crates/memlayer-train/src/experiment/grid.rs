@@ -18,7 +18,7 @@
 
 use crate::config::{DataSpec, TrainConfig};
 use crate::data::facts::FactsConfig;
-use crate::optim::OptimConfig;
+use crate::optim::{GroupHyper, OptimConfig};
 use memlayer_core::model::{HierSpec, ModelConfig, PkmSpec};
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +130,13 @@ impl Grid {
             optim: OptimConfig {
                 lr: 3e-3,
                 warmup_steps,
+                // Values at the base learning rate, not Meta's 10×: at a base
+                // of 3e-3, 10× made the values too noisy to hold facts (probe,
+                // docs/RESULTS.md: exact recall 0.016 against 0.079 at 1×).
+                memory_values: GroupHyper {
+                    lr_mult: 1.0,
+                    ..OptimConfig::default().memory_values
+                },
                 ..OptimConfig::default()
             },
             checkpoint_every: (steps / 4).max(1),

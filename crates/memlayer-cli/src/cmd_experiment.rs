@@ -4,7 +4,7 @@ use crate::cmd_train::{Backend, OpsChoice, device_for};
 use anyhow::{Context, Result};
 use clap::Args;
 use memlayer_train::TrainOptions;
-use memlayer_train::experiment::diagnose::routing_agreement;
+use memlayer_train::experiment::diagnose::{VariantRouting, routing_agreement};
 use memlayer_train::experiment::grid::{Grid, VariantKind};
 use memlayer_train::experiment::report::{summarize, write_report};
 use memlayer_train::experiment::run_grid;
@@ -92,10 +92,14 @@ pub fn run(args: ExperimentArgs) -> Result<()> {
     })
     .with_context(|| format!("experiment in {}", args.out.display()))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let routing = match grid.variants.iter().find(|v| v.kind == VariantKind::Hier) {
-        Some(v) => routing_agreement(&grid.run_config(v, grid.seeds[0]))?,
-        None => Vec::new(),
-    };
+    let mut routing = Vec::new();
+    for v in grid.variants.iter().filter(|v| v.kind == VariantKind::Hier) {
+        routing.push(VariantRouting {
+            variant: v.name.clone(),
+            routing: v.model.hier.as_ref().map(|h| h.routing).unwrap_or_default(),
+            buckets: routing_agreement(&grid.run_config(v, grid.seeds[0]))?,
+        });
+    }
     let report = summarize(
         &grid,
         &runs,

@@ -63,10 +63,13 @@ fn quick_grid_writes_a_complete_report_and_reuses_finished_runs() {
         .iter()
         .map(|v| v["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["dense-1x", "dense-2x", "dense-4x", "pkm", "hier"]);
+    assert_eq!(
+        names,
+        ["dense-1x", "dense-2x", "dense-4x", "pkm", "hier", "hier-nn"]
+    );
     let seeds = r["grid"]["seeds"].as_array().unwrap().len();
     assert!(seeds >= 2);
-    assert_eq!(r["runs"].as_array().unwrap().len(), 5 * seeds);
+    assert_eq!(r["runs"].as_array().unwrap().len(), 6 * seeds);
     assert_eq!(r["reused_runs"], 0);
     for v in variants {
         let name = v["name"].as_str().unwrap();
@@ -110,12 +113,36 @@ fn quick_grid_writes_a_complete_report_and_reuses_finished_runs() {
     let facts = &r["grid_facts"];
     assert!(f(&facts["hier_fetched_fraction"]) <= 0.10);
     assert!(f(&facts["hier_bank_ratio"]) >= 10.0);
-    assert_eq!(r["targets"].as_array().unwrap().len(), 4);
+    // pkm vs dense-2x, and each hierarchical memory vs its anchor; both metrics
+    assert_eq!(r["targets"].as_array().unwrap().len(), 6);
     let routing = r["routing"].as_array().unwrap();
-    assert_eq!(routing.len(), 4);
-    for b in routing {
-        assert_eq!(b["agreement"].as_array().unwrap().len(), 3, "{b}");
+    assert_eq!(routing.len(), 2);
+    assert_eq!(routing[1]["routing"], "nearest_context");
+    for v in routing {
+        let buckets = v["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), 4, "{v}");
+        for b in buckets {
+            assert_eq!(b["agreement"].as_array().unwrap().len(), 3, "{b}");
+        }
     }
+    // the nearest-context model directory carries its index: evaluated from
+    // disk it routes and scores exactly as during the run
+    let nn = out.join("runs/hier-nn-s1");
+    assert!(nn.join("context_index.json").exists());
+    let eval_json = tmp.path().join("eval-nn.json");
+    assert_ok(&memlayer(&[
+        "eval",
+        nn.to_str().unwrap(),
+        "--json",
+        eval_json.to_str().unwrap(),
+    ]));
+    let from_disk = json(&eval_json);
+    let during_run = json(&nn.join("report.json"));
+    assert_close(
+        &from_disk["buckets"],
+        &during_run["eval"]["buckets"],
+        "eval",
+    );
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
@@ -153,7 +180,7 @@ fn quick_grid_writes_a_complete_report_and_reuses_finished_runs() {
     let again = memlayer(&["experiment", "--quick", "--out", out_s]);
     assert_ok(&again);
     let r2 = json(&out.join("report.json"));
-    assert_eq!(r2["reused_runs"].as_u64().unwrap() as usize, 5 * seeds);
+    assert_eq!(r2["reused_runs"].as_u64().unwrap() as usize, 6 * seeds);
     assert_close(&r2["variants"], &r["variants"], "variants");
 
     // a run directory of another config is refused, by name

@@ -37,6 +37,7 @@ fn cfg(pkm: bool, hier: bool, qk_norm: bool, gated: bool) -> ModelConfig {
             branching: 2,
             units: vec![4, 3],
             generic: true,
+            routing: Default::default(),
         }),
     }
 }

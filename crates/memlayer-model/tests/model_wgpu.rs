@@ -155,6 +155,7 @@ fn cfg() -> ModelConfig {
             branching: 2,
             units: vec![4, 2],
             generic: false,
+            routing: Default::default(),
         }),
     }
 }

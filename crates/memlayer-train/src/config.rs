@@ -112,6 +112,7 @@ impl TrainConfig {
                     branching,
                     units,
                     generic: true,
+                    routing: Default::default(),
                 });
             }
             _ => return None,

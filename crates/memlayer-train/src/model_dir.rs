@@ -7,6 +7,8 @@
 //! tokenizer.json       HF tokenizers BPE
 //! retriever.json       TF-IDF retriever     (hierarchical memory)
 //! tree.safetensors     cluster tree         (hierarchical memory)
+//! context_index.json   training contexts' terms and paths (hierarchical memory
+//!                      routed by nearest context)
 //! eval.jsonl           held-out fact questions (facts data)
 //! train.json           the training config
 //! report.json          evaluation and timing
@@ -18,6 +20,7 @@
 //! then one `ffn_blocks` section per level whose nodes are the level's
 //! table rows (`b^l` tree nodes, then the generic block when trained).
 
+use crate::data::context_index::ContextIndex;
 use crate::data::retriever::TfIdfRetriever;
 use crate::data::tokenizer::Tokenizer;
 use crate::data::write_atomic;
@@ -26,8 +29,12 @@ use crate::trainer::TrainError;
 use memlayer_core::bank::{BankFileWriter, BankLayout, BankReader, Dtype, FileSource, SectionSpec};
 use memlayer_core::hier::cluster::ClusterTree;
 use memlayer_core::model::params::{VALUES, hier_name};
-use memlayer_core::model::{ModelConfig, ParamGroup, ParamStore};
+use memlayer_core::model::{HierRouting, ModelConfig, ParamGroup, ParamStore};
 use std::path::{Path, PathBuf};
+
+/// File of the nearest-training-context index in a model directory
+/// ([`HierRouting::NearestContext`] models only).
+pub const CONTEXT_INDEX_FILE: &str = "context_index.json";
 
 /// Target bytes of one value page (rows per page = this / row bytes, at
 /// least one row).
@@ -235,6 +242,9 @@ pub fn export(
         r.retriever.save(&dir.join("retriever.json"))?;
         let bytes = r.tree.to_safetensors()?;
         write_atomic(&dir.join("tree.safetensors"), &bytes)?;
+        if let Some(index) = &r.index {
+            index.save(&dir.join(CONTEXT_INDEX_FILE))?;
+        }
     }
     Ok(())
 }
@@ -301,7 +311,29 @@ pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
         let tp = dir.join("tree.safetensors");
         let tb = std::fs::read(&tp).map_err(|e| io(&tp, e))?;
         let tree = ClusterTree::from_safetensors(&tb).map_err(|e| io(&tp, e))?;
-        Some(Routing { retriever, tree })
+        let index = match config.hier.as_ref().map(|h| h.routing) {
+            Some(HierRouting::NearestContext) => {
+                let ip = dir.join(CONTEXT_INDEX_FILE);
+                let index = ContextIndex::load(&ip)?;
+                if index.len() != tree.num_points() {
+                    return Err(io(
+                        &ip,
+                        format!(
+                            "indexes {} contexts, the tree was built over {}",
+                            index.len(),
+                            tree.num_points()
+                        ),
+                    ));
+                }
+                Some(index)
+            }
+            _ => None,
+        };
+        Some(Routing {
+            retriever,
+            tree,
+            index,
+        })
     } else {
         None
     };

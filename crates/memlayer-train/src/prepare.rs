@@ -5,6 +5,7 @@
 //! tokenizer saved by the interrupted run is the same.
 
 use crate::config::{DataSpec, TrainConfig};
+use crate::data::context_index::ContextIndex;
 use crate::data::corpus::{CorpusConfig, load_contexts};
 use crate::data::facts::FactsDataset;
 use crate::data::packing::{PackedSequences, pack_plain, pack_with_tree};
@@ -12,21 +13,30 @@ use crate::data::retriever::TfIdfRetriever;
 use crate::data::tokenizer::{DEFAULT_SPECIAL_TOKENS, Tokenizer, train_bpe};
 use crate::data::{Context, DataError};
 use memlayer_core::hier::cluster::{ClusterConfig, ClusterTree};
+use memlayer_core::model::HierRouting;
 use memlayer_core::rng::Rng;
 
 /// Routing of contexts to memory blocks: the retriever and the tree built
-/// over the training contexts' embeddings.
+/// over the training contexts' embeddings, and for
+/// [`HierRouting::NearestContext`] the index of the training contexts.
 #[derive(Clone, Debug)]
 pub struct Routing {
     /// Embeds a context.
     pub retriever: TfIdfRetriever,
     /// Cluster tree of the training contexts.
     pub tree: ClusterTree,
+    /// Nearest-training-context index (`None`: greedy descent).
+    pub index: Option<ContextIndex>,
 }
 
 impl Routing {
-    /// Tree path (node id per level) of `text`.
+    /// Tree path (node id per level) of `text`: the nearest training
+    /// context's path when there is an index and `text` shares a term with
+    /// it, else greedy descent.
     pub fn path(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        if let Some(p) = self.index.as_ref().and_then(|i| i.path(text)) {
+            return Ok(p);
+        }
         Ok(self.tree.path(&self.retriever.embed(text))?)
     }
 }
@@ -108,7 +118,17 @@ pub fn prepare(cfg: &TrainConfig) -> Result<Prepared, DataError> {
                 &ClusterConfig::new(h.levels, h.branching, cfg.data_seed()),
             )?;
             let train = pack_with_tree(&train_ids, &tree, cfg.seq_len, eos)?;
-            let routing = Routing { retriever, tree };
+            let index = match h.routing {
+                HierRouting::Descent => None,
+                HierRouting::NearestContext => {
+                    Some(ContextIndex::build(&texts, tree.train_paths(), h.levels)?)
+                }
+            };
+            let routing = Routing {
+                retriever,
+                tree,
+                index,
+            };
             let mut paths = Vec::with_capacity(held_texts.len() * h.levels);
             for t in &held_texts {
                 paths.extend(routing.path(t)?);

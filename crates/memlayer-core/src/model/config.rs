@@ -88,6 +88,31 @@ pub struct HierSpec {
     /// the context's block with probability `1/(b+1)`.
     #[serde(default)]
     pub generic: bool,
+    /// How a context that is not a training context (a prompt) finds its
+    /// path. Training contexts always use their tree assignment.
+    #[serde(default, skip_serializing_if = "HierRouting::is_descent")]
+    pub routing: HierRouting,
+}
+
+/// How the hierarchical memory routes a prompt to its tree path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HierRouting {
+    /// Greedy descent: the nearest centroid at each level (DESIGN §2).
+    #[default]
+    Descent,
+    /// The path of the most similar training context (exact-vocabulary
+    /// TF-IDF, cosine); descent when no word is shared. A context that alone
+    /// mentions a rare name weighs 1/(cluster size) in a centroid, so descent
+    /// rarely finds it; nearest-context search does.
+    NearestContext,
+}
+
+impl HierRouting {
+    /// `Descent` (the default, left out of serialised configs).
+    pub fn is_descent(&self) -> bool {
+        *self == Self::Descent
+    }
 }
 
 impl HierSpec {

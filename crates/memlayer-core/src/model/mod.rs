@@ -5,5 +5,5 @@ pub mod config;
 pub mod params;
 pub mod reference;
 
-pub use config::{HierSpec, ModelConfig, ParamCounts, PkmSpec};
+pub use config::{HierRouting, HierSpec, ModelConfig, ParamCounts, PkmSpec};
 pub use params::{Param, ParamGroup, ParamStore};

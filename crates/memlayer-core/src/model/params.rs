@@ -515,6 +515,7 @@ mod tests {
                 branching: 2,
                 units: vec![4, 2],
                 generic: true,
+                routing: Default::default(),
             }),
         }
     }

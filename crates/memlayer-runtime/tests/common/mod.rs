@@ -31,6 +31,7 @@ pub fn cfg(hier: bool) -> ModelConfig {
             branching: 2,
             units: vec![4, 2],
             generic: false,
+            routing: Default::default(),
         }),
     }
 }

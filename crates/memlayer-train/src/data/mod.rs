@@ -17,6 +17,7 @@
 //! [`memlayer_core::rng::Rng`], so a seed gives the same data on every
 //! platform.
 
+pub mod context_index;
 pub mod corpus;
 pub mod facts;
 pub mod packing;

@@ -26,6 +26,17 @@ pub struct RoutingAgreement {
     pub chance: Vec<f64>,
 }
 
+/// Routing agreement of one hierarchical-memory variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VariantRouting {
+    /// Variant name.
+    pub variant: String,
+    /// How it routes prompts.
+    pub routing: memlayer_core::model::HierRouting,
+    /// Rare → common.
+    pub buckets: Vec<RoutingAgreement>,
+}
+
 /// Routing agreement of the evaluation queries of `cfg` (a hierarchical
 /// memory config on the facts world), by bucket.
 pub fn routing_agreement(cfg: &TrainConfig) -> Result<Vec<RoutingAgreement>, TrainError> {

@@ -10,7 +10,10 @@
 //!   within 10 % of the base;
 //! - `hier`: the base (the *anchor*) with a hierarchical FFN memory that
 //!   fetches at most 10 % of the base's parameters per context from a bank
-//!   at least 10× the base's parameters (DESIGN §2).
+//!   at least 10× the base's parameters (DESIGN §2), prompts routed by
+//!   greedy descent of the cluster tree;
+//! - `hier-nn`: the same memory with prompts routed to the path of the
+//!   nearest training context ([`HierRouting::NearestContext`]).
 //!
 //! Every variant trains on the same data with the same tokenizer, tokens,
 //! schedule and seeds: only `model` differs between their configs
@@ -19,7 +22,7 @@
 use crate::config::{DataSpec, TrainConfig};
 use crate::data::facts::FactsConfig;
 use crate::optim::{GroupHyper, OptimConfig};
-use memlayer_core::model::{HierSpec, ModelConfig, PkmSpec};
+use memlayer_core::model::{HierRouting, HierSpec, ModelConfig, PkmSpec};
 use serde::{Deserialize, Serialize};
 
 /// What a variant adds to the dense transformer.
@@ -174,17 +177,33 @@ impl Grid {
                 ..base_model.clone()
             },
         });
+        // 8 / 64 / 512 clusters; 4 + 8 + 16 units fetched per layer
+        let hier = HierSpec {
+            levels: 3,
+            branching: 8,
+            units: vec![4, 8, 16],
+            generic: true,
+            routing: HierRouting::Descent,
+        };
         variants.push(Variant {
             name: "hier".into(),
             kind: VariantKind::Hier,
             dense_multiple: None,
             model: ModelConfig {
-                // 8 / 64 / 512 clusters; 4 + 8 + 16 units fetched per layer
+                hier: Some(hier.clone()),
+                ..base_model.clone()
+            },
+        });
+        // the same memory, trained identically (training contexts use their
+        // tree assignment); prompts routed to the nearest training context
+        variants.push(Variant {
+            name: "hier-nn".into(),
+            kind: VariantKind::Hier,
+            dense_multiple: None,
+            model: ModelConfig {
                 hier: Some(HierSpec {
-                    levels: 3,
-                    branching: 8,
-                    units: vec![4, 8, 16],
-                    generic: true,
+                    routing: HierRouting::NearestContext,
+                    ..hier
                 }),
                 ..base_model
             },
@@ -368,7 +387,7 @@ mod tests {
     fn grids_satisfy_the_issue_constraints() {
         for grid in [Grid::full().unwrap(), Grid::quick().unwrap()] {
             let f = grid.check().unwrap();
-            assert_eq!(grid.variants.len(), 5);
+            assert_eq!(grid.variants.len(), 6);
             assert!(
                 f.hier_fetched_fraction <= 0.10 && f.hier_bank_ratio >= 10.0,
                 "{f:?}"

@@ -3,7 +3,7 @@
 //! plots.
 
 use super::RunOutcome;
-use super::diagnose::RoutingAgreement;
+use super::diagnose::VariantRouting;
 use super::grid::{Grid, GridFacts, VariantKind};
 use crate::data::write_atomic;
 use crate::plot::{BarGroup, LabeledPoint, Series, grouped_bars, labeled_scatter, line_chart};
@@ -133,9 +133,9 @@ pub struct ExperimentReport {
     pub variants: Vec<VariantSummary>,
     /// The two headline claims, for both recall metrics.
     pub targets: Vec<TargetCheck>,
-    /// Hierarchical memory: how often a question's tree path reaches the
+    /// Hierarchical memories: how often a question's tree path reaches the
     /// nodes its fact was trained into, by bucket.
-    pub routing: Vec<RoutingAgreement>,
+    pub routing: Vec<VariantRouting>,
     /// Every run's own report, grid order.
     pub runs: Vec<crate::pipeline::RunReport>,
 }
@@ -147,7 +147,7 @@ pub fn summarize(
     command: String,
     commit: Option<String>,
     wall_seconds: f64,
-    routing: Vec<RoutingAgreement>,
+    routing: Vec<VariantRouting>,
 ) -> Result<ExperimentReport, TrainError> {
     let grid_facts = grid.check().map_err(TrainError::Other)?;
     let base_flops = grid.base.model.flops_per_token(grid.base.seq_len);
@@ -253,7 +253,8 @@ fn targets(variants: &[VariantSummary]) -> Vec<TargetCheck> {
             });
         }
     }
-    if let (Some(hier), Some(d1)) = (find(&|v| v.kind == VariantKind::Hier), dense(1.0)) {
+    let hiers = variants.iter().filter(|v| v.kind == VariantKind::Hier);
+    for (hier, d1) in hiers.filter_map(|h| dense(1.0).map(|d| (h, d))) {
         let rare = |v: &VariantSummary, exact: bool| {
             v.buckets.first().map_or(f64::NAN, |b| {
                 if exact {
@@ -446,20 +447,24 @@ pub fn render_markdown(r: &ExperimentReport) -> String {
             s,
             "A fact is written into the blocks on the tree paths of the training contexts that state it and read from the blocks on the question's path. Share of questions whose path reaches a node trained by a context mentioning their entity, per level (chance: a random node):\n"
         );
-        let levels = r.routing.first().map_or(0, |x| x.agreement.len());
-        let mut head = String::from("| bucket | queries |");
-        let mut rule = String::from("|---|---:|");
-        for l in 1..=levels {
-            let _ = write!(head, " level {l} (chance) |");
-            rule.push_str("---:|");
-        }
-        let _ = writeln!(s, "{head}\n{rule}");
-        for a in &r.routing {
-            let mut row = format!("| {} | {} |", a.bucket, a.queries);
-            for (x, c) in a.agreement.iter().zip(&a.chance) {
-                let _ = write!(row, " {x:.3} ({c:.3}) |");
+        for vr in &r.routing {
+            let levels = vr.buckets.first().map_or(0, |x| x.agreement.len());
+            let _ = writeln!(s, "`{}` (routing: {:?})\n", vr.variant, vr.routing);
+            let mut head = String::from("| bucket | queries |");
+            let mut rule = String::from("|---|---:|");
+            for l in 1..=levels {
+                let _ = write!(head, " level {l} (chance) |");
+                rule.push_str("---:|");
             }
-            let _ = writeln!(s, "{row}");
+            let _ = writeln!(s, "{head}\n{rule}");
+            for a in &vr.buckets {
+                let mut row = format!("| {} | {} |", a.bucket, a.queries);
+                for (x, c) in a.agreement.iter().zip(&a.chance) {
+                    let _ = write!(row, " {x:.3} ({c:.3}) |");
+                }
+                let _ = writeln!(s, "{row}");
+            }
+            let _ = writeln!(s);
         }
     }
     let _ = writeln!(s, "\n## Plots\n");

@@ -108,44 +108,30 @@ impl Grid {
         eval_per_bucket: usize,
         seeds: [u64; 2],
     ) -> Result<Self, String> {
-        let base_model = ModelConfig {
-            vocab_size: 1024,
-            dim: 64,
-            n_layers: 2,
-            n_heads: 4,
-            ffn_hidden: 176,
-            max_seq_len: 128,
-            rope_theta: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: true,
-            pkm: None,
-            hier: None,
-        };
+        // the tiny preset's model (d64, 2 layers, BPE 1024) and batch shape,
+        // trained longer on a larger world
+        let tiny = TrainConfig::preset("tiny-dense").ok_or("the tiny-dense preset is missing")?;
+        let base_model = tiny.model.clone();
         let base = TrainConfig {
             name: format!("{name}-dense-1x"),
-            model: base_model.clone(),
             data: DataSpec::Facts(facts),
-            seq_len: 64,
-            batch_size: 16,
             steps,
             seed: seeds[0],
             data_seed: Some(DATA_SEED),
             optim: OptimConfig {
-                lr: 3e-3,
                 warmup_steps,
                 // Values at the base learning rate, not Meta's 10×: at a base
                 // of 3e-3, 10× made the values too noisy to hold facts (probe,
                 // docs/RESULTS.md: exact recall 0.016 against 0.079 at 1×).
                 memory_values: GroupHyper {
                     lr_mult: 1.0,
-                    ..OptimConfig::default().memory_values
+                    ..tiny.optim.memory_values
                 },
-                ..OptimConfig::default()
+                ..tiny.optim.clone()
             },
             checkpoint_every: (steps / 4).max(1),
-            retriever_dim: 256,
-            heldout_fraction: 0.05,
             eval_per_bucket,
+            ..tiny
         };
         let mut variants = Vec::new();
         for mult in [1u32, 2, 4] {

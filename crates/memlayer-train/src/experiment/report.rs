@@ -535,9 +535,7 @@ pub fn write_report(
         };
         grouped_bars(
             &out.join(file),
-            &format!(
-                "{metric} by frequency bucket (mentions in training), mean ± spread over seeds"
-            ),
+            &format!("{metric} by bucket (mentions), mean ± spread"),
             &categories,
             metric,
             &groups,

@@ -22,7 +22,7 @@
 use crate::config::{DataSpec, TrainConfig};
 use crate::data::facts::FactsConfig;
 use crate::optim::{GroupHyper, OptimConfig};
-use memlayer_core::model::{HierRouting, HierSpec, ModelConfig, PkmSpec};
+use memlayer_core::model::{HierRouting, HierSpec, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 /// What a variant adds to the dense transformer.
@@ -142,24 +142,17 @@ impl Grid {
                 model: scale_dense(&base_model, base.seq_len, f64::from(mult))?,
             });
         }
-        let d = base_model.dim;
         variants.push(Variant {
             name: "pkm".into(),
             kind: VariantKind::Pkm,
             dense_multiple: None,
             model: ModelConfig {
-                // the last layer's FFN becomes the memory layer (Meta place
-                // memory in the upper half; with 2 layers that is layer 1)
-                pkm: Some(PkmSpec {
-                    layers: vec![base_model.n_layers - 1],
-                    n_keys: 64,
-                    heads: 4,
-                    k_dim: d / 2,
-                    knn: 16,
-                    v_dim: d,
-                    qk_norm: true,
-                    gated: false,
-                }),
+                // the tiny-pkm preset's memory: one layer in place of the
+                // FFN of layer 1 (of 2), 64² keys, 4 heads × k 16, shared values
+                pkm: TrainConfig::preset("tiny-pkm")
+                    .and_then(|c| c.model.pkm)
+                    .ok_or("the tiny-pkm preset is missing")
+                    .map(Some)?,
                 ..base_model.clone()
             },
         });

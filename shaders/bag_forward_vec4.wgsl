@@ -91,6 +91,11 @@ const PER_LANE: u32 = 16u;
 const SHARDS_PER_PASS: u32 = 3u;
 const INVALID: u32 = 0xffffffffu;
 
+// -inf and NaN as runtime values: WGSL makes a constant expression that
+// evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
+// WebGPU, enforces it; naga does not), so the bits live in private variables.
+var<private> NAN_BITS: u32 = 0x7fc00000u;
+
 fn load(s: u32, i: u32) -> vec4<u32> {
     switch s {
         case 0u: {
@@ -175,7 +180,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // producer kernel) cannot make the loop run away
     let end = min(offsets[bag + 1u], arrayLength(&indices));
     let start = min(offsets[bag], end);
-    let nan = bitcast<f32>(0x7fc00000u);
+    let nan = bitcast<f32>(NAN_BITS);
     // the whole table in shard0 (one pass): no shard arithmetic per entry
     let single = params.n_shards == 1u;
 

@@ -46,6 +46,11 @@ struct Params {
 
 const MAX_K: u32 = 128u;
 
+// -inf and NaN as runtime values: WGSL makes a constant expression that
+// evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
+// WebGPU, enforces it; naga does not), so the bits live in private variables.
+var<private> NEG_INF_BITS: u32 = 0xff800000u;
+
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> half_s: array<f32>;
 @group(0) @binding(2) var<storage, read> half_i: array<u32>;
@@ -119,7 +124,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var heap: array<u32, 129>; // MAX_K + 1 packed pairs; heap[0] is the best
     var len = 1u;
     heap[0] = 0u;
-    var mx = bitcast<f32>(0xff800000u);
+    var mx = bitcast<f32>(NEG_INF_BITS);
     for (var j = 0u; j < k; j++) {
         // pop the best pair
         let top = heap[0];

@@ -51,6 +51,11 @@ const WG: u32 = 256u;
 const CAP: u32 = 1024u;
 const NONE: u32 = 0xffffffffu;
 
+// -inf and NaN as runtime values: WGSL makes a constant expression that
+// evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
+// WebGPU, enforces it; naga does not), so the bits live in private variables.
+var<private> NEG_INF_BITS: u32 = 0xff800000u;
+
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out_s: array<f32>;
@@ -92,7 +97,7 @@ fn before(sa: f32, ia: u32, sb: f32, ib: u32) -> bool {
 }
 
 fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
+    return bitcast<f32>(NEG_INF_BITS);
 }
 
 // Sorts buf[0..p) best first (p a power of two, uniform). Bitonic network;

@@ -15,4 +15,5 @@ pub mod linalg;
 pub mod model;
 pub mod pkm;
 pub mod rng;
+pub mod sample;
 pub mod topk;

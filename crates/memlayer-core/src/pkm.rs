@@ -658,8 +658,8 @@ pub fn forward(
     params.check(cfg)?;
     check_len("values", values, &[cfg.n_rows(), cfg.v_dim])?;
     check_len("input", x, &[tokens, cfg.dim])?;
-    let (dim, v_dim) = (cfg.dim, cfg.v_dim);
-    let query = linalg::linear(x, tokens, dim, &params.w_q, &params.b_q, cfg.query_dim());
+    let v_dim = cfg.v_dim;
+    let query = project_query(cfg, params, x, tokens);
     let lk = lookup(cfg, &params.keys, &query, tokens)?;
     let offsets = bag::uniform_offsets(tokens, cfg.bag_size());
     let memory = bag::bag_forward(
@@ -670,6 +670,59 @@ pub fn forward(
         &lk.weights,
         &offsets,
     )?;
+    let out = finish(cfg, params, x, &memory, tokens);
+    Ok(PkmForward {
+        tokens,
+        query,
+        indices: lk.indices,
+        scores: lk.scores,
+        weights: lk.weights,
+        memory,
+        swilu_pre: out.swilu_pre,
+        projected: out.projected,
+        gate_logits: out.gate_logits,
+        output: out.output,
+    })
+}
+
+/// What the layer computes after the embedding-bag.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PkmFinish {
+    /// (tokens, v_dim) `u = W_s x + b_s`
+    pub swilu_pre: Vec<f32>,
+    /// (tokens, dim) `W_o (m ⊙ silu(u)) + b_o`
+    pub projected: Vec<f32>,
+    /// (tokens) gate logits (empty when not gated)
+    pub gate_logits: Vec<f32>,
+    /// (tokens, dim) the layer output
+    pub output: Vec<f32>,
+}
+
+/// The layer's query projection `W_q x + b_q`. x: (tokens, dim) →
+/// (tokens, heads * k_dim).
+pub fn project_query(cfg: &PkmConfig, params: &PkmParams, x: &[f32], tokens: usize) -> Vec<f32> {
+    linalg::linear(
+        x,
+        tokens,
+        cfg.dim,
+        &params.w_q,
+        &params.b_q,
+        cfg.query_dim(),
+    )
+}
+
+/// The layer's output from its input `x` (tokens, dim) and the bag of
+/// memory rows `memory` (tokens, v_dim): swilu gate, value projection and
+/// the optional output gate. Runtimes that do the lookup and the bag
+/// elsewhere (a GPU, a paged bank) finish the layer with this.
+pub fn finish(
+    cfg: &PkmConfig,
+    params: &PkmParams,
+    x: &[f32],
+    memory: &[f32],
+    tokens: usize,
+) -> PkmFinish {
+    let (dim, v_dim) = (cfg.dim, cfg.v_dim);
     let swilu_pre = linalg::linear(x, tokens, dim, &params.w_s, &params.b_s, v_dim);
     let gated_mem: Vec<f32> = memory
         .iter()
@@ -692,18 +745,12 @@ pub fn forward(
         }
         None => (Vec::new(), projected.clone()),
     };
-    Ok(PkmForward {
-        tokens,
-        query,
-        indices: lk.indices,
-        scores: lk.scores,
-        weights: lk.weights,
-        memory,
+    PkmFinish {
         swilu_pre,
         projected,
         gate_logits,
         output,
-    })
+    }
 }
 
 /// Every gradient of one memory layer.

@@ -17,7 +17,9 @@
 //! `dim % 4 == 0` and f16 rows with `dim % 8 == 0`, `bag_forward.wgsl`
 //! (u32 loads) for any other width; both give the same bits.
 
-use crate::buffers::{GpuDtype, Kernel, ShardedTable, grid, read_back, storage_init, uniform_init};
+use crate::buffers::{
+    GpuDtype, Kernel, ShardedTable, grid, read_back, read_back_async, storage_init, uniform_init,
+};
 use crate::context::{GpuContext, GpuError};
 
 /// WGSL of the embedding-bag forward kernel (any row width, u32 loads).
@@ -319,52 +321,45 @@ impl BagForward {
         weights: &[f32],
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
-        if page_rows == 0 {
-            return Err(GpuError::Invalid("page_rows must be positive".into()));
-        }
-        let rows = page_table.len().checked_mul(page_rows).ok_or_else(|| {
-            GpuError::Invalid(format!(
-                "{} pages of {page_rows} rows overflow",
-                page_table.len()
-            ))
-        })?;
-        let bags = check_bags(rows, indices, weights, offsets)?;
-        let n_slots = slots.rows / page_rows;
-        for b in 0..bags {
-            for (e, &row) in indices
-                .iter()
-                .enumerate()
-                .take(offsets[b + 1])
-                .skip(offsets[b])
-            {
-                let page = row as usize / page_rows;
-                let slot = page_table[page];
-                if slot as usize >= n_slots {
-                    let what = if slot == MISSING_PAGE {
-                        "is missing from the page table".to_string()
-                    } else {
-                        format!("maps to slot {slot}, outside the pool of {n_slots} slots")
-                    };
-                    return Err(GpuError::Invalid(format!(
-                        "bag {b}, entry {e} (row {row}): page {page} {what}"
-                    )));
-                }
-            }
-        }
+        let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
         let pt = storage_init(ctx, "bag page table", page_table);
-        self.run(
-            ctx,
-            BagTable::Paged {
-                slots,
-                page_rows,
-                n_pages: page_table.len(),
-                page_table: &pt,
-            },
-            indices,
-            weights,
-            offsets,
-            bags,
-        )
+        let table = BagTable::Paged {
+            slots,
+            page_rows,
+            n_pages: page_table.len(),
+            page_table: &pt,
+        };
+        match self.submit(ctx, table, indices, weights, offsets, bags)? {
+            Some(out) => read_back(ctx, &out, 0, bags * slots.dim),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// [`BagForward::run_paged`] as a future (the web's read-back yields to
+    /// the browser; natively it polls the device).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_paged_async(
+        &self,
+        ctx: &GpuContext,
+        slots: &ShardedTable,
+        page_rows: usize,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, GpuError> {
+        let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
+        let pt = storage_init(ctx, "bag page table", page_table);
+        let table = BagTable::Paged {
+            slots,
+            page_rows,
+            n_pages: page_table.len(),
+            page_table: &pt,
+        };
+        match self.submit(ctx, table, indices, weights, offsets, bags)? {
+            Some(out) => read_back_async(ctx, &out, 0, bags * slots.dim).await,
+            None => Ok(Vec::new()),
+        }
     }
 
     fn run(
@@ -377,8 +372,26 @@ impl BagForward {
         bags: usize,
     ) -> Result<Vec<f32>, GpuError> {
         let dim = table.storage().dim;
+        match self.submit(ctx, table, indices, weights, offsets, bags)? {
+            Some(out) => read_back(ctx, &out, 0, bags * dim),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Uploads the bag inputs, records and submits the bag; the output
+    /// buffer `(bags, dim)` f32, or `None` when there is nothing to compute.
+    fn submit(
+        &self,
+        ctx: &GpuContext,
+        table: BagTable<'_>,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+        bags: usize,
+    ) -> Result<Option<wgpu::Buffer>, GpuError> {
+        let dim = table.storage().dim;
         if bags == 0 || dim == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let limit = ctx.max_binding_bytes();
         if indices.len() as u64 * 4 > limit {
@@ -401,8 +414,53 @@ impl BagForward {
             self.record(ctx, &mut encoder, table, &ib, &wb, &ob, bags, &out)
         })??;
         ctx.queue.submit([encoder.finish()]);
-        read_back(ctx, &out, 0, bags * dim)
+        Ok(Some(out))
     }
+}
+
+/// Checks a paged bag's inputs (CSR shape, rows, every entry's page
+/// resident in the pool); returns the number of bags.
+fn check_paged(
+    slots: &ShardedTable,
+    page_rows: usize,
+    page_table: &[u32],
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+) -> Result<usize, GpuError> {
+    if page_rows == 0 {
+        return Err(GpuError::Invalid("page_rows must be positive".into()));
+    }
+    let rows = page_table.len().checked_mul(page_rows).ok_or_else(|| {
+        GpuError::Invalid(format!(
+            "{} pages of {page_rows} rows overflow",
+            page_table.len()
+        ))
+    })?;
+    let bags = check_bags(rows, indices, weights, offsets)?;
+    let n_slots = slots.rows / page_rows;
+    for b in 0..bags {
+        for (e, &row) in indices
+            .iter()
+            .enumerate()
+            .take(offsets[b + 1])
+            .skip(offsets[b])
+        {
+            let page = row as usize / page_rows;
+            let slot = page_table[page];
+            if slot as usize >= n_slots {
+                let what = if slot == MISSING_PAGE {
+                    "is missing from the page table".to_string()
+                } else {
+                    format!("maps to slot {slot}, outside the pool of {n_slots} slots")
+                };
+                return Err(GpuError::Invalid(format!(
+                    "bag {b}, entry {e} (row {row}): page {page} {what}"
+                )));
+            }
+        }
+    }
+    Ok(bags)
 }
 
 /// Checks CSR bags as `memlayer_core::bag` does; returns the number of bags.

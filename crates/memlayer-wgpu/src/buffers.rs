@@ -49,42 +49,133 @@ pub fn uniform_init<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) 
 }
 
 /// Copies `count` elements of `T` starting at byte `offset` of `buffer` back
-/// to the host (blocking until the GPU is done).
+/// to the host (blocking until the GPU is done; native only: on the web a
+/// read-back must yield to the browser, use [`read_back_async`]).
 pub fn read_back<T: bytemuck::Pod>(
     ctx: &GpuContext,
     buffer: &wgpu::Buffer,
     offset: u64,
     count: usize,
 ) -> Result<Vec<T>, GpuError> {
-    let bytes = (count * std::mem::size_of::<T>()) as u64;
-    if bytes == 0 {
-        return Ok(Vec::new());
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        pollster::block_on(read_back_async(ctx, buffer, offset, count))
     }
-    let padded = bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (ctx, buffer, offset, count);
+        Err(GpuError::ReadBack(
+            "a blocking read-back is impossible on the web: use read_back_async".into(),
+        ))
+    }
+}
+
+/// [`read_back`] as a future: natively it polls the device, on the web it
+/// resolves when the browser has mapped the staging buffer.
+pub async fn read_back_async<T: bytemuck::Pod>(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    count: usize,
+) -> Result<Vec<T>, GpuError> {
+    let bytes = (count * std::mem::size_of::<T>()) as u64;
+    let mut parts = read_back_parts_async(ctx, &[(buffer, offset, bytes)]).await?;
+    let part = parts.pop().unwrap_or_default();
+    Ok(bytemuck::pod_collect_to_vec::<u8, T>(&part))
+}
+
+/// Reads several byte ranges `(buffer, offset, bytes)` back in one
+/// submission and one map (one round trip to the device): one `Vec<u8>` per
+/// range, in order. Offsets and lengths are rounded to the copy alignment
+/// internally; the returned bytes are exactly the requested ones.
+pub async fn read_back_parts_async(
+    ctx: &GpuContext,
+    parts: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<Vec<u8>>, GpuError> {
+    let align = wgpu::COPY_BUFFER_ALIGNMENT;
+    let mut at = Vec::with_capacity(parts.len());
+    let mut total = 0u64;
+    for &(buffer, offset, bytes) in parts {
+        if !offset.is_multiple_of(align) || offset + bytes.next_multiple_of(align) > buffer.size() {
+            return Err(GpuError::ReadBack(format!(
+                "range {offset}..{} of a {}-byte buffer cannot be read back",
+                offset + bytes,
+                buffer.size()
+            )));
+        }
+        at.push(total);
+        total += bytes.next_multiple_of(align);
+    }
+    if total == 0 {
+        return Ok(vec![Vec::new(); parts.len()]);
+    }
     let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("memlayer read-back"),
-        size: padded,
+        size: total,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+    for (&(buffer, offset, bytes), &dst) in parts.iter().zip(&at) {
+        let padded = bytes.next_multiple_of(align);
+        if padded > 0 {
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, dst, padded);
+        }
+    }
     ctx.queue.submit([encoder.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| {
-        let _ = tx.send(r);
-    });
+    let mapped = MapSignal::default();
+    let signal = mapped.clone();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| signal.set(r));
+    // natively the callback runs inside poll; the browser maps by itself
+    #[cfg(not(target_arch = "wasm32"))]
     ctx.wait()?;
-    rx.recv()
-        .map_err(|e| GpuError::ReadBack(e.to_string()))?
+    mapped
+        .await
         .map_err(|e| GpuError::ReadBack(e.to_string()))?;
     let view = staging
         .get_mapped_range(..)
         .map_err(|e| GpuError::ReadBack(e.to_string()))?;
-    let out = bytemuck::cast_slice::<u8, T>(&view[..bytes as usize]).to_vec();
+    let out = parts
+        .iter()
+        .zip(&at)
+        .map(|(&(_, _, bytes), &dst)| view[dst as usize..(dst + bytes) as usize].to_vec())
+        .collect();
     drop(view);
     staging.unmap();
     Ok(out)
+}
+
+type MapResult = Result<(), wgpu::BufferAsyncError>;
+
+/// A one-shot future completed by a `map_async` callback.
+#[derive(Clone, Default)]
+struct MapSignal(std::sync::Arc<std::sync::Mutex<(Option<MapResult>, Option<std::task::Waker>)>>);
+
+impl MapSignal {
+    fn set(&self, r: MapResult) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = Some(r);
+        if let Some(w) = s.1.take() {
+            w.wake();
+        }
+    }
+}
+
+impl std::future::Future for MapSignal {
+    type Output = MapResult;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<MapResult> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match s.0.take() {
+            Some(r) => std::task::Poll::Ready(r),
+            None => {
+                s.1 = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
 }
 
 /// A compute pipeline built from one WGSL source, with its bind-group layout

@@ -17,7 +17,9 @@
 //! Outputs stay on the device ([`LookupBuffers`]), so the embedding-bag
 //! ([`crate::bag_forward`]) can read `indices`/`weights` directly.
 
-use crate::buffers::{Kernel, grid, read_back, storage_init, storage_zeroed, uniform_init};
+use crate::buffers::{
+    Kernel, grid, read_back, read_back_parts_async, storage_init, storage_zeroed, uniform_init,
+};
 use crate::context::{GpuContext, GpuError};
 use memlayer_core::error::check_len;
 use memlayer_core::pkm::{Lookup, PkmConfig, QK_NORM_EPS};
@@ -247,6 +249,27 @@ impl LookupBuffers {
     /// The plan these buffers were allocated for.
     pub fn plan(&self) -> &LookupPlan {
         &self.plan
+    }
+
+    /// [`LookupBuffers::read`] as a future, in one round trip to the device
+    /// (on the web a read-back must yield to the browser).
+    pub async fn read_async(&self, ctx: &GpuContext) -> Result<Lookup, GpuError> {
+        let bytes = self.plan.out_len() as u64 * 4;
+        let parts = read_back_parts_async(
+            ctx,
+            &[
+                (&self.indices, 0, bytes),
+                (&self.scores, 0, bytes),
+                (&self.weights, 0, bytes),
+            ],
+        )
+        .await?;
+        let [indices, scores, weights] = [&parts[0], &parts[1], &parts[2]];
+        Ok(Lookup {
+            indices: bytemuck::pod_collect_to_vec(indices),
+            scores: bytemuck::pod_collect_to_vec(scores),
+            weights: bytemuck::pod_collect_to_vec(weights),
+        })
     }
 
     /// Reads the outputs back into an oracle-shaped [`Lookup`].

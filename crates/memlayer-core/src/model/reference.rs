@@ -40,13 +40,23 @@ pub fn rope_tables(positions: usize, head_dim: usize, theta: f32) -> (Vec<f32>, 
     (cos, sin)
 }
 
-fn rope_in_place(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+/// RoPE of `t` rows of `heads` heads at positions `p0 .. p0 + t`; `cos`,
+/// `sin` are tables of at least `p0 + t` positions.
+fn rope_in_place(
+    x: &mut [f32],
+    (p0, t): (usize, usize),
+    heads: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = hd / 2;
     for p in 0..t {
+        let at = (p0 + p) * half;
         for h in 0..heads {
             let v = &mut x[(p * heads + h) * hd..][..hd];
             for j in 0..half {
-                let (c, s) = (cos[p * half + j], sin[p * half + j]);
+                let (c, s) = (cos[at + j], sin[at + j]);
                 let (a, b) = (v[j], v[j + half]);
                 v[j] = a * c - b * s;
                 v[j + half] = a * s + b * c;
@@ -55,30 +65,65 @@ fn rope_in_place(x: &mut [f32], t: usize, heads: usize, hd: usize, cos: &[f32], 
     }
 }
 
-/// Causal multi-head self-attention with RoPE. x: (t, d) → (t, d).
-fn attention(
+/// Keys (RoPE applied) and values of one layer's past positions, for
+/// decoding one token at a time: (positions, dim) each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerKv {
+    /// (positions, dim) rotated keys.
+    pub k: Vec<f32>,
+    /// (positions, dim) values.
+    pub v: Vec<f32>,
+}
+
+/// Causal multi-head self-attention with RoPE of layer `i`. x: (t, d) → (t, d).
+///
+/// Without a cache the `t` rows are positions `0..t`. With one, they are the
+/// positions after the cached ones, their keys and values are appended to
+/// it, and each attends to every cached position and its own predecessors
+/// (the same numbers as one call over the whole sequence).
+pub fn attention(
     cfg: &ModelConfig,
     s: &ParamStore,
     i: usize,
     x: &[f32],
     t: usize,
+    cache: Option<&mut LayerKv>,
 ) -> Result<Vec<f32>, OracleError> {
     let (d, heads, hd) = (cfg.dim, cfg.n_heads, cfg.head_dim());
     let w = |n: &str| s.data(&layer_name(i, &format!("attention.{n}.weight")));
     let mut q = linear(x, t, d, w("wq")?, &[], d);
     let mut k = linear(x, t, d, w("wk")?, &[], d);
     let v = linear(x, t, d, w("wv")?, &[], d);
-    let (cos, sin) = rope_tables(t, hd, cfg.rope_theta);
-    rope_in_place(&mut q, t, heads, hd, &cos, &sin);
-    rope_in_place(&mut k, t, heads, hd, &cos, &sin);
+    let p0 = cache.as_ref().map_or(0, |c| c.k.len() / d);
+    if p0 + t > cfg.max_seq_len {
+        return Err(OracleError::InvalidConfig(format!(
+            "{} positions exceed max_seq_len {}",
+            p0 + t,
+            cfg.max_seq_len
+        )));
+    }
+    let (cos, sin) = rope_tables(p0 + t, hd, cfg.rope_theta);
+    rope_in_place(&mut q, (p0, t), heads, hd, &cos, &sin);
+    rope_in_place(&mut k, (p0, t), heads, hd, &cos, &sin);
+    let (k, v) = match cache {
+        Some(c) => {
+            c.k.extend_from_slice(&k);
+            c.v.extend_from_slice(&v);
+            (
+                std::borrow::Cow::Borrowed(&c.k[..]),
+                std::borrow::Cow::Borrowed(&c.v[..]),
+            )
+        }
+        None => (std::borrow::Cow::Owned(k), std::borrow::Cow::Owned(v)),
+    };
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0f32; t * d];
-    let mut att = Vec::with_capacity(t);
+    let mut att = Vec::with_capacity(p0 + t);
     for h in 0..heads {
         for p in 0..t {
             let qp = &q[(p * heads + h) * hd..][..hd];
             att.clear();
-            att.extend((0..=p).map(|j| dot(qp, &k[(j * heads + h) * hd..][..hd]) * scale));
+            att.extend((0..=p0 + p).map(|j| dot(qp, &k[(j * heads + h) * hd..][..hd]) * scale));
             softmax_in_place(&mut att);
             let o = &mut out[(p * heads + h) * hd..][..hd];
             for (j, &a) in att.iter().enumerate() {
@@ -190,7 +235,7 @@ pub fn forward(
             s.data(&layer_name(i, "attention_norm.weight"))?,
             cfg.norm_eps,
         );
-        let a = attention(cfg, s, i, &h, t)?;
+        let a = attention(cfg, s, i, &h, t, None)?;
         x.iter_mut().zip(&a).for_each(|(xv, av)| *xv += av);
         let h = rms_norm(
             &x,

@@ -1,0 +1,65 @@
+//! memlayer in the browser.
+//!
+//! A product-key memory model runs in a Web Worker: its dense part (attention,
+//! FFNs, norms, logits) on the CPU in wasm, its memory layers on WebGPU —
+//! `shaders/pk_*.wgsl` pick each token's value rows, `bag_forward.wgsl` sums
+//! them through a page table from a slot pool on the device — while the
+//! memory bank stays on the server and only the pages the lookups choose are
+//! fetched (`fetch` with a `Range` header), checked against the bank's
+//! checksums, kept in the browser's Cache API (a reload does not fetch them
+//! again) and written into device slots under a byte budget (LRU).
+//!
+//! - [`bank`]: the remote bank (header, page table, verified page reads) over a [`bank::PageFetch`];
+//! - [`memory`]: the device memory: lookup + paged embedding-bag on wgpu, the page cache, counters;
+//! - [`decoder`]: the decoder with a KV cache, memory layers awaited on the device;
+//! - [`engine`]: tokenizer + decoder + sampling: streamed generation;
+//! - `web` (wasm32 only): the wasm-bindgen API (`ChatEngine`) and the fetch / Cache API source.
+//!
+//! Everything but `web` also builds natively: the tests run this crate's
+//! forward on lavapipe with pages read from a file and compare it with the
+//! CPU reference in `memlayer-core`.
+
+pub mod bank;
+pub mod decoder;
+pub mod engine;
+pub mod memory;
+#[cfg(target_arch = "wasm32")]
+mod web;
+
+pub use engine::{Engine, Generation, ModelFiles};
+pub use memory::{DeviceMemory, MemoryStats};
+
+/// Errors of the web runtime; every message names what failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    /// A file of the model directory is missing or invalid.
+    #[error("{file}: {message}")]
+    Model {
+        /// The file (URL or path).
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The bank's bytes are invalid (checksum, truncation, table).
+    #[error(transparent)]
+    Bank(#[from] memlayer_core::bank::BankError),
+    /// Fetching bank bytes failed.
+    #[error("fetching {what} from {location}: {message}")]
+    Fetch {
+        /// What was fetched (header, table, page id and bytes).
+        what: String,
+        /// The bank's URL or path.
+        location: String,
+        /// The failure (HTTP status, network error).
+        message: String,
+    },
+    /// The GPU refused or failed.
+    #[error(transparent)]
+    Gpu(#[from] memlayer_wgpu::GpuError),
+    /// The reference math refused its input (shapes, config).
+    #[error(transparent)]
+    Oracle(#[from] memlayer_core::error::OracleError),
+    /// Bad input (prompt, budget, model kind).
+    #[error("{0}")]
+    Input(String),
+}

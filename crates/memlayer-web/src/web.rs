@@ -1,0 +1,636 @@
+//! The wasm-bindgen API (`ChatEngine`, `webgpuSupport`) and the browser's
+//! page source: `fetch` with a `Range` header, the Cache API as the local
+//! copy of fetched pages. Runs in a Web Worker (or a window).
+
+use crate::WebError;
+use crate::bank::{FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, adjacent_runs};
+use crate::engine::{Engine, ModelFiles, value_table_bytes};
+use crate::memory::MemoryStats;
+use js_sys::{Function, Promise, Reflect, Uint8Array};
+use memlayer_core::bank::{PageEntry, PageId};
+use memlayer_core::sample::Sampling;
+use memlayer_wgpu::{GpuContext, GpuOptions};
+use serde::Serialize;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, future_to_promise};
+use web_sys::{Cache, CacheStorage, Request, RequestCache, RequestInit, Response};
+
+/// Name of the Cache API cache holding fetched pages.
+const PAGE_CACHE: &str = "memlayer-pages-v1";
+
+#[wasm_bindgen(start)]
+fn start() {
+    // panics reach the console (and the worker's error handler) with their message
+    std::panic::set_hook(Box::new(|info| {
+        web_sys::console::error_1(&JsValue::from_str(&format!("memlayer-web panic: {info}")));
+    }));
+}
+
+fn js_err(e: impl std::fmt::Display) -> JsValue {
+    JsError::new(&e.to_string()).into()
+}
+
+fn describe(v: &JsValue) -> String {
+    v.as_string()
+        .or_else(|| {
+            Reflect::get(v, &"message".into())
+                .ok()
+                .and_then(|m| m.as_string())
+        })
+        .unwrap_or_else(|| format!("{v:?}"))
+}
+
+/// The global scope's `fetch`, `caches` and `performance.now()`, in a
+/// worker or a window.
+enum Scope {
+    Worker(web_sys::WorkerGlobalScope),
+    Window(web_sys::Window),
+}
+
+impl Scope {
+    fn get() -> Result<Self, String> {
+        let g = js_sys::global();
+        if let Ok(w) = g.clone().dyn_into::<web_sys::WorkerGlobalScope>() {
+            return Ok(Self::Worker(w));
+        }
+        g.dyn_into::<web_sys::Window>()
+            .map(Self::Window)
+            .map_err(|_| "neither a window nor a worker".to_string())
+    }
+
+    fn fetch(&self, req: &Request) -> Promise {
+        match self {
+            Self::Worker(w) => w.fetch_with_request(req),
+            Self::Window(w) => w.fetch_with_request(req),
+        }
+    }
+
+    fn caches(&self) -> Result<CacheStorage, JsValue> {
+        match self {
+            Self::Worker(w) => w.caches(),
+            Self::Window(w) => w.caches(),
+        }
+    }
+}
+
+fn now_seconds() -> f64 {
+    let perf = Reflect::get(&js_sys::global(), &"performance".into()).ok();
+    let now = perf.as_ref().and_then(|p| {
+        let f: Function = Reflect::get(p, &"now".into()).ok()?.dyn_into().ok()?;
+        f.call0(p).ok()?.as_f64()
+    });
+    now.unwrap_or_else(js_sys::Date::now) / 1000.0
+}
+
+/// GET `url` (optionally a byte range) → (status, body).
+async fn get(url: &str, range: Option<(u64, u64)>) -> Result<(u16, Vec<u8>), String> {
+    let init = RequestInit::new();
+    init.set_method("GET");
+    if let Some((offset, len)) = range {
+        let headers = web_sys::Headers::new().map_err(|e| describe(&e))?;
+        headers
+            .set("Range", &format!("bytes={offset}-{}", offset + len - 1))
+            .map_err(|e| describe(&e))?;
+        init.set_headers(&headers);
+        // pages persist in the Cache API; the HTTP cache would blur what was streamed
+        init.set_cache(RequestCache::NoStore);
+    }
+    let req = Request::new_with_str_and_init(url, &init).map_err(|e| describe(&e))?;
+    let scope = Scope::get()?;
+    let resp: Response = JsFuture::from(scope.fetch(&req))
+        .await
+        .map_err(|e| format!("network error: {}", describe(&e)))?
+        .dyn_into()
+        .map_err(|_| "fetch did not return a Response".to_string())?;
+    let status = resp.status();
+    let buf = JsFuture::from(resp.array_buffer().map_err(|e| describe(&e))?)
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok((status, Uint8Array::new(&buf).to_vec()))
+}
+
+/// GET a whole file of the model directory; errors name the URL.
+async fn get_file(url: &str) -> Result<Vec<u8>, WebError> {
+    let err = |message: String| WebError::Model {
+        file: url.to_string(),
+        message,
+    };
+    let (status, body) = get(url, None).await.map_err(err)?;
+    if status != 200 {
+        return Err(err(format!("HTTP {status}")));
+    }
+    Ok(body)
+}
+
+/// The bank over HTTP: Range requests, pages kept in the Cache API.
+struct HttpFetch {
+    url: String,
+    cache: Option<Cache>,
+}
+
+impl HttpFetch {
+    /// The Cache API key of a page: the bank URL, the page and its checksum
+    /// (a rewritten bank never hits a stale copy).
+    fn key(&self, page: PageId, e: &PageEntry) -> String {
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}memlayer-page={page}&xxh3={:016x}",
+            self.url, e.checksum
+        )
+    }
+}
+
+impl PageFetch for HttpFetch {
+    fn location(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let (status, body) = get(&self.url, Some((offset, len))).await?;
+        let bytes = match status {
+            206 => body,
+            // a server without Range support sends the whole file
+            200 => body
+                .get(offset as usize..(offset + len) as usize)
+                .ok_or_else(|| format!("HTTP 200 with {} bytes, short of the range", body.len()))?
+                .to_vec(),
+            s => return Err(format!("HTTP {s} for bytes {offset}..{}", offset + len)),
+        };
+        if bytes.len() as u64 != len {
+            return Err(format!(
+                "{} bytes for the range {offset}..{} ({len} expected)",
+                bytes.len(),
+                offset + len
+            ));
+        }
+        Ok(bytes)
+    }
+
+    async fn read_pages(&self, pages: &[(PageId, PageEntry)]) -> Vec<Result<FetchedPage, String>> {
+        let mut out: Vec<Option<Result<FetchedPage, String>>> = vec![None; pages.len()];
+        // 1. the local copies, looked up concurrently
+        if let Some(cache) = &self.cache {
+            let lookups: Vec<Promise> = pages
+                .iter()
+                .map(|(p, e)| cache.match_with_str(&self.key(*p, e)))
+                .collect();
+            for (i, lookup) in lookups.into_iter().enumerate() {
+                let Ok(found) = JsFuture::from(lookup).await else {
+                    continue;
+                };
+                let Ok(resp) = found.dyn_into::<Response>() else {
+                    continue;
+                };
+                let Ok(body) = resp.array_buffer() else {
+                    continue;
+                };
+                if let Ok(buf) = JsFuture::from(body).await {
+                    out[i] = Some(Ok(FetchedPage {
+                        bytes: Uint8Array::new(&buf).to_vec(),
+                        from_cache: true,
+                    }));
+                }
+            }
+        }
+        // 2. the rest over the network: runs of adjacent pages, all requests in flight together
+        let missing: Vec<usize> = (0..pages.len()).filter(|&i| out[i].is_none()).collect();
+        let wanted: Vec<(PageId, PageEntry)> = missing.iter().map(|&i| pages[i]).collect();
+        let runs = adjacent_runs(&wanted, MAX_RUN_BYTES);
+        let requests: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                let (first, last) = (wanted[r.start].1, wanted[r.end - 1].1);
+                self.read_range(first.offset, last.end() - first.offset)
+            })
+            .collect();
+        let replies = futures_join(requests).await;
+        let mut puts = Vec::new();
+        for (run, reply) in runs.into_iter().zip(replies) {
+            let first = wanted[run.start].1;
+            for j in run {
+                let (page, e) = wanted[j];
+                let r = reply.as_ref().map_err(Clone::clone).map(|bytes| {
+                    let at = (e.offset - first.offset) as usize;
+                    bytes[at..at + e.length as usize].to_vec()
+                });
+                if let (Ok(bytes), Some(cache)) = (&r, &self.cache) {
+                    let mut copy = bytes.clone();
+                    if let Ok(resp) = Response::new_with_opt_u8_array(Some(&mut copy)) {
+                        puts.push(cache.put_with_str(&self.key(page, &e), &resp));
+                    }
+                }
+                out[missing[j]] = Some(r.map(|bytes| FetchedPage {
+                    bytes,
+                    from_cache: false,
+                }));
+            }
+        }
+        // 3. keep the new pages (a failed put only costs a later refetch)
+        for p in puts {
+            let _ = JsFuture::from(p).await;
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err("not fetched".into())))
+            .collect()
+    }
+
+    async fn forget(&self, page: PageId, entry: &PageEntry) {
+        if let Some(cache) = &self.cache {
+            let _ = JsFuture::from(cache.delete_with_str(&self.key(page, entry))).await;
+        }
+    }
+}
+
+/// Awaits `futs` together: each is polled as soon as the join is, so every
+/// request is in flight at once; results in order.
+async fn futures_join<T, F: std::future::Future<Output = T>>(futs: Vec<F>) -> Vec<T> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(out.iter_mut().filter_map(Option::take).collect())
+        }
+    })
+    .await
+}
+
+/// `null` when this browser exposes WebGPU (`navigator.gpu`), else why not.
+#[wasm_bindgen(js_name = webgpuSupport)]
+pub fn webgpu_support() -> Option<String> {
+    let nav = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
+    let gpu = Reflect::get(&nav, &"gpu".into()).ok();
+    if gpu.is_some_and(|g| !g.is_undefined() && !g.is_null()) {
+        None
+    } else {
+        Some(
+            "this browser has no WebGPU (navigator.gpu is missing): use Chrome or Edge 113+, or \
+             Chromium with --enable-unsafe-webgpu on Linux"
+                .into(),
+        )
+    }
+}
+
+/// What the page shows about the device.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeviceInfo {
+    adapter: String,
+    vendor: String,
+    architecture: String,
+    description: String,
+    backend: String,
+    limits: Limits,
+    features: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Limits {
+    max_storage_buffer_binding_size: u64,
+    max_buffer_size: u64,
+    max_storage_buffers_per_shader_stage: u32,
+    max_compute_workgroup_storage_size: u32,
+    max_compute_invocations_per_workgroup: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelInfo {
+    dim: usize,
+    n_layers: usize,
+    vocab_size: usize,
+    memory_layers: Vec<usize>,
+    bank_pages: u64,
+    bank_bytes: u64,
+    value_rows: u64,
+    page_bytes: u64,
+    budget_bytes: u64,
+    slots: u32,
+    dense_bytes: u64,
+}
+
+fn to_js(v: &impl Serialize) -> Result<JsValue, JsValue> {
+    let text = serde_json::to_string(v).map_err(js_err)?;
+    js_sys::JSON::parse(&text)
+}
+
+/// `navigator.gpu.requestAdapter()`'s `info` (vendor, architecture,
+/// description), which wgpu does not expose on the web.
+async fn adapter_info() -> (String, String, String) {
+    let get = |o: &JsValue, k: &str| Reflect::get(o, &k.into()).ok();
+    let info = async {
+        let nav = get(&js_sys::global(), "navigator")?;
+        let gpu = get(&nav, "gpu")?;
+        let request: Function = get(&gpu, "requestAdapter")?.dyn_into().ok()?;
+        let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
+        let adapter = JsFuture::from(promise).await.ok()?;
+        get(&adapter, "info")
+    }
+    .await;
+    let field = |k: &str| {
+        info.as_ref()
+            .and_then(|i| get(i, k))
+            .and_then(|v| v.as_string())
+            .unwrap_or_default()
+    };
+    (field("vendor"), field("architecture"), field("description"))
+}
+
+/// The chat model in the browser: load once, generate many times.
+#[wasm_bindgen]
+pub struct ChatEngine {
+    engine: Rc<RefCell<Engine<HttpFetch>>>,
+    /// The counters as of the last piece (read while a generation runs).
+    last_stats: Rc<Cell<MemoryStats>>,
+    device: DeviceInfo,
+    model: ModelInfo,
+    cache: Option<Cache>,
+    /// The device's first uncaptured error.
+    gpu_error: Arc<Mutex<Option<String>>>,
+}
+
+#[wasm_bindgen]
+impl ChatEngine {
+    /// Loads the model directory at `model_url` (config, tokenizer, dense
+    /// weights; the bank's header and page table), opens a WebGPU device
+    /// with the adapter's own limits, and sizes the page slots to
+    /// `budget_percent` of the bank's value table. `on_progress(message)`
+    /// is called at each step.
+    pub async fn load(
+        model_url: String,
+        budget_percent: f64,
+        on_progress: Function,
+    ) -> Result<ChatEngine, JsValue> {
+        let progress = |m: &str| {
+            let _ = on_progress.call1(&JsValue::NULL, &JsValue::from_str(m));
+        };
+        if let Some(why) = webgpu_support() {
+            return Err(js_err(why));
+        }
+        if !(budget_percent > 0.0 && budget_percent <= 100.0) {
+            return Err(js_err(format!(
+                "the budget must be in (0, 100] percent of the bank, got {budget_percent}"
+            )));
+        }
+        let base = if model_url.ends_with('/') {
+            model_url
+        } else {
+            format!("{model_url}/")
+        };
+        progress("requesting a WebGPU adapter");
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::BROWSER_WEBGPU,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                js_err(format!(
+                    "WebGPU gave no adapter ({e}): on Linux start Chromium with \
+                     --enable-unsafe-webgpu"
+                ))
+            })?;
+        let ctx = GpuContext::from_adapter(adapter, &GpuOptions::default())
+            .await
+            .map_err(js_err)?;
+        // WebGPU reports validation errors asynchronously: keep the first
+        // one so a generation that hit it fails with its message
+        let gpu_error = Arc::new(Mutex::new(None::<String>));
+        let slot = gpu_error.clone();
+        ctx.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let msg = e.to_string();
+                web_sys::console::error_1(&JsValue::from_str(&format!("WebGPU error: {msg}")));
+                slot.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(msg);
+            }));
+        let (vendor, architecture, description) = adapter_info().await;
+        let l = &ctx.limits;
+        let adapter_name = [description.as_str(), &ctx.info.name]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map_or_else(
+                || format!("{vendor} {architecture}").trim().to_string(),
+                str::to_string,
+            );
+        let device = DeviceInfo {
+            adapter: adapter_name,
+            vendor,
+            architecture,
+            description,
+            backend: format!("{:?}", ctx.info.backend),
+            limits: Limits {
+                max_storage_buffer_binding_size: u64::from(l.max_storage_buffer_binding_size),
+                max_buffer_size: l.max_buffer_size,
+                max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
+                max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+                max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            },
+            features: format!("{:?}", ctx.adapter.features())
+                .split(|c: char| c == '|' || c == '(' || c == ')')
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && *s != "Features")
+                .map(str::to_string)
+                .collect(),
+        };
+        progress("fetching config.json and tokenizer.json");
+        let text = |b: Vec<u8>, f: &str| {
+            String::from_utf8(b).map_err(|e| js_err(format!("{base}{f}: {e}")))
+        };
+        let config_json = text(
+            get_file(&format!("{base}config.json"))
+                .await
+                .map_err(js_err)?,
+            "config.json",
+        )?;
+        let tokenizer_json = text(
+            get_file(&format!("{base}tokenizer.json"))
+                .await
+                .map_err(js_err)?,
+            "tokenizer.json",
+        )?;
+        progress("fetching the dense weights (model.safetensors)");
+        let safetensors = get_file(&format!("{base}model.safetensors"))
+            .await
+            .map_err(js_err)?;
+        let files = ModelFiles {
+            location: base.clone(),
+            config_json,
+            tokenizer_json,
+            safetensors,
+        };
+        progress("reading the memory bank's page table");
+        let cache = match Scope::get().map_err(js_err)?.caches() {
+            Ok(storage) => JsFuture::from(storage.open(PAGE_CACHE))
+                .await
+                .ok()
+                .and_then(|c| c.dyn_into::<Cache>().ok()),
+            // no Cache API (e.g. an insecure origin): pages are fetched every time
+            Err(_) => None,
+        };
+        let fetch = HttpFetch {
+            url: format!("{base}memory.bank"),
+            cache: cache.clone(),
+        };
+        let bank = RemoteBank::open(fetch).await.map_err(js_err)?;
+        let table = value_table_bytes(&bank);
+        let budget = (table as f64 * budget_percent / 100.0) as u64;
+        let value_section = bank.sections().first().map(|s| s.geometry);
+        progress("building the model and its device memory");
+        let engine = Engine::new(&files, ctx, bank, budget).map_err(js_err)?;
+        let cfg = engine.config();
+        let stats = engine.stats();
+        let model = ModelInfo {
+            dim: cfg.dim,
+            n_layers: cfg.n_layers,
+            vocab_size: cfg.vocab_size,
+            memory_layers: (0..cfg.n_layers).filter(|&i| cfg.is_pkm_layer(i)).collect(),
+            bank_pages: stats.bank_pages,
+            bank_bytes: table,
+            value_rows: value_section.map_or(0, |g| g.rows),
+            page_bytes: value_section.map_or(0, |g| g.page_bytes),
+            budget_bytes: stats.budget_bytes,
+            slots: stats.slots,
+            dense_bytes: engine.dense_bytes(),
+        };
+        Ok(ChatEngine {
+            engine: Rc::new(RefCell::new(engine)),
+            last_stats: Rc::new(Cell::new(stats)),
+            device,
+            model,
+            cache,
+            gpu_error,
+        })
+    }
+
+    /// The adapter, backend, limits and features of the device.
+    #[wasm_bindgen(js_name = deviceInfo)]
+    pub fn device_info(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.device)
+    }
+
+    /// The model's shape, the bank and the budget.
+    #[wasm_bindgen(js_name = modelInfo)]
+    pub fn model_info(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.model)
+    }
+
+    /// The memory counters (also while a generation runs).
+    pub fn stats(&self) -> Result<JsValue, JsValue> {
+        let s = match self.engine.try_borrow() {
+            Ok(e) => e.stats(),
+            Err(_) => self.last_stats.get(),
+        };
+        to_js(&s)
+    }
+
+    /// Generates after `prompt` (stops at the first newline, at EOS or after
+    /// `max_tokens`), calling `on_piece(text, stats)` with each new piece.
+    /// Resolves to `{text, tokens, promptTokens, firstTokenSeconds, seconds,
+    /// tokensPerSecond}`.
+    pub fn generate(
+        &self,
+        prompt: String,
+        max_tokens: u32,
+        temperature: f32,
+        top_p: f32,
+        seed: f64,
+        on_piece: Function,
+    ) -> Promise {
+        let engine = self.engine.clone();
+        let last = self.last_stats.clone();
+        let gpu_error = self.gpu_error.clone();
+        future_to_promise(async move {
+            if !(seed >= 0.0 && seed.fract() == 0.0 && seed <= 9_007_199_254_740_991.0) {
+                return Err(js_err(format!(
+                    "seed must be a whole number ≥ 0, got {seed}"
+                )));
+            }
+            let sampling = Sampling {
+                max_tokens: max_tokens as usize,
+                temperature,
+                top_p,
+                seed: seed as u64,
+            };
+            let mut engine = engine
+                .try_borrow_mut()
+                .map_err(|_| js_err("a generation is already running"))?;
+            let g = engine
+                .generate(
+                    &prompt,
+                    &sampling,
+                    Some("\n"),
+                    &now_seconds,
+                    |piece, stats| {
+                        last.set(*stats);
+                        if let Ok(s) = to_js(stats) {
+                            let _ = on_piece.call2(&JsValue::NULL, &JsValue::from_str(piece), &s);
+                        }
+                    },
+                )
+                .await
+                .map_err(js_err)?;
+            last.set(engine.stats());
+            if let Some(e) = gpu_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Err(js_err(format!("WebGPU error during generation: {e}")));
+            }
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Reply<'a> {
+                text: &'a str,
+                tokens: usize,
+                prompt_tokens: usize,
+                first_token_seconds: f64,
+                seconds: f64,
+                tokens_per_second: f64,
+            }
+            to_js(&Reply {
+                text: &g.text,
+                tokens: g.token_ids.len(),
+                prompt_tokens: g.prompt_tokens,
+                first_token_seconds: g.first_token_seconds,
+                seconds: g.seconds,
+                tokens_per_second: g.tokens_per_second,
+            })
+        })
+    }
+
+    /// Empties the browser's copy of the pages (the next misses go to the network).
+    #[wasm_bindgen(js_name = clearPageCache)]
+    pub fn clear_page_cache(&self) -> Promise {
+        let cache = self.cache.clone();
+        future_to_promise(async move {
+            let Some(cache) = cache else {
+                return Ok(JsValue::from(0));
+            };
+            let keys = JsFuture::from(cache.keys()).await?;
+            let keys: js_sys::Array = keys.dyn_into()?;
+            let mut n = 0;
+            for k in keys.iter() {
+                let req: Request = k.dyn_into()?;
+                JsFuture::from(cache.delete_with_str(&req.url())).await?;
+                n += 1;
+            }
+            Ok(JsValue::from(n))
+        })
+    }
+}

@@ -1,0 +1,410 @@
+//! The browser runtime's forward, run natively on a real wgpu adapter
+//! (lavapipe in CI) with pages read through the same `RemoteBank` code,
+//! against `memlayer-core`'s reference forward of the fully resident model.
+
+use memlayer_core::bank::{
+    BankLayout, BankWriter, Dtype, FileSource, MemSource, PageEntry, PageId, SectionSpec,
+};
+use memlayer_core::model::reference;
+use memlayer_core::model::{ModelConfig, ParamStore, PkmSpec};
+use memlayer_core::sample::Sampling;
+use memlayer_web::bank::{FetchedPage, PageFetch, RemoteBank, SourceFetch};
+use memlayer_web::decoder::Decoder;
+use memlayer_web::{DeviceMemory, Engine, ModelFiles};
+use memlayer_wgpu::{GpuContext, GpuOptions, gpu_for_tests};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn gpu() -> Option<GpuContext> {
+    gpu_for_tests(GpuOptions::default())
+}
+
+/// A small product-key model: N = 12² = 144 rows (not a power of two),
+/// 5-row pages (the last one short), k = 4 of 12 sub-keys, two heads.
+fn small_config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 50,
+        dim: 16,
+        n_layers: 3,
+        n_heads: 2,
+        ffn_hidden: 24,
+        max_seq_len: 32,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        pkm: Some(PkmSpec {
+            layers: vec![1],
+            n_keys: 12,
+            heads: 2,
+            k_dim: 8,
+            knn: 4,
+            v_dim: 16,
+            qk_norm: true,
+            gated: true,
+        }),
+        hier: None,
+    }
+}
+
+/// The bank of `store`'s value table in pages of `page_rows`.
+fn bank_bytes(cfg: &ModelConfig, store: &ParamStore, page_rows: u32) -> Vec<u8> {
+    let p = cfg.pkm_config().expect("pkm");
+    let layout = BankLayout::new(vec![SectionSpec::pkm_values(
+        p.n_rows() as u64,
+        p.v_dim as u32,
+        page_rows,
+        Dtype::F32,
+    )]);
+    let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).expect("writer");
+    w.write_rows(
+        store
+            .data(memlayer_core::model::params::VALUES)
+            .expect("values"),
+    )
+    .expect("rows");
+    w.finish().expect("finish").into_inner()
+}
+
+fn dense_of(cfg: &ModelConfig, full: &ParamStore) -> ParamStore {
+    let bytes = full
+        .to_safetensors(|p| !ParamStore::is_memory_name(&p.name), None)
+        .expect("safetensors");
+    let mut dense = ParamStore::dense_zeros(cfg).expect("dense");
+    dense.load_safetensors(&bytes).expect("load");
+    dense
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * scale,
+            "{what}: logit {i}: {g} vs reference {w}"
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_with_paged_device_memory_equals_the_reference_forward() {
+    let Some(ctx) = gpu() else { return };
+    let cfg = small_config();
+    let full = ParamStore::init(&cfg, 11).expect("init");
+    let bank = bank_bytes(&cfg, &full, 5);
+    let bank = pollster::block_on(RemoteBank::open(SourceFetch(MemSource::named(
+        bank,
+        "mem://small.bank",
+    ))))
+    .expect("open");
+    let pages = bank.sections()[0].geometry.page_count;
+    assert_eq!(pages, 29, "144 rows in 5-row pages");
+    // the smallest budget: one token's 2 × 4 rows → 8 slots of 5 rows × 16 f32;
+    // the prefill's pages cannot all be resident: runs of tokens, evictions
+    let slot_bytes = 5 * 16 * 4;
+    let mut memory =
+        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 8 * slot_bytes).expect("memory");
+    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
+    let tokens: Vec<u32> = vec![3, 17, 17, 42, 0, 9, 33, 21, 5, 49, 12];
+    let prefill = 7;
+    let logits = pollster::block_on(decoder.step(&tokens[..prefill], &mut memory)).expect("step");
+    let v = cfg.vocab_size;
+    let want = reference::forward(&cfg, &full, &tokens[..prefill], None).expect("reference");
+    assert_close(&logits, &want[(prefill - 1) * v..], "prefill");
+    for t in prefill..tokens.len() {
+        let logits = pollster::block_on(decoder.step(&tokens[t..=t], &mut memory)).expect("step");
+        let want = reference::forward(&cfg, &full, &tokens[..=t], None).expect("reference");
+        assert_close(&logits, &want[t * v..], &format!("token {t}"));
+    }
+    let s = memory.stats();
+    assert_eq!(s.slots, 8);
+    assert!(s.resident_pages <= 8, "{s:?}");
+    assert!(s.evictions > 0, "a budget of 8 pages must evict: {s:?}");
+    assert_eq!(s.accesses, s.hits + s.misses);
+    assert_eq!(
+        s.pages_streamed, s.misses,
+        "every miss streams its page: {s:?}"
+    );
+    assert_eq!(s.pages_from_cache, 0);
+    assert_eq!(decoder.position(), tokens.len());
+}
+
+#[test]
+fn budgets_below_one_token_and_non_pkm_models_are_refused() {
+    let Some(ctx) = gpu() else { return };
+    let cfg = small_config();
+    let full = ParamStore::init(&cfg, 3).expect("init");
+    let open = |b: Vec<u8>| {
+        pollster::block_on(RemoteBank::open(SourceFetch(MemSource::named(
+            b, "mem://x",
+        ))))
+        .expect("open")
+    };
+    let bank = open(bank_bytes(&cfg, &full, 5));
+    let err = DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 7 * 5 * 16 * 4)
+        .err()
+        .expect("7 slots < 8 pages per token")
+        .to_string();
+    assert!(
+        err.contains("raise the budget to at least 2560 bytes"),
+        "{err}"
+    );
+    let mut hier = cfg.clone();
+    hier.pkm = None;
+    hier.hier = Some(memlayer_core::model::HierSpec {
+        levels: 1,
+        branching: 2,
+        units: vec![4],
+        generic: false,
+        routing: Default::default(),
+    });
+    let store = ParamStore::dense_zeros(&hier).expect("dense");
+    let err = Decoder::new(hier, store).err().expect("hier").to_string();
+    assert!(
+        err.contains("hierarchical-memory models do not run in the browser"),
+        "{err}"
+    );
+}
+
+/// A fetcher with a local copy (like the browser's Cache API) that can be
+/// corrupted: pages once fetched are served from the copy.
+struct CachingFetch {
+    network: MemSource,
+    copy: RefCell<HashMap<PageId, Vec<u8>>>,
+    network_reads: RefCell<u64>,
+}
+
+impl PageFetch for CachingFetch {
+    fn location(&self) -> String {
+        "mem://cached.bank".into()
+    }
+
+    async fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        *self.network_reads.borrow_mut() += 1;
+        let b = self.network.bytes();
+        b.get(offset as usize..(offset + len) as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| format!("HTTP 416 for bytes {offset}+{len}"))
+    }
+
+    async fn read_pages(&self, pages: &[(PageId, PageEntry)]) -> Vec<Result<FetchedPage, String>> {
+        let mut out = Vec::new();
+        for &(p, e) in pages {
+            if let Some(bytes) = self.copy.borrow().get(&p) {
+                out.push(Ok(FetchedPage {
+                    bytes: bytes.clone(),
+                    from_cache: true,
+                }));
+                continue;
+            }
+            let r = self.read_range(e.offset, e.length).await;
+            if let Ok(b) = &r {
+                self.copy.borrow_mut().insert(p, b.clone());
+            }
+            out.push(r.map(|bytes| FetchedPage {
+                bytes,
+                from_cache: false,
+            }));
+        }
+        out
+    }
+
+    async fn forget(&self, page: PageId, _: &PageEntry) {
+        self.copy.borrow_mut().remove(&page);
+    }
+}
+
+#[test]
+fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
+    let Some(ctx) = gpu() else { return };
+    let cfg = small_config();
+    let full = ParamStore::init(&cfg, 5).expect("init");
+    let bytes = bank_bytes(&cfg, &full, 5);
+    let tokens = [1u32, 2, 3, 4];
+    let want = reference::forward(&cfg, &full, &tokens, None).expect("reference");
+    let last = &want[3 * cfg.vocab_size..];
+
+    // 1. a corrupt page on the network: the error names the page and checksum
+    let meta = memlayer_core::bank::BankMeta::parse(&bytes, "x").expect("meta");
+    let mut bad = bytes.clone();
+    for e in &meta.pages {
+        bad[e.offset as usize] ^= 0x40;
+    }
+    let bank = pollster::block_on(RemoteBank::open(SourceFetch(MemSource::named(
+        bad,
+        "mem://corrupt.bank",
+    ))))
+    .expect("open");
+    let mut memory =
+        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
+    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
+    let err = pollster::block_on(decoder.step(&tokens, &mut memory))
+        .err()
+        .expect("corrupt pages must fail")
+        .to_string();
+    assert!(
+        err.contains("mem://corrupt.bank")
+            && err.contains("checksum mismatch")
+            && err.contains("page "),
+        "{err}"
+    );
+    assert_eq!(
+        memory.stats().resident_pages,
+        0,
+        "a failed page is not resident"
+    );
+
+    // 2. a corrupt local copy is dropped and fetched again from the network
+    let Some(ctx) = gpu() else { return };
+    let fetch = CachingFetch {
+        network: MemSource::named(bytes, "mem://cached.bank"),
+        copy: RefCell::new(HashMap::new()),
+        network_reads: RefCell::new(0),
+    };
+    let bank = pollster::block_on(RemoteBank::open(fetch)).expect("open");
+    let mut memory =
+        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
+    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
+    let logits = pollster::block_on(decoder.step(&tokens, &mut memory)).expect("step");
+    assert_close(&logits, last, "first run");
+    let first = memory.stats();
+    assert_eq!(first.pages_from_cache, 0);
+    // a second memory over the same fetcher is the reload: pages come from the copy,
+    // one of which is now corrupt
+    let Some(ctx) = gpu() else { return };
+    let fetch = CachingFetch {
+        network: MemSource::named(memory.bank().fetcher().network.bytes().to_vec(), "m"),
+        copy: RefCell::new(memory.bank().fetcher().copy.borrow().clone()),
+        network_reads: RefCell::new(0),
+    };
+    let some_page = *fetch
+        .copy
+        .borrow()
+        .keys()
+        .min()
+        .expect("a page was fetched");
+    fetch.copy.borrow_mut().get_mut(&some_page).expect("page")[0] ^= 1;
+    let bank = pollster::block_on(RemoteBank::open(fetch)).expect("open");
+    let mut memory =
+        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
+    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
+    let logits = pollster::block_on(decoder.step(&tokens, &mut memory)).expect("step");
+    assert_close(&logits, last, "reload with one corrupt local copy");
+    let s = memory.stats();
+    assert_eq!(s.pages_streamed, first.pages_streamed);
+    assert_eq!(
+        s.pages_from_cache,
+        first.pages_streamed - 1,
+        "all but the corrupt page from the local copy: {s:?}"
+    );
+    // header + table + the one corrupt page
+    assert_eq!(*memory.bank().fetcher().network_reads.borrow(), 3);
+}
+
+fn demo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo-pkm")
+}
+
+/// Greedy text of the fully resident reference model (no KV cache: the
+/// whole sequence each step), stopping like the engine.
+fn reference_greedy(
+    cfg: &ModelConfig,
+    full: &ParamStore,
+    tok: &tokenizers::Tokenizer,
+    prompt: &str,
+    max_tokens: usize,
+) -> String {
+    let eos = tok.token_to_id("<|endoftext|>").expect("eos");
+    let mut ids = tok
+        .encode(prompt, false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    let n0 = ids.len();
+    let v = cfg.vocab_size;
+    let mut rng = memlayer_core::rng::Rng::new(0);
+    for _ in 0..max_tokens {
+        let logits = reference::forward(cfg, full, &ids, None).expect("forward");
+        let next = memlayer_core::sample::pick(
+            &logits[logits.len() - v..],
+            &Sampling::default(),
+            &mut rng,
+        );
+        if next == eos {
+            break;
+        }
+        ids.push(next);
+        let text = tok.decode(&ids[n0..], false).expect("decode");
+        if text.contains('\n') {
+            break;
+        }
+    }
+    tok.decode(&ids[n0..], false).expect("decode")
+}
+
+#[test]
+fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_bank() {
+    let Some(ctx) = gpu() else { return };
+    let dir = demo_dir();
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let files = ModelFiles {
+        location: dir.display().to_string(),
+        config_json: String::from_utf8(read("config.json")).expect("utf8"),
+        tokenizer_json: String::from_utf8(read("tokenizer.json")).expect("utf8"),
+        safetensors: read("model.safetensors"),
+    };
+    let cfg = files.config().expect("config");
+    let source = FileSource::open(dir.join("memory.bank")).expect("bank");
+    let bank = pollster::block_on(RemoteBank::open(SourceFetch(source))).expect("open");
+    let table = memlayer_web::engine::value_table_bytes(&bank);
+    let mut engine = Engine::new(&files, ctx, bank, table / 4).expect("engine");
+    let t0 = std::time::Instant::now();
+    let now = move || t0.elapsed().as_secs_f64();
+    let sampling = Sampling {
+        max_tokens: 12,
+        ..Sampling::default()
+    };
+    let prompt = "The city where Staime Ribrom was born is";
+    let mut streamed = String::new();
+    let g = pollster::block_on(
+        engine.generate(prompt, &sampling, Some("\n"), &now, |p, _| {
+            streamed.push_str(p)
+        }),
+    )
+    .expect("generate");
+    assert_eq!(streamed, g.text, "the pieces make the text");
+    assert!(!g.text.is_empty());
+
+    // the reference: dense weights + every value row read from the bank
+    let mut full = files.dense_weights(&cfg).expect("dense");
+    let reader = memlayer_core::bank::BankReader::open(
+        FileSource::open(dir.join("memory.bank")).expect("bank"),
+    )
+    .expect("reader");
+    let mut values = Vec::new();
+    for p in 0..reader.page_count() {
+        values.extend(reader.read_page_f32(p).expect("page"));
+    }
+    let mut full_store = ParamStore::zeros(&cfg).expect("zeros");
+    for p in full_store.params_mut() {
+        p.data = if p.name == memlayer_core::model::params::VALUES {
+            values.clone()
+        } else {
+            full.get(&p.name).expect("dense param").data.clone()
+        };
+    }
+    full = full_store;
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
+    let want = reference_greedy(&cfg, &full, &tok, prompt, 12);
+    assert_eq!(g.text, want, "browser runtime vs resident reference");
+    let s = engine.stats();
+    assert!(
+        s.pages_streamed > 0 && s.pages_streamed < s.bank_pages,
+        "{s:?}"
+    );
+    assert!(s.resident_bytes <= s.budget_bytes, "{s:?}");
+    eprintln!(
+        "demo-pkm: {:?} in {:.2} s (first token {:.2} s); {} of {} pages streamed",
+        g.text, g.seconds, g.first_token_seconds, s.pages_streamed, s.bank_pages
+    );
+}

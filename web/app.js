@@ -1,0 +1,369 @@
+// memlayer browser chat: the main-thread side.
+//
+// Starts worker.js (which runs the wasm engine on WebGPU), forwards prompts to
+// it and renders what comes back: the streamed answer, the device line and the
+// live memory counters. URL query parameters:
+//   ?budget=25        memory budget, % of the bank (default 25)
+//   ?max_tokens=24    ?seed=0   ?temperature=0   ?top_p=1   sampling defaults
+//   ?prompt=TEXT      prefill the prompt box;  ?autorun=1  send it once ready
+//   ?model=URL        model directory (default /model/)
+// For tests it exposes window.memlayerTurns / memlayerLast / memlayerError /
+// memlayerDevice / memlayerModel / memlayerLoadSeconds and body[data-turns].
+
+const $ = (id) => document.getElementById(id);
+
+// ---- Settings from the URL -------------------------------------------------
+
+const params = new URLSearchParams(location.search);
+
+/** A number from the query string, or `fallback` if absent or not finite. */
+function numParam(name, fallback) {
+  const raw = params.get(name);
+  const v = raw === null || raw.trim() === '' ? NaN : Number(raw);
+  return Number.isFinite(v) ? v : fallback;
+}
+
+const config = {
+  modelUrl: new URL(params.get('model') || '/model/', location.href).href,
+  budgetPercent: numParam('budget', 25),
+  autorun: params.get('autorun') === '1',
+};
+
+// ---- DOM -------------------------------------------------------------------
+
+const el = {
+  status: $('status'),
+  device: $('device'),
+  nogpu: $('nogpu'),
+  nogpuReason: $('nogpu-reason'),
+  transcript: $('transcript'),
+  form: $('prompt-form'),
+  prompt: $('prompt'),
+  send: $('send'),
+  maxTokens: $('max-tokens'),
+  temperature: $('temperature'),
+  topP: $('top-p'),
+  seed: $('seed'),
+  clearCache: $('clear-cache'),
+  modelInfo: $('model-info'),
+  modelLink: $('model-link'),
+  stat: {
+    budget: $('stat-budget'),
+    resident: $('stat-resident'),
+    streamed: $('stat-streamed'),
+    bytes: $('stat-bytes'),
+    hitrate: $('stat-hitrate'),
+    evictions: $('stat-evictions'),
+    toks: $('stat-toks'),
+  },
+};
+
+el.maxTokens.value = numParam('max_tokens', 24);
+el.seed.value = numParam('seed', 0);
+el.temperature.value = numParam('temperature', 0);
+el.topP.value = numParam('top_p', 1);
+if (params.has('prompt')) el.prompt.value = params.get('prompt');
+el.modelLink.href = new URL('config.json', config.modelUrl).href;
+
+// ---- State -----------------------------------------------------------------
+
+const app = {
+  state: 'loading',   // mirrors #status[data-state]
+  loaded: false,      // the engine is ready to generate
+  model: null,        // engine.modelInfo()
+  stats: null,        // the latest engine.stats()
+  turnsStarted: 0,    // turn n samples with seed + n
+  pending: null,      // the turn being generated: {id, prompt, seed, turnEl, answerEl, text}
+  autorunDone: false,
+};
+
+window.memlayerTurns = [];
+window.memlayerLast = null;
+window.memlayerError = null;
+document.body.dataset.turns = '0';
+
+// ---- Formatting ------------------------------------------------------------
+
+const MiB = 1024 * 1024;
+const mib = (bytes) => (bytes / MiB).toFixed(2);
+const pct = (fraction) => `${(fraction * 100).toFixed(1)} %`;
+const fixed = (x, digits) => (Number.isFinite(x) ? x.toFixed(digits) : '–');
+
+/** Sets the status line and its data-state. */
+function setStatus(state, text) {
+  app.state = state;
+  el.status.dataset.state = state;
+  el.status.textContent = text;
+  updateControls();
+}
+
+/** Enables the send and clear-cache buttons only when the engine is idle. */
+function updateControls() {
+  const idle = app.loaded && !app.pending;
+  el.send.disabled = !idle;
+  el.clearCache.disabled = !idle;
+}
+
+/** The one-line description of the WebGPU device in #device. */
+function renderDevice(info) {
+  const l = info.limits || {};
+  const parts = [
+    info.adapter || [info.vendor, info.architecture].filter(Boolean).join(' ') || 'WebGPU adapter',
+    info.backend,
+    l.maxStorageBufferBindingSize != null && `max storage binding ${mib(l.maxStorageBufferBindingSize)} MiB`,
+    l.maxStorageBuffersPerShaderStage != null && `${l.maxStorageBuffersPerShaderStage} storage buffers/stage`,
+    (info.features || []).includes('shader-f16') && 'shader-f16',
+  ];
+  el.device.textContent = parts.filter(Boolean).join(' · ');
+}
+
+/** The model summary under the counters. */
+function renderModel(m) {
+  const layers = (m.memoryLayers || []).join(', ');
+  el.modelInfo.textContent = [
+    `dim ${m.dim}, ${m.nLayers} layers, vocab ${m.vocabSize}`,
+    `memory in layer ${layers || '–'}: ${m.valueRows} value rows`,
+    `bank ${m.bankPages} pages, ${mib(m.bankBytes)} MiB; ${m.slots} page slots`,
+    `dense weights ${mib(m.denseBytes)} MiB`,
+  ].join('\n');
+}
+
+/** Writes a counter: the main value, and an optional smaller line under it. */
+function setStat(dd, main, sub) {
+  dd.textContent = main;
+  if (sub) {
+    const small = document.createElement('span');
+    small.className = 'sub';
+    small.textContent = sub;
+    dd.append(small);
+  }
+}
+
+/** The memory counters in #panel (cumulative since the page loaded). */
+function renderStats(s) {
+  if (!s) return;
+  app.stats = s;
+  const bankBytes = app.model?.bankBytes;
+  const bankPages = s.bankPages ?? app.model?.bankPages;
+  setStat(el.stat.budget, `${mib(s.budgetBytes)} MiB`,
+    bankBytes ? `${pct(s.budgetBytes / bankBytes)} of bank` : '');
+  setStat(el.stat.resident, `${s.residentPages} / ${bankPages}`);
+  setStat(el.stat.streamed, String(s.pagesStreamed), `(${s.pagesFromCache} from browser cache)`);
+  setStat(el.stat.bytes, `${mib(s.bytesStreamed)} MiB`);
+  setStat(el.stat.hitrate, s.accesses > 0 ? pct(s.hits / s.accesses) : '–');
+  setStat(el.stat.evictions, String(s.evictions));
+}
+
+/** Decode speed and time to first token of the last answer. */
+function renderSpeed(r) {
+  if (!r) {
+    setStat(el.stat.toks, '–');
+    return;
+  }
+  setStat(el.stat.toks, `${fixed(r.tokensPerSecond, 1)} tok/s`,
+    `first token ${fixed(r.firstTokenSeconds, 2)} s`);
+}
+
+/** Shows the no-WebGPU notice. */
+function showNoGpu(reason) {
+  app.loaded = false;
+  el.nogpu.hidden = false;
+  el.nogpuReason.textContent = reason;
+  el.device.textContent = 'no WebGPU';
+  setStatus('nogpu', `No WebGPU: ${reason}. This page has no CPU fallback.`);
+}
+
+/** Records an error for tests and shows it on the status line. */
+function showError(message) {
+  window.memlayerError = message;
+  setStatus('error', `Error: ${message}`);
+}
+
+// ---- Transcript ------------------------------------------------------------
+
+/** Appends a turn (prompt + empty answer) and moves id="answer" to its answer. */
+function addTurn(prompt, seed) {
+  el.transcript.querySelector('.empty')?.remove();
+  $('answer')?.removeAttribute('id');
+
+  const turnEl = document.createElement('article');
+  turnEl.className = 'turn streaming';
+  turnEl.innerHTML = `
+    <div class="msg user"><span class="who">prompt</span><span class="body"></span></div>
+    <div class="msg model"><span class="who">memlayer</span><span class="body"><span class="echo">…</span><span class="answer" id="answer"></span></span></div>
+    <div class="meta">seed ${seed}</div>`;
+  turnEl.querySelector('.user .body').textContent = prompt;
+  el.transcript.append(turnEl);
+  scrollTranscript();
+  return { turnEl, answerEl: turnEl.querySelector('.answer') };
+}
+
+function scrollTranscript() {
+  el.transcript.scrollTop = el.transcript.scrollHeight;
+}
+
+// ---- Sending a prompt ------------------------------------------------------
+
+/** An input's numeric value, or `fallback` if empty or invalid. */
+function inputNumber(input, fallback) {
+  const v = input.valueAsNumber;
+  return Number.isFinite(v) ? v : fallback;
+}
+
+/** Sends the prompt box as a new turn (no-op while busy or not loaded). */
+function send() {
+  if (!app.loaded || app.pending) return;
+  const prompt = el.prompt.value.replace(/[\r\n]+$/, '');
+  if (!prompt.trim()) {
+    el.prompt.focus();
+    return;
+  }
+  const n = app.turnsStarted++;
+  const seed = Math.max(0, Math.floor(inputNumber(el.seed, 0))) + n;
+  const request = {
+    type: 'generate',
+    id: n,
+    prompt,
+    maxTokens: Math.max(1, Math.floor(inputNumber(el.maxTokens, 24))),
+    temperature: Math.max(0, inputNumber(el.temperature, 0)),
+    topP: Math.min(1, Math.max(0, inputNumber(el.topP, 1))),
+    seed,
+  };
+  app.pending = { id: n, prompt, seed, text: '', ...addTurn(prompt, seed) };
+  el.prompt.value = '';
+  el.stat.toks.textContent = 'generating…';
+  setStatus('generating', `Generating (turn ${n + 1}, seed ${seed})…`);
+  worker.postMessage(request);
+}
+
+/** A finished turn: final text, per-turn line, test hooks. */
+function finishTurn(p, result, stats) {
+  p.answerEl.textContent = result.text;
+  p.turnEl.classList.remove('streaming');
+  p.turnEl.querySelector('.meta').textContent =
+    `${result.tokens} tokens (prompt ${result.promptTokens}) · ${fixed(result.tokensPerSecond, 1)} tok/s · ` +
+    `first token ${fixed(result.firstTokenSeconds, 2)} s · ${fixed(result.seconds, 2)} s · seed ${p.seed}`;
+  renderStats(stats);
+  renderSpeed(result);
+
+  const turn = { prompt: p.prompt, text: result.text, result, stats };
+  window.memlayerLast = turn;
+  window.memlayerTurns.push(turn);
+  document.body.dataset.turns = String(window.memlayerTurns.length);
+}
+
+/** A failed turn: the error replaces the answer. */
+function failTurn(p, message) {
+  p.answerEl.classList.add('failed');
+  p.answerEl.textContent = p.text ? `${p.text} [failed: ${message}]` : `[failed: ${message}]`;
+  p.turnEl.classList.remove('streaming');
+  p.turnEl.querySelector('.meta').textContent = `failed · seed ${p.seed}`;
+  renderSpeed(window.memlayerLast?.result);
+}
+
+// ---- Worker messages -------------------------------------------------------
+
+/** Handles one message from worker.js. */
+function onWorkerMessage({ data: msg }) {
+  const p = app.pending;
+  switch (msg.type) {
+    case 'progress':
+      if (app.loaded) el.status.textContent = `Ready (${msg.message}).`;
+      else setStatus('loading', `Loading: ${msg.message}`);
+      break;
+    case 'nogpu':
+      showNoGpu(msg.message);
+      break;
+    case 'device':
+      window.memlayerDevice = msg.info;
+      renderDevice(msg.info);
+      break;
+    case 'ready':
+      app.loaded = true;
+      app.model = msg.model;
+      window.memlayerModel = msg.model;
+      window.memlayerLoadSeconds = performance.now() / 1000;
+      renderModel(msg.model);
+      renderStats(msg.stats);
+      setStatus('ready', `Ready: model loaded in ${window.memlayerLoadSeconds.toFixed(1)} s. ` +
+        `Type a prompt; the model completes it up to the end of the line.`);
+      if (config.autorun && !app.autorunDone) {
+        app.autorunDone = true;
+        send();
+      }
+      break;
+    case 'piece':
+      if (!p || msg.id !== p.id) break;
+      p.text += msg.piece;
+      p.answerEl.textContent = p.text;
+      renderStats(msg.stats);
+      scrollTranscript();
+      break;
+    case 'stats':
+      renderStats(msg.stats);
+      break;
+    case 'done':
+      if (!p || msg.id !== p.id) break;
+      app.pending = null;
+      finishTurn(p, msg.result, msg.stats);
+      setStatus('ready', `Ready. Last answer: ${msg.result.tokens} tokens at ` +
+        `${fixed(msg.result.tokensPerSecond, 1)} tok/s.`);
+      break;
+    case 'error':
+      if (p && msg.id === p.id) {
+        app.pending = null;
+        failTurn(p, msg.message);
+      }
+      showError(msg.message);
+      break;
+    default:
+      console.warn('memlayer: unknown worker message', msg);
+  }
+}
+
+/** The worker itself died (script failed to load, or an uncaught error). */
+function onWorkerFailure(message) {
+  if (app.pending) failTurn(app.pending, message);
+  app.pending = null;
+  app.loaded = false;
+  showError(message);
+}
+
+// ---- Start-up --------------------------------------------------------------
+
+el.form.addEventListener('submit', (event) => {
+  event.preventDefault();
+  send();
+});
+el.prompt.addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send();
+  }
+});
+el.clearCache.addEventListener('click', () => {
+  if (!app.loaded || app.pending) return;
+  el.status.textContent = 'Clearing the page cache…';
+  worker.postMessage({ type: 'clear-cache' });
+});
+window.addEventListener('unhandledrejection', (event) => {
+  showError(String(event.reason?.message ?? event.reason));
+});
+
+let worker = null;
+if (!navigator.gpu) {
+  // No WebGPU on this page: the engine cannot run, so the worker is not started.
+  showNoGpu(window.isSecureContext
+    ? 'navigator.gpu is undefined in this browser'
+    : 'navigator.gpu is undefined because the page is not a secure context (open it via localhost or https)');
+} else {
+  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  worker.addEventListener('message', onWorkerMessage);
+  worker.addEventListener('error', (event) => {
+    event.preventDefault();
+    onWorkerFailure(`the worker failed: ${event.message || 'could not start worker.js'}`);
+  });
+  worker.addEventListener('messageerror', () => onWorkerFailure('a worker message could not be decoded'));
+  setStatus('loading', 'Loading: starting the worker…');
+  worker.postMessage({ type: 'load', modelUrl: config.modelUrl, budgetPercent: config.budgetPercent });
+}

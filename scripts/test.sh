@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # memlayer's test command (README.md; `.ci/run` calls exactly this).
 # Works on a fresh Debian 12 machine: installs what it needs, then runs
-# formatting, lints, the wasm32 build of memlayer-core, the fuzz target's build
-# and every test of the workspace in the one build profile (release).
+# formatting, lints, the wasm32 builds (memlayer-core/-cpu/-wgpu checked, the
+# browser chat's bundle built into web/pkg), the fuzz target's build and every
+# test of the workspace in the one build profile (release) — the browser test
+# among them, in headless Chromium with WebGPU (SwiftShader).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,13 +14,16 @@ step() { printf '\n==> %s\n' "$*"; }
 step "system packages"
 # A Vulkan driver that runs on the CPU (lavapipe), for the GPU tests and kernels.
 # DejaVu Sans: the font of the PNG plots (plotters draws text with ab_glyph).
+# Chromium (headless, WebGPU on SwiftShader) and Node + npm, for the browser test.
 if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
-  || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] \
+  || [ ! -x /usr/bin/chromium ] || ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    mesa-vulkan-drivers libvulkan1 fonts-dejavu-core
+    mesa-vulkan-drivers libvulkan1 fonts-dejavu-core chromium nodejs npm
 fi
-ls /usr/share/vulkan/icd.d/lvp_icd*.json /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+ls /usr/share/vulkan/icd.d/lvp_icd*.json /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/bin/chromium
+node --version
 
 step "rust components"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
@@ -32,8 +37,13 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
-step "memlayer-core, memlayer-cpu and memlayer-wgpu build for wasm32"
+step "memlayer-core, memlayer-cpu and memlayer-wgpu build for wasm32; memlayer-web lints there"
 cargo check -p memlayer-core -p memlayer-cpu -p memlayer-wgpu --release --target wasm32-unknown-unknown
+cargo clippy -p memlayer-web --release --target wasm32-unknown-unknown -- -D warnings
+
+step "browser chat: wasm bundle (web/pkg) and the test driver (web/node_modules)"
+bash scripts/build-web.sh
+(cd web && npm ci --no-audit --no-fund)
 
 step "fuzz target builds"
 cargo check --release --manifest-path fuzz/Cargo.toml

@@ -163,6 +163,16 @@ impl<F: PageFetch> RemoteBank<F> {
         &self.fetch
     }
 
+    /// The same bank read through another fetcher (e.g. one with a local
+    /// copy named after this bank's table checksum).
+    pub fn with_fetcher<G: PageFetch>(self, fetch: G) -> RemoteBank<G> {
+        RemoteBank {
+            fetch,
+            meta: self.meta,
+            location: self.location,
+        }
+    }
+
     /// Fetches `pages` (global ids) and verifies each against the page
     /// table; a local copy that fails verification is dropped and fetched
     /// again from the network once. One result per page, in order: the

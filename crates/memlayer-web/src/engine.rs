@@ -152,6 +152,16 @@ impl<F: PageFetch> Engine<F> {
         &self.memory
     }
 
+    /// Times the memory's fetches and device work with `clock` (seconds).
+    pub fn set_clock(&mut self, clock: fn() -> f64) {
+        self.memory.set_clock(clock);
+    }
+
+    /// Compiles the device kernels before the first token ([`DeviceMemory::warm_up`]).
+    pub async fn warm_up(&mut self) -> Result<(), WebError> {
+        self.memory.warm_up().await
+    }
+
     /// The memory's counters.
     pub fn stats(&self) -> MemoryStats {
         self.memory.stats()

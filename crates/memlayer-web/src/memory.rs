@@ -60,6 +60,10 @@ pub struct MemoryStats {
     pub evictions: u64,
     /// `hits / accesses` (1 before any access).
     pub hit_rate: f64,
+    /// Seconds waiting for pages (network or local copy), with a clock set.
+    pub fetch_seconds: f64,
+    /// Seconds of lookups and bags on the device, read-backs included.
+    pub device_seconds: f64,
 }
 
 /// One memory layer: its parameters and its sub-keys on the device.
@@ -95,9 +99,20 @@ pub struct DeviceMemory<F> {
     lookup: LookupKernels,
     bag: BagForward,
     stats: MemoryStats,
+    /// Seconds since some origin, for the time counters (none: not timed).
+    clock: Option<fn() -> f64>,
 }
 
 impl<F: PageFetch> DeviceMemory<F> {
+    /// Times fetches and device work with `clock` (seconds).
+    pub fn set_clock(&mut self, clock: fn() -> f64) {
+        self.clock = Some(clock);
+    }
+
+    fn now(&self) -> f64 {
+        self.clock.map_or(0.0, |c| c())
+    }
+
     /// The memory of `cfg` (a product-key model) on `ctx`, its layers'
     /// parameters from `store` (the dense weights), its values paged from
     /// `bank` into `budget_bytes` of device slots.
@@ -192,6 +207,7 @@ impl<F: PageFetch> DeviceMemory<F> {
             lookup,
             bag,
             stats,
+            clock: None,
         })
     }
 
@@ -223,6 +239,40 @@ impl<F: PageFetch> DeviceMemory<F> {
         self.layers.iter().any(|l| l.layer == i)
     }
 
+    /// Runs every kernel once (a lookup of a zero query, an empty bag) so
+    /// the driver compiles its pipelines now rather than in the first
+    /// token: SwiftShader's JIT takes seconds. Counters are not touched.
+    pub async fn warm_up(&mut self) -> Result<(), WebError> {
+        let Some(layer) = self.layers.first() else {
+            return Ok(());
+        };
+        let plan = LookupPlan::new(&self.ctx, &self.cfg, 1)?;
+        let out = LookupBuffers::new(&self.ctx, &plan)?;
+        let query = storage_init(
+            &self.ctx,
+            "warm-up query",
+            &vec![0f32; self.cfg.query_dim()],
+        );
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        self.lookup
+            .record(&self.ctx, &mut encoder, &layer.keys, &query, &out)?;
+        self.ctx.queue.submit([encoder.finish()]);
+        out.read_async(&self.ctx).await?;
+        // one empty bag through the (empty) page table
+        self.bag
+            .run_paged_async(
+                &self.ctx,
+                &self.slots,
+                self.values.page_rows,
+                &self.page_table,
+                &[],
+                &[],
+                &[0, 0],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Output of memory layer `layer` for `x` (tokens, dim) → (tokens, dim).
     pub async fn forward(
         &mut self,
@@ -244,6 +294,7 @@ impl<F: PageFetch> DeviceMemory<F> {
         let query = pkm::project_query(&cfg, &self.layers[li].params, x, tokens);
         let plan = LookupPlan::new(&self.ctx, &cfg, tokens)?;
         let out = LookupBuffers::new(&self.ctx, &plan)?;
+        let t0 = self.now();
         let query_buf = storage_init(&self.ctx, "memory query", &query);
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         self.lookup.record(
@@ -256,6 +307,7 @@ impl<F: PageFetch> DeviceMemory<F> {
         self.ctx.queue.submit([encoder.finish()]);
         // (tokens, heads, knn) each
         let lk = out.read_async(&self.ctx).await?;
+        self.stats.device_seconds += self.now() - t0;
         let bag = cfg.bag_size();
         let memory = self
             .bag_paged(&lk.indices, &lk.weights, tokens, bag)
@@ -306,7 +358,10 @@ impl<F: PageFetch> DeviceMemory<F> {
             }
             // the constructor guarantees one token's pages fit
             debug_assert!(end > start);
+            let t0 = self.now();
             self.page_in(&pages).await?;
+            let t1 = self.now();
+            self.stats.fetch_seconds += t1 - t0;
             let offsets: Vec<usize> = (0..=end - start).map(|b| b * bag).collect();
             let part = self
                 .bag
@@ -320,6 +375,7 @@ impl<F: PageFetch> DeviceMemory<F> {
                     &offsets,
                 )
                 .await?;
+            self.stats.device_seconds += self.now() - t1;
             out.extend(part);
             start = end;
         }

@@ -125,10 +125,144 @@ async fn get_file(url: &str) -> Result<Vec<u8>, WebError> {
     Ok(body)
 }
 
-/// The bank over HTTP: Range requests, pages kept in the Cache API.
+/// A sparse mirror of the bank in the origin-private file system: page
+/// bytes at their bank offsets in one file, written and read through a
+/// synchronous access handle (workers only). No index is kept: a page is
+/// present when the bytes at its offset hash to its checksum (holes read
+/// as zeros and fail the check, unless the page is all zeros itself).
+struct OpfsMirror {
+    handle: JsValue,
+    read: Function,
+    write: Function,
+    flush: Function,
+    truncate: Function,
+}
+
+impl OpfsMirror {
+    /// Opens (creates) `name` in the origin-private file system. The access
+    /// handle locks the file: a worker of a page being reloaded may still
+    /// hold it, so the open is retried for a few seconds.
+    async fn open(name: &str) -> Result<Self, String> {
+        let get = |o: &JsValue, k: &str| -> Result<JsValue, String> {
+            Reflect::get(o, &k.into()).map_err(|e| describe(&e))
+        };
+        let call = |o: &JsValue, k: &str, args: &[JsValue]| -> Result<JsValue, String> {
+            let f: Function = get(o, k)?
+                .dyn_into()
+                .map_err(|_| format!("{k} is not a function (no OPFS here)"))?;
+            let r = match args {
+                [] => f.call0(o),
+                [a] => f.call1(o, a),
+                [a, b] => f.call2(o, a, b),
+                _ => unreachable!("at most two arguments"),
+            };
+            r.map_err(|e| describe(&e))
+        };
+        let awaited = |v: JsValue| async move {
+            let p: Promise = v.dyn_into().map_err(|_| "not a promise".to_string())?;
+            JsFuture::from(p).await.map_err(|e| describe(&e))
+        };
+        let storage = get(&get(&js_sys::global(), "navigator")?, "storage")?;
+        let dir = awaited(call(&storage, "getDirectory", &[])?).await?;
+        let opts = js_sys::Object::new();
+        Reflect::set(&opts, &"create".into(), &JsValue::TRUE).map_err(|e| describe(&e))?;
+        let file = awaited(call(&dir, "getFileHandle", &[name.into(), opts.into()])?).await?;
+        let mut last = String::new();
+        for _ in 0..40 {
+            match call(&file, "createSyncAccessHandle", &[]) {
+                Ok(p) => match awaited(p).await {
+                    Ok(handle) => {
+                        let f = |k: &str| -> Result<Function, String> {
+                            get(&handle, k)?.dyn_into().map_err(|_| format!("no {k}"))
+                        };
+                        return Ok(Self {
+                            read: f("read")?,
+                            write: f("write")?,
+                            flush: f("flush")?,
+                            truncate: f("truncate")?,
+                            handle,
+                        });
+                    }
+                    Err(e) => last = e,
+                },
+                Err(e) => return Err(e),
+            }
+            sleep_ms(100).await;
+        }
+        Err(format!("the OPFS file {name} stays locked: {last}"))
+    }
+
+    fn at(offset: u64) -> JsValue {
+        let o = js_sys::Object::new();
+        let _ = Reflect::set(&o, &"at".into(), &JsValue::from_f64(offset as f64));
+        o.into()
+    }
+
+    /// `len` bytes at `offset` (zeros past the end of the file).
+    fn read_at(&self, offset: u64, len: u64) -> Vec<u8> {
+        let buf = Uint8Array::new_with_length(len as u32);
+        let _ = self.read.call2(&self.handle, &buf, &Self::at(offset));
+        buf.to_vec()
+    }
+
+    fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        let buf = Uint8Array::from(bytes);
+        self.write
+            .call2(&self.handle, &buf, &Self::at(offset))
+            .map(|_| ())
+            .map_err(|e| describe(&e))
+    }
+
+    fn flush(&self) {
+        let _ = self.flush.call0(&self.handle);
+    }
+
+    fn clear(&self) -> Result<(), String> {
+        self.truncate
+            .call1(&self.handle, &JsValue::from_f64(0.0))
+            .map(|_| ())
+            .map_err(|e| describe(&e))?;
+        self.flush();
+        Ok(())
+    }
+}
+
+async fn sleep_ms(ms: i32) {
+    let p = Promise::new(&mut |resolve, _| {
+        let set_timeout = Reflect::get(&js_sys::global(), &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok());
+        if let Some(f) = set_timeout {
+            let _ = f.call2(&JsValue::NULL, &resolve, &JsValue::from(ms));
+        }
+    });
+    let _ = JsFuture::from(p).await;
+}
+
+/// Where fetched pages are kept so a reload does not fetch them again.
+enum LocalCopy {
+    /// The origin-private file system (a worker's synchronous access handle).
+    Opfs(OpfsMirror),
+    /// The Cache API, one entry per page (windows, or when OPFS is unavailable).
+    CacheApi(Cache),
+    /// Neither is available (e.g. an insecure origin): pages are always fetched.
+    None,
+}
+
+impl LocalCopy {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Opfs(_) => "OPFS",
+            Self::CacheApi(_) => "Cache API",
+            Self::None => "none",
+        }
+    }
+}
+
+/// The bank over HTTP: Range requests, pages kept in a [`LocalCopy`].
 struct HttpFetch {
     url: String,
-    cache: Option<Cache>,
+    local: Rc<LocalCopy>,
 }
 
 impl HttpFetch {
@@ -171,29 +305,45 @@ impl PageFetch for HttpFetch {
 
     async fn read_pages(&self, pages: &[(PageId, PageEntry)]) -> Vec<Result<FetchedPage, String>> {
         let mut out: Vec<Option<Result<FetchedPage, String>>> = vec![None; pages.len()];
-        // 1. the local copies, looked up concurrently
-        if let Some(cache) = &self.cache {
-            let lookups: Vec<Promise> = pages
-                .iter()
-                .map(|(p, e)| cache.match_with_str(&self.key(*p, e)))
-                .collect();
-            for (i, lookup) in lookups.into_iter().enumerate() {
-                let Ok(found) = JsFuture::from(lookup).await else {
-                    continue;
-                };
-                let Ok(resp) = found.dyn_into::<Response>() else {
-                    continue;
-                };
-                let Ok(body) = resp.array_buffer() else {
-                    continue;
-                };
-                if let Ok(buf) = JsFuture::from(body).await {
-                    out[i] = Some(Ok(FetchedPage {
-                        bytes: Uint8Array::new(&buf).to_vec(),
-                        from_cache: true,
-                    }));
+        // 1. the local copies
+        match &*self.local {
+            LocalCopy::Opfs(m) => {
+                for (i, (_, e)) in pages.iter().enumerate() {
+                    let bytes = m.read_at(e.offset, e.length);
+                    if memlayer_core::bank::format::checksum(&bytes) == e.checksum {
+                        out[i] = Some(Ok(FetchedPage {
+                            bytes,
+                            from_cache: true,
+                        }));
+                    }
                 }
             }
+            LocalCopy::CacheApi(cache) => {
+                // every lookup in flight at once, then every body
+                let lookups: Vec<Promise> = pages
+                    .iter()
+                    .map(|(p, e)| cache.match_with_str(&self.key(*p, e)))
+                    .collect();
+                let mut bodies = Vec::new();
+                for (i, lookup) in lookups.into_iter().enumerate() {
+                    let found = JsFuture::from(lookup).await.ok();
+                    let body = found
+                        .and_then(|f| f.dyn_into::<Response>().ok())
+                        .and_then(|r| r.array_buffer().ok());
+                    if let Some(b) = body {
+                        bodies.push((i, b));
+                    }
+                }
+                for (i, body) in bodies {
+                    if let Ok(buf) = JsFuture::from(body).await {
+                        out[i] = Some(Ok(FetchedPage {
+                            bytes: Uint8Array::new(&buf).to_vec(),
+                            from_cache: true,
+                        }));
+                    }
+                }
+            }
+            LocalCopy::None => {}
         }
         // 2. the rest over the network: runs of adjacent pages, all requests in flight together
         let missing: Vec<usize> = (0..pages.len()).filter(|&i| out[i].is_none()).collect();
@@ -216,10 +366,19 @@ impl PageFetch for HttpFetch {
                     let at = (e.offset - first.offset) as usize;
                     bytes[at..at + e.length as usize].to_vec()
                 });
-                if let (Ok(bytes), Some(cache)) = (&r, &self.cache) {
-                    let mut copy = bytes.clone();
-                    if let Ok(resp) = Response::new_with_opt_u8_array(Some(&mut copy)) {
-                        puts.push(cache.put_with_str(&self.key(page, &e), &resp));
+                if let Ok(bytes) = &r {
+                    match &*self.local {
+                        // a failed write only costs a later refetch
+                        LocalCopy::Opfs(m) => {
+                            let _ = m.write_at(e.offset, bytes);
+                        }
+                        LocalCopy::CacheApi(cache) => {
+                            let mut copy = bytes.clone();
+                            if let Ok(resp) = Response::new_with_opt_u8_array(Some(&mut copy)) {
+                                puts.push(cache.put_with_str(&self.key(page, &e), &resp));
+                            }
+                        }
+                        LocalCopy::None => {}
                     }
                 }
                 out[missing[j]] = Some(r.map(|bytes| FetchedPage {
@@ -232,14 +391,23 @@ impl PageFetch for HttpFetch {
         for p in puts {
             let _ = JsFuture::from(p).await;
         }
+        if let LocalCopy::Opfs(m) = &*self.local {
+            m.flush();
+        }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err("not fetched".into())))
             .collect()
     }
 
     async fn forget(&self, page: PageId, entry: &PageEntry) {
-        if let Some(cache) = &self.cache {
-            let _ = JsFuture::from(cache.delete_with_str(&self.key(page, entry))).await;
+        match &*self.local {
+            LocalCopy::Opfs(m) => {
+                let _ = m.write_at(entry.offset, &vec![0u8; entry.length as usize]);
+            }
+            LocalCopy::CacheApi(cache) => {
+                let _ = JsFuture::from(cache.delete_with_str(&self.key(page, entry))).await;
+            }
+            LocalCopy::None => {}
         }
     }
 }
@@ -321,6 +489,8 @@ struct ModelInfo {
     budget_bytes: u64,
     slots: u32,
     dense_bytes: u64,
+    /// Where fetched pages are kept across reloads: `OPFS`, `Cache API` or `none`.
+    local_copy: &'static str,
 }
 
 fn to_js(v: &impl Serialize) -> Result<JsValue, JsValue> {
@@ -358,7 +528,7 @@ pub struct ChatEngine {
     last_stats: Rc<Cell<MemoryStats>>,
     device: DeviceInfo,
     model: ModelInfo,
-    cache: Option<Cache>,
+    local: Rc<LocalCopy>,
     /// The device's first uncaptured error.
     gpu_error: Arc<Mutex<Option<String>>>,
 }
@@ -439,14 +609,14 @@ impl ChatEngine {
             description,
             backend: format!("{:?}", ctx.info.backend),
             limits: Limits {
-                max_storage_buffer_binding_size: u64::from(l.max_storage_buffer_binding_size),
+                max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
                 max_buffer_size: l.max_buffer_size,
                 max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
                 max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
                 max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
             },
             features: format!("{:?}", ctx.adapter.features())
-                .split(|c: char| c == '|' || c == '(' || c == ')')
+                .split(['|', '(', ')'])
                 .map(str::trim)
                 .filter(|s| !s.is_empty() && *s != "Features")
                 .map(str::to_string)
@@ -479,24 +649,47 @@ impl ChatEngine {
             safetensors,
         };
         progress("reading the memory bank's page table");
-        let cache = match Scope::get().map_err(js_err)?.caches() {
-            Ok(storage) => JsFuture::from(storage.open(PAGE_CACHE))
-                .await
-                .ok()
-                .and_then(|c| c.dyn_into::<Cache>().ok()),
-            // no Cache API (e.g. an insecure origin): pages are fetched every time
-            Err(_) => None,
+        let url = format!("{base}memory.bank");
+        let bank = RemoteBank::open(HttpFetch {
+            url: url.clone(),
+            local: Rc::new(LocalCopy::None),
+        })
+        .await
+        .map_err(js_err)?;
+        // the local copy is named after the bank's table checksum: a rewritten
+        // bank never reads pages of an older one
+        let h = bank.meta().header;
+        let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
+        let local = match OpfsMirror::open(&name).await {
+            Ok(m) => LocalCopy::Opfs(m),
+            Err(why) => {
+                web_sys::console::warn_1(&JsValue::from_str(&format!(
+                    "OPFS unavailable ({why}); keeping pages in the Cache API"
+                )));
+                let storage = Scope::get().map_err(js_err)?.caches();
+                let cache = match storage {
+                    Ok(s) => JsFuture::from(s.open(PAGE_CACHE))
+                        .await
+                        .ok()
+                        .and_then(|c| c.dyn_into::<Cache>().ok()),
+                    Err(_) => None,
+                };
+                cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
+            }
         };
-        let fetch = HttpFetch {
-            url: format!("{base}memory.bank"),
-            cache: cache.clone(),
-        };
-        let bank = RemoteBank::open(fetch).await.map_err(js_err)?;
+        let local = Rc::new(local);
+        let bank = bank.with_fetcher(HttpFetch {
+            url,
+            local: local.clone(),
+        });
         let table = value_table_bytes(&bank);
         let budget = (table as f64 * budget_percent / 100.0) as u64;
         let value_section = bank.sections().first().map(|s| s.geometry);
         progress("building the model and its device memory");
-        let engine = Engine::new(&files, ctx, bank, budget).map_err(js_err)?;
+        let mut engine = Engine::new(&files, ctx, bank, budget).map_err(js_err)?;
+        engine.set_clock(now_seconds);
+        progress("compiling the WebGPU kernels");
+        engine.warm_up().await.map_err(js_err)?;
         let cfg = engine.config();
         let stats = engine.stats();
         let model = ModelInfo {
@@ -511,13 +704,14 @@ impl ChatEngine {
             budget_bytes: stats.budget_bytes,
             slots: stats.slots,
             dense_bytes: engine.dense_bytes(),
+            local_copy: local.name(),
         };
         Ok(ChatEngine {
             engine: Rc::new(RefCell::new(engine)),
             last_stats: Rc::new(Cell::new(stats)),
             device,
             model,
-            cache,
+            local,
             gpu_error,
         })
     }
@@ -547,6 +741,10 @@ impl ChatEngine {
     /// `max_tokens`), calling `on_piece(text, stats)` with each new piece.
     /// Resolves to `{text, tokens, promptTokens, firstTokenSeconds, seconds,
     /// tokensPerSecond}`.
+    // The engine stays borrowed across the awaits on purpose: one generation
+    // at a time (a second call fails with a message), and `stats()` reads the
+    // copy the pieces leave in `last_stats` meanwhile.
+    #[allow(clippy::await_holding_refcell_ref)]
     pub fn generate(
         &self,
         prompt: String,
@@ -614,23 +812,29 @@ impl ChatEngine {
         })
     }
 
-    /// Empties the browser's copy of the pages (the next misses go to the network).
+    /// Empties the browser's copy of the pages (the next misses go to the
+    /// network); resolves to the number of entries dropped (OPFS: 1 file).
     #[wasm_bindgen(js_name = clearPageCache)]
     pub fn clear_page_cache(&self) -> Promise {
-        let cache = self.cache.clone();
+        let local = self.local.clone();
         future_to_promise(async move {
-            let Some(cache) = cache else {
-                return Ok(JsValue::from(0));
-            };
-            let keys = JsFuture::from(cache.keys()).await?;
-            let keys: js_sys::Array = keys.dyn_into()?;
-            let mut n = 0;
-            for k in keys.iter() {
-                let req: Request = k.dyn_into()?;
-                JsFuture::from(cache.delete_with_str(&req.url())).await?;
-                n += 1;
+            match &*local {
+                LocalCopy::Opfs(m) => {
+                    m.clear().map_err(js_err)?;
+                    Ok(JsValue::from(1))
+                }
+                LocalCopy::CacheApi(cache) => {
+                    let keys: js_sys::Array = JsFuture::from(cache.keys()).await?.dyn_into()?;
+                    let mut n = 0;
+                    for k in keys.iter() {
+                        let req: Request = k.dyn_into()?;
+                        JsFuture::from(cache.delete_with_str(&req.url())).await?;
+                        n += 1;
+                    }
+                    Ok(JsValue::from(n))
+                }
+                LocalCopy::None => Ok(JsValue::from(0)),
             }
-            Ok(JsValue::from(n))
         })
     }
 }

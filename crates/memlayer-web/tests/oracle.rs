@@ -239,8 +239,7 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
     let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
     let err = pollster::block_on(decoder.step(&tokens, &mut memory))
-        .err()
-        .expect("corrupt pages must fail")
+        .expect_err("corrupt pages must fail")
         .to_string();
     assert!(
         err.contains("mem://corrupt.bank")

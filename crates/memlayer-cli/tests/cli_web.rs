@@ -1,0 +1,219 @@
+//! The browser chat in a real browser: Debian's headless Chromium with
+//! WebGPU (SwiftShader), driven by `web/tests/chat.mjs` (playwright-core),
+//! loads the page `memlayer serve` serves, asks the shipped model a
+//! held-out fact question and must answer exactly what the native CLI
+//! answers for the same prompt and seed, streaming fewer pages than the bank
+//! holds; after a reload every page comes from the browser's Cache API.
+//! A screenshot is saved to `target/browser-chat.png`.
+//!
+//! Needs `web/pkg` (`scripts/build-web.sh`), `web/node_modules`
+//! (`npm ci` in web/), node and chromium: `scripts/test.sh` provides them.
+//! Missing pieces skip the test loudly, or fail it with MEMLAYER_REQUIRE_GPU=1 (CI).
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A held-out-template question about a fact stated 36 times in training;
+/// the shipped model answers it right ("Difoul Partners").
+const PROMPT: &str = "The company that employs Zovom Tudeind is";
+const ANSWER: &str = "Difoul Partners";
+const MAX_TOKENS: &str = "24";
+const SEED: &str = "0";
+const BUDGET_PERCENT: &str = "25";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Why the browser test cannot run here, if it cannot.
+fn missing_parts(web: &Path) -> Option<String> {
+    let mut missing = Vec::new();
+    if !web.join("pkg/memlayer_web_bg.wasm").is_file() {
+        missing.push("web/pkg (run scripts/build-web.sh)".to_string());
+    }
+    if !web.join("node_modules/playwright-core").is_dir() {
+        missing.push("web/node_modules (run `npm ci` in web/)".to_string());
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        missing.push("node (apt-get install nodejs)".to_string());
+    }
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        missing.push(format!("{chromium} (apt-get install chromium)"));
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// `memlayer serve DIR --web WEB --port 0`, killed on drop; its base URL.
+struct Served(Child, String);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &Path, web: &Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
+        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--web"])
+        .arg(web)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn memlayer serve");
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {first:?}"))
+        .trim_end_matches("/model/")
+        .to_string();
+    Served(child, url)
+}
+
+fn num(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut at = v;
+    for p in path {
+        at = &at[*p];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
+}
+
+#[test]
+fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank() {
+    let root = repo();
+    let web = root.join("web");
+    if let Some(why) = missing_parts(&web) {
+        let required = std::env::var("MEMLAYER_REQUIRE_GPU").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "MEMLAYER_REQUIRE_GPU=1 but the browser test lacks {why}"
+        );
+        eprintln!("\n!!!!!!!! SKIPPING THE BROWSER TEST: missing {why} !!!!!!!!\n");
+        return;
+    }
+    let model = root.join("models/demo-pkm");
+
+    // the native answer: same prompt, seed, budget and stop (first line)
+    let out = memlayer(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--line",
+        "--max-tokens",
+        MAX_TOKENS,
+        "--seed",
+        SEED,
+        "--budget-percent",
+        BUDGET_PERCENT,
+    ]);
+    let stdout = assert_ok(&out);
+    let native = stdout
+        .strip_prefix(PROMPT)
+        .and_then(|s| s.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("unexpected CLI output {stdout:?}"))
+        .to_string();
+    assert!(
+        native.trim_start().starts_with(ANSWER),
+        "the shipped model should answer {ANSWER:?}: {native:?}"
+    );
+
+    let served = serve(&model, &web);
+    let shot_dir = root.join("target");
+    std::fs::create_dir_all(&shot_dir).unwrap();
+    let shot = shot_dir.join("browser-chat.png");
+    let _ = std::fs::remove_file(&shot);
+    let url = format!(
+        "{}/?budget={BUDGET_PERCENT}&max_tokens={MAX_TOKENS}&seed={SEED}",
+        served.1
+    );
+    let t0 = std::time::Instant::now();
+    let run = Command::new("node")
+        .current_dir(&web)
+        .args([
+            "tests/chat.mjs",
+            "--url",
+            &url,
+            "--prompt",
+            PROMPT,
+            "--reload",
+        ])
+        .arg("--screenshot")
+        .arg(&shot)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run node tests/chat.mjs");
+    let stdout = text(&run.stdout);
+    assert!(
+        run.status.success(),
+        "chat.mjs failed ({}): {stdout}",
+        run.status
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line from chat.mjs: {stdout}"));
+    let r: serde_json::Value = serde_json::from_str(line).expect("chat.mjs JSON");
+
+    let browser = r["text"].as_str().expect("text");
+    assert_eq!(browser, native, "browser vs native CLI for {PROMPT:?}");
+    let bank_pages = num(&r, &["stats", "bankPages"]);
+    let streamed = num(&r, &["stats", "pagesStreamed"]);
+    assert!(
+        streamed > 0.0 && streamed < bank_pages,
+        "pages streamed {streamed} must be in (0, {bank_pages})"
+    );
+    assert!(num(&r, &["stats", "residentBytes"]) <= num(&r, &["stats", "budgetBytes"]));
+    assert_eq!(
+        num(&r, &["stats", "pagesFromCache"]),
+        0.0,
+        "a fresh profile has no copy"
+    );
+
+    // the reload: same answer, every page from the Cache API, nothing over the network
+    let again = &r["reload"];
+    assert_eq!(
+        again["text"].as_str(),
+        Some(browser),
+        "the reload answers the same"
+    );
+    assert_eq!(
+        num(again, &["stats", "pagesFromCache"]),
+        num(again, &["stats", "pagesStreamed"]),
+        "after a reload every page comes from the Cache API: {}",
+        again["stats"]
+    );
+    assert_eq!(num(again, &["stats", "bytesStreamed"]), 0.0);
+
+    let png = std::fs::read(&shot).expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+    let wasm = std::fs::metadata(web.join("pkg/memlayer_web_bg.wasm"))
+        .expect("wasm")
+        .len();
+    eprintln!(
+        "browser chat on {}: {browser:?} | wasm {:.2} MiB | load {:.2} s | first token {:.2} s | \
+         {:.1} tok/s | {streamed} of {bank_pages} pages streamed ({:.2} MiB) | reload: first token \
+         {:.2} s, {:.1} tok/s | {:.0} s in all | screenshot {}",
+        r["adapter"].as_str().unwrap_or("?"),
+        wasm as f64 / (1024.0 * 1024.0),
+        num(&r, &["loadSeconds"]),
+        num(&r, &["result", "firstTokenSeconds"]),
+        num(&r, &["result", "tokensPerSecond"]),
+        num(&r, &["stats", "bytesStreamed"]) / (1024.0 * 1024.0),
+        num(again, &["result", "firstTokenSeconds"]),
+        num(again, &["result", "tokensPerSecond"]),
+        t0.elapsed().as_secs_f64(),
+        shot.display()
+    );
+}

@@ -54,6 +54,7 @@ const el = {
     bytes: $('stat-bytes'),
     hitrate: $('stat-hitrate'),
     evictions: $('stat-evictions'),
+    time: $('stat-time'),
     toks: $('stat-toks'),
   },
 };
@@ -125,6 +126,7 @@ function renderModel(m) {
     `memory in layer ${layers || '–'}: ${m.valueRows} value rows`,
     `bank ${m.bankPages} pages, ${mib(m.bankBytes)} MiB; ${m.slots} page slots`,
     `dense weights ${mib(m.denseBytes)} MiB`,
+    `pages kept in: ${m.localCopy ?? '?'}`,
   ].join('\n');
 }
 
@@ -148,10 +150,14 @@ function renderStats(s) {
   setStat(el.stat.budget, `${mib(s.budgetBytes)} MiB`,
     bankBytes ? `${pct(s.budgetBytes / bankBytes)} of bank` : '');
   setStat(el.stat.resident, `${s.residentPages} / ${bankPages}`);
-  setStat(el.stat.streamed, String(s.pagesStreamed), `(${s.pagesFromCache} from browser cache)`);
+  const local = app.model?.localCopy && app.model.localCopy !== 'none' ? app.model.localCopy : 'browser copy';
+  setStat(el.stat.streamed, String(s.pagesStreamed), `(${s.pagesFromCache} from ${local})`);
   setStat(el.stat.bytes, `${mib(s.bytesStreamed)} MiB`);
   setStat(el.stat.hitrate, s.accesses > 0 ? pct(s.hits / s.accesses) : '–');
   setStat(el.stat.evictions, String(s.evictions));
+  if (el.stat.time) {
+    setStat(el.stat.time, `${(s.fetchSeconds ?? 0).toFixed(2)} s / ${(s.deviceSeconds ?? 0).toFixed(2)} s`);
+  }
 }
 
 /** Decode speed and time to first token of the last answer. */

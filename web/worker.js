@@ -113,7 +113,7 @@ async function generate({ id, prompt, maxTokens, temperature, topP, seed }) {
   post({ type: 'done', id, result: plain(result), stats: currentStats() });
 }
 
-/** 'clear-cache': empties the Cache API copy of the pages. */
+/** 'clear-cache': empties the browser's copy of the pages (OPFS or Cache API). */
 async function clearCache() {
   if (engine) {
     await engine.clearPageCache();

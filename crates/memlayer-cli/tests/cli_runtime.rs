@@ -6,9 +6,7 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 /// A briefly trained model directory (the weights only need to be fixed).
 fn train(preset: &str, dir: &Path) {
@@ -22,43 +20,6 @@ fn train(preset: &str, dir: &Path) {
         "30",
         "--quiet",
     ]));
-}
-
-/// `memlayer serve DIR --port 0`, killed on drop; returns its base URL.
-struct Served(Child, String);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &Path) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args([
-            "serve",
-            dir.to_str().unwrap(),
-            "--port",
-            "0",
-            "--web",
-            "/nonexistent",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn memlayer serve");
-    let mut first = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {first:?}"))
-        .trim_end_matches("/model/")
-        .to_string();
-    Served(child, url)
 }
 
 const PROMPT: &str = "The city where";
@@ -98,7 +59,7 @@ fn generate_paged_from_file_and_http_equals_resident() {
             quarter, full,
             "{preset}: 25% budget changes the text\n{stats}"
         );
-        let served = serve(&dir);
+        let served = serve(&dir, None);
         let url = format!("{}/model/memory.bank", served.1);
         let (http, stats) = generate(&dir, &["--source", &url, "--budget-percent", "25"]);
         assert_eq!(
@@ -180,7 +141,7 @@ fn bad_sources_and_budgets_fail_with_clear_messages() {
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     std::fs::copy(dir.join("config.json"), empty.join("config.json")).unwrap();
-    let served = serve(&empty);
+    let served = serve(&empty, None);
     let url = format!("{}/model/memory.bank", served.1);
     let out = memlayer(&["generate", d, "--prompt", PROMPT, "--source", &url]);
     assert!(!out.status.success());

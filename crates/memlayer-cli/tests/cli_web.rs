@@ -13,9 +13,8 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 /// A held-out-template question about a fact stated 36 times in training;
 /// the shipped model answers it right ("Difoul Partners").
@@ -46,37 +45,6 @@ fn missing_parts(web: &Path) -> Option<String> {
         missing.push(format!("{chromium} (apt-get install chromium)"));
     }
     (!missing.is_empty()).then(|| missing.join(", "))
-}
-
-/// `memlayer serve DIR --web WEB --port 0`, killed on drop; its base URL.
-struct Served(Child, String);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &Path, web: &Path) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--web"])
-        .arg(web)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn memlayer serve");
-    let mut first = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in {first:?}"))
-        .trim_end_matches("/model/")
-        .to_string();
-    Served(child, url)
 }
 
 fn num(v: &serde_json::Value, path: &[&str]) -> f64 {
@@ -128,7 +96,7 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
         "the shipped model should answer {ANSWER:?}: {native:?}"
     );
 
-    let served = serve(&model, &web);
+    let served = serve(&model, Some(&web));
     let shot_dir = root.join("target");
     std::fs::create_dir_all(&shot_dir).unwrap();
     let shot = shot_dir.join("browser-chat.png");

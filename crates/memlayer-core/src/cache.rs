@@ -63,6 +63,16 @@ pub enum CacheError {
         /// Slots in the cache.
         slots: u32,
     },
+    /// A page outside the page table given to [`PageCache::admit`].
+    #[error("page {page} is outside the page table of {len} pages starting at page {first}")]
+    PageOutsideTable {
+        /// The page.
+        page: PageId,
+        /// First page of the table.
+        first: PageId,
+        /// Pages in the table.
+        len: usize,
+    },
 }
 
 /// Cache counters since creation (or the last [`PageCache::reset_stats`]).
@@ -101,6 +111,17 @@ pub struct Access {
     pub hit: bool,
     /// Page that lived in `slot` before and was evicted, if any.
     pub evicted: Option<PageId>,
+}
+
+/// What [`PageCache::admit`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Pages that were resident.
+    pub hits: u64,
+    /// Resident pages dropped to make room.
+    pub evictions: u64,
+    /// Pages to load, with the slot each must be written to.
+    pub misses: Vec<(PageId, SlotId)>,
 }
 
 /// LRU page-to-slot cache policy under a byte budget.
@@ -330,6 +351,53 @@ impl PageCache {
         // batch's pages occupy the first `k < slot_count` positions while a
         // new page of the batch is placed; the evicted tail is never one of them.
         Ok(pages.iter().map(|&p| self.access(p)).collect())
+    }
+
+    /// [`PageCache::access_batch`] keeping a dense page table in step:
+    /// `table[page - first]` is the slot of each resident page of a section
+    /// whose pages start at global id `first`, [`NO_SLOT`] otherwise.
+    /// Evicted pages and misses are unmapped (a miss is mapped by the caller
+    /// once its data is in the slot); the misses to load are returned with
+    /// their slots. Fails, changing nothing, as `access_batch` does, or if a
+    /// page falls outside `table`.
+    pub fn admit(
+        &mut self,
+        pages: &[PageId],
+        first: PageId,
+        table: &mut [SlotId],
+    ) -> Result<Admission, CacheError> {
+        let len = table.len();
+        let local = |p: PageId| {
+            p.checked_sub(first)
+                .and_then(|l| usize::try_from(l).ok())
+                .filter(|&l| l < len)
+        };
+        if let Some(&bad) = pages.iter().find(|&&p| local(p).is_none()) {
+            return Err(CacheError::PageOutsideTable {
+                page: bad,
+                first,
+                len,
+            });
+        }
+        let accesses = self.access_batch(pages)?;
+        let mut out = Admission::default();
+        for (a, &p) in accesses.iter().zip(pages) {
+            if let Some(old) = a.evicted {
+                if let Some(l) = local(old) {
+                    table[l] = NO_SLOT;
+                }
+                out.evictions += 1;
+            }
+            if a.hit {
+                out.hits += 1;
+            } else {
+                if let Some(l) = local(p) {
+                    table[l] = NO_SLOT;
+                }
+                out.misses.push((p, a.slot));
+            }
+        }
+        Ok(out)
     }
 
     /// Slots of `pages` after [`PageCache::access_batch`] (convenience).
@@ -603,5 +671,27 @@ mod tests {
                 prop_assert_eq!(s.misses, s.evictions + removed + c.resident_pages() as u64);
             }
         }
+    }
+
+    #[test]
+    fn admit_keeps_the_page_table_in_step_with_the_cache() {
+        // 2 slots; a section whose pages start at global id 10
+        let mut c = PageCache::new(2, 1).unwrap();
+        let mut table = vec![NO_SLOT; 4];
+        let a = c.admit(&[10, 12], 10, &mut table).unwrap();
+        assert_eq!((a.hits, a.evictions, a.misses.len()), (0, 0, 2));
+        assert_eq!(table, vec![NO_SLOT; 4], "misses are mapped by the caller");
+        for &(p, s) in &a.misses {
+            table[(p - 10) as usize] = s;
+        }
+        // 13 evicts the LRU page 10, which leaves the table; 12 is a hit
+        let b = c.admit(&[12, 13], 10, &mut table).unwrap();
+        assert_eq!((b.hits, b.evictions), (1, 1));
+        assert_eq!(table[0], NO_SLOT);
+        assert_ne!(table[2], NO_SLOT);
+        assert_eq!(b.misses, vec![(13, a.misses[0].1)]);
+        let e = c.admit(&[9], 10, &mut table).unwrap_err();
+        assert!(e.to_string().contains("page 9 is outside"), "{e}");
+        assert!(c.admit(&[14], 10, &mut table).is_err());
     }
 }

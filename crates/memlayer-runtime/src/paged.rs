@@ -447,23 +447,14 @@ impl PagedMemory {
         let first = v.section.first_page;
         let globals: Vec<PageId> = local_pages.iter().map(|&p| first + u64::from(p)).collect();
         let cache = st.cache.as_mut().ok_or_else(|| err("no value cache"))?;
-        let accesses = cache.access_batch(&globals).map_err(err)?;
-        let mut misses: Vec<(PageId, u32)> = Vec::new();
-        for (a, &g) in accesses.iter().zip(&globals) {
-            if let Some(old) = a.evicted {
-                st.page_table[(old - first) as usize] = MISSING;
-                st.stats.evictions += 1;
-            }
-            st.stats.value_accesses += 1;
-            if a.hit {
-                st.stats.value_hits += 1;
-            } else {
-                st.stats.value_misses += 1;
-                // not resident until written
-                st.page_table[(g - first) as usize] = MISSING;
-                misses.push((g, a.slot));
-            }
-        }
+        let admitted = cache
+            .admit(&globals, first, &mut st.page_table)
+            .map_err(err)?;
+        st.stats.value_accesses += globals.len() as u64;
+        st.stats.value_hits += admitted.hits;
+        st.stats.value_misses += admitted.misses.len() as u64;
+        st.stats.evictions += admitted.evictions;
+        let misses = admitted.misses;
         if misses.is_empty() {
             return Ok(());
         }

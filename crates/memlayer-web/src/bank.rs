@@ -7,7 +7,7 @@
 //! native tests take through the same code.
 
 use crate::WebError;
-use memlayer_core::bank::format::{checksum, parse_header};
+use memlayer_core::bank::format::parse_header;
 use memlayer_core::bank::{
     BankError, BankMeta, HEADER_LEN, PageEntry, PageId, PageSource, SectionInfo,
 };
@@ -239,27 +239,7 @@ impl<F: PageFetch> RemoteBank<F> {
 
     /// Checks `bytes` against `page`'s length and checksum.
     pub fn verify(&self, page: PageId, e: &PageEntry, bytes: &[u8]) -> Result<(), WebError> {
-        if bytes.len() as u64 != e.length {
-            return Err(WebError::Bank(BankError::Truncated {
-                location: self.location.clone(),
-                region: memlayer_core::bank::Region::Page(page),
-                offset: e.offset,
-                end: e.end(),
-                source_len: e.offset + bytes.len() as u64,
-            }));
-        }
-        let got = checksum(bytes);
-        if got != e.checksum {
-            return Err(WebError::Bank(BankError::ChecksumMismatch {
-                location: self.location.clone(),
-                page,
-                offset: e.offset,
-                length: e.length,
-                expected: e.checksum,
-                got,
-            }));
-        }
-        Ok(())
+        Ok(e.verify(page, bytes, &self.location)?)
     }
 }
 

@@ -386,25 +386,15 @@ impl<F: PageFetch> DeviceMemory<F> {
     async fn page_in(&mut self, local: &[u32]) -> Result<(), WebError> {
         let first = self.values.section.first_page;
         let globals: Vec<PageId> = local.iter().map(|&p| first + u64::from(p)).collect();
-        let accesses = self
+        let admitted = self
             .cache
-            .access_batch(&globals)
+            .admit(&globals, first, &mut self.page_table)
             .map_err(|e| WebError::Input(e.to_string()))?;
-        let mut misses: Vec<(PageId, u32)> = Vec::new();
-        for (a, &g) in accesses.iter().zip(&globals) {
-            if let Some(old) = a.evicted {
-                self.page_table[(old - first) as usize] = NO_SLOT;
-                self.stats.evictions += 1;
-            }
-            self.stats.accesses += 1;
-            if a.hit {
-                self.stats.hits += 1;
-            } else {
-                self.stats.misses += 1;
-                self.page_table[(g - first) as usize] = NO_SLOT;
-                misses.push((g, a.slot));
-            }
-        }
+        self.stats.accesses += globals.len() as u64;
+        self.stats.hits += admitted.hits;
+        self.stats.misses += admitted.misses.len() as u64;
+        self.stats.evictions += admitted.evictions;
+        let misses = admitted.misses;
         if misses.is_empty() {
             return Ok(());
         }

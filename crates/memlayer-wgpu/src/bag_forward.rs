@@ -321,15 +321,9 @@ impl BagForward {
         weights: &[f32],
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
-        let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
-        let pt = storage_init(ctx, "bag page table", page_table);
-        let table = BagTable::Paged {
-            slots,
-            page_rows,
-            n_pages: page_table.len(),
-            page_table: &pt,
-        };
-        match self.submit(ctx, table, indices, weights, offsets, bags)? {
+        let (bags, out) =
+            self.submit_paged(ctx, slots, page_rows, page_table, indices, weights, offsets)?;
+        match out {
             Some(out) => read_back(ctx, &out, 0, bags * slots.dim),
             None => Ok(Vec::new()),
         }
@@ -348,6 +342,27 @@ impl BagForward {
         weights: &[f32],
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
+        let (bags, out) =
+            self.submit_paged(ctx, slots, page_rows, page_table, indices, weights, offsets)?;
+        match out {
+            Some(out) => read_back_async(ctx, &out, 0, bags * slots.dim).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Checks and submits a paged bag: the number of bags and the output
+    /// buffer (none when there is nothing to compute).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_paged(
+        &self,
+        ctx: &GpuContext,
+        slots: &ShardedTable,
+        page_rows: usize,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<(usize, Option<wgpu::Buffer>), GpuError> {
         let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
         let pt = storage_init(ctx, "bag page table", page_table);
         let table = BagTable::Paged {
@@ -356,10 +371,10 @@ impl BagForward {
             n_pages: page_table.len(),
             page_table: &pt,
         };
-        match self.submit(ctx, table, indices, weights, offsets, bags)? {
-            Some(out) => read_back_async(ctx, &out, 0, bags * slots.dim).await,
-            None => Ok(Vec::new()),
-        }
+        Ok((
+            bags,
+            self.submit(ctx, table, indices, weights, offsets, bags)?,
+        ))
     }
 
     fn run(

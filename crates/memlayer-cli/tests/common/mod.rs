@@ -2,7 +2,9 @@
 //! and check how it ended.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 
 /// Runs the `memlayer` binary built for these tests.
 pub fn memlayer(args: &[&str]) -> Output {
@@ -36,4 +38,37 @@ pub fn assert_fails(out: &Output) -> String {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
+}
+
+/// `memlayer serve DIR --port 0` (with `--web WEB`, or no web app), killed
+/// on drop; `.1` is its base URL (`http://127.0.0.1:PORT`).
+pub struct Served(pub Child, pub String);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `memlayer serve` on a free port and waits for its URL.
+pub fn serve(dir: &Path, web: Option<&Path>) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
+        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--web"])
+        .arg(web.unwrap_or(Path::new("/nonexistent")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn memlayer serve");
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in {first:?}"))
+        .trim_end_matches("/model/")
+        .to_string();
+    Served(child, url)
 }

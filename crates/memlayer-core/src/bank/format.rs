@@ -373,6 +373,32 @@ impl PageEntry {
     pub fn end(&self) -> u64 {
         self.offset.saturating_add(self.length)
     }
+
+    /// Checks the bytes read for `page` (from `location`) against this
+    /// entry: a short read is `Truncated`, other bytes `ChecksumMismatch`.
+    pub fn verify(&self, page: PageId, bytes: &[u8], location: &str) -> Result<(), BankError> {
+        if bytes.len() as u64 != self.length {
+            return Err(BankError::Truncated {
+                location: location.to_owned(),
+                region: Region::Page(page),
+                offset: self.offset,
+                end: self.end(),
+                source_len: self.offset + bytes.len() as u64,
+            });
+        }
+        let got = checksum(bytes);
+        if got != self.checksum {
+            return Err(BankError::ChecksumMismatch {
+                location: location.to_owned(),
+                page,
+                offset: self.offset,
+                length: self.length,
+                expected: self.checksum,
+                got,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The fixed 64-byte header, decoded.

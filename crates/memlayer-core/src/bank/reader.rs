@@ -168,18 +168,7 @@ impl<S: PageSource> BankReader<S> {
                 length: e.length,
                 source,
             })?;
-        let got = super::format::checksum(buf);
-        if got != e.checksum {
-            return Err(BankError::ChecksumMismatch {
-                location: self.location.clone(),
-                page,
-                offset: e.offset,
-                length: e.length,
-                expected: e.checksum,
-                got,
-            });
-        }
-        Ok(())
+        e.verify(page, buf, &self.location)
     }
 
     /// Reads `page` and verifies its checksum; returns its raw bytes

@@ -28,7 +28,8 @@ function messageOf(err) {
 }
 
 /** Turns what wasm-bindgen hands back into structured-clone-friendly plain
- *  data: Map → object, BigInt → number (serde-wasm-bindgen may produce both). */
+ *  data: Map → object, BigInt → number (the engine returns JSON-parsed
+ *  objects today; this keeps postMessage safe if that changes). */
 function plain(v) {
   if (typeof v === 'bigint') return Number(v);
   if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [k, plain(x)]));
@@ -96,20 +97,13 @@ async function load({ modelUrl, budgetPercent }) {
 /** 'generate': streams pieces (each with the stats after it), then 'done'. */
 async function generate({ id, prompt, maxTokens, temperature, topP, seed }) {
   if (!engine) throw new Error('the model is not loaded');
-  const onPiece = (piece) => {
+  // The engine passes each piece with the counters after it.
+  const onPiece = (piece, stats) => {
     // Never let an exception escape into the wasm caller.
-    try { post({ type: 'piece', id, piece: String(piece), stats: currentStats() }); } catch { /* ignore */ }
+    try { post({ type: 'piece', id, piece: String(piece), stats: plain(stats) }); } catch { /* ignore */ }
   };
-  const run = (s) => engine.generate(prompt, maxTokens, temperature, topP, s, onPiece);
-  let result;
-  try {
-    result = await run(seed);
-  } catch (err) {
-    // A u64 seed binding wants a BigInt; the argument conversion fails before
-    // anything runs, so retrying with BigInt(seed) is safe.
-    if (err instanceof TypeError && /BigInt/i.test(err.message)) result = await run(BigInt(seed));
-    else throw err;
-  }
+  // seed is a JS number (the binding takes an f64 and checks it is a whole number)
+  const result = await engine.generate(prompt, maxTokens, temperature, topP, seed, onPiece);
   post({ type: 'done', id, result: plain(result), stats: currentStats() });
 }
 

@@ -63,6 +63,16 @@ pub enum CacheError {
         /// Slots in the cache.
         slots: u32,
     },
+    /// One bag alone reads more distinct pages than the cache has slots.
+    #[error("bag {bag} reads {pages} distinct pages but the page cache has only {slots} slots")]
+    BagTooLarge {
+        /// The bag (a token, for a memory layer).
+        bag: usize,
+        /// Distinct pages it reads.
+        pages: usize,
+        /// Slots in the cache.
+        slots: usize,
+    },
     /// A page outside the page table given to [`PageCache::admit`].
     #[error("page {page} is outside the page table of {len} pages starting at page {first}")]
     PageOutsideTable {
@@ -122,6 +132,66 @@ pub struct Admission {
     pub evictions: u64,
     /// Pages to load, with the slot each must be written to.
     pub misses: Vec<(PageId, SlotId)>,
+}
+
+/// A run of consecutive bags whose pages fit a cache's slots together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BagRun {
+    /// The bags of the run.
+    pub bags: std::ops::Range<usize>,
+    /// Their distinct pages (local ids): each bag's new pages, sorted, in bag order.
+    pub pages: Vec<u32>,
+}
+
+/// Cuts `rows` — `(bags, bag)` row ids of equal-sized bags — into runs of
+/// consecutive bags whose distinct pages (`row / page_rows`) fit `slots`
+/// together, greedily from the first bag: a paged embedding-bag makes each
+/// run's pages resident, then sums its bags. Fails if one bag alone reads
+/// more pages than there are slots.
+pub fn bag_runs(
+    rows: &[u32],
+    bag: usize,
+    page_rows: usize,
+    slots: usize,
+) -> Result<Vec<BagRun>, CacheError> {
+    let bags = rows.len().checked_div(bag).unwrap_or(0);
+    let page_rows = page_rows.max(1) as u32;
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < bags {
+        let mut pages: Vec<u32> = Vec::new();
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut end = start;
+        while end < bags {
+            let mut new: Vec<u32> = rows[end * bag..(end + 1) * bag]
+                .iter()
+                .map(|&r| r / page_rows)
+                .filter(|p| !seen.contains(p))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            if seen.len() + new.len() > slots {
+                if end == start {
+                    return Err(CacheError::BagTooLarge {
+                        bag: end,
+                        pages: new.len(),
+                        slots,
+                    });
+                }
+                break;
+            }
+            new.sort_unstable();
+            seen.extend(new.iter().copied());
+            pages.extend(new);
+            end += 1;
+        }
+        runs.push(BagRun {
+            bags: start..end,
+            pages,
+        });
+        start = end;
+    }
+    Ok(runs)
 }
 
 /// LRU page-to-slot cache policy under a byte budget.
@@ -693,5 +763,38 @@ mod tests {
         let e = c.admit(&[9], 10, &mut table).unwrap_err();
         assert!(e.to_string().contains("page 9 is outside"), "{e}");
         assert!(c.admit(&[14], 10, &mut table).is_err());
+    }
+
+    #[test]
+    fn bag_runs_fit_the_slots_and_cover_every_bag_in_order() {
+        // bags of 2 rows, 1-row pages, 3 slots
+        let rows = [0, 1, 1, 2, 5, 6, 6, 6, 0, 0];
+        let runs = bag_runs(&rows, 2, 1, 3).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                BagRun {
+                    bags: 0..2,
+                    pages: vec![0, 1, 2]
+                },
+                BagRun {
+                    bags: 2..5,
+                    pages: vec![5, 6, 0]
+                },
+            ]
+        );
+        // 2-row pages: pages 0, 0 | 0, 1 | 2, 3 | 3, 3 | 0, 0 → 4 pages, one run in 4 slots
+        assert_eq!(bag_runs(&rows, 2, 2, 4).unwrap().len(), 1);
+        assert_eq!(bag_runs(&rows, 2, 2, 3).unwrap().len(), 2);
+        let e = bag_runs(&[0, 1, 2, 3], 4, 1, 3).unwrap_err();
+        assert_eq!(
+            e,
+            CacheError::BagTooLarge {
+                bag: 0,
+                pages: 4,
+                slots: 3
+            }
+        );
+        assert!(bag_runs(&[], 2, 1, 1).unwrap().is_empty());
     }
 }

@@ -21,7 +21,7 @@
 use crate::pool::{HostPool, MISSING, SlotPool};
 use burn::tensor::{Device, Tensor, TensorData};
 use memlayer_core::bank::{BankReader, PageId, PageSource, SectionInfo, SectionKind};
-use memlayer_core::cache::{CacheStats, PageCache};
+use memlayer_core::cache::{BagRun, CacheError, CacheStats, PageCache, bag_runs};
 use memlayer_model::{MemorySource, ModelError};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -512,43 +512,20 @@ impl MemorySource for PagedMemory {
             )));
         }
         let w: Vec<f32> = weights.into_data().iter::<f32>().collect();
-        let page_of = |r: u32| r / v.page_rows as u32;
         let slots = self.value_slots as usize;
         let mut out = Vec::with_capacity(bags * v.dim);
         let mut st = lock(&self.shared.state);
         // runs of bags whose pages fit the slots together
-        let mut start = 0;
-        while start < bags {
-            let mut pages: Vec<u32> = Vec::new();
-            let mut seen: HashSet<u32> = HashSet::new();
-            let mut end = start;
-            while end < bags {
-                let new: Vec<u32> = rows[end * bag..(end + 1) * bag]
-                    .iter()
-                    .map(|&r| page_of(r))
-                    .filter(|p| !seen.contains(p))
-                    .collect::<HashSet<_>>()
-                    .into_iter()
-                    .collect();
-                if seen.len() + new.len() > slots {
-                    if end == start {
-                        return Err(err(format!(
-                            "token {end} reads {} value pages; the budget of {} bytes holds {slots} \
-                             (raise --budget-mb)",
-                            new.len(),
-                            self.budget_bytes
-                        )));
-                    }
-                    break;
-                }
-                let mut new = new;
-                new.sort_unstable();
-                for p in new {
-                    seen.insert(p);
-                    pages.push(p);
-                }
-                end += 1;
-            }
+        let runs = bag_runs(rows, bag, v.page_rows, slots).map_err(|e| match e {
+            CacheError::BagTooLarge { bag, pages, .. } => err(format!(
+                "token {bag} reads {pages} value pages; the budget of {} bytes holds {slots} \
+                 (raise --budget-mb)",
+                self.budget_bytes
+            )),
+            e => err(e),
+        })?;
+        for BagRun { bags: run, pages } in runs {
+            let (start, end) = (run.start, run.end);
             self.page_in(&mut st, &pages)?;
             let st = &mut *st;
             let pool = st.pool.as_mut().ok_or_else(|| err("no slot pool"))?;
@@ -562,7 +539,6 @@ impl MemorySource for PagedMemory {
                 )
                 .map_err(err)?;
             out.extend(part);
-            start = end;
         }
         Ok(Tensor::from_data(
             TensorData::new(out, [bags, v.dim]),

@@ -20,7 +20,7 @@
 use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
 use memlayer_core::bank::{PageId, SectionInfo, SectionKind, decode_into};
-use memlayer_core::cache::{NO_SLOT, PageCache};
+use memlayer_core::cache::{BagRun, NO_SLOT, PageCache, bag_runs};
 use memlayer_core::model::ModelConfig;
 use memlayer_core::pkm::{self, PkmConfig, PkmParams};
 use memlayer_wgpu::bag_forward::BagForward;
@@ -28,7 +28,6 @@ use memlayer_wgpu::buffers::storage_init;
 use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
 use memlayer_wgpu::{GpuContext, GpuDtype, ShardedTable};
 use serde::Serialize;
-use std::collections::HashSet;
 
 /// Counters of a [`DeviceMemory`] (since it was opened).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -332,32 +331,13 @@ impl<F: PageFetch> DeviceMemory<F> {
                 v.rows
             )));
         }
-        let page_of = |r: u32| r / v.page_rows as u32;
         let slots = self.cache.slot_count() as usize;
         let mut out = Vec::with_capacity(bags * v.dim);
-        let mut start = 0;
-        while start < bags {
-            let mut pages: Vec<u32> = Vec::new();
-            let mut seen: HashSet<u32> = HashSet::new();
-            let mut end = start;
-            while end < bags {
-                let mut new: Vec<u32> = rows[end * bag..(end + 1) * bag]
-                    .iter()
-                    .map(|&r| page_of(r))
-                    .filter(|p| !seen.contains(p))
-                    .collect::<HashSet<_>>()
-                    .into_iter()
-                    .collect();
-                if seen.len() + new.len() > slots {
-                    break;
-                }
-                new.sort_unstable();
-                seen.extend(new.iter().copied());
-                pages.extend(new);
-                end += 1;
-            }
-            // the constructor guarantees one token's pages fit
-            debug_assert!(end > start);
+        // the constructor guarantees one token's pages fit
+        let runs = bag_runs(&rows[..bags * bag], bag, v.page_rows, slots)
+            .map_err(|e| WebError::Input(e.to_string()))?;
+        for BagRun { bags: run, pages } in runs {
+            let (start, end) = (run.start, run.end);
             let t0 = self.now();
             self.page_in(&pages).await?;
             let t1 = self.now();
@@ -377,7 +357,6 @@ impl<F: PageFetch> DeviceMemory<F> {
                 .await?;
             self.stats.device_seconds += self.now() - t1;
             out.extend(part);
-            start = end;
         }
         Ok(out)
     }

@@ -4,7 +4,9 @@
 //! held-out fact question and must answer exactly what the native CLI
 //! answers for the same prompt and seed, streaming fewer pages than the bank
 //! holds; after a reload every page comes from the browser's Cache API.
-//! A screenshot is saved to `target/browser-chat.png`.
+//! A screenshot is saved to `target/browser-chat.png`. Without the WebGPU
+//! flag the page must say that WebGPU is missing and how to get it
+//! (`target/browser-chat-no-webgpu.png`).
 //!
 //! Needs `web/pkg` (`scripts/build-web.sh`), `web/node_modules`
 //! (`npm ci` in web/), node and chromium: `scripts/test.sh` provides them.
@@ -56,8 +58,9 @@ fn num(v: &serde_json::Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("no number at {path:?} in {v}"))
 }
 
-#[test]
-fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank() {
+/// The repository's root and `web/`, or `None` (after a loud message) when
+/// the browser test cannot run here; under MEMLAYER_REQUIRE_GPU=1 that fails.
+fn browser_setup() -> Option<(PathBuf, PathBuf)> {
     let root = repo();
     let web = root.join("web");
     if let Some(why) = missing_parts(&web) {
@@ -67,8 +70,49 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
             "MEMLAYER_REQUIRE_GPU=1 but the browser test lacks {why}"
         );
         eprintln!("\n!!!!!!!! SKIPPING THE BROWSER TEST: missing {why} !!!!!!!!\n");
-        return;
+        return None;
     }
+    Some((root, web))
+}
+
+#[test]
+fn without_webgpu_the_page_says_so() {
+    let Some((root, web)) = browser_setup() else {
+        return;
+    };
+    let served = serve(&root.join("models/demo-pkm"), Some(&web));
+    let shot = root.join("target/browser-chat-no-webgpu.png");
+    std::fs::create_dir_all(root.join("target")).unwrap();
+    let run = Command::new("node")
+        .current_dir(&web)
+        .args(["tests/chat.mjs", "--no-webgpu", "--timeout-ms", "120000"])
+        .args(["--url", &format!("{}/", served.1), "--prompt", PROMPT])
+        .arg("--screenshot")
+        .arg(&shot)
+        .output()
+        .expect("run node tests/chat.mjs");
+    let stderr = text(&run.stderr);
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "chat.mjs must fail without WebGPU: {stderr}"
+    );
+    assert!(
+        stderr.contains("no-WebGPU notice:") && stderr.contains("--enable-unsafe-webgpu"),
+        "the page must explain that WebGPU is missing and how to get it: {stderr}"
+    );
+    assert!(
+        std::fs::read(&shot)
+            .expect("screenshot")
+            .starts_with(b"\x89PNG")
+    );
+}
+
+#[test]
+fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank() {
+    let Some((root, web)) = browser_setup() else {
+        return;
+    };
     let model = root.join("models/demo-pkm");
 
     // the native answer: same prompt, seed, budget and stop (first line)

@@ -8,22 +8,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 step() { printf '\n==> %s\n' "$*"; }
 
-step "system packages"
-# A Vulkan driver that runs on the CPU (lavapipe), for the GPU tests and kernels.
-# DejaVu Sans: the font of the PNG plots (plotters draws text with ab_glyph).
-# Chromium (headless, WebGPU on SwiftShader) and Node + npm, for the browser test.
-if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
-  || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] \
-  || [ ! -x /usr/bin/chromium ] || ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    mesa-vulkan-drivers libvulkan1 fonts-dejavu-core chromium nodejs npm
-fi
-ls /usr/share/vulkan/icd.d/lvp_icd*.json /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf /usr/bin/chromium
-node --version
+step "system packages (only the missing ones)"
+bash scripts/system-deps.sh
 
 step "rust components"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt

@@ -1,5 +1,6 @@
 //! `memlayer inspect FILE [--verify]`: print a bank's header, sections and
-//! page table; `--verify` reads every page and checks its checksum.
+//! page table; `--verify` reads every page and checks its checksum, and
+//! checks that the padding between the table and the pages is zero.
 
 use clap::Args;
 use memlayer_core::bank::{BankReader, FileSource, PageEntry, SectionInfo, SectionKind};
@@ -9,7 +10,7 @@ use memlayer_core::bank::{BankReader, FileSource, PageEntry, SectionInfo, Sectio
 pub struct InspectArgs {
     /// Bank file to inspect.
     pub file: std::path::PathBuf,
-    /// Read and verify every page.
+    /// Read and verify every page (checksums) and every padding byte (zero).
     #[arg(long)]
     pub verify: bool,
 }
@@ -68,11 +69,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         );
     }
     if args.verify {
+        // Pages against their checksums, padding (in bounded chunks) against zero.
         bank.verify_all(|_| {})?;
         let bytes: u64 = bank.pages().iter().map(|e| e.length).sum();
         println!(
-            "verified {} ({bytes} bytes): all checksums match",
-            plural(n, "page")
+            "verified {} ({bytes} bytes): all checksums match; {} bytes of padding, all zero",
+            plural(n, "page"),
+            bank.padding_len()
         );
     }
     Ok(())

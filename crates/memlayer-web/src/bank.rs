@@ -9,7 +9,7 @@
 use crate::WebError;
 use memlayer_core::bank::format::parse_header;
 use memlayer_core::bank::{
-    BankError, BankMeta, HEADER_LEN, PageEntry, PageId, PageSource, SectionInfo,
+    BankError, BankMeta, HEADER_LEN, PageEntry, PageId, PageSource, SectionInfo, TableParser,
 };
 
 /// Page bytes and where they came from.
@@ -64,6 +64,13 @@ pub trait PageFetch {
 /// Largest single range [`PageFetch::read_pages`] merges adjacent pages into.
 pub const MAX_RUN_BYTES: u64 = 1 << 20;
 
+/// Largest range [`RemoteBank::open`] requests of the page table at once
+/// (4 MiB, ~175k pages: one request for most banks). Each request costs a
+/// round trip in the browser, so this is larger than the native reader's
+/// chunk; the table as a whole is capped by
+/// [`memlayer_core::bank::MAX_TABLE_LEN`] before anything is requested.
+pub const TABLE_RANGE_BYTES: u64 = 4 << 20;
+
 /// Splits `pages` (in the given order) into runs of consecutive entries
 /// whose bytes follow each other in the file (up to the page alignment's
 /// padding) and whose total stays under `max_bytes`: one range read each.
@@ -112,7 +119,15 @@ pub struct RemoteBank<F> {
 }
 
 impl<F: PageFetch> RemoteBank<F> {
-    /// Fetches and validates the header and page table (two range reads).
+    /// Fetches and validates the header and page table: one range read for
+    /// the header, then the table in ranges of at most
+    /// [`TABLE_RANGE_BYTES`], each validated by the core's
+    /// [`TableParser`] as it arrives (the same checks as
+    /// [`BankMeta::parse`] and the native reader).
+    ///
+    /// A header whose table would exceed
+    /// [`memlayer_core::bank::MAX_TABLE_LEN`] fails with
+    /// `BankError::TableTooLarge` before any of the table is requested.
     pub async fn open(fetch: F) -> Result<Self, WebError> {
         let location = fetch.location();
         let fetch_err = |what: &str, e: String| WebError::Fetch {
@@ -120,22 +135,33 @@ impl<F: PageFetch> RemoteBank<F> {
             location: location.clone(),
             message: e,
         };
-        let mut bytes = fetch
+        let head = fetch
             .read_range(0, HEADER_LEN)
             .await
             .map_err(|e| fetch_err("the bank header", e))?;
-        let header = parse_header(&bytes, &location)?;
-        let meta_len = header.meta_len().ok_or_else(|| BankError::CorruptHeader {
-            location: location.clone(),
-            offset: 0,
-            reason: "page table length overflows".into(),
-        })?;
-        let table = fetch
-            .read_range(HEADER_LEN, meta_len - HEADER_LEN)
-            .await
-            .map_err(|e| fetch_err("the bank's page table", e))?;
-        bytes.extend_from_slice(&table);
-        let meta = BankMeta::parse(&bytes, &location)?;
+        // Checks the table size against MAX_TABLE_LEN too.
+        let header = parse_header(&head, &location)?;
+        let mut parser = TableParser::new(&header, &location)?;
+        while parser.remaining() > 0 {
+            let offset = parser.offset();
+            let len = parser.remaining().min(TABLE_RANGE_BYTES);
+            let bytes = fetch
+                .read_range(offset, len)
+                .await
+                .map_err(|e| fetch_err("the bank's page table", e))?;
+            if bytes.len() as u64 != len {
+                return Err(fetch_err(
+                    "the bank's page table",
+                    format!(
+                        "{} bytes for the range {offset}..{} ({len} expected)",
+                        bytes.len(),
+                        offset + len
+                    ),
+                ));
+            }
+            parser.push(&bytes)?;
+        }
+        let meta = parser.finish()?;
         Ok(Self {
             fetch,
             meta,
@@ -246,6 +272,101 @@ impl<F: PageFetch> RemoteBank<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use memlayer_core::bank::format::encode_header;
+    use memlayer_core::bank::{
+        BankLayout, BankWriter, Dtype, Header, MAX_TABLE_LEN, MemSource, SectionSpec, VERSION,
+    };
+    use std::cell::RefCell;
+
+    /// A fetcher over `bytes` that claims nothing about its length and
+    /// records every range requested.
+    struct Recording {
+        bytes: Vec<u8>,
+        ranges: RefCell<Vec<(u64, u64)>>,
+    }
+
+    impl PageFetch for Recording {
+        fn location(&self) -> String {
+            "mem://hostile.bank".into()
+        }
+
+        async fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+            self.ranges.borrow_mut().push((offset, len));
+            let end = offset.checked_add(len).ok_or("overflow")?;
+            let (Ok(a), Ok(b)) = (usize::try_from(offset), usize::try_from(end)) else {
+                return Err("range too large".into());
+            };
+            self.bytes
+                .get(a..b)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("HTTP 416 for bytes {offset}..{end}"))
+        }
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_table_fails_before_the_table_is_requested() {
+        let tib = 1u64 << 40;
+        let header = encode_header(&Header {
+            version: VERSION,
+            page_align: 4096,
+            section_count: 0,
+            page_count: (tib - HEADER_LEN) / 24,
+            file_len: tib,
+            table_checksum: 0,
+        });
+        let fetch = Recording {
+            bytes: header.to_vec(),
+            ranges: RefCell::new(Vec::new()),
+        };
+        let err = match pollster::block_on(RemoteBank::open(fetch)) {
+            Err(e) => e,
+            Ok(_) => panic!("a 1 TiB table must be refused"),
+        };
+        assert!(
+            matches!(
+                err,
+                WebError::Bank(BankError::TableTooLarge { limit, .. }) if limit == MAX_TABLE_LEN
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("mem://hostile.bank"), "{err}");
+    }
+
+    #[test]
+    fn the_table_is_fetched_in_bounded_ranges_and_parsed_by_the_core() {
+        // 200k pages of 4 bytes: a 4.8 MB table, two ranges.
+        let rows = 200_000u64;
+        let layout = BankLayout::new(vec![SectionSpec::pkm_values(rows, 1, 1, Dtype::F32)])
+            .with_page_align(8);
+        let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).expect("writer");
+        w.write_rows(&vec![0.5; rows as usize]).expect("rows");
+        let bytes = w.finish().expect("finish").into_inner();
+        let fetch = Recording {
+            bytes: bytes.clone(),
+            ranges: RefCell::new(Vec::new()),
+        };
+        let bank = pollster::block_on(RemoteBank::open(fetch)).expect("open");
+        let ranges = bank.fetcher().ranges.borrow().clone();
+        let meta_len = HEADER_LEN + 64 + 24 * rows;
+        assert_eq!(
+            ranges,
+            vec![
+                (0, HEADER_LEN),
+                (HEADER_LEN, TABLE_RANGE_BYTES),
+                (
+                    HEADER_LEN + TABLE_RANGE_BYTES,
+                    meta_len - HEADER_LEN - TABLE_RANGE_BYTES
+                )
+            ]
+        );
+        assert_eq!(
+            bank.meta(),
+            &BankMeta::parse(&bytes, "mem://hostile.bank").expect("parse")
+        );
+        // The same bytes through SourceFetch open too.
+        let native = SourceFetch(MemSource::named(bytes, "mem"));
+        assert!(pollster::block_on(RemoteBank::open(native)).is_ok());
+    }
 
     fn entry(offset: u64, length: u64) -> PageEntry {
         PageEntry {

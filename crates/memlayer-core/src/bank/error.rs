@@ -45,6 +45,19 @@ fn show_bytes(b: &[u8]) -> String {
     format!("{} ({:?})", hex.join(" "), String::from_utf8_lossy(b))
 }
 
+/// `about 11184808 pages`: how many page entries fit a table of `limit` bytes.
+fn pages_in(limit: &u64) -> String {
+    format!("about {} pages", limit / super::format::PAGE_ENTRY_LEN)
+}
+
+/// `the page table` or `page 3`.
+fn after_what(region: &Region) -> String {
+    match region {
+        Region::Table => "the page table".into(),
+        other => other.to_string(),
+    }
+}
+
 fn entry_of(page: &Option<PageId>) -> String {
     match page {
         Some(p) => format!(" (entry of page {p})"),
@@ -95,6 +108,40 @@ pub enum BankError {
         page: Option<PageId>,
         /// What is wrong.
         reason: String,
+    },
+    /// The header claims a page table longer than
+    /// [`super::format::MAX_TABLE_LEN`]; nothing of it is read or allocated.
+    #[error(
+        "{location}: header at byte offset 20 claims {section_count} sections and {page_count} pages, a page table of {table_len} bytes, more than the {limit} bytes ({}) a reader accepts",
+        pages_in(.limit)
+    )]
+    TableTooLarge {
+        /// Path or URL.
+        location: String,
+        /// Section count in the header.
+        section_count: u32,
+        /// Page count in the header.
+        page_count: u64,
+        /// Table length the counts give (`64*S + 24*P`).
+        table_len: u64,
+        /// The largest table accepted ([`super::format::MAX_TABLE_LEN`]).
+        limit: u64,
+    },
+    /// A padding byte (between the table and the first page, or between
+    /// pages) is not zero.
+    #[error(
+        "{location}: padding after {} at byte offset {offset} is {byte:#04x}, not zero",
+        after_what(.after)
+    )]
+    NonZeroPadding {
+        /// Path or URL.
+        location: String,
+        /// What the padding follows: the page table, or a page.
+        after: Region,
+        /// File offset of the first non-zero padding byte.
+        offset: u64,
+        /// Its value.
+        byte: u8,
     },
     /// The source ends before the bytes of `region`.
     #[error(

@@ -13,6 +13,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use xxhash_rust::xxh3::Xxh3Default;
+
 use super::error::{BankError, Region};
 
 /// File magic, bytes 0..8 of every bank.
@@ -31,6 +33,19 @@ pub const DEFAULT_PAGE_ALIGN: u32 = 4096;
 pub const MIN_PAGE_ALIGN: u32 = 8;
 /// Largest accepted page alignment (16 MiB).
 pub const MAX_PAGE_ALIGN: u32 = 1 << 24;
+/// Largest page table a reader accepts: bytes `[64, meta_len)` (section
+/// descriptors and page entries), 256 MiB, room for about 11.18 million
+/// pages (`(2^28 - 64*S) / 24`).
+///
+/// The header's counts are checked against it before anything else is read
+/// (`BankError::TableTooLarge`), so a header that claims a huge table never
+/// makes a reader fetch or allocate it. See `docs/FORMAT.md` §7.1 for why the
+/// number is generous for real banks.
+pub const MAX_TABLE_LEN: u64 = 1 << 28;
+/// Largest single read (and buffer) a reader makes while it reads the page
+/// table ([`super::BankReader::open`]) or checks the padding between pages
+/// ([`super::BankReader::verify_padding`]): 1 MiB.
+pub const READ_CHUNK_LEN: usize = 1 << 20;
 
 /// Section kind code of a product-key values table.
 pub const KIND_PKM_VALUES: u32 = 1;
@@ -607,16 +622,7 @@ pub fn parse_header(bytes: &[u8], location: &str) -> Result<Header, BankError> {
         file_len: u64_at(b, 32),
         table_checksum: u64_at(b, 40),
     };
-    let Some(meta) = h.meta_len() else {
-        return Err(corrupt_header(
-            location,
-            20,
-            format!(
-                "{} sections and {} pages overflow the table size",
-                h.section_count, h.page_count
-            ),
-        ));
-    };
+    let meta = checked_meta_len(&h, location)?;
     if meta > h.file_len {
         return Err(corrupt_header(
             location,
@@ -628,6 +634,36 @@ pub fn parse_header(bytes: &[u8], location: &str) -> Result<Header, BankError> {
         ));
     }
     Ok(h)
+}
+
+/// The header's `meta_len` (end of the page table), checked: `CorruptHeader`
+/// if `64 + 64*S + 24*P` overflows `u64`, `TableTooLarge` if the table
+/// (`meta_len - 64` bytes) is longer than [`MAX_TABLE_LEN`].
+///
+/// [`parse_header`] applies it, so every reader refuses an oversized table
+/// before it requests or allocates any of it.
+pub fn checked_meta_len(h: &Header, location: &str) -> Result<u64, BankError> {
+    let Some(meta) = h.meta_len() else {
+        return Err(corrupt_header(
+            location,
+            20,
+            format!(
+                "{} sections and {} pages overflow the table size",
+                h.section_count, h.page_count
+            ),
+        ));
+    };
+    let table_len = meta - HEADER_LEN;
+    if table_len > MAX_TABLE_LEN {
+        return Err(BankError::TableTooLarge {
+            location: location.to_owned(),
+            section_count: h.section_count,
+            page_count: h.page_count,
+            table_len,
+            limit: MAX_TABLE_LEN,
+        });
+    }
+    Ok(meta)
 }
 
 fn corrupt_table(location: &str, offset: u64, page: Option<PageId>, reason: String) -> BankError {
@@ -716,66 +752,249 @@ fn parse_section(
     })
 }
 
-/// Parses and validates the section descriptors and the page table.
+/// Incremental parser and validator of the section descriptors and page
+/// table (bytes `[64, meta_len)` of a bank): the one validation path of
+/// [`BankMeta::parse`], [`parse_table`], [`super::BankReader::open`] and the
+/// browser's reader.
 ///
-/// `table` is the file's bytes `[64, meta_len)`. Checks: table checksum;
-/// known kinds/dtypes, non-empty shapes and zero reserved bytes; sections'
-/// pages contiguous and summing to the header's page count; every page
-/// aligned, after the table, after the previous page (no overlap), of
-/// exactly the length its section's shape and dtype give, and the last page
-/// ending at the header's file length.
-pub fn parse_table(
-    h: &Header,
-    table: &[u8],
-    location: &str,
-) -> Result<(Vec<SectionInfo>, Vec<PageEntry>), BankError> {
-    let meta = h
-        .meta_len()
-        .ok_or_else(|| corrupt_header(location, 20, "table size overflows".into()))?;
-    if table.len() as u64 != meta - HEADER_LEN {
-        return Err(BankError::Truncated {
+/// Bytes are [pushed](TableParser::push) in order, in pieces of any size,
+/// and checked as they arrive, so garbage fails at the first bad piece:
+///
+/// 1. each section descriptor as soon as its 64 bytes are in (known kind and
+///    dtype, non-empty shape, zero reserved bytes, page count matching the
+///    shape, first page where the previous section ends); once all are in,
+///    their page counts must add up to the header's page count, so a header
+///    that claims pages no section holds fails before any page entry is read;
+/// 2. each page entry as soon as its 24 bytes are in: offset aligned, after
+///    the table and after the previous page (no overlap), length exactly the
+///    one its section's shape and dtype give, end within the header's file
+///    length;
+/// 3. at [`finish`](TableParser::finish): every byte present (else
+///    `Truncated` naming the table), the table checksum (a streaming
+///    xxh3-64 over the bytes pushed), and the last page ending exactly at
+///    the file length.
+///
+/// Memory grows only with what was validated: the parser keeps one partial
+/// record (at most 64 bytes), the sections and the page entries accepted so
+/// far; no count from the header sizes an allocation. The table's total
+/// size is capped by [`MAX_TABLE_LEN`] in [`TableParser::new`].
+///
+/// ```
+/// use memlayer_core::bank::format::{parse_header, TableParser};
+/// use memlayer_core::bank::*;
+/// let layout = BankLayout::new(vec![SectionSpec::pkm_values(5, 2, 2, Dtype::F16)]);
+/// let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).unwrap();
+/// w.write_rows(&[0.5; 10]).unwrap();
+/// let bytes = w.finish().unwrap().into_inner();
+/// let header = parse_header(&bytes, "mem").unwrap();
+/// let mut parser = TableParser::new(&header, "mem").unwrap();
+/// let table = &bytes[64..parser.meta_len() as usize];
+/// for piece in table.chunks(7) {
+///     parser.push(piece).unwrap();
+/// }
+/// let meta = parser.finish().unwrap();
+/// assert_eq!(meta, BankMeta::parse(&bytes, "mem").unwrap());
+/// ```
+pub struct TableParser {
+    header: Header,
+    location: String,
+    /// End of the table (`64 + 64*S + 24*P`), at most `64 + MAX_TABLE_LEN`.
+    meta_len: u64,
+    /// Bytes of section descriptors (`64*S`).
+    sections_len: u64,
+    /// First byte a page may use: `align_up(meta_len, page_align)`.
+    data_start: u64,
+    /// Bytes of complete records consumed (relative to byte 64).
+    consumed: u64,
+    /// The record being filled and how many of its bytes are in.
+    record: [u8; SECTION_DESC_LEN as usize],
+    filled: usize,
+    hasher: Xxh3Default,
+    sections: Vec<SectionInfo>,
+    /// Sum of the page counts of the sections parsed so far.
+    section_pages: PageId,
+    pages: Vec<PageEntry>,
+    /// End of the previous page (`data_start` before page 0).
+    prev_end: u64,
+    /// Index of the section of the next page entry.
+    current: usize,
+    /// An earlier push failed; the parser refuses further input.
+    failed: bool,
+}
+
+impl fmt::Debug for TableParser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TableParser")
+            .field("location", &self.location)
+            .field("meta_len", &self.meta_len)
+            .field("pushed", &self.pushed())
+            .field("sections", &self.sections.len())
+            .field("pages", &self.pages.len())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableParser {
+    /// A parser for the table of `header` (normally from [`parse_header`],
+    /// which has checked it; a hand-made header is checked again here).
+    ///
+    /// Fails with `TableTooLarge` if the table is longer than
+    /// [`MAX_TABLE_LEN`], `CorruptHeader` if its size overflows or the
+    /// alignment is invalid, and `CorruptTable` if the header claims pages
+    /// but no sections.
+    pub fn new(header: &Header, location: &str) -> Result<Self, BankError> {
+        let meta_len = checked_meta_len(header, location)?;
+        let a = header.page_align;
+        if !a.is_power_of_two() || !(MIN_PAGE_ALIGN..=MAX_PAGE_ALIGN).contains(&a) {
+            return Err(corrupt_header(
+                location,
+                16,
+                format!(
+                    "page alignment {a} is not a power of two in {MIN_PAGE_ALIGN}..={MAX_PAGE_ALIGN}"
+                ),
+            ));
+        }
+        // meta_len <= 64 + MAX_TABLE_LEN, so neither can overflow.
+        let data_start = align_up(meta_len, u64::from(a)).unwrap_or(u64::MAX);
+        let sections_len = u64::from(header.section_count) * SECTION_DESC_LEN;
+        let parser = Self {
+            header: *header,
             location: location.to_owned(),
-            region: Region::Table,
-            offset: HEADER_LEN,
-            end: meta,
-            source_len: HEADER_LEN + table.len() as u64,
-        });
+            meta_len,
+            sections_len,
+            data_start,
+            consumed: 0,
+            record: [0; SECTION_DESC_LEN as usize],
+            filled: 0,
+            hasher: Xxh3Default::new(),
+            sections: Vec::new(),
+            section_pages: 0,
+            pages: Vec::new(),
+            prev_end: data_start,
+            current: 0,
+            failed: false,
+        };
+        if sections_len == 0 {
+            parser.sections_done()?;
+        }
+        Ok(parser)
     }
-    let computed = checksum(table);
-    if computed != h.table_checksum {
-        return Err(corrupt_table(
-            location,
-            HEADER_LEN,
-            None,
-            format!(
-                "table checksum mismatch: header says {:#018x}, bytes {HEADER_LEN}..{meta} hash to {computed:#018x}",
-                h.table_checksum
-            ),
-        ));
+
+    /// End of the table: `64 + 64*S + 24*P` (at most `64 + MAX_TABLE_LEN`).
+    pub fn meta_len(&self) -> u64 {
+        self.meta_len
     }
-    let align = u64::from(h.page_align);
-    let sections_len = h.section_count as usize * SECTION_DESC_LEN as usize;
-    // Counts are bounded by the table length (itself bounded by the source length).
-    let mut sections = Vec::with_capacity(h.section_count as usize);
-    let mut next_page: PageId = 0;
-    for (i, chunk) in table[..sections_len]
-        .chunks_exact(SECTION_DESC_LEN as usize)
-        .enumerate()
-    {
-        let at = HEADER_LEN + i as u64 * SECTION_DESC_LEN;
-        let s = parse_section(chunk, at, i, location)?;
-        if s.first_page != next_page {
+
+    /// Bytes pushed so far.
+    fn pushed(&self) -> u64 {
+        self.consumed + self.filled as u64
+    }
+
+    /// File offset of the next byte the parser wants (`64` + bytes pushed).
+    pub fn offset(&self) -> u64 {
+        HEADER_LEN + self.pushed()
+    }
+
+    /// Bytes of the table not pushed yet.
+    pub fn remaining(&self) -> u64 {
+        self.meta_len - self.offset()
+    }
+
+    /// Length of the next read a reader should make: at most `max` (at
+    /// least 1), and never past the end of the section descriptors, so the
+    /// sections are all checked before any page entry is read. 0 once the
+    /// whole table is pushed.
+    pub fn next_read_len(&self, max: usize) -> usize {
+        let pushed = self.pushed();
+        let region_end = if pushed < self.sections_len {
+            self.sections_len
+        } else {
+            self.meta_len - HEADER_LEN
+        };
+        let left = region_end - pushed;
+        usize::try_from(left).map_or(max.max(1), |left| left.min(max.max(1)))
+    }
+
+    /// Feeds the next `bytes` of the table (they start at [`Self::offset`])
+    /// and validates every record they complete.
+    ///
+    /// Fails at the first invalid record (`CorruptTable` naming its offset
+    /// and, for a page entry, the page) or if `bytes` run past the end of
+    /// the table (`InvalidInput`). After an error the parser refuses more
+    /// input.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), BankError> {
+        if self.failed {
+            return Err(self.used_after_error());
+        }
+        let r = self.push_records(bytes);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn used_after_error(&self) -> BankError {
+        BankError::InvalidInput(format!(
+            "{}: the page table parser was used after it reported an error",
+            self.location
+        ))
+    }
+
+    fn push_records(&mut self, bytes: &[u8]) -> Result<(), BankError> {
+        if bytes.len() as u64 > self.remaining() {
+            return Err(BankError::InvalidInput(format!(
+                "{}: {} bytes given at byte offset {}, but the page table ends at {}",
+                self.location,
+                bytes.len(),
+                self.offset(),
+                self.meta_len
+            )));
+        }
+        self.hasher.update(bytes);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let in_sections = self.consumed < self.sections_len;
+            let record_len = if in_sections {
+                SECTION_DESC_LEN as usize
+            } else {
+                PAGE_ENTRY_LEN as usize
+            };
+            let take = (record_len - self.filled).min(rest.len());
+            self.record[self.filled..self.filled + take].copy_from_slice(&rest[..take]);
+            self.filled += take;
+            rest = &rest[take..];
+            if self.filled == record_len {
+                let record = self.record;
+                let at = HEADER_LEN + self.consumed;
+                self.filled = 0;
+                if in_sections {
+                    self.section(&record, at)?;
+                } else {
+                    self.entry(&record[..record_len], at)?;
+                }
+                self.consumed += record_len as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates the section descriptor at file offset `at`.
+    fn section(&mut self, b: &[u8], at: u64) -> Result<(), BankError> {
+        let location = self.location.as_str();
+        let i = self.sections.len();
+        let s = parse_section(b, at, i, location)?;
+        if s.first_page != self.section_pages {
             return Err(corrupt_table(
                 location,
                 at + 8,
                 None,
                 format!(
-                    "section {i}: first page {} but the previous sections end at page {next_page}",
-                    s.first_page
+                    "section {i}: first page {} but the previous sections end at page {}",
+                    s.first_page, self.section_pages
                 ),
             ));
         }
-        next_page = next_page
+        self.section_pages = self
+            .section_pages
             .checked_add(s.geometry.page_count)
             .ok_or_else(|| {
                 corrupt_table(
@@ -785,38 +1004,41 @@ pub fn parse_table(
                     format!("section {i}: page count overflows"),
                 )
             })?;
-        sections.push(s);
+        self.sections.push(s);
+        if at + SECTION_DESC_LEN == HEADER_LEN + self.sections_len {
+            self.sections_done()?;
+        }
+        Ok(())
     }
-    if next_page != h.page_count {
-        return Err(corrupt_table(
-            location,
-            HEADER_LEN,
-            None,
-            format!(
-                "sections hold {next_page} pages but the header says {}",
-                h.page_count
-            ),
-        ));
+
+    /// All sections are in: their pages must be exactly the header's.
+    fn sections_done(&self) -> Result<(), BankError> {
+        if self.section_pages != self.header.page_count {
+            return Err(corrupt_table(
+                &self.location,
+                HEADER_LEN,
+                None,
+                format!(
+                    "sections hold {} pages but the header says {}",
+                    self.section_pages, self.header.page_count
+                ),
+            ));
+        }
+        Ok(())
     }
-    let table_start = HEADER_LEN + sections_len as u64;
-    let data_start = align_up(meta, align).unwrap_or(u64::MAX);
-    let mut pages = Vec::with_capacity(h.page_count as usize);
-    let mut prev_end = data_start;
-    let mut sec_iter = sections.iter();
-    let mut sec = sec_iter.next();
-    for (i, chunk) in table[sections_len..]
-        .chunks_exact(PAGE_ENTRY_LEN as usize)
-        .enumerate()
-    {
-        let id = i as PageId;
-        let at = table_start + id * PAGE_ENTRY_LEN;
-        while let Some(s) = sec {
+
+    /// Validates the page entry at file offset `at` and keeps it.
+    fn entry(&mut self, chunk: &[u8], at: u64) -> Result<(), BankError> {
+        let location = self.location.as_str();
+        let align = u64::from(self.header.page_align);
+        let id = self.pages.len() as PageId;
+        while let Some(s) = self.sections.get(self.current) {
             if id < s.first_page + s.geometry.page_count {
                 break;
             }
-            sec = sec_iter.next();
+            self.current += 1;
         }
-        let Some(s) = sec else {
+        let Some(s) = self.sections.get(self.current) else {
             return Err(corrupt_table(
                 location,
                 at,
@@ -840,11 +1062,14 @@ pub fn parse_table(
                 ),
             ));
         }
-        if e.offset < prev_end {
+        if e.offset < self.prev_end {
             let what = if id == 0 {
-                format!("starts inside the header/table (data starts at {data_start})")
+                format!(
+                    "starts inside the header/table (data starts at {})",
+                    self.data_start
+                )
             } else {
-                format!("overlaps page {} which ends at {prev_end}", id - 1)
+                format!("overlaps page {} which ends at {}", id - 1, self.prev_end)
             };
             return Err(corrupt_table(
                 location,
@@ -868,36 +1093,100 @@ pub fn parse_table(
                 ),
             ));
         }
+        let file_len = self.header.file_len;
         let end = e
             .offset
             .checked_add(e.length)
-            .filter(|&end| end <= h.file_len)
+            .filter(|&end| end <= file_len)
             .ok_or_else(|| {
                 corrupt_table(
                     location,
                     at,
                     Some(id),
                     format!(
-                        "page {}..+{} ends past the file length {}",
-                        e.offset, e.length, h.file_len
+                        "page {}..+{} ends past the file length {file_len}",
+                        e.offset, e.length
                     ),
                 )
             })?;
-        prev_end = end;
-        pages.push(e);
+        self.prev_end = end;
+        // Grows by one validated entry (24 bytes read) at a time.
+        self.pages.push(e);
+        Ok(())
     }
-    let last_end = pages.last().map_or(meta, PageEntry::end);
-    if last_end != h.file_len {
-        return Err(corrupt_header(
-            location,
-            32,
-            format!(
-                "file length {} but the last page ends at {last_end}",
-                h.file_len
-            ),
-        ));
+
+    /// Checks that the whole table was pushed, its checksum, and that the
+    /// last page ends at the file length; returns the validated metadata.
+    pub fn finish(self) -> Result<BankMeta, BankError> {
+        if self.failed {
+            return Err(self.used_after_error());
+        }
+        let location = self.location.as_str();
+        let meta = self.meta_len;
+        if self.offset() != meta {
+            return Err(BankError::Truncated {
+                location: location.to_owned(),
+                region: Region::Table,
+                offset: HEADER_LEN,
+                end: meta,
+                source_len: self.offset(),
+            });
+        }
+        let computed = self.hasher.digest();
+        if computed != self.header.table_checksum {
+            return Err(corrupt_table(
+                location,
+                HEADER_LEN,
+                None,
+                format!(
+                    "table checksum mismatch: header says {:#018x}, bytes {HEADER_LEN}..{meta} hash to {computed:#018x}",
+                    self.header.table_checksum
+                ),
+            ));
+        }
+        let last_end = self.pages.last().map_or(meta, PageEntry::end);
+        if last_end != self.header.file_len {
+            return Err(corrupt_header(
+                location,
+                32,
+                format!(
+                    "file length {} but the last page ends at {last_end}",
+                    self.header.file_len
+                ),
+            ));
+        }
+        Ok(BankMeta {
+            header: self.header,
+            sections: self.sections,
+            pages: self.pages,
+        })
     }
-    Ok((sections, pages))
+}
+
+/// Parses and validates the section descriptors and the page table in one
+/// piece (a [`TableParser`] fed all of `table`).
+///
+/// `table` is the file's bytes `[64, meta_len)`; any other length is
+/// `Truncated` naming the table. See [`TableParser`] for the checks.
+pub fn parse_table(
+    h: &Header,
+    table: &[u8],
+    location: &str,
+) -> Result<(Vec<SectionInfo>, Vec<PageEntry>), BankError> {
+    let mut parser = TableParser::new(h, location)?;
+    let meta = parser.meta_len();
+    if table.len() as u64 != meta - HEADER_LEN {
+        return Err(BankError::Truncated {
+            location: location.to_owned(),
+            region: Region::Table,
+            offset: HEADER_LEN,
+            end: meta,
+            source_len: HEADER_LEN.saturating_add(table.len() as u64),
+        });
+    }
+    parser.push(table)?;
+    let meta = parser.finish()?;
+    Ok((meta.sections, meta.pages))
 }
 
 /// Everything a bank's header and page table say, validated.
@@ -915,20 +1204,27 @@ impl BankMeta {
     /// Parses a whole bank file held in memory (pure function, fuzzable).
     ///
     /// Validates the header and page table exactly as [`super::BankReader::open`]
-    /// does; pages are not read (their bytes may be missing: `bytes` may end
+    /// does (the same [`parse_header`], [`check_source_len`] and
+    /// [`TableParser`], here fed the table in one piece); pages are not read (their bytes may be missing: `bytes` may end
     /// anywhere after the table, see [`BankMeta::first_truncated_page`]).
     pub fn parse(bytes: &[u8], location: &str) -> Result<BankMeta, BankError> {
         let header = parse_header(bytes, location)?;
-        let meta = header.meta_len().unwrap_or(u64::MAX);
         check_source_len(&header, bytes.len() as u64, location)?;
-        // check_source_len guarantees meta <= bytes.len().
-        let table = &bytes[HEADER_LEN as usize..meta as usize];
-        let (sections, pages) = parse_table(&header, table, location)?;
-        Ok(BankMeta {
-            header,
-            sections,
-            pages,
-        })
+        let mut parser = TableParser::new(&header, location)?;
+        // check_source_len guarantees meta_len <= bytes.len(); `get` keeps
+        // that from being a panic if it ever were not so.
+        let table = usize::try_from(parser.meta_len())
+            .ok()
+            .and_then(|meta| bytes.get(HEADER_LEN as usize..meta))
+            .ok_or_else(|| BankError::Truncated {
+                location: location.to_owned(),
+                region: Region::Table,
+                offset: HEADER_LEN,
+                end: parser.meta_len(),
+                source_len: bytes.len() as u64,
+            })?;
+        parser.push(table)?;
+        parser.finish()
     }
 
     /// End of the page table (`64 + 64*S + 24*P`).

@@ -6,11 +6,12 @@
 //! table with its offset, length and xxh3-64 checksum.
 //!
 //! - [`format`]: the byte layout, [`BankLayout`] / [`SectionSpec`], pure parsers
-//!   ([`BankMeta::parse`] works on a byte slice, for fuzzing).
+//!   ([`BankMeta::parse`] works on a byte slice, for fuzzing; [`TableParser`]
+//!   validates the page table incrementally, as its bytes arrive).
 //! - [`writer`]: [`BankWriter`] (any `Write + Seek`) and [`BankFileWriter`]
 //!   (atomic write to a path), streaming pages.
 //! - [`source`]: the [`PageSource`] trait, [`FileSource`], [`MemSource`].
-//! - [`reader`]: [`BankReader`], checksum-verified page reads.
+//! - [`reader`]: [`BankReader`], checksum-verified page reads, padding checks.
 //! - [`codec`]: f32 ⇄ f32/f16/bf16.
 //!
 //! ```
@@ -33,13 +34,15 @@ pub mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;
 
 pub use codec::{decode, decode_into, encode, encode_into, round_trip};
 pub use error::{BankError, Region};
 pub use format::{
     BankLayout, BankMeta, DEFAULT_PAGE_ALIGN, Dtype, Geometry, HEADER_LEN, Header, MAGIC,
-    PAGE_ENTRY_LEN, PageEntry, PageId, Plan, SECTION_DESC_LEN, SectionInfo, SectionKind,
-    SectionSpec, VERSION,
+    MAX_TABLE_LEN, PAGE_ENTRY_LEN, PageEntry, PageId, Plan, READ_CHUNK_LEN, SECTION_DESC_LEN,
+    SectionInfo, SectionKind, SectionSpec, TableParser, VERSION,
 };
 pub use reader::BankReader;
 pub use source::{FileSource, MemSource, PageSource, SourceError};

@@ -4,8 +4,8 @@
 use super::codec::decode_into;
 use super::error::{BankError, Region};
 use super::format::{
-    BankMeta, HEADER_LEN, Header, PageEntry, PageId, SectionInfo, check_source_len, parse_header,
-    parse_table,
+    BankMeta, HEADER_LEN, Header, PageEntry, PageId, READ_CHUNK_LEN, SectionInfo, TableParser,
+    check_source_len, parse_header,
 };
 use super::source::{PageSource, SourceError};
 
@@ -25,11 +25,23 @@ impl<S: PageSource> BankReader<S> {
     /// Reads and validates the header and page table of `source`.
     ///
     /// Fails with `BadMagic`, `UnsupportedVersion`, `CorruptHeader`,
-    /// `CorruptTable`, `Truncated` (header or table cut off) or `Source`. A
-    /// source that is shorter than the header's file length but holds the
-    /// whole table opens; reads of the missing pages fail with `Truncated`
-    /// (see [`BankReader::first_truncated_page`]).
+    /// `TableTooLarge`, `CorruptTable`, `Truncated` (header or table cut
+    /// off) or `Source`. A source that is shorter than the header's file
+    /// length but holds the whole table opens; reads of the missing pages
+    /// fail with `Truncated` (see [`BankReader::first_truncated_page`]).
+    ///
+    /// The table is read in pieces of at most [`READ_CHUNK_LEN`] bytes (the
+    /// section descriptors first, then the page entries) and validated as
+    /// they arrive by a [`TableParser`], so a garbage table fails at its
+    /// first bad piece and memory grows only with the entries validated,
+    /// never with what the header or the source's reported length claim.
     pub fn open(source: S) -> Result<Self, BankError> {
+        Self::open_chunked(source, READ_CHUNK_LEN)
+    }
+
+    /// [`BankReader::open`] reading the table in pieces of at most `chunk`
+    /// bytes (at least 1).
+    pub(crate) fn open_chunked(source: S, chunk: usize) -> Result<Self, BankError> {
         let location = source.describe();
         let src_err = |region, offset, length, source: SourceError| BankError::Source {
             location: location.clone(),
@@ -46,31 +58,29 @@ impl<S: PageSource> BankReader<S> {
         source
             .read_at(0, &mut head)
             .map_err(|e| src_err(Region::Header, 0, head_len as u64, e))?;
+        // Also refuses a table longer than MAX_TABLE_LEN (TableTooLarge).
         let header = parse_header(&head, &location)?;
         check_source_len(&header, source_len, &location)?;
-        // check_source_len guarantees meta_len <= source_len, so this
-        // allocation is bounded by the source's real size.
-        let meta_len = header.meta_len().unwrap_or(u64::MAX);
-        let table_len =
-            usize::try_from(meta_len - HEADER_LEN).map_err(|_| BankError::CorruptHeader {
-                location: location.clone(),
-                offset: 20,
-                reason: format!("page table of {meta_len} bytes does not fit in memory"),
-            })?;
-        let mut table = vec![0u8; table_len];
-        source
-            .read_at(HEADER_LEN, &mut table)
-            .map_err(|e| src_err(Region::Table, HEADER_LEN, table_len as u64, e))?;
-        let (sections, pages) = parse_table(&header, &table, &location)?;
+        let mut parser = TableParser::new(&header, &location)?;
+        let mut buf = Vec::new();
+        loop {
+            let n = parser.next_read_len(chunk);
+            if n == 0 {
+                break;
+            }
+            let offset = parser.offset();
+            buf.resize(n, 0);
+            source
+                .read_at(offset, &mut buf)
+                .map_err(|e| src_err(Region::Table, offset, n as u64, e))?;
+            parser.push(&buf)?;
+        }
+        let meta = parser.finish()?;
         Ok(Self {
             source,
             location,
             source_len,
-            meta: BankMeta {
-                header,
-                sections,
-                pages,
-            },
+            meta,
         })
     }
 
@@ -210,13 +220,90 @@ impl<S: PageSource> BankReader<S> {
         Ok(values[start..start + dim].to_vec())
     }
 
-    /// Reads and verifies every page in order; the first failure is returned.
-    /// `progress` is called after each page with the number of pages done.
+    /// Reads and verifies every page and every padding byte, in file
+    /// order; the first failure is returned. `progress` is called after
+    /// each page with the number of pages done.
+    ///
+    /// Pages must match their checksums ([`BankReader::read_page`]); the
+    /// padding before each page (after the table, or after the previous
+    /// page) must be zero (see [`BankReader::verify_padding`]).
     pub fn verify_all(&self, mut progress: impl FnMut(u64)) -> Result<(), BankError> {
         let mut buf = Vec::new();
         for page in 0..self.page_count() {
+            self.verify_gap_before(page, &mut buf)?;
             self.read_page_into(page, &mut buf)?;
             progress(page + 1);
+        }
+        Ok(())
+    }
+
+    /// Reads the padding (the bytes between the end of the page table and
+    /// the first page, and between consecutive pages) in pieces of at most
+    /// [`READ_CHUNK_LEN`] bytes and checks that every byte is zero.
+    ///
+    /// Fails with `NonZeroPadding` naming the offset and value of the first
+    /// non-zero byte, `Truncated` naming the page whose padding (and so the
+    /// page itself) is cut off, or `Source`. Pages are not read.
+    pub fn verify_padding(&self) -> Result<(), BankError> {
+        let mut buf = Vec::new();
+        for page in 0..self.page_count() {
+            self.verify_gap_before(page, &mut buf)?;
+        }
+        Ok(())
+    }
+
+    /// Total bytes of padding: the file length minus the table and the pages.
+    pub fn padding_len(&self) -> u64 {
+        let pages: u64 = self.meta.pages.iter().map(|e| e.length).sum();
+        self.meta
+            .header
+            .file_len
+            .saturating_sub(self.meta.meta_len())
+            .saturating_sub(pages)
+    }
+
+    /// Checks that the bytes between the previous page (or the table) and
+    /// `page` are zero.
+    fn verify_gap_before(&self, page: PageId, buf: &mut Vec<u8>) -> Result<(), BankError> {
+        let e = *self.page(page)?;
+        let (start, after) = match page.checked_sub(1) {
+            None => (self.meta.meta_len(), Region::Table),
+            Some(prev) => (self.page(prev)?.end(), Region::Page(prev)),
+        };
+        if e.offset > self.source_len {
+            // The padding, and so the page after it, is cut off.
+            return Err(BankError::Truncated {
+                location: self.location.clone(),
+                region: Region::Page(page),
+                offset: e.offset,
+                end: e.end(),
+                source_len: self.source_len,
+            });
+        }
+        let mut at = start;
+        while at < e.offset {
+            // At most READ_CHUNK_LEN, so it fits usize.
+            let n = (e.offset - at).min(READ_CHUNK_LEN as u64) as usize;
+            buf.clear();
+            buf.resize(n, 0);
+            self.source
+                .read_at(at, buf)
+                .map_err(|source| BankError::Source {
+                    location: self.location.clone(),
+                    region: Region::Page(page),
+                    offset: at,
+                    length: n as u64,
+                    source,
+                })?;
+            if let Some(i) = buf.iter().position(|&b| b != 0) {
+                return Err(BankError::NonZeroPadding {
+                    location: self.location.clone(),
+                    after,
+                    offset: at + i as u64,
+                    byte: buf[i],
+                });
+            }
+            at += n as u64;
         }
         Ok(())
     }

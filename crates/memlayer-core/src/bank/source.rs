@@ -19,6 +19,16 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// The path names something other than a regular file (a FIFO, a
+    /// directory, a socket, a device): it is refused before it is read,
+    /// and without blocking (a FIFO with no writer would block an open).
+    #[error("cannot open {location}: it is a {kind}, not a regular file")]
+    NotRegularFile {
+        /// The path.
+        location: String,
+        /// What it is: `FIFO (named pipe)`, `directory`, `socket`, ...
+        kind: &'static str,
+    },
     /// The requested range lies (partly) past the end of the source.
     #[error("range {offset}..{} is past the end of the source ({size} bytes)", .offset.saturating_add(*.length))]
     OutOfBounds {
@@ -166,16 +176,109 @@ pub struct FileSource {
     size: u64,
 }
 
+/// `O_NONBLOCK` for the unix targets whose value is known (the `libc`
+/// crate is not a dependency): 0o4000 on Linux/Android for the common
+/// architectures, 0x4 on the BSDs and Apple platforms. Elsewhere the stat
+/// before the open is the only guard.
+#[cfg(unix)]
+const O_NONBLOCK: Option<i32> = if cfg!(all(
+    any(target_os = "linux", target_os = "android"),
+    any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        target_arch = "arm",
+        target_arch = "aarch64",
+        target_arch = "riscv32",
+        target_arch = "riscv64",
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "loongarch64"
+    )
+)) {
+    Some(0o4000)
+} else if cfg!(any(
+    target_os = "macos",
+    target_os = "ios",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd",
+    target_os = "dragonfly"
+)) {
+    Some(0x4)
+} else {
+    None
+};
+
+/// What a file type is, or `None` for a regular file.
+fn special_kind(t: &std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        return None;
+    }
+    if t.is_dir() {
+        return Some("directory");
+    }
+    if t.is_symlink() {
+        return Some("symbolic link");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return Some("FIFO (named pipe)");
+        }
+        if t.is_socket() {
+            return Some("socket");
+        }
+        if t.is_char_device() {
+            return Some("character device");
+        }
+        if t.is_block_device() {
+            return Some("block device");
+        }
+    }
+    Some("special file")
+}
+
+/// Opens `path` read-only; on unix with `O_NONBLOCK`, so that a path that
+/// became a FIFO after it was checked cannot block the open (the flag
+/// changes nothing for reads of a regular file).
+fn open_read(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    if let Some(flag) = O_NONBLOCK {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(flag);
+    }
+    options.open(path)
+}
+
 impl FileSource {
-    /// Opens `path` for reading.
+    /// Opens the regular file `path` for reading.
+    ///
+    /// Anything else (a FIFO, directory, socket or device) is refused with
+    /// [`SourceError::NotRegularFile`] without blocking: the path is
+    /// stat'ed before it is opened, opened non-blocking on unix, and the
+    /// opened handle is checked again (the path may change in between).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, SourceError> {
         let path = path.as_ref().to_path_buf();
         let open_err = |source| SourceError::Open {
             location: path.display().to_string(),
             source,
         };
-        let file = std::fs::File::open(&path).map_err(open_err)?;
-        let size = file.metadata().map_err(open_err)?.len();
+        let refuse = |t: &std::fs::FileType| match special_kind(t) {
+            None => Ok(()),
+            Some(kind) => Err(SourceError::NotRegularFile {
+                location: path.display().to_string(),
+                kind,
+            }),
+        };
+        refuse(&std::fs::metadata(&path).map_err(open_err)?.file_type())?;
+        let file = open_read(&path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        refuse(&meta.file_type())?;
+        let size = meta.len();
         #[cfg(not(any(unix, windows)))]
         let file = std::sync::Mutex::new(file);
         Ok(Self { file, path, size })

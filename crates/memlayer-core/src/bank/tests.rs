@@ -10,7 +10,7 @@ use super::*;
 use crate::rng::Rng;
 
 /// Writes `layout` with `values[s]` holding each section's rows, in memory.
-fn write_bank(
+pub(super) fn write_bank(
     layout: &BankLayout,
     values: &[Vec<f32>],
     chunks: &[usize],
@@ -46,13 +46,13 @@ fn write_bank(
     w.finish().unwrap().into_inner()
 }
 
-fn open(bytes: &[u8]) -> Result<BankReader<MemSource>, BankError> {
+pub(super) fn open(bytes: &[u8]) -> Result<BankReader<MemSource>, BankError> {
     BankReader::open(MemSource::named(bytes.to_vec(), "test.bank"))
 }
 
 /// Recomputes the table and header checksums from the (possibly mutated)
 /// counts, so mutations reach the field validation behind the checksums.
-fn reseal(bytes: &mut [u8]) {
+pub(super) fn reseal(bytes: &mut [u8]) {
     if bytes.len() < 64 {
         return;
     }
@@ -69,7 +69,7 @@ fn reseal(bytes: &mut [u8]) {
 }
 
 /// The tiny bank documented in `docs/FORMAT.md`.
-fn tiny_bank() -> Vec<u8> {
+pub(super) fn tiny_bank() -> Vec<u8> {
     let layout = BankLayout::new(vec![
         SectionSpec::pkm_values(5, 2, 2, Dtype::F16),
         SectionSpec::ffn_blocks(1, 2, 1, 1, 2, Dtype::F32),
@@ -432,7 +432,7 @@ fn arb_section() -> impl Strategy<Value = SectionSpec> {
 }
 
 /// A valid bank: layout, its values and the file bytes.
-fn arb_bank() -> impl Strategy<Value = (BankLayout, Vec<Vec<f32>>, Vec<u8>)> {
+pub(super) fn arb_bank() -> impl Strategy<Value = (BankLayout, Vec<Vec<f32>>, Vec<u8>)> {
     (
         prop::collection::vec(arb_section(), 1..4),
         prop::sample::select(vec![8u32, 64, 4096]),

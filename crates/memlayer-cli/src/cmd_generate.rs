@@ -21,17 +21,67 @@ pub struct MemoryArgs {
     #[arg(long, default_value = "file")]
     pub source: String,
     /// Resident memory budget in MiB (value pages + blocks, f32).
-    #[arg(long, conflicts_with = "budget_percent")]
+    #[arg(long, conflicts_with = "budget_percent", value_parser = parse_positive)]
     pub budget_mb: Option<f64>,
     /// Resident memory budget in percent of the bank's f32 size (default 100).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_percent)]
     pub budget_percent: Option<f64>,
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
-    /// Pages fetched concurrently (0: 1 for a file, 8 for a URL).
-    #[arg(long, default_value_t = 0)]
+    /// Pages fetched concurrently (0: 1 for a file, 8 for a URL; at most 64).
+    #[arg(long, default_value_t = 0, value_parser = parse_fetch_threads)]
     pub fetch_threads: usize,
+}
+
+/// Most pages fetched at once: more threads than this only queue on the
+/// same link (and thousands of them take minutes to start).
+pub const MAX_FETCH_THREADS: usize = 64;
+
+fn parse_fetch_threads(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if n > MAX_FETCH_THREADS {
+        return Err(format!("{n} is more than {MAX_FETCH_THREADS}"));
+    }
+    Ok(n)
+}
+
+/// A finite number ≥ 0 (temperature).
+fn parse_non_negative(s: &str) -> std::result::Result<f32, String> {
+    let x: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x.is_finite() && x >= 0.0) {
+        return Err(format!("{s} is not a finite number >= 0"));
+    }
+    Ok(x)
+}
+
+/// A number in (0, 1] (top-p).
+fn parse_unit_mass(s: &str) -> std::result::Result<f32, String> {
+    let x: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x > 0.0 && x <= 1.0) {
+        return Err(format!("{s} is not in (0, 1]"));
+    }
+    Ok(x)
+}
+
+/// A finite number > 0 (a budget in MiB).
+fn parse_positive(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(format!("{s} is not a finite number > 0"));
+    }
+    Ok(x)
+}
+
+/// A percentage in (0, 100].
+pub fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(x > 0.0 && x <= 100.0) {
+        return Err(format!("{s} is not a percentage in (0, 100]"));
+    }
+    Ok(x)
 }
 
 /// Sampling flags.
@@ -41,10 +91,10 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_non_negative)]
     pub temperature: f32,
-    /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass in (0, 1] (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_unit_mass)]
     pub top_p: f32,
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
@@ -88,20 +138,63 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
+/// What a `--source` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A local bank file (`file` = the model directory's memory.bank).
+    Path(PathBuf),
+    /// An http(s):// URL, read with Range requests.
+    Url(String),
+}
+
+impl SourceSpec {
+    /// Reads `--source`: `file`, a path, or a URL. A URL scheme is matched
+    /// without regard to case (`HTTP://` is a URL); any scheme other than
+    /// http and https is refused by name instead of being taken for a path.
+    pub fn parse(dir: &Path, source: &str) -> Result<Self> {
+        if source == "file" {
+            return Ok(Self::Path(dir.join("memory.bank")));
+        }
+        if let Some((scheme, _)) = source.split_once("://") {
+            let is_scheme = scheme
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            if is_scheme {
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+                    return Ok(Self::Url(source.to_owned()));
+                }
+                bail!(
+                    "--source {source}: unsupported URL scheme {scheme}:// (a bank is read from a file path or an http:// or https:// URL)"
+                );
+            }
+        }
+        Ok(Self::Path(PathBuf::from(source)))
+    }
+
+    /// Whether pages come over the network.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Self::Url(_))
+    }
+}
+
 /// The page source a `--source` names.
 pub fn open_source(dir: &Path, source: &str) -> Result<Box<dyn PageSource>> {
-    if source.starts_with("http://") || source.starts_with("https://") {
-        let s = memlayer_http::HttpSource::open(source)
-            .with_context(|| format!("opening the bank at {source}"))?;
-        return Ok(Box::new(s));
+    match SourceSpec::parse(dir, source)? {
+        SourceSpec::Url(url) => {
+            let s = memlayer_http::HttpSource::open(&url)
+                .with_context(|| format!("opening the bank at {url}"))?;
+            Ok(Box::new(s))
+        }
+        SourceSpec::Path(path) => {
+            let s =
+                FileSource::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            Ok(Box::new(s))
+        }
     }
-    let path = if source == "file" {
-        dir.join("memory.bank")
-    } else {
-        PathBuf::from(source)
-    };
-    let s = FileSource::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Box::new(s))
 }
 
 /// Device, ops and page-pool placement of a backend (wgpu: one shared device).
@@ -145,7 +238,7 @@ pub fn open_paged(dir: &Path, args: &MemoryArgs, prefetch: bool) -> Result<Opene
         (None, Some(p)) => (bank_bytes as f64 * p / 100.0) as u64,
         (None, None) => bank_bytes,
     };
-    let remote = args.source.starts_with("http://") || args.source.starts_with("https://");
+    let remote = SourceSpec::parse(dir, &args.source)?.is_remote();
     let fetch_threads = match args.fetch_threads {
         0 if remote => 8,
         0 => 1,
@@ -217,15 +310,30 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         o.memory.budget_bytes() as f64 / (1024.0 * 1024.0),
         o.bank_bytes as f64 / (1024.0 * 1024.0)
     );
-    let stdin = std::io::stdin();
-    let mut line = String::new();
+    let mut stdin = std::io::stdin().lock();
+    let mut raw = Vec::new();
     let mut turn = 0u64;
     loop {
         eprint!("> ");
-        line.clear();
-        if stdin.read_line(&mut line)? == 0 {
+        raw.clear();
+        if std::io::BufRead::read_until(&mut stdin, b'\n', &mut raw)
+            .context("reading a line from stdin")?
+            == 0
+        {
             break;
         }
+        let line = match std::str::from_utf8(&raw) {
+            Ok(line) => line,
+            Err(e) => {
+                // Not text: say so and wait for the next line.
+                eprintln!(
+                    "error: that line is not UTF-8 text (invalid byte {:#04x} at byte {}); type it again",
+                    raw[e.valid_up_to()],
+                    e.valid_up_to()
+                );
+                continue;
+            }
+        };
         let prompt = line.trim_end_matches(['\n', '\r']);
         if prompt.is_empty() {
             break;
@@ -281,6 +389,25 @@ pub struct ServeArgs {
     /// Log every request.
     #[arg(long)]
     pub verbose: bool,
+    /// Connections open at once; one more gets a 503 and is closed. Lowered
+    /// to what the open-files limit (ulimit -n) allows.
+    #[arg(long, default_value_t = memlayer_http::DEFAULT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a connection may take to send a request (new, or idle
+    /// between requests) before it is closed.
+    #[arg(long, default_value_t = memlayer_http::DEFAULT_IDLE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+    /// Seconds a client may take no byte of a reply before its connection
+    /// is closed.
+    #[arg(long, default_value_t = memlayer_http::DEFAULT_WRITE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_secs: u64,
+    /// Let web pages of this origin (e.g. http://localhost:3000) read the
+    /// served files; repeatable. Default: none, only the web app served here.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -293,6 +420,10 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.port));
     let mut config = memlayer_http::ServeConfig::new(addr).mount("/model/", &args.dir);
     config.verbose = args.verbose;
+    config.max_connections = args.max_connections as usize;
+    config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs);
+    config.write_timeout = std::time::Duration::from_secs(args.write_timeout_secs);
+    config.cors_origins = args.cors_origins.clone();
     if args.web.is_dir() {
         config = config.mount("/", &args.web);
     }
@@ -302,6 +433,20 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     println!("  bank: {url}/model/memory.bank (HTTP Range)");
     if args.web.is_dir() {
         println!("  web app: {url}/ (from {})", args.web.display());
+    }
+    println!(
+        "  limits: {} connections, idle timeout {} s, write timeout {} s",
+        server.max_connections(),
+        args.idle_timeout_secs,
+        args.write_timeout_secs
+    );
+    if args.cors_origins.is_empty() {
+        println!("  CORS: off (only pages served from {url} can read these files)");
+    } else {
+        println!(
+            "  CORS: pages of {} may read these files",
+            args.cors_origins.join(", ")
+        );
     }
     println!("Ctrl-C stops.");
     server.wait().context("serving")?;

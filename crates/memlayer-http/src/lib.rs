@@ -52,10 +52,13 @@
 //! # `Server`
 //!
 //! [`Server::start`] serves the [`ServeConfig::mounts`] (URL prefix →
-//! directory; the longest matching prefix wins) on [`ServeConfig::addr`]
-//! with a pool of [`ServeConfig::threads`] workers:
+//! directory; the longest matching prefix wins) on [`ServeConfig::addr`]:
+//! hyper's HTTP/1 server on a tokio runtime of [`ServeConfig::threads`]
+//! workers (and as many threads for file reads), run on its own threads
+//! behind a blocking API ([`ServerHandle::wait`], [`ServerHandle::shutdown`]).
 //!
-//! - `GET` and `HEAD`; `OPTIONS` answers a CORS preflight; other methods 405.
+//! - `GET` and `HEAD`; `OPTIONS` answers `204` with `Allow` (and a CORS
+//!   preflight for an allowed origin); other methods 405.
 //! - One byte range per request: `bytes=a-b`, `bytes=a-`, `bytes=-n` →
 //!   `206` with `Content-Range`. A range that starts past the end (or any
 //!   range of an empty file, or a malformed one such as `bytes=5-3`) →
@@ -64,16 +67,35 @@
 //!   file (RFC 9110 allows a server to ignore `Range`).
 //! - Every file reply has `Accept-Ranges: bytes` and an exact
 //!   `Content-Length` (never chunked); ranges are streamed from the file
-//!   after a seek, never loaded whole.
-//! - All replies: `Cache-Control: no-cache`, `Access-Control-Allow-Origin: *`,
-//!   `Access-Control-Expose-Headers: Content-Range, Content-Length, Accept-Ranges`.
+//!   after a seek, in chunks of at most 64 KiB ([`BODY_CHUNK_BYTES`]) read
+//!   only as fast as the client takes them, never loaded whole.
+//! - All replies: `Cache-Control: no-cache`. **No CORS by default**: no
+//!   `Access-Control-Allow-Origin`, so a web page of another origin cannot
+//!   read what is served (the web app under `/` is same-origin). Origins in
+//!   [`ServeConfig::cors_origins`] (`memlayer serve --cors-origin`), matched
+//!   exactly, get their `Origin` echoed, `Access-Control-Expose-Headers:
+//!   Content-Range, Content-Length, Accept-Ranges`, and every reply then
+//!   has `Vary: Origin`.
 //! - `Content-Type` from the extension ([`content_type`]); `.wasm` is
 //!   `application/wasm` (needed for streaming compilation in browsers).
 //! - A directory serves its `index.html` (a directory without the trailing
 //!   slash is redirected to it, 301); no listings; missing files → 404.
 //! - Paths are percent-decoded once; `..` segments, NUL and backslashes →
-//!   400. The resolved path is canonicalized and must stay inside the
-//!   mount's canonical directory (symlinks pointing out → 404).
+//!   400. Any segment starting with `.` (dotfiles such as `.git/config`)
+//!   → 404. The resolved path is canonicalized and must stay inside the
+//!   mount's canonical directory, with no dot-name on the way (symlinks
+//!   pointing out, or at a dotfile → 404).
+//! - Limits against slow and hostile clients, each a [`ServeConfig`]
+//!   field: open connections ([`ServeConfig::max_connections`], 256, and
+//!   never more than `RLIMIT_NOFILE` allows; one over the cap gets `503`
+//!   and is closed at once), request head size
+//!   ([`ServeConfig::max_header_bytes`], 16 KiB, then `431`), the wait for
+//!   a request head on a new or kept-alive connection
+//!   ([`ServeConfig::idle_timeout`], 10 s), and a reply the client stops
+//!   reading ([`ServeConfig::write_timeout`], 10 s without a byte taken).
+//!   Failing `accept` calls (out of file descriptors, …) are logged once
+//!   per burst and retried every 100 ms; only an unusable listener stops
+//!   the server ([`ServeError::Accept`] from [`ServerHandle::wait`]).
 //! - With [`ServeConfig::verbose`], one line per request on stderr.
 //!
 //! ```no_run
@@ -92,7 +114,10 @@ mod range;
 mod serve;
 mod source;
 
-pub use serve::{Mount, ServeConfig, ServeError, Server, ServerHandle, content_type};
+pub use serve::{
+    BODY_CHUNK_BYTES, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_WRITE_TIMEOUT, Mount, ServeConfig, ServeError, Server, ServerHandle, content_type,
+};
 pub use source::{HttpOptions, HttpSource, HttpStats};
 
 #[doc(no_inline)]

@@ -1,16 +1,78 @@
 //! A small static file server with `Range` support (`memlayer serve`).
+//!
+//! hyper's HTTP/1 server on a small tokio runtime of its own, behind the
+//! blocking [`Server::start`] / [`ServerHandle`] API. What keeps slow and
+//! hostile clients from taking it down:
+//!
+//! - **Connections** are tasks, not threads: the runtime has
+//!   [`ServeConfig::threads`] workers and as many blocking-pool threads (for
+//!   file reads) whatever the number of connections. At most
+//!   [`ServeConfig::max_connections`] are open at once, and never more than
+//!   `(RLIMIT_NOFILE - 32) / 2` (a connection may hold its socket and a
+//!   file); one over the cap gets a `503` and is closed at once.
+//! - **Request heads** larger than [`ServeConfig::max_header_bytes`] get a
+//!   `431` and the connection is closed; hyper's read buffer never grows
+//!   past that size (8 KiB at least).
+//! - **Idle connections**: a request head must arrive complete within
+//!   [`ServeConfig::idle_timeout`] of the server starting to wait for it (on
+//!   a new connection, or after the previous reply on a kept-alive one),
+//!   or the connection is closed.
+//! - **Stalled readers**: a connection whose socket takes no byte for
+//!   [`ServeConfig::write_timeout`] is closed ([`StallGuard`]).
+//! - **Bodies** are read from the file in chunks of at most 64 KiB, one at
+//!   a time, only when the connection can take more: never a whole file in
+//!   memory.
+//! - **Accept errors** (`EMFILE`, `ENFILE`, `ECONNABORTED`, …) are logged
+//!   once per burst and retried every 100 ms; an error that no retry can
+//!   fix (`EBADF`, `EINVAL`, …) stops the server, and [`ServerHandle::wait`]
+//!   returns [`ServeError::Accept`].
 
+use std::convert::Infallible;
 use std::fs::File;
+use std::future::{Future, poll_fn};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Component, Path, PathBuf};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use tiny_http::{Header, Method, Request, Response, StatusCode};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
 use crate::range::{RangeReply, resolve};
+
+/// Default of [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of [`ServeConfig::max_header_bytes`].
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default of [`ServeConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ServeConfig::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// File bodies are read and sent in chunks of at most this many bytes.
+pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// File descriptors kept free of connections (stdio, the listener, the
+/// runtime's epoll and wakers, whatever else the process opens).
+const FD_RESERVE: u64 = 32;
+/// hyper's smallest read buffer.
+const MIN_BUF_BYTES: usize = 8192;
+/// Pause after an accept error before the next try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long [`ServerHandle::shutdown`] lets replies in progress finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// What a connection over the cap gets before it is closed.
+const BUSY_REPLY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 37\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 too many connections, try again\r\n";
 
 /// A URL prefix served from a directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,27 +94,58 @@ impl Mount {
     }
 }
 
-/// What [`Server::start`] serves, and where.
+/// What [`Server::start`] serves, where, and within which limits.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port (see [`ServerHandle::local_addr`]).
     pub addr: SocketAddr,
     /// Directories to serve; the mount with the longest matching prefix wins.
     pub mounts: Vec<Mount>,
-    /// Worker threads answering requests (at least 1).
+    /// Runtime worker threads (at least 1), and as many threads for file
+    /// reads. The thread count does not grow with the connections.
     pub threads: usize,
     /// Log one line per request to stderr.
     pub verbose: bool,
+    /// Connections open at once (at least 1; default
+    /// [`DEFAULT_MAX_CONNECTIONS`]). Lowered at start to what
+    /// `RLIMIT_NOFILE` allows (see [`ServerHandle::max_connections`]). A
+    /// connection over the cap gets a `503` and is closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; a larger
+    /// one is answered `431` and the connection closed. Default
+    /// [`DEFAULT_MAX_HEADER_BYTES`]; at least 1024.
+    pub max_header_bytes: usize,
+    /// How long the server waits for a complete request head, on a new
+    /// connection or between requests on a kept-alive one, before it
+    /// closes the connection. Default [`DEFAULT_IDLE_TIMEOUT`].
+    pub idle_timeout: Duration,
+    /// A connection whose socket takes no byte of the reply for this long
+    /// (the client stopped reading) is closed. Default
+    /// [`DEFAULT_WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
+    /// Origins (`scheme://host[:port]`, compared exactly) that browsers may
+    /// let read replies cross-origin. Empty (the default): no
+    /// `Access-Control-Allow-Origin` at all, so only same-origin pages (the
+    /// web app served under `/`) can read them. For a listed `Origin`, the
+    /// reply echoes it in `Access-Control-Allow-Origin` and exposes
+    /// `Content-Range`, `Content-Length` and `Accept-Ranges`; every reply
+    /// then carries `Vary: Origin`.
+    pub cors_origins: Vec<String>,
 }
 
 impl ServeConfig {
-    /// `addr` with no mounts yet, 4 threads, quiet.
+    /// `addr` with no mounts yet, 4 threads, quiet, the default limits, no CORS.
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
             mounts: Vec::new(),
             threads: 4,
             verbose: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            cors_origins: Vec::new(),
         }
     }
 
@@ -61,6 +154,55 @@ impl ServeConfig {
         self.mounts.push(Mount::new(prefix, dir));
         self
     }
+
+    /// Checks the limits and CORS origins.
+    fn validate(&self) -> Result<(), ServeError> {
+        let bad = |setting: &'static str, reason: String| ServeError::BadConfig { setting, reason };
+        if self.max_connections == 0 {
+            return Err(bad("max_connections", "must be at least 1".into()));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(bad(
+                "max_header_bytes",
+                format!("{} is below the minimum of 1024", self.max_header_bytes),
+            ));
+        }
+        for (setting, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("write_timeout", self.write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(setting, "must be longer than 0".into()));
+            }
+        }
+        for origin in &self.cors_origins {
+            check_origin(origin).map_err(|reason| {
+                bad(
+                    "cors_origins",
+                    format!("{origin:?} is not an origin: {reason}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// An origin as browsers send it: `http(s)://host[:port]`, nothing after.
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let rest = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .ok_or("it must start with http:// or https://")?;
+    if rest.is_empty() {
+        return Err("no host");
+    }
+    if rest.contains(['/', '?', '#', '*', ' ', ',']) || !rest.is_ascii() {
+        return Err("only scheme://host[:port], without a path or a trailing '/'");
+    }
+    if HeaderValue::from_str(origin).is_err() {
+        return Err("not a valid header value");
+    }
+    Ok(())
 }
 
 /// Why the server could not start (or stopped).
@@ -77,6 +219,14 @@ pub enum ServeError {
         /// What is wrong.
         reason: String,
     },
+    /// A limit or CORS origin of [`ServeConfig`] is invalid.
+    #[error("invalid server setting {setting}: {reason}")]
+    BadConfig {
+        /// The [`ServeConfig`] field.
+        setting: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// A mount's directory does not exist or is not a directory.
     #[error("cannot serve {} under {prefix:?}: {source}", .dir.display())]
     MountDir {
@@ -88,7 +238,7 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
-    /// Listening on the address failed.
+    /// Listening on the address (or starting the server's threads) failed.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
         /// The address.
@@ -96,7 +246,7 @@ pub enum ServeError {
         /// The error from the listener.
         reason: String,
     },
-    /// Accepting connections failed; the server stopped.
+    /// Accepting connections failed for good; the server stopped.
     #[error("the server stopped accepting connections: {0}")]
     Accept(#[source] io::Error),
 }
@@ -108,12 +258,16 @@ struct Root {
     dir: PathBuf,
 }
 
+/// What every connection task shares.
 struct Shared {
-    server: tiny_http::Server,
     roots: Vec<Root>,
-    stop: AtomicBool,
     verbose: bool,
-    error: Mutex<Option<io::Error>>,
+    cors: Vec<String>,
+    http: hyper::server::conn::http1::Builder,
+    write_timeout: Duration,
+    max_connections: usize,
+    /// Connections being served now.
+    open: AtomicUsize,
 }
 
 /// The static file server. See the crate docs for what it answers.
@@ -121,12 +275,14 @@ struct Shared {
 pub struct Server;
 
 impl Server {
-    /// Validates the mounts, listens on `config.addr` and starts the worker
-    /// threads. Returns once the server accepts connections.
+    /// Validates the configuration and mounts, listens on `config.addr` and
+    /// starts the server's thread and runtime. Returns once the server
+    /// accepts connections.
     pub fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
         if config.mounts.is_empty() {
             return Err(ServeError::NoMounts);
         }
+        config.validate()?;
         let mut roots = Vec::with_capacity(config.mounts.len());
         for m in &config.mounts {
             roots.push(root_of(m)?);
@@ -141,51 +297,73 @@ impl Server {
                 });
             }
         }
-        let server = tiny_http::Server::http(config.addr).map_err(|e| ServeError::Bind {
+        let bind_err = |reason: String| ServeError::Bind {
             addr: config.addr,
-            reason: e.to_string(),
-        })?;
-        let local_addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| ServeError::Bind {
-                addr: config.addr,
-                reason: "not an IP listener".into(),
-            })?;
-        let shared = Arc::new(Shared {
-            server,
-            roots,
-            stop: AtomicBool::new(false),
-            verbose: config.verbose,
-            error: Mutex::new(None),
-        });
-        let threads = config.threads.max(1);
-        let mut workers = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let for_worker = Arc::clone(&shared);
-            let spawned = std::thread::Builder::new()
-                .name(format!("memlayer-serve-{i}"))
-                .spawn(move || worker(&for_worker, threads));
-            match spawned {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    let handle = ServerHandle {
-                        local_addr,
-                        shared: Some(shared),
-                        workers,
-                    };
-                    drop(handle);
-                    return Err(ServeError::Bind {
-                        addr: config.addr,
-                        reason: format!("cannot start a worker thread: {e}"),
-                    });
-                }
-            }
+            reason,
+        };
+        let fd_limit = open_files_limit();
+        let max_connections = connection_cap(config.max_connections, fd_limit);
+        if max_connections < config.max_connections
+            && let Some(limit) = fd_limit
+        {
+            eprintln!(
+                "memlayer serve: at most {max_connections} connections (not {}): \
+                 the limit of open files (RLIMIT_NOFILE) is {limit}",
+                config.max_connections
+            );
         }
+        let threads = config.threads.max(1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .max_blocking_threads(threads)
+            .thread_name("memlayer-serve")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| bind_err(format!("cannot start the server's runtime: {e}")))?;
+        let listener = {
+            let _in_runtime = runtime.enter();
+            listen(config.addr).map_err(|e| bind_err(e.to_string()))?
+        };
+        let local_addr = listener.local_addr().map_err(|e| bind_err(e.to_string()))?;
+
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(config.idle_timeout)
+            .max_header_size(config.max_header_bytes)
+            .max_buf_size(config.max_header_bytes.max(MIN_BUF_BYTES))
+            .keep_alive(true)
+            .half_close(false);
+        let shared = Arc::new(Shared {
+            roots,
+            verbose: config.verbose,
+            cors: config.cors_origins.clone(),
+            http,
+            write_timeout: config.write_timeout,
+            max_connections,
+            open: AtomicUsize::new(0),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("memlayer-serve-accept".into())
+            .spawn(move || {
+                // On a worker, where the I/O driver wakes it directly.
+                let accepting =
+                    runtime.spawn(accept_loop(listener, local_addr, for_thread, stop_rx));
+                let result = runtime.block_on(accepting).unwrap_or_else(|e| {
+                    Err(io::Error::other(format!("the accept loop failed: {e}")))
+                });
+                // Whatever is still running after the grace period is dropped.
+                runtime.shutdown_timeout(Duration::from_millis(500));
+                result
+            })
+            .map_err(|e| bind_err(format!("cannot start the server thread: {e}")))?;
         Ok(ServerHandle {
             local_addr,
-            shared: Some(shared),
-            workers,
+            shared,
+            stop: stop_tx,
+            thread: Some(thread),
         })
     }
 }
@@ -193,8 +371,9 @@ impl Server {
 /// A running server. Dropping it shuts the server down.
 pub struct ServerHandle {
     local_addr: SocketAddr,
-    shared: Option<Arc<Shared>>,
-    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<io::Result<()>>>,
 }
 
 impl ServerHandle {
@@ -208,42 +387,47 @@ impl ServerHandle {
         format!("http://{}", self.local_addr)
     }
 
-    /// Stops accepting connections, lets the requests being answered finish,
-    /// and joins the worker threads. A request that arrives afterwards on a
-    /// connection the client kept alive is never answered (the client sees
-    /// its own timeout): tiny_http offers no way to close those.
+    /// The connection cap in force: [`ServeConfig::max_connections`], or
+    /// less where the limit of open files (`RLIMIT_NOFILE`) is lower.
+    pub fn max_connections(&self) -> usize {
+        self.shared.max_connections
+    }
+
+    /// Connections open now (accepted and not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting connections (the port closes), closes idle
+    /// kept-alive connections, gives replies in progress up to 2 s to
+    /// finish, then closes the rest and joins the server's threads.
     pub fn shutdown(mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 
-    /// Blocks until the server stops (it only stops by itself if accepting
-    /// connections fails; the CLI runs until interrupted).
+    /// Blocks until the server stops: it stops by itself only when
+    /// accepting connections fails for good ([`ServeError::Accept`]); the
+    /// CLI runs until interrupted.
     pub fn wait(mut self) -> Result<(), ServeError> {
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-        let err = self
-            .shared
-            .as_ref()
-            .and_then(|s| s.error.lock().ok().and_then(|mut e| e.take()));
-        self.stop();
-        match err {
-            Some(e) => Err(ServeError::Accept(e)),
-            None => Ok(()),
+        let result = match self.thread.take() {
+            Some(t) => t.join(),
+            None => Ok(Ok(())),
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Accept(e)),
+            Err(_) => Err(ServeError::Accept(io::Error::other(
+                "the server thread panicked",
+            ))),
         }
     }
 
-    fn stop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            shared.stop.store(true, Ordering::SeqCst);
-            for _ in 0..self.workers.len() {
-                shared.server.unblock();
-            }
-            for w in self.workers.drain(..) {
-                let _ = w.join();
-            }
-            // Dropping the last reference closes the listener.
-            drop(shared);
+    fn stop(&mut self) -> io::Result<()> {
+        self.stop.send_replace(true);
+        match self.thread.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(io::Error::other("the server thread panicked")),
         }
     }
 }
@@ -252,16 +436,407 @@ impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr)
-            .field("running", &self.shared.is_some())
+            .field("running", &self.thread.is_some())
+            .field("open_connections", &self.open_connections())
             .finish()
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
+
+// ------------------------------------------------------------ connections
+
+/// Pending connections the kernel may queue before `accept` (capped by
+/// `net.core.somaxconn`): a burst of clients must not overflow it.
+const BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with address reuse (as std's) and a deep backlog.
+/// Needs the runtime's context.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// The soft limit of open files, if the platform tells it.
+#[cfg(unix)]
+fn open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+    Some(lim.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+fn open_files_limit() -> Option<u64> {
+    None
+}
+
+/// `asked`, lowered so that every connection can hold its socket and a
+/// file with [`FD_RESERVE`] descriptors to spare (at least 1).
+fn connection_cap(asked: usize, fd_limit: Option<u64>) -> usize {
+    match fd_limit {
+        Some(limit) => {
+            let fits = limit.saturating_sub(FD_RESERVE) / 2;
+            asked
+                .min(usize::try_from(fits).unwrap_or(usize::MAX))
+                .max(1)
+        }
+        None => asked,
+    }
+}
+
+/// Whether an `accept` error passes (the next `accept` may succeed): a
+/// connection that died in the backlog, or a shortage of descriptors,
+/// buffers or memory. Anything else means the listener is unusable.
+fn accept_error_is_transient(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut | OutOfMemory
+    ) {
+        return true;
+    }
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        // Out of descriptors, buffers or memory; and the pending network
+        // errors of the new connection, which accept(2) on Linux passes on
+        // (its man page: retry those like EAGAIN).
+        let transient = [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EPROTO,
+            libc::EPERM,
+            libc::ENETDOWN,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+        ];
+        if transient.contains(&code) {
+            return true;
+        }
+        #[cfg(target_os = "linux")]
+        if code == libc::ENONET {
+            return true;
+        }
+    }
+    false
+}
+
+/// Logs the first of a run of failures, and the end of the run.
+#[derive(Debug, Default)]
+struct Burst {
+    failures: u64,
+}
+
+impl Burst {
+    /// A failure: the line to log if it starts a burst.
+    fn failed(&mut self, line: impl FnOnce() -> String) -> Option<String> {
+        self.failures += 1;
+        (self.failures == 1).then(line)
+    }
+
+    /// A success: the line to log if it ends a burst of more than one failure.
+    fn passed(&mut self, line: impl FnOnce(u64) -> String) -> Option<String> {
+        let n = std::mem::take(&mut self.failures);
+        (n > 1).then(|| line(n))
+    }
+}
+
+/// Resolves once `stop` holds `true` (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    loop {
+        let now = *stop.borrow_and_update();
+        if now || stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sleeps `d`; `true` if `stop` fired first.
+async fn sleep_or_stop(d: Duration, stop: &mut Pin<&mut impl Future<Output = ()>>) -> bool {
+    let mut sleep = pin!(tokio::time::sleep(d));
+    poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        sleep.as_mut().poll(cx).map(|()| false)
+    })
+    .await
+}
+
+/// Accepts connections until stopped (`Ok`) or the listener fails for
+/// good (`Err`), then lets the open connections finish (see
+/// [`ServerHandle::shutdown`]).
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut stop_fut = pin!(stopped(stop.clone()));
+    let mut accept_errors = Burst::default();
+    let mut refusals = Burst::default();
+    let result = loop {
+        let accepted = poll_fn(|cx| {
+            if stop_fut.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            listener.poll_accept(cx).map(Some)
+        })
+        .await;
+        match accepted {
+            None => break Ok(()),
+            Some(Ok((stream, peer))) => {
+                if let Some(line) = accept_errors.passed(|n| {
+                    format!("memlayer serve: accepting connections on {addr} again after {n} failed attempts")
+                }) {
+                    eprintln!("{line}");
+                }
+                let max = shared.max_connections;
+                if shared.open.load(Ordering::SeqCst) >= max {
+                    // Best effort: the socket buffer is empty, so this
+                    // either goes out whole or not at all.
+                    let _ = stream.try_write(BUSY_REPLY);
+                    if let Some(line) = refusals.failed(|| {
+                        format!("memlayer serve: {max} connections open (the limit): turning new ones away")
+                    }) {
+                        eprintln!("{line}");
+                    }
+                    if shared.verbose {
+                        eprintln!("{peer} refused: {max} connections open");
+                    }
+                    continue;
+                }
+                if let Some(line) = refusals.passed(|n| {
+                    format!("memlayer serve: accepting connections again ({n} turned away)")
+                }) {
+                    eprintln!("{line}");
+                }
+                shared.open.fetch_add(1, Ordering::SeqCst);
+                let guard = OpenGuard(Arc::clone(&shared));
+                tokio::spawn(serve_connection(stream, peer, guard, stop.clone()));
+            }
+            Some(Err(e)) if accept_error_is_transient(&e) => {
+                if let Some(line) = accept_errors.failed(|| {
+                    format!(
+                        "memlayer serve: accepting a connection on {addr} failed: {e}; \
+                         retrying every {} ms (further errors not logged until it works again)",
+                        ACCEPT_BACKOFF.as_millis()
+                    )
+                }) {
+                    eprintln!("{line}");
+                }
+                if sleep_or_stop(ACCEPT_BACKOFF, &mut stop_fut).await {
+                    break Ok(());
+                }
+            }
+            Some(Err(e)) => {
+                eprintln!("memlayer serve: accepting connections on {addr} failed for good: {e}");
+                break Err(e);
+            }
+        }
+    };
+    // Close the port, then give the open connections a grace period: the
+    // stop signal makes each finish its reply and close.
+    drop(listener);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while shared.open.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    result
+}
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves one connection until it closes, times out, or the server stops
+/// (then the reply in progress finishes and the connection closes).
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: OpenGuard,
+    stop: watch::Receiver<bool>,
+) {
+    let shared = Arc::clone(&guard.0);
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(StallGuard::new(stream, shared.write_timeout));
+    let for_service = Arc::clone(&shared);
+    let service = hyper::service::service_fn(move |req| {
+        let shared = Arc::clone(&for_service);
+        async move { Ok::<_, Infallible>(respond(&shared, peer, req).await) }
+    });
+    let mut conn = pin!(shared.http.serve_connection(io, service));
+    let mut stop = pin!(stopped(stop));
+    let mut draining = false;
+    let result = poll_fn(|cx| {
+        if !draining && stop.as_mut().poll(cx).is_ready() {
+            conn.as_mut().graceful_shutdown();
+            draining = true;
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result
+        && shared.verbose
+    {
+        eprintln!("{peer} connection closed: {e}");
+    }
+    drop(guard);
+}
+
+/// A socket whose writes must make progress: when the client stops taking
+/// bytes for `timeout`, writes fail with `TimedOut` and hyper closes the
+/// connection. The clock starts when a write first finds the socket full
+/// and restarts after every write that goes through, so a slow but steady
+/// reader is never cut off.
+pub(crate) struct StallGuard {
+    io: TcpStream,
+    timeout: Duration,
+    /// Armed while writes wait for room in the socket.
+    stall: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl StallGuard {
+    fn new(io: TcpStream, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            stall: None,
+            armed: false,
+        }
+    }
+
+    /// Called when a write is pending: arms the clock, or fails the write
+    /// once it has run out.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let deadline = Instant::now() + self.timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            stall.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took no byte for {:?} (write timeout)",
+                    self.timeout
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Passes a write's outcome on: bytes taken disarm the clock.
+    fn track(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match poll {
+            Poll::Pending => self.pending(cx),
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.armed = false;
+                Poll::Ready(Ok(n))
+            }
+            ready => ready,
+        }
+    }
+
+    /// Passes a flush's or shutdown's outcome on: waiting counts against
+    /// the clock, finishing is no progress of its own.
+    fn track_unit(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<()>>,
+    ) -> Poll<io::Result<()>> {
+        match poll {
+            Poll::Pending => self.pending(cx),
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncRead for StallGuard {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallGuard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.track(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.track(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_flush(cx);
+        this.track_unit(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.track_unit(cx, poll)
+    }
+}
+
+// --------------------------------------------------------------- requests
 
 fn root_of(m: &Mount) -> Result<Root, ServeError> {
     let bad = |reason: &str| ServeError::BadPrefix {
@@ -280,6 +855,11 @@ fn root_of(m: &Mount) -> Result<Root, ServeError> {
     if segments.iter().any(|s| s == "..") {
         return Err(bad("must not contain '..'"));
     }
+    if segments.iter().any(|s| s.starts_with('.')) {
+        return Err(bad(
+            "must not contain a segment starting with '.' (dotfiles are never served)",
+        ));
+    }
     let mount_err = |source| ServeError::MountDir {
         prefix: m.prefix.clone(),
         dir: m.dir.clone(),
@@ -293,29 +873,6 @@ fn root_of(m: &Mount) -> Result<Root, ServeError> {
         )));
     }
     Ok(Root { segments, dir })
-}
-
-fn worker(shared: &Shared, threads: usize) {
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        match shared.server.recv() {
-            Ok(req) => handle(shared, req),
-            Err(e) => {
-                // Either shutdown's unblock() or the accept loop died.
-                if !shared.stop.swap(true, Ordering::SeqCst) {
-                    if let Ok(mut slot) = shared.error.lock() {
-                        *slot = Some(e);
-                    }
-                    for _ in 0..threads {
-                        shared.server.unblock();
-                    }
-                }
-                return;
-            }
-        }
-    }
 }
 
 /// Where a request path leads.
@@ -371,9 +928,10 @@ fn percent_encode_segment(s: &str) -> String {
 ///
 /// The path is percent-decoded once, then split into segments; `..`
 /// segments, NUL, backslashes and (on Windows) `:` are rejected before any
-/// file system access. The joined path is canonicalized and must still lie
-/// inside the mount's canonical directory (this also stops symlinks that
-/// point outside).
+/// file system access, and a segment starting with `.` (a dotfile or
+/// dot-directory) is not found. The joined path is canonicalized and must
+/// still lie inside the mount's canonical directory, with no dot-name on
+/// the way (this also stops symlinks that point outside, or at a dotfile).
 fn resolve_target(roots: &[Root], raw: &str) -> Target {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     if !path.starts_with('/') {
@@ -394,6 +952,9 @@ fn resolve_target(roots: &[Root], raw: &str) -> Target {
         .collect();
     if segments.contains(&"..") {
         return Target::BadRequest("'..' in the path");
+    }
+    if segments.iter().any(|s| s.starts_with('.')) {
+        return Target::NotFound;
     }
     let Some(root) = roots.iter().find(|r| {
         r.segments.len() <= segments.len() && r.segments.iter().zip(&segments).all(|(a, b)| a == b)
@@ -427,10 +988,16 @@ fn resolve_target(roots: &[Root], raw: &str) -> Target {
     }
 }
 
-/// `path` canonicalized, if it exists and lies inside `dir` (canonical).
+/// `path` canonicalized, if it exists, lies inside `dir` (canonical) and
+/// has no name starting with `.` below `dir`.
 fn inside(dir: &Path, path: &Path) -> Option<PathBuf> {
     let canon = std::fs::canonicalize(path).ok()?;
-    canon.starts_with(dir).then_some(canon)
+    let below = canon.strip_prefix(dir).ok()?;
+    let hidden = below.components().any(|c| match c {
+        Component::Normal(name) => name.as_encoded_bytes().starts_with(b"."),
+        _ => true,
+    });
+    (!hidden).then_some(canon)
 }
 
 /// The `Content-Type` for a file name.
@@ -456,173 +1023,332 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-fn hdr(name: &str, value: &str) -> Option<Header> {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+/// The body of a reply: bytes in memory (short messages, empty for `HEAD`)
+/// or a file range read in chunks of [`BODY_CHUNK_BYTES`].
+enum ReplyBody {
+    Bytes(Option<Bytes>),
+    File(FileChunks),
 }
 
-/// Headers on every reply: no caching without revalidation, and CORS for
-/// browser `fetch` (which must be allowed to read `Content-Range`).
-fn common_headers() -> Vec<Header> {
-    [
-        ("Cache-Control", "no-cache"),
-        ("Access-Control-Allow-Origin", "*"),
-        (
-            "Access-Control-Expose-Headers",
-            "Content-Range, Content-Length, Accept-Ranges",
-        ),
-    ]
-    .iter()
-    .filter_map(|(n, v)| hdr(n, v))
-    .collect()
+impl ReplyBody {
+    fn empty() -> Self {
+        Self::Bytes(None)
+    }
 }
 
-type Body = Box<dyn Read + Send>;
+/// `remaining` bytes of `file` from its current position. One chunk is read
+/// (on the blocking pool) only when hyper asks for the next one, that is
+/// when the connection has taken the previous one.
+struct FileChunks {
+    path: PathBuf,
+    file: Option<File>,
+    remaining: u64,
+    reading: Option<tokio::task::JoinHandle<(File, io::Result<Vec<u8>>)>>,
+}
 
+impl FileChunks {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let task = match &mut self.reading {
+            Some(task) => task,
+            None => {
+                let Some(mut file) = self.file.take() else {
+                    return Poll::Ready(Some(Err(io::Error::other(format!(
+                        "reading {}: polled after an error",
+                        self.path.display()
+                    )))));
+                };
+                let n = usize::try_from(self.remaining)
+                    .map_or(BODY_CHUNK_BYTES, |r| r.min(BODY_CHUNK_BYTES));
+                self.reading.insert(tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    let read = file.read_exact(&mut buf).map(|()| buf);
+                    (file, read)
+                }))
+            }
+        };
+        let done = match Pin::new(task).poll(cx) {
+            Poll::Ready(done) => done,
+            Poll::Pending => return Poll::Pending,
+        };
+        self.reading = None;
+        let fail = |e: &dyn std::fmt::Display| {
+            Poll::Ready(Some(Err(io::Error::other(format!(
+                "reading {}: {e}",
+                self.path.display()
+            )))))
+        };
+        match done {
+            Ok((file, Ok(buf))) => {
+                self.file = Some(file);
+                self.remaining -= buf.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+            }
+            // The file shrank or failed: the connection is cut short,
+            // never padded (the client sees fewer bytes than announced).
+            Ok((_, Err(e))) => fail(&e),
+            Err(e) => fail(&e),
+        }
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Self::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::File(f) => f.poll_chunk(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Bytes(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Self::File(f) => f.remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::File(f) => SizeHint::with_exact(f.remaining),
+        }
+    }
+}
+
+/// A reply before the common headers are added.
 struct Reply {
-    status: u16,
-    headers: Vec<Header>,
-    body: Body,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: ReplyBody,
+    /// `Content-Length` (for `HEAD` too, where the body is empty).
     length: u64,
 }
 
 impl Reply {
-    fn text(status: u16, msg: &str) -> Self {
-        let mut headers = common_headers();
-        headers.extend(hdr("Content-Type", "text/plain; charset=utf-8"));
-        let body = format!("{status} {msg}\n").into_bytes();
+    fn text(status: StatusCode, msg: &str) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        let body = Bytes::from(format!("{} {msg}\n", status.as_u16()));
         Self {
             status,
             headers,
             length: body.len() as u64,
-            body: Box::new(io::Cursor::new(body)),
+            body: ReplyBody::Bytes(Some(body)),
         }
     }
 
-    fn empty(status: u16, extra: &[(&str, &str)]) -> Self {
-        let mut headers = common_headers();
-        headers.extend(extra.iter().filter_map(|(n, v)| hdr(n, v)));
+    fn empty(status: StatusCode) -> Self {
         Self {
             status,
-            headers,
+            headers: HeaderMap::new(),
+            body: ReplyBody::empty(),
             length: 0,
-            body: Box::new(io::empty()),
         }
+    }
+
+    fn with(mut self, name: HeaderName, value: &'static str) -> Self {
+        self.headers.insert(name, HeaderValue::from_static(value));
+        self
+    }
+
+    fn into_response(mut self) -> Response<ReplyBody> {
+        // 204 must not announce a length; everything else always does
+        // (never chunked).
+        if self.status != StatusCode::NO_CONTENT {
+            self.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(self.length));
+        }
+        let mut resp = Response::new(self.body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        resp
     }
 }
 
-fn handle(shared: &Shared, req: Request) {
+const ALLOW: &str = "GET, HEAD, OPTIONS";
+const EXPOSE: &str = "Content-Range, Content-Length, Accept-Ranges";
+
+/// Answers one request: the file work runs on the blocking pool, then the
+/// common and CORS headers are added.
+async fn respond(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ReplyBody> {
     let method = req.method().clone();
-    let url = req.url().to_string();
+    let path = req.uri().path().to_string();
     let range = req
         .headers()
-        .iter()
-        .find(|h| h.field.equiv("Range"))
-        .map(|h| h.value.as_str().to_string());
-    let reply = reply_to(&shared.roots, &method, &url, range.as_deref());
-    if shared.verbose {
-        let from = req
-            .remote_addr()
-            .map_or_else(|| "-".to_string(), |a| a.to_string());
-        let range = range.map(|r| format!(" [{r}]")).unwrap_or_default();
-        eprintln!(
-            "{from} {method} {url}{range} -> {} ({} bytes)",
-            reply.status,
-            if method == Method::Head {
-                0
-            } else {
-                reply.length
-            }
-        );
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|o| shared.cors.iter().any(|c| c.as_bytes() == o.as_bytes()))
+        .cloned();
+    drop(req);
+    let for_task = Arc::clone(shared);
+    let (m, p, r) = (method.clone(), path.clone(), range.clone());
+    let mut reply =
+        match tokio::task::spawn_blocking(move || reply_to(&for_task.roots, &m, &p, r.as_deref()))
+            .await
+        {
+            Ok(reply) => reply,
+            Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+        };
+    let h = &mut reply.headers;
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if !shared.cors.is_empty() {
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
-    // On 32-bit targets a reply over 4 GiB cannot be described to tiny_http.
-    let Ok(length) = usize::try_from(reply.length) else {
-        let r = Reply::text(500, "reply too large for this platform");
-        let _ = req.respond(to_response(r, 0));
-        return;
-    };
-    // The client may have gone away; nothing to do about it.
-    let _ = req.respond(to_response(reply, length));
-}
-
-fn to_response(reply: Reply, length: usize) -> Response<Body> {
-    // A threshold above every length: always send Content-Length, never chunked.
-    Response::new(
-        StatusCode(reply.status),
-        reply.headers,
-        reply.body,
-        Some(length),
-        None,
-    )
-    .with_chunked_threshold(usize::MAX)
-}
-
-fn reply_to(roots: &[Root], method: &Method, url: &str, range: Option<&str>) -> Reply {
-    match method {
-        Method::Get | Method::Head => {}
-        Method::Options => {
-            return Reply::empty(
-                204,
-                &[
-                    ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
-                    ("Access-Control-Allow-Headers", "Range"),
-                    ("Access-Control-Max-Age", "86400"),
-                    ("Allow", "GET, HEAD, OPTIONS"),
-                ],
+    if let Some(origin) = origin {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSE),
+        );
+        if method == Method::OPTIONS {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(ALLOW),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("Range"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
             );
         }
-        _ => {
-            let mut r = Reply::text(405, "Method Not Allowed");
-            r.headers.extend(hdr("Allow", "GET, HEAD, OPTIONS"));
-            return r;
-        }
     }
-    let path = match resolve_target(roots, url) {
+    if shared.verbose {
+        let range = range.map(|r| format!(" [{r}]")).unwrap_or_default();
+        let sent = if method == Method::HEAD {
+            0
+        } else {
+            reply.length
+        };
+        eprintln!(
+            "{peer} {method} {path}{range} -> {} ({sent} bytes)",
+            reply.status.as_u16()
+        );
+    }
+    reply.into_response()
+}
+
+/// The reply to `method` on `path` (blocking file system work).
+fn reply_to(roots: &[Root], method: &Method, path: &str, range: Option<&str>) -> Reply {
+    if *method == Method::OPTIONS {
+        return Reply::empty(StatusCode::NO_CONTENT).with(header::ALLOW, ALLOW);
+    }
+    if *method != Method::GET && *method != Method::HEAD {
+        return Reply::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            .with(header::ALLOW, ALLOW);
+    }
+    let file = match resolve_target(roots, path) {
         Target::File(p) => p,
         Target::Redirect(loc) => {
-            let mut r = Reply::text(301, "Moved Permanently");
-            r.headers.extend(hdr("Location", &loc));
+            let Ok(loc) = HeaderValue::from_str(&loc) else {
+                return Reply::text(StatusCode::NOT_FOUND, "Not Found");
+            };
+            let mut r = Reply::text(StatusCode::MOVED_PERMANENTLY, "Moved Permanently");
+            r.headers.insert(header::LOCATION, loc);
             return r;
         }
-        Target::NotFound => return Reply::text(404, "Not Found"),
-        Target::BadRequest(why) => return Reply::text(400, &format!("Bad Request: {why}")),
+        Target::NotFound => return Reply::text(StatusCode::NOT_FOUND, "Not Found"),
+        Target::BadRequest(why) => {
+            return Reply::text(StatusCode::BAD_REQUEST, &format!("Bad Request: {why}"));
+        }
     };
-    match file_reply(&path, *method == Method::Head, range) {
+    match file_reply(&file, *method == Method::HEAD, range) {
         Ok(r) => r,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Reply::text(404, "Not Found"),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Reply::text(403, "Forbidden"),
-        Err(_) => Reply::text(500, "Internal Server Error"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Reply::text(StatusCode::NOT_FOUND, "Not Found")
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Reply::text(StatusCode::FORBIDDEN, "Forbidden")
+        }
+        Err(e) if out_of_descriptors(&e) => Reply::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable: too many open files",
+        )
+        .with(header::RETRY_AFTER, "1"),
+        Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+    }
+}
+
+/// `EMFILE` / `ENFILE`: a passing shortage, worth a retry by the client.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
     }
 }
 
 fn file_reply(path: &Path, head: bool, range: Option<&str>) -> io::Result<Reply> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
-    let mut headers = common_headers();
-    headers.extend(hdr("Accept-Ranges", "bytes"));
-    headers.extend(hdr("Content-Type", content_type(path)));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(path)),
+    );
     let (status, start, length) = match resolve(range, len) {
-        RangeReply::Full => (200, 0, len),
+        RangeReply::Full => (StatusCode::OK, 0, len),
         RangeReply::Partial { start, end } => {
-            headers.extend(hdr("Content-Range", &format!("bytes {start}-{end}/{len}")));
-            (206, start, end - start + 1)
+            headers.insert(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{end}/{len}")
+                    .parse::<HeaderValue>()
+                    .map_err(io::Error::other)?,
+            );
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         RangeReply::Unsatisfiable => {
-            headers.extend(hdr("Content-Range", &format!("bytes */{len}")));
+            headers.insert(
+                header::CONTENT_RANGE,
+                format!("bytes */{len}")
+                    .parse::<HeaderValue>()
+                    .map_err(io::Error::other)?,
+            );
             return Ok(Reply {
-                status: 416,
+                status: StatusCode::RANGE_NOT_SATISFIABLE,
                 headers,
-                body: Box::new(io::empty()),
+                body: ReplyBody::empty(),
                 length: 0,
             });
         }
     };
-    let body: Body = if head {
-        // tiny_http sends no body for HEAD, only the Content-Length.
-        Box::new(io::empty())
+    let body = if head || length == 0 {
+        ReplyBody::empty()
     } else {
         // Stream the range straight from the file: no whole-file buffer.
         file.seek(SeekFrom::Start(start))?;
-        Box::new(file.take(length))
+        ReplyBody::File(FileChunks {
+            path: path.to_path_buf(),
+            file: Some(file),
+            remaining: length,
+            reading: None,
+        })
     };
     Ok(Reply {
         status,
@@ -677,6 +1403,46 @@ mod tests {
     }
 
     #[test]
+    fn dotfiles_are_not_found() {
+        let tmp = std::env::temp_dir().join(format!("memlayer-serve-dot-{}", std::process::id()));
+        let sub = tmp.join("sub");
+        std::fs::create_dir_all(sub.join(".git")).expect("mkdir");
+        std::fs::write(tmp.join(".env"), b"x").expect("write");
+        std::fs::write(sub.join(".git/config"), b"x").expect("write");
+        std::fs::write(sub.join("ok.txt"), b"x").expect("write");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(tmp.join(".env"), tmp.join("env.txt")).expect("symlink");
+        let r = roots(&tmp, &["/"]);
+        for hidden in [
+            "/.env",
+            "/%2Eenv",
+            "/sub/.git/config",
+            "/sub/.git",
+            "/sub/.git/",
+            "/sub/./.git/config",
+            "/env.txt",
+        ] {
+            assert_eq!(resolve_target(&r, hidden), Target::NotFound, "{hidden}");
+        }
+        assert!(matches!(resolve_target(&r, "/sub/ok.txt"), Target::File(_)));
+        assert!(matches!(
+            resolve_target(&r, "/./sub/ok.txt"),
+            Target::File(_)
+        ));
+        assert!(matches!(
+            root_of(&Mount::new("/.well-known/", &tmp)),
+            Err(ServeError::BadPrefix { .. })
+        ));
+        // A mount whose own directory has a dot-name is fine.
+        let dotted = tmp.join(".cache");
+        std::fs::create_dir_all(&dotted).expect("mkdir");
+        std::fs::write(dotted.join("a.txt"), b"x").expect("write");
+        let r = roots(&dotted, &["/m/"]);
+        assert!(matches!(resolve_target(&r, "/m/a.txt"), Target::File(_)));
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+
+    #[test]
     fn content_types() {
         let ct = |n: &str| content_type(Path::new(n));
         assert_eq!(ct("a.wasm"), "application/wasm");
@@ -684,5 +1450,94 @@ mod tests {
         assert_eq!(ct("x.mjs"), "text/javascript; charset=utf-8");
         assert_eq!(ct("m.bank"), "application/octet-stream");
         assert_eq!(ct("noext"), "application/octet-stream");
+    }
+
+    #[test]
+    fn connection_cap_leaves_descriptors_to_spare() {
+        assert_eq!(connection_cap(256, None), 256);
+        assert_eq!(connection_cap(256, Some(20_000)), 256);
+        // ulimit -n 64: (64 - 32) / 2.
+        assert_eq!(connection_cap(256, Some(64)), 16);
+        assert_eq!(connection_cap(10, Some(64)), 10);
+        // Never 0, even with almost no descriptors.
+        assert_eq!(connection_cap(256, Some(8)), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn accept_errors_passing_or_fatal() {
+        let os = io::Error::from_raw_os_error;
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::EINTR,
+        ] {
+            assert!(accept_error_is_transient(&os(code)), "{}", os(code));
+        }
+        for code in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK, libc::EFAULT] {
+            assert!(!accept_error_is_transient(&os(code)), "{}", os(code));
+        }
+    }
+
+    #[test]
+    fn bursts_are_logged_once() {
+        let mut b = Burst::default();
+        assert_eq!(b.passed(|n| n.to_string()), None);
+        assert_eq!(b.failed(|| "first".into()).as_deref(), Some("first"));
+        for _ in 0..100 {
+            assert_eq!(b.failed(|| "again".into()), None);
+        }
+        assert_eq!(b.passed(|n| n.to_string()).as_deref(), Some("101"));
+        assert_eq!(b.passed(|n| n.to_string()), None);
+        // A single failure then success: nothing to say about the end.
+        assert!(b.failed(|| "one".into()).is_some());
+        assert_eq!(b.passed(|n| n.to_string()), None);
+    }
+
+    #[test]
+    fn origins_are_checked() {
+        for ok in [
+            "http://localhost:3000",
+            "https://a.example",
+            "http://127.0.0.1:8080",
+        ] {
+            assert_eq!(check_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "*",
+            "",
+            "null",
+            "localhost:3000",
+            "http://",
+            "http://a.example/",
+            "https://a.example/x",
+            "http://a b",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+        let mut c = ServeConfig::new("127.0.0.1:0".parse().expect("addr"));
+        c.cors_origins = vec!["http://a.example/".into()];
+        let err = c.validate().expect_err("trailing slash");
+        assert!(err.to_string().contains("http://a.example/"), "{err}");
+        let mut c = ServeConfig::new("127.0.0.1:0".parse().expect("addr"));
+        c.max_connections = 0;
+        assert!(
+            c.validate()
+                .expect_err("0")
+                .to_string()
+                .contains("max_connections")
+        );
+        let mut c = ServeConfig::new("127.0.0.1:0".parse().expect("addr"));
+        c.idle_timeout = Duration::ZERO;
+        assert!(
+            c.validate()
+                .expect_err("0 s")
+                .to_string()
+                .contains("idle_timeout")
+        );
     }
 }

@@ -53,11 +53,20 @@ impl Drop for Served {
 
 /// Starts `memlayer serve` on a free port and waits for its URL.
 pub fn serve(dir: &Path, web: Option<&Path>) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(["serve", dir.to_str().unwrap(), "--port", "0", "--web"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_memlayer"));
+    cmd.args(["serve", dir.to_str().unwrap(), "--port", "0", "--web"])
         .arg(web.unwrap_or(Path::new("/nonexistent")))
+        .stderr(Stdio::inherit());
+    serve_with(cmd)
+}
+
+/// Spawns `cmd`, a `memlayer serve ... --port 0` command line (perhaps
+/// wrapped, e.g. in a shell that lowers `ulimit -n` first and `exec`s the
+/// binary), with stdout piped, and waits for the URL on its first line.
+/// stderr goes wherever `cmd` sends it.
+pub fn serve_with(mut cmd: Command) -> Served {
+    let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn memlayer serve");
     let mut first = String::new();
@@ -71,4 +80,71 @@ pub fn serve(dir: &Path, web: Option<&Path>) -> Served {
         .trim_end_matches("/model/")
         .to_string();
     Served(child, url)
+}
+
+/// Runs the `memlayer` binary like [`memlayer`], but gives it at most
+/// `limit`: a run that takes longer (a hang, e.g. blocked on a FIFO) is
+/// killed and fails the test. stdout and stderr are drained on threads so
+/// a full pipe cannot stall the child.
+pub fn memlayer_within(args: &[&str], limit: std::time::Duration) -> Output {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memlayer");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for memlayer") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("memlayer {args:?} did not finish within {limit:?}; killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout thread"),
+        stderr: stderr.join().expect("stderr thread"),
+    }
+}
+
+/// The shipped model directory, `models/demo-pkm`.
+pub fn shipped_demo_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo-pkm")
+}
+
+/// Files of a model directory a runtime reads (the shipped model's: no
+/// routing files), `checksums.json` included.
+pub const MODEL_DIR_FILES: [&str; 5] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "memory.bank",
+    "checksums.json",
+];
+
+/// Copies the runtime files of `models/demo-pkm` ([`MODEL_DIR_FILES`]) into
+/// a new directory `to` (to be tampered with); returns `to`.
+pub fn copy_demo_model(to: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    let from = shipped_demo_dir();
+    for f in MODEL_DIR_FILES {
+        std::fs::copy(from.join(f), to.join(f)).unwrap_or_else(|e| panic!("copying {f}: {e}"));
+    }
+    to.to_path_buf()
 }

@@ -42,6 +42,13 @@ pub const MAX_PAGE_ALIGN: u32 = 1 << 24;
 /// makes a reader fetch or allocate it. See `docs/FORMAT.md` §7.1 for why the
 /// number is generous for real banks.
 pub const MAX_TABLE_LEN: u64 = 1 << 28;
+/// Largest page a bank may have: 256 MiB. A page is read (and allocated)
+/// whole, so its length must not be left to the file: the largest real page
+/// is one hierarchical-memory block (`layers × 3 × units × dim` values; a
+/// 4096-wide model with 4096 units per block in f32 is 192 MiB). Checked in
+/// [`SectionSpec::geometry`], so writers refuse such a section and readers
+/// refuse a table that describes one before any page is read.
+pub const MAX_PAGE_LEN: u64 = 1 << 28;
 /// Largest single read (and buffer) a reader makes while it reads the page
 /// table ([`super::BankReader::open`]) or checks the padding between pages
 /// ([`super::BankReader::verify_padding`]): 1 MiB.
@@ -273,8 +280,13 @@ impl SectionSpec {
         };
         let page_bytes = page_rows
             .checked_mul(row_bytes)
-            .filter(|&b| usize::try_from(b).is_ok())
-            .ok_or_else(|| format!("page of {page_rows} rows x {row_bytes} bytes is too large"))?;
+            .filter(|&b| b <= MAX_PAGE_LEN && usize::try_from(b).is_ok())
+            .ok_or_else(|| {
+                format!(
+                    "a page of {page_rows} rows x {row_bytes} bytes is larger than the \
+                     {MAX_PAGE_LEN}-byte limit (MAX_PAGE_LEN)"
+                )
+            })?;
         let page_count = rows.div_ceil(page_rows);
         let last_rows = rows - (page_count - 1) * page_rows;
         rows.checked_mul(row_bytes)

@@ -41,8 +41,8 @@ pub use codec::{decode, decode_into, encode, encode_into, round_trip};
 pub use error::{BankError, Region};
 pub use format::{
     BankLayout, BankMeta, DEFAULT_PAGE_ALIGN, Dtype, Geometry, HEADER_LEN, Header, MAGIC,
-    MAX_TABLE_LEN, PAGE_ENTRY_LEN, PageEntry, PageId, Plan, READ_CHUNK_LEN, SECTION_DESC_LEN,
-    SectionInfo, SectionKind, SectionSpec, TableParser, VERSION,
+    MAX_PAGE_LEN, MAX_TABLE_LEN, PAGE_ENTRY_LEN, PageEntry, PageId, Plan, READ_CHUNK_LEN,
+    SECTION_DESC_LEN, SectionInfo, SectionKind, SectionSpec, TableParser, VERSION,
 };
 pub use reader::BankReader;
 pub use source::{FileSource, MemSource, PageSource, SourceError};

@@ -193,6 +193,41 @@ fn a_header_with_valid_sections_but_2_pow_40_pages_is_too_large() {
 }
 
 #[test]
+fn a_section_with_pages_over_max_page_len_is_refused_before_any_page_is_read() {
+    // One page of 2^26 f32 rows of 8 values = 2 GiB: the shape check refuses
+    // it, so no reader ever allocates such a page.
+    let spec = SectionSpec::pkm_values(1 << 26, 8, 1 << 26, Dtype::F32);
+    let e = spec.geometry().unwrap_err();
+    assert!(e.contains("MAX_PAGE_LEN"), "{e}");
+    // The largest page accepted is exactly MAX_PAGE_LEN bytes.
+    let rows = MAX_PAGE_LEN / 32;
+    let ok = SectionSpec::pkm_values(rows, 8, rows as u32, Dtype::F32);
+    assert_eq!(ok.geometry().unwrap().page_bytes, MAX_PAGE_LEN);
+    let over = SectionSpec::pkm_values(rows + 1, 8, rows as u32 + 1, Dtype::F32);
+    assert!(over.geometry().is_err());
+
+    // A table describing such a section fails on its descriptor.
+    let mut desc = encode_section(&SectionInfo {
+        index: 0,
+        spec: ok,
+        first_page: 0,
+        geometry: ok.geometry().unwrap(),
+    });
+    // rows and page_rows (offsets 24 and 36) of the 2 GiB page.
+    desc[24..32].copy_from_slice(&(1u64 << 26).to_le_bytes());
+    desc[36..40].copy_from_slice(&(1u32 << 26).to_le_bytes());
+    let mut prefix = header(1, 1, TIB, 0, 8);
+    prefix.extend(desc);
+    let src = HostileSource::new(TIB, prefix, |_| 0);
+    let e = BankReader::open(&src).unwrap_err();
+    assert!(
+        matches!(e, BankError::CorruptTable { .. }) && e.to_string().contains("MAX_PAGE_LEN"),
+        "{e}"
+    );
+    assert!(src.largest_read() <= READ_CHUNK_LEN);
+}
+
+#[test]
 fn the_cap_is_exact() {
     // The largest table accepted: 64*S + 24*P == MAX_TABLE_LEN (S = 4, so
     // the remainder divides by 24).

@@ -23,7 +23,7 @@ pub struct PagedBenchArgs {
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
     /// Budgets in percent of the bank.
-    #[arg(long, value_delimiter = ',', default_value = "100,25")]
+    #[arg(long, value_delimiter = ',', default_value = "100,25", value_parser = crate::cmd_generate::parse_percent)]
     pub budgets: Vec<f64>,
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]

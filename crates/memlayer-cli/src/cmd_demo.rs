@@ -28,7 +28,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 12)]
     pub per_bucket: usize,
     /// Budget of the paged run, percent of the bank.
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 25.0, value_parser = crate::cmd_generate::parse_percent)]
     pub budget_percent: f64,
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]

@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use clap::Args;
 use memlayer_core::bank::{BankReader, FileSource, PageSource};
 use memlayer_model::MemoryOps;
-use memlayer_runtime::paged::{PagedMemory, PagedOptions, PoolDevice};
+use memlayer_runtime::paged::{MAX_FETCH_THREADS, PagedMemory, PagedOptions, PoolDevice};
 use memlayer_runtime::{Generation, Generator, MemoryStats, Sampling};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,10 +34,8 @@ pub struct MemoryArgs {
     pub fetch_threads: usize,
 }
 
-/// Most pages fetched at once: more threads than this only queue on the
-/// same link (and thousands of them take minutes to start).
-pub const MAX_FETCH_THREADS: usize = 64;
-
+/// `--fetch-threads`: 0 (automatic) or 1..=`MAX_FETCH_THREADS`, refused
+/// while parsing flags, before a model is opened.
 fn parse_fetch_threads(s: &str) -> std::result::Result<usize, String> {
     let n: usize = s
         .parse()

@@ -6,6 +6,7 @@ mod cmd_bank;
 mod cmd_bench;
 mod cmd_bench_paged;
 mod cmd_bench_train;
+mod cmd_checksums;
 mod cmd_demo;
 mod cmd_experiment;
 mod cmd_generate;
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Print a bank's header and page table; `--verify` checks every page.
     Inspect(cmd_inspect::InspectArgs),
+    /// Record the checksums of a model directory whose files you trust (checksums.json).
+    Checksums(cmd_checksums::ChecksumsArgs),
     /// Benchmarks across backends.
     Bench {
         #[command(subcommand)]
@@ -67,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Bank { command } => cmd_bank::run(command),
         Command::Bench { command } => cmd_bench::run(command),
         Command::Inspect(args) => cmd_inspect::run(args),
+        Command::Checksums(args) => cmd_checksums::run(args),
         Command::Layer { command } => cmd_layer::run(command),
         Command::Train(args) => cmd_train::run_train(args),
         Command::Experiment(args) => cmd_experiment::run(args),
@@ -79,8 +83,66 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `err` and its causes joined by ": ", leaving out a cause whose text the
+/// message before it already contains (many error types print their source
+/// in their own message; `{:#}` would print it twice).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut prev = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !prev.is_empty() && prev.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        prev = text;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+    use anyhow::Context;
+
+    /// An error that prints its source in its own message and also returns it.
+    #[derive(Debug)]
+    struct Repeats(std::io::Error);
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot open x.bank: {}", self.0)
+        }
+    }
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = Err::<(), _>(Repeats(io))
+            .context("opening the bank")
+            .unwrap_err();
+        assert_eq!(
+            error_chain(&err),
+            "opening the bank: cannot open x.bank: No such file or directory"
+        );
+        // Causes that add something are all kept.
+        let err = Err::<(), _>(anyhow::anyhow!("disk full"))
+            .context("writing y")
+            .context("exporting")
+            .unwrap_err();
+        assert_eq!(error_chain(&err), "exporting: writing y: disk full");
     }
 }

@@ -28,6 +28,45 @@ impl Default for Sampling {
     }
 }
 
+impl Sampling {
+    /// Checks the settings: `temperature` finite and ≥ 0, `top_p` in (0, 1].
+    /// A NaN temperature would otherwise sample nothing useful and exit cleanly.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!(
+                "temperature {} is not a finite number >= 0 (0 = greedy)",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top-p {} is not in (0, 1] (1 = off)", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// How many tokens a generation may add after a prompt of `prompt_tokens`
+/// with a context of `max_seq_len`: at most `max_tokens`, and the prompt must
+/// leave room for at least one. The one rule of every runtime (native and
+/// browser), so a prompt at or over the context length is an error in both
+/// rather than a silent empty answer.
+pub fn new_token_budget(
+    prompt_tokens: usize,
+    max_tokens: usize,
+    max_seq_len: usize,
+) -> Result<usize, String> {
+    if prompt_tokens == 0 {
+        return Err("the prompt encodes to no tokens".into());
+    }
+    if prompt_tokens >= max_seq_len {
+        return Err(format!(
+            "the prompt takes {prompt_tokens} tokens; the model's context is {max_seq_len}, \
+             so no token is left to generate (shorten the prompt)"
+        ));
+    }
+    Ok(max_tokens.min(max_seq_len - prompt_tokens))
+}
+
 /// Picks a token from `logits` (vocab) by `s`, drawing from `rng` when sampling.
 pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     let argmax = || {
@@ -77,6 +116,49 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validate_refuses_nan_negative_and_out_of_range_settings() {
+        let ok = Sampling::default();
+        assert!(ok.validate().is_ok());
+        for t in [f32::NAN, f32::INFINITY, -0.5] {
+            let e = Sampling {
+                temperature: t,
+                ..ok
+            }
+            .validate()
+            .unwrap_err();
+            assert!(e.contains("temperature"), "{e}");
+        }
+        for p in [0.0, -1.0, 1.5, f32::NAN] {
+            let e = Sampling { top_p: p, ..ok }.validate().unwrap_err();
+            assert!(e.contains("top-p"), "{e}");
+        }
+        assert!(
+            Sampling {
+                temperature: 0.7,
+                top_p: 0.9,
+                ..ok
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn new_token_budget_refuses_prompts_that_fill_the_context() {
+        assert_eq!(new_token_budget(3, 32, 64), Ok(32));
+        assert_eq!(new_token_budget(60, 32, 64), Ok(4));
+        assert_eq!(new_token_budget(63, 32, 64), Ok(1));
+        for n in [64, 65, 1000] {
+            let e = new_token_budget(n, 32, 64).unwrap_err();
+            assert!(
+                e.contains(&format!("{n} tokens")) && e.contains("64"),
+                "{e}"
+            );
+        }
+        assert!(new_token_budget(0, 32, 64).is_err());
+    }
 
     #[test]
     fn greedy_takes_the_argmax_with_ties_to_the_lower_id() {

@@ -2,7 +2,7 @@
 //! forward; greedy, temperature and top-p sampling with a seed.
 
 use memlayer_core::rng::Rng;
-pub use memlayer_core::sample::{Sampling, pick};
+pub use memlayer_core::sample::{Sampling, new_token_budget, pick};
 use memlayer_model::{KvCache, Model, ModelError};
 use memlayer_train::data::tokenizer::Tokenizer;
 use memlayer_train::prepare::Routing;
@@ -67,14 +67,11 @@ impl Generator {
     ) -> Result<Generation, ModelError> {
         let t0 = Instant::now();
         let tok_err = |e: memlayer_train::data::DataError| ModelError::Input(e.to_string());
+        sampling.validate().map_err(ModelError::Input)?;
         let ids = self.tokenizer.encode(prompt).map_err(tok_err)?;
-        if ids.is_empty() {
-            return Err(ModelError::Input("the prompt encodes to no tokens".into()));
-        }
         let cfg = self.model.config();
-        let max_new = sampling
-            .max_tokens
-            .min(cfg.max_seq_len.saturating_sub(ids.len()));
+        let max_new = new_token_budget(ids.len(), sampling.max_tokens, cfg.max_seq_len)
+            .map_err(ModelError::Input)?;
         let rows = self.route(prompt)?;
         let mut cache = KvCache::new();
         let mut rng = Rng::new(sampling.seed);

@@ -34,7 +34,8 @@ fn load_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 /// The model directory with its whole memory read into the model (every
-/// page verified): the reference a paged run is compared with.
+/// file and page verified, the bank checked against the config and the
+/// checksums as in [`open_paged`]): the reference a paged run is compared with.
 pub fn open_resident(dir: &Path, device: &Device, ops: MemoryOps) -> Result<Generator, ModelError> {
     let m = memlayer_train::model_dir::load(dir).map_err(load_err)?;
     let model = Model::new(&m.config, &m.store, device, ops, false)?;
@@ -47,6 +48,12 @@ pub fn open_resident(dir: &Path, device: &Device, ops: MemoryOps) -> Result<Gene
 
 /// The model directory with its memory paged from `source` (the directory's
 /// `memory.bank` when `None`) under `opts`.
+///
+/// Refused before anything runs (errors name the field or file and both
+/// values): a config out of bounds, a directory without `checksums.json` or
+/// whose files differ from it, a bank whose sections do not fit the config
+/// (`memlayer_core::model::check_bank_fits`) or that is not the bank the
+/// checksums record (another model's, even of the same shape).
 pub fn open_paged(
     dir: &Path,
     source: Option<Box<dyn PageSource>>,
@@ -63,6 +70,9 @@ pub fn open_paged(
         }
     };
     let bank = BankReader::open(source).map_err(load_err)?;
+    // before a single page is used: the bank's shapes fit config.json, and it
+    // is the bank checksums.json records (not another model's, whatever the source)
+    memlayer_train::model_dir::check_bank(&m.config, &m.checksums, &bank).map_err(load_err)?;
     let memory = Arc::new(PagedMemory::new(bank, opts)?);
     let model = Model::with_memory(&m.config, &m.store, device, ops, memory.clone())?;
     Ok((

@@ -41,13 +41,18 @@ pub enum PoolDevice {
     Wgpu(Arc<memlayer_wgpu::GpuContext>),
 }
 
+/// Most pages a [`PagedMemory`] fetches at once (`PagedOptions::fetch_threads`):
+/// more threads only queue on the same link, and thousands take long to start.
+pub const MAX_FETCH_THREADS: usize = 64;
+
 /// How a [`PagedMemory`] pages.
 #[derive(Clone)]
 pub struct PagedOptions {
     /// Bytes of resident memory (value slots + blocks), f32 as held.
     pub budget_bytes: u64,
     /// Pages fetched concurrently on a miss burst (1: on the calling thread,
-    /// best for local files; more for HTTP, where a fetch is a round trip).
+    /// best for local files; more for HTTP, where a fetch is a round trip;
+    /// at most [`MAX_FETCH_THREADS`]).
     pub fetch_threads: usize,
     /// Reserve one extra block per level for [`PagedMemory::prefetch_blocks`].
     pub prefetch: bool,
@@ -200,6 +205,12 @@ impl PagedMemory {
     /// `levels` block sections. Fails with the minimum budget if `opts`'
     /// budget cannot hold the blocks plus one value page.
     pub fn new(bank: Bank, opts: PagedOptions) -> Result<Self, ModelError> {
+        if !(1..=MAX_FETCH_THREADS).contains(&opts.fetch_threads) {
+            return Err(err(format!(
+                "{} fetch threads: must be 1..={MAX_FETCH_THREADS} (more only queue on the same link)",
+                opts.fetch_threads
+            )));
+        }
         let mut values = None;
         let mut levels = Vec::new();
         for s in bank.sections() {

@@ -11,7 +11,7 @@ use memlayer_core::bank::{BankReader, Dtype, FileSource, MemSource, PageSource, 
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::rng::Rng;
 use memlayer_model::{KvCache, MemoryOps, MemoryReads, Model};
-use memlayer_runtime::paged::{PagedMemory, PagedOptions, PoolDevice};
+use memlayer_runtime::paged::{MAX_FETCH_THREADS, PagedMemory, PagedOptions, PoolDevice};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -220,6 +220,27 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
         err.contains("value pages") && err.contains("budget"),
         "{err}"
     );
+}
+
+#[test]
+fn fetch_threads_outside_1_to_max_are_refused() {
+    let fx = fixture(false, "fetch-threads");
+    for n in [0, MAX_FETCH_THREADS + 1, 5000] {
+        let opts = PagedOptions {
+            fetch_threads: n,
+            ..PagedOptions::host(u64::MAX)
+        };
+        let e = PagedMemory::new(open(&fx.bank), opts)
+            .err()
+            .unwrap_or_else(|| panic!("{n} fetch threads accepted"))
+            .to_string();
+        assert!(e.contains(&format!("{n} fetch threads")), "{e}");
+    }
+    let opts = PagedOptions {
+        fetch_threads: MAX_FETCH_THREADS,
+        ..PagedOptions::host(u64::MAX)
+    };
+    assert!(PagedMemory::new(open(&fx.bank), opts).is_ok());
 }
 
 #[test]

@@ -9,6 +9,9 @@
 //! tree.safetensors     cluster tree         (hierarchical memory)
 //! context_index.json   training contexts' terms and paths (hierarchical memory
 //!                      routed by nearest context)
+//! checksums.json       length + xxh3 of every file above, the bank's length and
+//!                      table checksum (docs/FORMAT.md, "Model directory");
+//!                      written last, verified by every load
 //! eval.jsonl           held-out fact questions (facts data)
 //! train.json           the training config
 //! report.json          evaluation and timing
@@ -19,6 +22,14 @@
 //! at least `MIN_VALUE_PAGES` pages)
 //! then one `ffn_blocks` section per level whose nodes are the level's
 //! table rows (`b^l` tree nodes, then the generic block when trained).
+//!
+//! Loading checks, in this order: `config.json` parses and passes
+//! [`ModelConfig::check`] (bounds: a hostile size is named before anything
+//! is allocated or hashed); `checksums.json` exists and parses; every file
+//! read matches its recorded length and xxh3; the bank's sections fit the
+//! config ([`check_bank_fits`]) and its header matches the recorded bank
+//! identity ([`Checksums::verify_bank`]), whether it is the directory's file
+//! or another source (a URL) — [`check_bank`].
 
 use crate::data::context_index::ContextIndex;
 use crate::data::retriever::TfIdfRetriever;
@@ -26,15 +37,26 @@ use crate::data::tokenizer::Tokenizer;
 use crate::data::write_atomic;
 use crate::prepare::Routing;
 use crate::trainer::TrainError;
-use memlayer_core::bank::{BankFileWriter, BankLayout, BankReader, Dtype, FileSource, SectionSpec};
+use memlayer_core::bank::{
+    BankFileWriter, BankLayout, BankReader, Dtype, FileSource, PageSource, SectionSpec,
+};
 use memlayer_core::hier::cluster::ClusterTree;
+use memlayer_core::model::manifest::{BANK_FILE, CHECKSUMS_FILE, ManifestError};
 use memlayer_core::model::params::{VALUES, hier_name};
-use memlayer_core::model::{HierRouting, ModelConfig, ParamGroup, ParamStore};
+use memlayer_core::model::{
+    Checksums, HierRouting, ModelConfig, ParamGroup, ParamStore, check_bank_fits,
+};
 use std::path::{Path, PathBuf};
 
 /// File of the nearest-training-context index in a model directory
 /// ([`HierRouting::NearestContext`] models only).
 pub const CONTEXT_INDEX_FILE: &str = "context_index.json";
+
+/// Files every model directory has and every load reads (and verifies).
+pub const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// Files a load reads when the model needs them (hierarchical memory).
+pub const ROUTING_FILES: [&str; 3] = ["retriever.json", "tree.safetensors", CONTEXT_INDEX_FILE];
 
 /// Target bytes of one value page (rows per page = this / row bytes, at
 /// least one row).
@@ -246,7 +268,103 @@ pub fn export(
             index.save(&dir.join(CONTEXT_INDEX_FILE))?;
         }
     }
+    // last: a directory whose export was cut short fails verification
+    write_checksums(dir)?;
     Ok(())
+}
+
+/// Records the checksums of `dir`'s files in `checksums.json` (atomically:
+/// temp file + rename), and returns them: length + xxh3 of each of
+/// [`REQUIRED_FILES`] (which must exist) and of each of [`ROUTING_FILES`]
+/// present, and the bank's file length and table checksum when
+/// `memory.bank` exists (its header and table are validated; a truncated or
+/// padded bank is refused). config.json must pass its bounds and the bank
+/// must fit it ([`check_bank_fits`]). [`export`] calls this last; `memlayer
+/// checksums DIR` calls it on a directory whose files the user trusts.
+pub fn write_checksums(dir: &Path) -> Result<Checksums, TrainError> {
+    // Only a directory that makes sense is sealed: config.json within its
+    // bounds and a bank whose sections fit it.
+    let config_path = dir.join("config.json");
+    let config_text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, e))?;
+    let config = ModelConfig::from_json(&config_text).map_err(|e| io(&config_path, e))?;
+    let mut sums = Checksums::new();
+    for name in REQUIRED_FILES.iter().chain(&ROUTING_FILES) {
+        let path = dir.join(name);
+        if !REQUIRED_FILES.contains(name) && !path.exists() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        sums.add_file(name, &bytes);
+    }
+    let bank_path = dir.join(BANK_FILE);
+    if bank_path.exists() {
+        let src = FileSource::open(&bank_path).map_err(|e| io(&bank_path, e))?;
+        let bank = BankReader::open(src).map_err(|e| io(&bank_path, e))?;
+        if bank.source_len() != bank.header().file_len {
+            return Err(io(
+                &bank_path,
+                format!(
+                    "the file has {} bytes, its header says {}: refusing to record a \
+                     truncated bank",
+                    bank.source_len(),
+                    bank.header().file_len
+                ),
+            ));
+        }
+        check_bank_fits(&config, bank.sections(), bank.location())
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+        sums.set_bank(BANK_FILE, bank.header());
+    }
+    write_atomic(&dir.join(CHECKSUMS_FILE), sums.to_json().as_bytes())?;
+    Ok(sums)
+}
+
+/// Reads `checksums.json` of `dir` (a named error telling how to fix a
+/// directory without one).
+pub fn read_checksums(dir: &Path) -> Result<Checksums, TrainError> {
+    let path = dir.join(CHECKSUMS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(TrainError::Other(
+                ManifestError::Missing {
+                    location: path.display().to_string(),
+                }
+                .to_string(),
+            ));
+        }
+        Err(e) => return Err(io(&path, e)),
+    };
+    Checksums::from_json(&text, &path.display().to_string())
+        .map_err(|e| TrainError::Other(e.to_string()))
+}
+
+/// Reads `name` from `dir` and checks it against `sums`; returns its bytes
+/// (what is parsed is exactly what was verified).
+fn read_verified(dir: &Path, name: &str, sums: &Checksums) -> Result<Vec<u8>, TrainError> {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    sums.verify_file(name, &bytes).map_err(|e| io(&path, e))?;
+    Ok(bytes)
+}
+
+fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, TrainError> {
+    String::from_utf8(bytes).map_err(|e| io(path, format!("not UTF-8: {e}")))
+}
+
+/// Checks a bank before it is used for the model of `config`: its sections
+/// fit the config (a named field, the bank's value and the config's) and its
+/// header is the bank `sums` records (table checksum and length), whatever
+/// its source (the directory's file, another path, a URL).
+pub fn check_bank<S: PageSource>(
+    config: &ModelConfig,
+    sums: &Checksums,
+    bank: &BankReader<S>,
+) -> Result<(), TrainError> {
+    check_bank_fits(config, bank.sections(), bank.location())
+        .map_err(|e| TrainError::Other(e.to_string()))?;
+    sums.verify_bank(bank.location(), bank.header(), Some(bank.source_len()))
+        .map_err(|e| TrainError::Other(e.to_string()))
 }
 
 /// A model directory loaded into memory.
@@ -262,9 +380,14 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     /// Retriever + tree, when the model has a hierarchical memory.
     pub routing: Option<Routing>,
+    /// `checksums.json`, every file above verified against it (the bank is
+    /// checked where it is opened: [`check_bank`]).
+    pub checksums: Checksums,
 }
 
-/// Loads a model directory written by [`export`]; errors name the file.
+/// Loads a model directory written by [`export`], every file verified
+/// ([`load_dense`]) and the bank checked ([`check_bank`]) before it is read;
+/// errors name the file.
 pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
     let dense = load_dense(dir)?;
     let config = dense.config;
@@ -276,7 +399,12 @@ pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
         store.params_mut()[i].data.clone_from(&p.data);
     }
     if config.pkm.is_some() || config.hier.is_some() {
-        read_bank(&config, &mut store, &dir.join("memory.bank"))?;
+        let path = dir.join(BANK_FILE);
+        let src = FileSource::open(&path).map_err(|e| io(&path, e))?;
+        let bank = BankReader::open(src).map_err(|e| io(&path, e))?;
+        check_bank(&config, &dense.checksums, &bank)?;
+        drop(bank);
+        read_bank(&config, &mut store, &path)?;
     }
     Ok(LoadedModel {
         config,
@@ -287,15 +415,24 @@ pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
 
 /// Loads a model directory without its memory: the store holds the dense
 /// parameters only ([`ParamStore::dense_zeros`]); the bank stays where it
-/// is, for a runtime that pages it in.
+/// is, for a runtime that pages it in (and checks it with [`check_bank`]
+/// against [`LoadedModel::checksums`]).
+///
+/// `config.json` is parsed and bounds-checked first, then `checksums.json`
+/// is read (a directory without one is refused, with how to fix it) and
+/// every file read is verified against it before it is parsed.
 pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
+    // bounds first: a hostile config is named before anything is hashed
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
-    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
-    config.validate().map_err(|e| io(&cfg_path, e))?;
+    let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+    let text = utf8(&cfg_path, cfg_bytes.clone())?;
+    let config = ModelConfig::from_json(&text).map_err(|e| io(&cfg_path, e))?;
+    let sums = read_checksums(dir)?;
+    sums.verify_file("config.json", &cfg_bytes)
+        .map_err(|e| io(&cfg_path, e))?;
     let mut store = ParamStore::dense_zeros(&config)?;
     let st_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
+    let bytes = read_verified(dir, "model.safetensors", &sums)?;
     let n = store
         .load_safetensors(&bytes)
         .map_err(|e| io(&st_path, e))?;
@@ -305,16 +442,26 @@ pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
             format!("{n} tensors read, the config needs {}", store.len()),
         ));
     }
-    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    drop(bytes);
+    let tok_path = dir.join("tokenizer.json");
+    let tok_text = utf8(&tok_path, read_verified(dir, "tokenizer.json", &sums)?)?;
+    let tokenizer = Tokenizer::from_json(&tok_text).map_err(|e| io(&tok_path, e))?;
     let routing = if config.hier.is_some() {
-        let retriever = TfIdfRetriever::load(&dir.join("retriever.json"))?;
+        let rp = dir.join("retriever.json");
+        let retriever =
+            TfIdfRetriever::from_json(&utf8(&rp, read_verified(dir, "retriever.json", &sums)?)?)
+                .map_err(|e| io(&rp, e))?;
         let tp = dir.join("tree.safetensors");
-        let tb = std::fs::read(&tp).map_err(|e| io(&tp, e))?;
+        let tb = read_verified(dir, "tree.safetensors", &sums)?;
         let tree = ClusterTree::from_safetensors(&tb).map_err(|e| io(&tp, e))?;
         let index = match config.hier.as_ref().map(|h| h.routing) {
             Some(HierRouting::NearestContext) => {
                 let ip = dir.join(CONTEXT_INDEX_FILE);
-                let index = ContextIndex::load(&ip)?;
+                let index = ContextIndex::from_json(&utf8(
+                    &ip,
+                    read_verified(dir, CONTEXT_INDEX_FILE, &sums)?,
+                )?)
+                .map_err(|e| io(&ip, e))?;
                 if index.len() != tree.num_points() {
                     return Err(io(
                         &ip,
@@ -343,5 +490,6 @@ pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
         store,
         tokenizer,
         routing,
+        checksums: sums,
     })
 }

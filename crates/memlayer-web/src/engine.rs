@@ -8,9 +8,9 @@ use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
 use crate::decoder::Decoder;
 use crate::memory::{DeviceMemory, MemoryStats};
-use memlayer_core::model::{ModelConfig, ParamStore};
+use memlayer_core::model::{Checksums, ModelConfig, ParamStore, check_bank_fits};
 use memlayer_core::rng::Rng;
-use memlayer_core::sample::{Sampling, pick};
+use memlayer_core::sample::{Sampling, new_token_budget, pick};
 use memlayer_wgpu::GpuContext;
 use serde::Serialize;
 use std::str::FromStr;
@@ -39,11 +39,27 @@ impl ModelFiles {
         }
     }
 
-    /// The parsed and validated config.
+    /// The parsed config, every size and float within its bounds
+    /// ([`ModelConfig::from_json`], the check the native runtime makes).
     pub fn config(&self) -> Result<ModelConfig, WebError> {
-        let cfg: ModelConfig =
-            serde_json::from_str(&self.config_json).map_err(|e| self.err("config.json", e))?;
-        cfg.validate().map_err(|e| self.err("config.json", e))?;
+        ModelConfig::from_json(&self.config_json).map_err(|e| self.err("config.json", e))
+    }
+
+    /// The config ([`ModelFiles::config`]: bounds first), then every file
+    /// checked against `checksums` (`checksums.json` of the directory):
+    /// `config.json`, `tokenizer.json` and `model.safetensors` must have the
+    /// recorded length and xxh3, or the error names the file and both digests.
+    pub fn verify(&self, checksums: &Checksums) -> Result<ModelConfig, WebError> {
+        let cfg = self.config()?;
+        for (name, bytes) in [
+            ("config.json", self.config_json.as_bytes()),
+            ("tokenizer.json", self.tokenizer_json.as_bytes()),
+            ("model.safetensors", self.safetensors.as_slice()),
+        ] {
+            checksums
+                .verify_file(name, bytes)
+                .map_err(|e| self.err(name, e))?;
+        }
         Ok(cfg)
     }
 
@@ -61,6 +77,22 @@ impl ModelFiles {
         }
         Ok(store)
     }
+}
+
+/// Checks `bank` before it is used for the model of `cfg`: its sections fit
+/// the config ([`check_bank_fits`]: the field, the bank's value and the
+/// config's), and, with `checksums`, its header is the bank they record
+/// (table checksum and length) — the same checks as the native runtime's.
+pub fn check_bank<F: PageFetch>(
+    cfg: &ModelConfig,
+    checksums: Option<&Checksums>,
+    bank: &RemoteBank<F>,
+) -> Result<(), WebError> {
+    check_bank_fits(cfg, bank.sections(), bank.location())?;
+    if let Some(c) = checksums {
+        c.verify_bank(bank.location(), &bank.meta().header, None)?;
+    }
+    Ok(())
 }
 
 /// The result of one generation.
@@ -101,7 +133,9 @@ pub fn value_table_bytes<F: PageFetch>(bank: &RemoteBank<F>) -> u64 {
 
 impl<F: PageFetch> Engine<F> {
     /// The model of `files` on `ctx`, its memory paged from `bank` under
-    /// `budget_bytes`.
+    /// `budget_bytes`. The bank's sections must fit the config
+    /// ([`check_bank`]); the browser verifies the files and the bank's
+    /// identity against `checksums.json` before ([`ModelFiles::verify`]).
     pub fn new(
         files: &ModelFiles,
         ctx: GpuContext,
@@ -115,6 +149,7 @@ impl<F: PageFetch> Engine<F> {
                 "the browser runtime serves product-key memory models (this one has none)",
             ));
         }
+        check_bank(&cfg, None, &bank)?;
         let store = files.dense_weights(&cfg)?;
         let tokenizer = tokenizers::Tokenizer::from_str(&files.tokenizer_json)
             .map_err(|e| files.err("tokenizer.json", e))?;
@@ -197,23 +232,16 @@ impl<F: PageFetch> Engine<F> {
         mut on_text: impl FnMut(&str, &MemoryStats),
     ) -> Result<Generation, WebError> {
         let t0 = now();
+        sampling.validate().map_err(WebError::Input)?;
         let ids = self
             .tokenizer
             .encode(prompt, false)
             .map_err(|e| WebError::Input(format!("encoding the prompt: {e}")))?
             .get_ids()
             .to_vec();
-        if ids.is_empty() {
-            return Err(WebError::Input("the prompt encodes to no tokens".into()));
-        }
         let max_seq = self.decoder.config().max_seq_len;
-        if ids.len() >= max_seq {
-            return Err(WebError::Input(format!(
-                "the prompt takes {} tokens; the model's context is {max_seq}",
-                ids.len()
-            )));
-        }
-        let max_new = sampling.max_tokens.min(max_seq - ids.len());
+        let max_new =
+            new_token_budget(ids.len(), sampling.max_tokens, max_seq).map_err(WebError::Input)?;
         let mut rng = Rng::new(sampling.seed);
         let mut out = Generation {
             prompt_tokens: ids.len(),
@@ -251,5 +279,123 @@ impl<F: PageFetch> Engine<F> {
             n as f64 / t
         };
         Ok(out)
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use crate::bank::SourceFetch;
+    use memlayer_core::bank::{BankLayout, BankWriter, Dtype, FileSource, MemSource, SectionSpec};
+    use std::path::{Path, PathBuf};
+
+    fn demo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/demo-pkm")
+    }
+
+    fn read(f: &str) -> Vec<u8> {
+        std::fs::read(demo().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"))
+    }
+
+    fn files() -> ModelFiles {
+        ModelFiles {
+            location: demo().display().to_string(),
+            config_json: String::from_utf8(read("config.json")).unwrap(),
+            tokenizer_json: String::from_utf8(read("tokenizer.json")).unwrap(),
+            safetensors: read("model.safetensors"),
+        }
+    }
+
+    fn checksums() -> Checksums {
+        let text = String::from_utf8(read("checksums.json")).unwrap();
+        Checksums::from_json(&text, "checksums.json").unwrap()
+    }
+
+    /// A one-section bank of `rows` value rows of `dim` values `seed + i`.
+    fn bank(rows: u64, dim: u32, seed: f32) -> RemoteBank<SourceFetch<MemSource>> {
+        let layout = BankLayout::new(vec![SectionSpec::pkm_values(rows, dim, 64, Dtype::F16)]);
+        let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).unwrap();
+        let n = rows as usize * dim as usize;
+        w.write_rows(&(0..n).map(|i| seed + (i % 7) as f32).collect::<Vec<_>>())
+            .unwrap();
+        let bytes = w.finish().unwrap().into_inner();
+        pollster::block_on(RemoteBank::open(SourceFetch(MemSource::new(bytes)))).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_files_and_bank_pass_every_check() {
+        let cfg = files().verify(&checksums()).unwrap();
+        let own = FileSource::open(demo().join("memory.bank")).unwrap();
+        let own = pollster::block_on(RemoteBank::open(SourceFetch(own))).unwrap();
+        check_bank(&cfg, Some(&checksums()), &own).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_fetched_file_names_the_file() {
+        let mut f = files();
+        let at = f.safetensors.len() - 1000;
+        f.safetensors[at] ^= 1;
+        let msg = f.verify(&checksums()).unwrap_err().to_string();
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("checksum mismatch"),
+            "{msg}"
+        );
+        let mut f = files();
+        f.tokenizer_json.push(' ');
+        let msg = f.verify(&checksums()).unwrap_err().to_string();
+        assert!(
+            msg.contains("checksum mismatch for tokenizer.json"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn config_bounds_come_before_checksums() {
+        for (from, to, field) in [
+            (
+                "\"vocab_size\": 2048",
+                "\"vocab_size\": 1099511627776",
+                "vocab_size",
+            ),
+            (
+                "\"max_seq_len\": 256",
+                "\"max_seq_len\": 1099511627776",
+                "max_seq_len",
+            ),
+            (
+                "\"rope_theta\": 10000.0",
+                "\"rope_theta\": -1.0",
+                "rope_theta",
+            ),
+        ] {
+            let mut f = files();
+            assert!(f.config_json.contains(from), "{from}");
+            f.config_json = f.config_json.replace(from, to);
+            let msg = f.verify(&checksums()).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("config field `{field}`")) && !msg.contains("checksum"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bank_of_another_shape_or_model_is_refused() {
+        let cfg = files().config().unwrap();
+        // 64 wide: the shapes do not fit (checked by Engine::new as well)
+        let msg = check_bank(&cfg, Some(&checksums()), &bank(16384, 64, 0.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("dim is 64 in the bank") && msg.contains("the config needs 128"),
+            "{msg}"
+        );
+        // right shape, other values: not this model's bank
+        let other = bank(16384, 128, 1.0);
+        check_bank(&cfg, None, &other).unwrap();
+        let msg = check_bank(&cfg, Some(&checksums()), &other)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("is not this model's bank"), "{msg}");
     }
 }

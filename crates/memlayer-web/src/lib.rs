@@ -59,6 +59,13 @@ pub enum WebError {
     /// The reference math refused its input (shapes, config).
     #[error(transparent)]
     Oracle(#[from] memlayer_core::error::OracleError),
+    /// The model directory's checksums are missing, or a file or the bank
+    /// is not what `checksums.json` records.
+    #[error(transparent)]
+    Manifest(#[from] memlayer_core::model::ManifestError),
+    /// The bank's sections do not fit the model's config.
+    #[error(transparent)]
+    BankFit(#[from] memlayer_core::model::BankFitError),
     /// Bad input (prompt, budget, model kind).
     #[error("{0}")]
     Input(String),

@@ -4,10 +4,11 @@
 
 use crate::WebError;
 use crate::bank::{FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, adjacent_runs};
-use crate::engine::{Engine, ModelFiles, value_table_bytes};
+use crate::engine::{Engine, ModelFiles, check_bank, value_table_bytes};
 use crate::memory::MemoryStats;
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use memlayer_core::bank::{PageEntry, PageId};
+use memlayer_core::model::manifest::{CHECKSUMS_FILE, Checksums, ManifestError};
 use memlayer_core::sample::Sampling;
 use memlayer_wgpu::{GpuContext, GpuOptions};
 use serde::Serialize;
@@ -123,6 +124,31 @@ async fn get_file(url: &str) -> Result<Vec<u8>, WebError> {
         return Err(err(format!("HTTP {status}")));
     }
     Ok(body)
+}
+
+/// GET the model directory's `checksums.json` and parse it; a 404 is the
+/// named [`ManifestError::Missing`] (how to fix it included).
+async fn get_checksums(base: &str) -> Result<Checksums, WebError> {
+    let url = format!("{base}{CHECKSUMS_FILE}");
+    let (status, body) = get(&url, None).await.map_err(|message| WebError::Model {
+        file: url.clone(),
+        message,
+    })?;
+    match status {
+        200 => {}
+        404 => return Err(ManifestError::Missing { location: url }.into()),
+        s => {
+            return Err(WebError::Model {
+                file: url,
+                message: format!("HTTP {s}"),
+            });
+        }
+    }
+    let text = String::from_utf8(body).map_err(|e| WebError::Model {
+        file: url.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Checksums::from_json(&text, &url)?)
 }
 
 /// A sparse mirror of the bank in the origin-private file system: page
@@ -632,6 +658,9 @@ impl ChatEngine {
                 .map_err(js_err)?,
             "config.json",
         )?;
+        // bounds before anything else is fetched or allocated
+        memlayer_core::model::ModelConfig::from_json(&config_json)
+            .map_err(|e| js_err(format!("{base}config.json: {e}")))?;
         let tokenizer_json = text(
             get_file(&format!("{base}tokenizer.json"))
                 .await
@@ -648,6 +677,9 @@ impl ChatEngine {
             tokenizer_json,
             safetensors,
         };
+        progress("verifying the model files (checksums.json)");
+        let checksums = get_checksums(&base).await.map_err(js_err)?;
+        let cfg = files.verify(&checksums).map_err(js_err)?;
         progress("reading the memory bank's page table");
         let url = format!("{base}memory.bank");
         let bank = RemoteBank::open(HttpFetch {
@@ -656,6 +688,8 @@ impl ChatEngine {
         })
         .await
         .map_err(js_err)?;
+        // its shapes fit the config, and it is the bank checksums.json records
+        check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
         // the local copy is named after the bank's table checksum: a rewritten
         // bank never reads pages of an older one
         let h = bank.meta().header;

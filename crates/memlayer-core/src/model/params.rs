@@ -63,7 +63,13 @@ pub struct Param {
 impl Param {
     /// Elements per leading-dimension row (the unit of sparse updates).
     pub fn row_len(&self) -> usize {
-        self.shape.iter().skip(1).product::<usize>().max(1)
+        // a pushed shape's full product fits usize, so this one does too
+        self.shape
+            .iter()
+            .skip(1)
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 }
 
@@ -87,6 +93,19 @@ pub fn hier_name(level: usize) -> String {
 /// Name of the shared value table.
 pub const VALUES: &str = "memory_values.weight";
 
+/// Elements of a tensor of `shape` (the product, checked): an error naming
+/// `name` and the shape when it overflows `usize`.
+pub fn shape_elements(name: &str, shape: &[usize]) -> Result<usize, OracleError> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| {
+            OracleError::InvalidConfig(format!(
+                "parameter {name}: shape {shape:?} has more elements than fit in usize"
+            ))
+        })
+}
+
 impl ParamStore {
     /// Empty store.
     pub fn new() -> Self {
@@ -103,7 +122,7 @@ impl ParamStore {
         group: ParamGroup,
     ) -> Result<(), OracleError> {
         let name = name.into();
-        let n: usize = shape.iter().product();
+        let n = shape_elements(&name, shape)?;
         if data.len() != n {
             return Err(OracleError::InvalidConfig(format!(
                 "parameter {name}: {} values for shape {shape:?}",
@@ -180,10 +199,11 @@ impl ParamStore {
         let (d, v, h) = (cfg.dim, cfg.vocab_size, cfg.ffn_hidden);
         let std = 0.02;
         let out_std = std / (2.0 * cfg.n_layers as f32).sqrt();
+        let n = |name: &str, shape: &[usize]| shape_elements(name, shape);
         s.push(
             "tok_embeddings.weight",
             &[v, d],
-            rng.normal_vec(v * d, 0.0, std),
+            rng.normal_vec(n("tok_embeddings.weight", &[v, d])?, 0.0, std),
             ParamGroup::Dense,
         )?;
         for i in 0..cfg.n_layers {
@@ -195,10 +215,12 @@ impl ParamStore {
             )?;
             for w in ["wq", "wk", "wv", "wo"] {
                 let sd = if w == "wo" { out_std } else { std };
+                let name = layer_name(i, &format!("attention.{w}.weight"));
+                let len = n(&name, &[d, d])?;
                 s.push(
-                    layer_name(i, &format!("attention.{w}.weight")),
+                    name,
                     &[d, d],
-                    rng.normal_vec(d * d, 0.0, sd),
+                    rng.normal_vec(len, 0.0, sd),
                     ParamGroup::Dense,
                 )?;
             }
@@ -240,22 +262,23 @@ impl ParamStore {
                 }
             } else {
                 let f = |r: &str| layer_name(i, &format!("feed_forward.{r}"));
+                let len = n(&f("w1.weight"), &[h, d])?;
                 s.push(
                     f("w1.weight"),
                     &[h, d],
-                    rng.normal_vec(h * d, 0.0, std),
+                    rng.normal_vec(len, 0.0, std),
                     ParamGroup::Dense,
                 )?;
                 s.push(
                     f("w3.weight"),
                     &[h, d],
-                    rng.normal_vec(h * d, 0.0, std),
+                    rng.normal_vec(len, 0.0, std),
                     ParamGroup::Dense,
                 )?;
                 s.push(
                     f("w2.weight"),
                     &[d, h],
-                    rng.normal_vec(d * h, 0.0, out_std),
+                    rng.normal_vec(len, 0.0, out_std),
                     ParamGroup::Dense,
                 )?;
             }
@@ -273,16 +296,13 @@ impl ParamStore {
             for l in 1..=hs.levels {
                 let r = hs.units[l - 1];
                 let rows = hs.rows(l);
-                let mut data = Vec::with_capacity(rows * layers * 3 * r * d);
+                let shape = [rows, layers, 3, r, d];
+                let mut data = Vec::with_capacity(n(&hier_name(l), &shape)?);
+                // rows · layers ≤ the checked product above
                 for _ in 0..rows * layers {
                     data.extend(FfnBlock::init(r, d, &mut rng)?.to_page());
                 }
-                s.push(
-                    hier_name(l),
-                    &[rows, layers, 3, r, d],
-                    data,
-                    ParamGroup::MemoryBlocks,
-                )?;
+                s.push(hier_name(l), &shape, data, ParamGroup::MemoryBlocks)?;
             }
         }
         s.push("norm.weight", &[d], vec![1.0; d], ParamGroup::NoDecay)?;
@@ -290,7 +310,7 @@ impl ParamStore {
             s.push(
                 "output.weight",
                 &[v, d],
-                rng.normal_vec(v * d, 0.0, std),
+                rng.normal_vec(n("output.weight", &[v, d])?, 0.0, std),
                 ParamGroup::Dense,
             )?;
         }
@@ -356,7 +376,7 @@ impl ParamStore {
             if !keep(&name) {
                 continue;
             }
-            let n = shape.iter().product();
+            let n = shape_elements(&name, &shape)?;
             let group = if name == VALUES {
                 ParamGroup::MemoryValues
             } else if Self::is_memory_name(&name) {
@@ -560,6 +580,31 @@ mod tests {
             msg.contains("tok_embeddings.weight") && msg.contains("expected F32 [37, 32]"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn shapes_that_overflow_are_errors_not_panics() {
+        let mut s = ParamStore::new();
+        let err = s
+            .push("huge", &[1 << 40, 1 << 40], Vec::new(), ParamGroup::Dense)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("huge") && err.contains("usize"), "{err}");
+        assert!(shape_elements("x", &[usize::MAX, 2]).is_err());
+        assert_eq!(shape_elements("x", &[3, 0, usize::MAX]).unwrap(), 0);
+        assert_eq!(shape_elements("x", &[]).unwrap(), 1);
+        // a config whose sizes multiply past usize is refused by every constructor
+        let mut cfg = tiny(true, true);
+        cfg.vocab_size = 1 << 62;
+        for r in [
+            ParamStore::init(&cfg, 1).map(|_| ()),
+            ParamStore::zeros(&cfg).map(|_| ()),
+            ParamStore::dense_zeros(&cfg).map(|_| ()),
+            ParamStore::shapes(&cfg).map(|_| ()),
+        ] {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("vocab_size"), "{e}");
+        }
     }
 
     #[test]

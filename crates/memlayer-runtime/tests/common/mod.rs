@@ -44,3 +44,70 @@ pub fn dense_of(cfg: &ModelConfig, store: &ParamStore) -> ParamStore {
     }
     dense
 }
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct ScratchDir(pub std::path::PathBuf);
+
+impl ScratchDir {
+    /// `memlayer-<name>-<pid>`, emptied first.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("memlayer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// `name` inside it.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Vocabulary of [`tiny_tokenizer`] (256 bytes + EOS + merges).
+pub const TINY_VOCAB: usize = 270;
+
+/// A byte-level BPE of [`TINY_VOCAB`] tokens trained on a few sentences.
+pub fn tiny_tokenizer() -> memlayer_train::data::tokenizer::Tokenizer {
+    let texts = [
+        "The city where Ada was born is Paris.",
+        "The field that Bo works in is chemistry.",
+        "The city where Cy was born is Lima.",
+    ];
+    memlayer_train::data::tokenizer::train_bpe(&texts[..], TINY_VOCAB, &[]).unwrap()
+}
+
+/// [`cfg`] with the vocabulary of [`tiny_tokenizer`] (a model a directory
+/// can hold and a generator can run).
+pub fn dir_cfg(hier: bool) -> ModelConfig {
+    ModelConfig {
+        vocab_size: TINY_VOCAB,
+        ..cfg(hier)
+    }
+}
+
+/// Exports a product-key model of `cfg` with parameters drawn from `seed`
+/// into `dir` (`memlayer_train::model_dir::export`: config, dense weights,
+/// bank, tokenizer, checksums.json last).
+pub fn export_model_dir(dir: &std::path::Path, cfg: &ModelConfig, seed: u64) -> ParamStore {
+    assert!(cfg.hier.is_none(), "routing files are not built here");
+    let store = ParamStore::init(cfg, seed).unwrap();
+    let tokenizer = tiny_tokenizer();
+    memlayer_train::model_dir::export(
+        cfg,
+        &store,
+        dir,
+        &memlayer_train::model_dir::ExportParts {
+            tokenizer: &tokenizer,
+            routing: None,
+            bank_dtype: memlayer_core::bank::Dtype::F32,
+        },
+    )
+    .unwrap();
+    store
+}

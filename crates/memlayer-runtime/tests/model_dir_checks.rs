@@ -190,7 +190,11 @@ fn a_directory_without_checksums_is_refused_with_the_fix() {
         let err = err.expect("no checksums.json");
         assert_has(
             &err,
-            &["checksums.json is missing", "write_checksums", "Re-export"],
+            &[
+                "checksums.json is missing",
+                "memlayer checksums DIR",
+                "Re-export",
+            ],
         );
     }
     // recording them makes it load again

@@ -177,20 +177,20 @@ impl SourceSpec {
     pub fn is_remote(&self) -> bool {
         matches!(self, Self::Url(_))
     }
-}
 
-/// The page source a `--source` names.
-pub fn open_source(dir: &Path, source: &str) -> Result<Box<dyn PageSource>> {
-    match SourceSpec::parse(dir, source)? {
-        SourceSpec::Url(url) => {
-            let s = memlayer_http::HttpSource::open(&url)
-                .with_context(|| format!("opening the bank at {url}"))?;
-            Ok(Box::new(s))
-        }
-        SourceSpec::Path(path) => {
-            let s =
-                FileSource::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            Ok(Box::new(s))
+    /// Opens the page source.
+    pub fn open(&self) -> Result<Box<dyn PageSource>> {
+        match self {
+            Self::Url(url) => {
+                let s = memlayer_http::HttpSource::open(url)
+                    .with_context(|| format!("opening the bank at {url}"))?;
+                Ok(Box::new(s))
+            }
+            Self::Path(path) => {
+                let s = FileSource::open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                Ok(Box::new(s))
+            }
         }
     }
 }
@@ -227,7 +227,8 @@ pub struct Opened {
 /// Opens `dir` with its memory paged per `args` (`prefetch`: reserve block prefetch).
 pub fn open_paged(dir: &Path, args: &MemoryArgs, prefetch: bool) -> Result<Opened> {
     let (device, ops, pool) = runtime_device(args.backend)?;
-    let src = open_source(dir, &args.source)?;
+    let spec = SourceSpec::parse(dir, &args.source)?;
+    let src = spec.open()?;
     let location = src.describe();
     let bank = BankReader::open(src).with_context(|| format!("reading the bank at {location}"))?;
     let bank_bytes = memlayer_runtime::resident_bytes(&bank);
@@ -236,7 +237,7 @@ pub fn open_paged(dir: &Path, args: &MemoryArgs, prefetch: bool) -> Result<Opene
         (None, Some(p)) => (bank_bytes as f64 * p / 100.0) as u64,
         (None, None) => bank_bytes,
     };
-    let remote = SourceSpec::parse(dir, &args.source)?.is_remote();
+    let remote = spec.is_remote();
     let fetch_threads = match args.fetch_threads {
         0 if remote => 8,
         0 => 1,
@@ -249,7 +250,7 @@ pub fn open_paged(dir: &Path, args: &MemoryArgs, prefetch: bool) -> Result<Opene
         device: pool,
     };
     drop(bank);
-    let src = open_source(dir, &args.source)?;
+    let src = spec.open()?;
     let (generator, memory) = memlayer_runtime::open_paged(dir, Some(src), opts, &device, ops)
         .with_context(|| format!("opening {}", dir.display()))?;
     Ok(Opened {

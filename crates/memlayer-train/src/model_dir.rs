@@ -185,11 +185,15 @@ fn write_bank_layout(
     w.finish().map_err(|e| io(path, e))
 }
 
-/// Reads the memory parameters of `store` back from a bank (every page,
-/// checksums verified).
-pub fn read_bank(cfg: &ModelConfig, store: &mut ParamStore, path: &Path) -> Result<(), TrainError> {
-    let src = FileSource::open(path).map_err(|e| io(path, e))?;
-    let reader = BankReader::open(src).map_err(|e| io(path, e))?;
+/// Reads the memory parameters of `store` back from an opened bank (every
+/// page, checksums verified; [`load`] checks the bank with [`check_bank`]
+/// first).
+pub fn read_bank<S: PageSource>(
+    cfg: &ModelConfig,
+    store: &mut ParamStore,
+    reader: &BankReader<S>,
+) -> Result<(), TrainError> {
+    let path = Path::new(reader.location());
     let mut section = 0usize;
     let mut fill = |name: &str, section: usize| -> Result<(), TrainError> {
         let info = *reader
@@ -403,8 +407,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
         let src = FileSource::open(&path).map_err(|e| io(&path, e))?;
         let bank = BankReader::open(src).map_err(|e| io(&path, e))?;
         check_bank(&config, &dense.checksums, &bank)?;
-        drop(bank);
-        read_bank(&config, &mut store, &path)?;
+        read_bank(&config, &mut store, &bank)?;
     }
     Ok(LoadedModel {
         config,
@@ -425,8 +428,9 @@ pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
     // bounds first: a hostile config is named before anything is hashed
     let cfg_path = dir.join("config.json");
     let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io(&cfg_path, e))?;
-    let text = utf8(&cfg_path, cfg_bytes.clone())?;
-    let config = ModelConfig::from_json(&text).map_err(|e| io(&cfg_path, e))?;
+    let text =
+        std::str::from_utf8(&cfg_bytes).map_err(|e| io(&cfg_path, format!("not UTF-8: {e}")))?;
+    let config = ModelConfig::from_json(text).map_err(|e| io(&cfg_path, e))?;
     let sums = read_checksums(dir)?;
     sums.verify_file("config.json", &cfg_bytes)
         .map_err(|e| io(&cfg_path, e))?;

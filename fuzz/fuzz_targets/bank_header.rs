@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use memlayer_core::bank::format::{checksum, meta_len};
-use memlayer_core::bank::{BankMeta, BankReader, MemSource};
+use memlayer_bank::format::{checksum, meta_len};
+use memlayer_bank::{BankMeta, BankReader, MemSource};
 
 fn exercise(data: &[u8]) {
     let parsed = BankMeta::parse(data, "fuzz");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use memlayer_core::bank::{BankFileWriter, BankLayout, DEFAULT_PAGE_ALIGN, Dtype, SectionSpec};
+use memlayer_bank::{BankFileWriter, BankLayout, DEFAULT_PAGE_ALIGN, Dtype, SectionSpec};
 use memlayer_core::rng::Rng;
 
 /// Bank subcommands.

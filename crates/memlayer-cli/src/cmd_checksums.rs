@@ -16,9 +16,7 @@ pub struct ChecksumsArgs {
 pub fn run(args: ChecksumsArgs) -> Result<()> {
     let sums = memlayer_train::model_dir::write_checksums(&args.dir)
         .with_context(|| format!("recording the checksums of {}", args.dir.display()))?;
-    let path = args
-        .dir
-        .join(memlayer_core::model::manifest::CHECKSUMS_FILE);
+    let path = args.dir.join(memlayer_model_dir::manifest::CHECKSUMS_FILE);
     println!("wrote {}", path.display());
     print!("{}", sums.to_json());
     Ok(())

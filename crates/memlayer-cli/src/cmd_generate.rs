@@ -5,7 +5,7 @@ use crate::cmd_train::Backend;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::Args;
-use memlayer_core::bank::{BankReader, FileSource, PageSource};
+use memlayer_bank::{BankReader, FileSource, PageSource};
 use memlayer_model::MemoryOps;
 use memlayer_runtime::paged::{MAX_FETCH_THREADS, PagedMemory, PagedOptions, PoolDevice};
 use memlayer_runtime::{Generation, Generator, MemoryStats, Sampling};

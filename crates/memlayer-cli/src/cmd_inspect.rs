@@ -3,7 +3,7 @@
 //! checks that the padding between the table and the pages is zero.
 
 use clap::Args;
-use memlayer_core::bank::{BankReader, FileSource, PageEntry, SectionInfo, SectionKind};
+use memlayer_bank::{BankReader, FileSource, PageEntry, SectionInfo, SectionKind};
 
 /// Arguments of `memlayer inspect`.
 #[derive(Args)]

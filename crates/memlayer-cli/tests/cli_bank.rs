@@ -6,7 +6,7 @@ use common::*;
 use std::path::Path;
 use std::process::Output;
 
-use memlayer_core::bank::{BankReader, Dtype, FileSource, round_trip};
+use memlayer_bank::{BankReader, Dtype, FileSource, round_trip};
 use memlayer_core::rng::Rng;
 
 fn synth(path: &Path, rows: u64, dim: u32, page_rows: u32, dtype: &str, seed: u64) -> String {

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use memlayer_core::bank::format::encode_header;
-use memlayer_core::bank::{BankReader, FileSource, HEADER_LEN, Header, PAGE_ENTRY_LEN, VERSION};
+use memlayer_bank::format::encode_header;
+use memlayer_bank::{BankReader, FileSource, HEADER_LEN, Header, PAGE_ENTRY_LEN, VERSION};
 
 const TIB: u64 = 1 << 40;
 /// Generous bound for one `memlayer inspect` run (they take milliseconds).

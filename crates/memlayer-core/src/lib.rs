@@ -1,13 +1,12 @@
-//! memlayer-core: the CPU oracle (truth for every backend), the paged bank
-//! format, page sources and the device-agnostic page cache policy.
+//! memlayer-core: the CPU oracle (truth for every backend) and the model's
+//! configuration and parameters. The bank lives in `memlayer-bank`, the model
+//! directory in `memlayer-model-dir`.
 //!
 //! No GPU code lives here and the crate builds for `wasm32-unknown-unknown`.
 //! Tensors are plain row-major `Vec<f32>` / slices; every function documents
 //! the shapes it expects.
 
 pub mod bag;
-pub mod bank;
-pub mod cache;
 pub mod error;
 pub mod hier;
 pub mod interop;

@@ -204,7 +204,7 @@ impl<T: Storage> Rows for Table<'_, T> {
 /// page. `page_to_slot[page]` is the slot holding the page; slot `s` is page
 /// `s % slots_per_buffer` of buffer `s / slots_per_buffer`, and each slot is
 /// `page_rows * dim` elements. A slot that is not backed by a buffer (e.g.
-/// [`memlayer_core::cache::NO_SLOT`]) marks a non-resident page.
+/// [`memlayer_bank::cache::NO_SLOT`]) marks a non-resident page.
 #[derive(Clone, Copy, Debug)]
 pub struct PagedTable<'a, T> {
     rows: usize,

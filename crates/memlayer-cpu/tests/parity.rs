@@ -153,7 +153,7 @@ fn check_paged<T: Storage>(seed: u64, rows: usize, dim: usize, page_rows: usize,
     }
     // a page that is not resident fails loudly
     let mut holes = page_to_slot.to_vec();
-    holes[3] = memlayer_core::cache::NO_SLOT;
+    holes[3] = memlayer_bank::cache::NO_SLOT;
     let paged = PagedTable::new(rows, dim, page_rows, &holes, spb, &buf_refs).unwrap();
     let mut out = vec![0.0; dim];
     let err =

@@ -2,9 +2,9 @@
 //!
 //! Two independent parts:
 //!
-//! 1. [`HttpSource`], a [`memlayer_core::bank::PageSource`] that reads a
+//! 1. [`HttpSource`], a [`memlayer_bank::PageSource`] that reads a
 //!    bank file with HTTP `Range` requests, so
-//!    [`memlayer_core::bank::BankReader`] can stream pages from any static
+//!    [`memlayer_bank::BankReader`] can stream pages from any static
 //!    file server that honours ranges.
 //! 2. [`Server`], a small static file server with `Range` support, used by
 //!    `memlayer serve` to publish bank directories (and the web demo) on a
@@ -18,7 +18,7 @@
 //! `Content-Range`. A server that answers that probe with `200` (the whole
 //! file) fails the open with "the server does not support Range requests".
 //!
-//! Each [`read_at`](memlayer_core::bank::PageSource::read_at) is one `GET`
+//! Each [`read_at`](memlayer_bank::PageSource::read_at) is one `GET`
 //! with `Range: bytes=start-end`. The reply must be `206`, carry a
 //! `Content-Range` of exactly `start-end` for a file of the length seen at
 //! open (or `*`), no content encoding, and exactly `end - start + 1` body
@@ -99,7 +99,7 @@
 //! - With [`ServeConfig::verbose`], one line per request on stderr.
 //!
 //! ```no_run
-//! use memlayer_core::bank::BankReader;
+//! use memlayer_bank::BankReader;
 //! use memlayer_http::{HttpSource, ServeConfig, Server};
 //!
 //! let server = Server::start(ServeConfig::new("127.0.0.1:0".parse()?).mount("/model/", "out"))?;
@@ -121,4 +121,4 @@ pub use serve::{
 pub use source::{HttpOptions, HttpSource, HttpStats};
 
 #[doc(no_inline)]
-pub use memlayer_core::bank::SourceError;
+pub use memlayer_bank::SourceError;

@@ -4,7 +4,7 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use memlayer_core::bank::{PageSource, SourceError};
+use memlayer_bank::{PageSource, SourceError};
 use ureq::http::{HeaderMap, StatusCode};
 
 use crate::range::{parse_content_range, parse_unsatisfied_length};

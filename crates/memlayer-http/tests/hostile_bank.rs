@@ -12,8 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use memlayer_core::bank::format::{encode_header, encode_section};
-use memlayer_core::bank::{
+use memlayer_bank::format::{encode_header, encode_section};
+use memlayer_bank::{
     BankError, BankReader, Dtype, HEADER_LEN, Header, MAX_TABLE_LEN, PAGE_ENTRY_LEN,
     READ_CHUNK_LEN, SectionInfo, SectionSpec, VERSION,
 };
@@ -180,10 +180,7 @@ fn options() -> HttpOptions {
 /// Opens the server's bank; the error must be a `BankError` naming the URL.
 fn open_err(server: &Hostile) -> BankError {
     let source = HttpSource::open_with(server.url(), options()).expect("the HTTP open succeeds");
-    assert_eq!(
-        memlayer_core::bank::PageSource::len(&source).expect("len"),
-        TIB
-    );
+    assert_eq!(memlayer_bank::PageSource::len(&source).expect("len"), TIB);
     let err = match BankReader::open(source) {
         Err(e) => e,
         Ok(bank) => panic!("opened a hostile bank: {:?}", bank.header()),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use memlayer_core::bank::{
+use memlayer_bank::{
     BankError, BankFileWriter, BankLayout, BankReader, Dtype, FileSource, PageSource, SectionSpec,
     SourceError,
 };

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use memlayer_core::bank::PageSource;
+use memlayer_bank::PageSource;
 use memlayer_http::{HttpOptions, HttpSource, ServeConfig, Server, ServerHandle};
 
 // ---------------------------------------------------------------- helpers

@@ -4,8 +4,8 @@
 use memlayer_core::rng::Rng;
 pub use memlayer_core::sample::{Sampling, new_token_budget, pick};
 use memlayer_model::{KvCache, Model, ModelError};
-use memlayer_train::data::tokenizer::Tokenizer;
-use memlayer_train::prepare::Routing;
+use memlayer_model_dir::Routing;
+use memlayer_model_dir::Tokenizer;
 use std::time::Instant;
 
 /// The result of one generation.
@@ -50,7 +50,7 @@ impl Generator {
     /// Block rows of the context `text` (one per level), when the model has
     /// a hierarchical memory.
     pub fn route(&self, text: &str) -> Result<Option<Vec<usize>>, ModelError> {
-        memlayer_train::eval::route(self.model.config(), self.routing.as_ref(), text)
+        memlayer_model_dir::route(self.model.config(), self.routing.as_ref(), text)
             .map_err(|e| ModelError::Input(e.to_string()))
     }
 
@@ -66,7 +66,7 @@ impl Generator {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation, ModelError> {
         let t0 = Instant::now();
-        let tok_err = |e: memlayer_train::data::DataError| ModelError::Input(e.to_string());
+        let tok_err = |e: memlayer_model_dir::ModelDirError| ModelError::Input(e.to_string());
         sampling.validate().map_err(ModelError::Input)?;
         let ids = self.tokenizer.encode(prompt).map_err(tok_err)?;
         let cfg = self.model.config();

@@ -20,7 +20,7 @@ pub mod paged;
 pub mod pool;
 
 use burn::tensor::Device;
-use memlayer_core::bank::{BankReader, FileSource, PageSource};
+use memlayer_bank::{BankReader, FileSource, PageSource};
 use memlayer_model::{MemoryOps, Model, ModelError};
 use paged::{PagedMemory, PagedOptions};
 use std::path::Path;
@@ -37,7 +37,7 @@ fn load_err(e: impl std::fmt::Display) -> ModelError {
 /// file and page verified, the bank checked against the config and the
 /// checksums as in [`open_paged`]): the reference a paged run is compared with.
 pub fn open_resident(dir: &Path, device: &Device, ops: MemoryOps) -> Result<Generator, ModelError> {
-    let m = memlayer_train::model_dir::load(dir).map_err(load_err)?;
+    let m = memlayer_model_dir::dir::load(dir).map_err(load_err)?;
     let model = Model::new(&m.config, &m.store, device, ops, false)?;
     Ok(Generator {
         model,
@@ -52,7 +52,7 @@ pub fn open_resident(dir: &Path, device: &Device, ops: MemoryOps) -> Result<Gene
 /// Refused before anything runs (errors name the field or file and both
 /// values): a config out of bounds, a directory without `checksums.json` or
 /// whose files differ from it, a bank whose sections do not fit the config
-/// (`memlayer_core::model::check_bank_fits`) or that is not the bank the
+/// (`memlayer_model_dir::check_bank_fits`) or that is not the bank the
 /// checksums record (another model's, even of the same shape).
 pub fn open_paged(
     dir: &Path,
@@ -61,7 +61,7 @@ pub fn open_paged(
     device: &Device,
     ops: MemoryOps,
 ) -> Result<(Generator, Arc<PagedMemory>), ModelError> {
-    let m = memlayer_train::model_dir::load_dense(dir).map_err(load_err)?;
+    let m = memlayer_model_dir::dir::load_dense(dir).map_err(load_err)?;
     let source: Box<dyn PageSource> = match source {
         Some(s) => s,
         None => {
@@ -72,7 +72,7 @@ pub fn open_paged(
     let bank = BankReader::open(source).map_err(load_err)?;
     // before a single page is used: the bank's shapes fit config.json, and it
     // is the bank checksums.json records (not another model's, whatever the source)
-    memlayer_train::model_dir::check_bank(&m.config, &m.checksums, &bank).map_err(load_err)?;
+    memlayer_model_dir::dir::check_bank(&m.config, &m.checksums, &bank).map_err(load_err)?;
     let memory = Arc::new(PagedMemory::new(bank, opts)?);
     let model = Model::with_memory(&m.config, &m.store, device, ops, memory.clone())?;
     Ok((

@@ -20,8 +20,8 @@
 
 use crate::pool::{HostPool, MISSING, SlotPool};
 use burn::tensor::{Device, Tensor, TensorData};
-use memlayer_core::bank::{BankReader, PageId, PageSource, SectionInfo, SectionKind};
-use memlayer_core::cache::{BagRun, CacheError, CacheStats, PageCache, bag_runs};
+use memlayer_bank::cache::{BagRun, CacheError, CacheStats, PageCache, bag_runs};
+use memlayer_bank::{BankReader, PageId, PageSource, SectionInfo, SectionKind};
 use memlayer_model::{MemorySource, ModelError};
 use serde::Serialize;
 use std::collections::HashSet;

@@ -6,7 +6,7 @@
 //! pools sum in the oracle's order, so a bag through a pool is bit-identical
 //! to the bag over the full table (`memlayer_core::bag::bag_forward`).
 
-use memlayer_core::cache::NO_SLOT;
+use memlayer_bank::cache::NO_SLOT;
 
 /// Errors of a pool.
 pub type PoolError = String;

@@ -8,12 +8,12 @@ mod common;
 use common::{ScratchDir, dir_cfg, export_model_dir};
 
 use burn::tensor::Device;
-use memlayer_core::bank::{BankReader, Dtype, FileSource, PageSource};
+use memlayer_bank::{BankReader, Dtype, FileSource, PageSource};
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_model::MemoryOps;
+use memlayer_model_dir::dir::{load, load_dense, write_bank, write_checksums};
 use memlayer_runtime::paged::PagedOptions;
 use memlayer_runtime::{Generator, Sampling, open_paged, open_resident};
-use memlayer_train::model_dir::{load, load_dense, write_bank, write_checksums};
 use std::path::{Path, PathBuf};
 
 fn file(path: &Path) -> Option<Box<dyn PageSource>> {
@@ -271,5 +271,5 @@ fn the_shipped_demo_model_has_current_checksums() {
     );
     let d = load_dense(&demo).unwrap();
     let bank = BankReader::open(FileSource::open(demo.join("memory.bank")).unwrap()).unwrap();
-    memlayer_train::model_dir::check_bank(&d.config, &d.checksums, &bank).unwrap();
+    memlayer_model_dir::dir::check_bank(&d.config, &d.checksums, &bank).unwrap();
 }

@@ -7,7 +7,7 @@ mod common;
 use common::{cfg, dense_of};
 
 use burn::tensor::Device;
-use memlayer_core::bank::{BankReader, Dtype, FileSource, MemSource, PageSource, SourceError};
+use memlayer_bank::{BankReader, Dtype, FileSource, MemSource, PageSource, SourceError};
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::rng::Rng;
 use memlayer_model::{KvCache, MemoryOps, MemoryReads, Model};
@@ -47,7 +47,7 @@ fn fixture(hier: bool, name: &str) -> Fixture {
     let dir = std::env::temp_dir().join(format!("memlayer-paged-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bank = dir.join("memory.bank");
-    memlayer_train::model_dir::write_bank_with(&cfg, &store, &bank, Dtype::F32, PAGE_ROWS).unwrap();
+    memlayer_model_dir::dir::write_bank_with(&cfg, &store, &bank, Dtype::F32, PAGE_ROWS).unwrap();
     Fixture {
         cfg,
         store,

@@ -7,7 +7,7 @@ mod common;
 use common::{cfg, dense_of};
 
 use burn::tensor::Device;
-use memlayer_core::bank::{BankReader, Dtype, PageSource};
+use memlayer_bank::{BankReader, Dtype, PageSource};
 use memlayer_core::model::ParamStore;
 use memlayer_core::rng::Rng;
 use memlayer_http::{HttpOptions, HttpSource};
@@ -103,9 +103,9 @@ fn http_500_and_timeouts_name_the_page_and_the_url() {
     let dir = std::env::temp_dir().join(format!("memlayer-paged-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("memory.bank");
-    memlayer_train::model_dir::write_bank_with(&cfg, &store, &path, Dtype::F32, 4).unwrap();
+    memlayer_model_dir::dir::write_bank_with(&cfg, &store, &path, Dtype::F32, 4).unwrap();
     let bytes = Arc::new(std::fs::read(&path).unwrap());
-    let file = memlayer_core::bank::FileSource::open(&path).unwrap();
+    let file = memlayer_bank::FileSource::open(&path).unwrap();
     let reader = BankReader::open(file).unwrap();
     let device = Device::flex();
     let resident = Model::new(&cfg, &store, &device, MemoryOps::Portable, false).unwrap();

@@ -89,21 +89,13 @@ pub fn majority_values(facts: &FactsDataset) -> Vec<String> {
         .collect()
 }
 
-/// Block rows (one per level) for a text, or `None` without hierarchical memory.
+/// Block rows of the context `text` ([`memlayer_model_dir::routing::route`]).
 pub fn route(
     cfg: &ModelConfig,
     routing: Option<&Routing>,
     text: &str,
 ) -> Result<Option<Vec<usize>>, TrainError> {
-    match (&cfg.hier, routing) {
-        (Some(_), Some(r)) => Ok(Some(
-            r.path(text)?.into_iter().map(|x| x as usize).collect(),
-        )),
-        (Some(_), None) => Err(TrainError::Other(
-            "the model has a hierarchical memory but no retriever/tree".into(),
-        )),
-        _ => Ok(None),
-    }
+    Ok(memlayer_model_dir::routing::route(cfg, routing, text)?)
 }
 
 /// Whether greedy decoding after `q.prompt` produces `" " + q.answer`.

@@ -9,12 +9,14 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod experiment;
-pub mod model_dir;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
 pub mod prepare;
 pub mod trainer;
+
+/// The model directory (`memlayer-model-dir`): training exports into it.
+pub use memlayer_model_dir::dir as model_dir;
 
 pub use config::{DataSpec, PRESETS, TrainConfig};
 pub use pipeline::{RunReport, eval_dir, train_and_report};

@@ -9,7 +9,7 @@ use crate::eval::{EvalReport, evaluate, sample_queries};
 use crate::model_dir::{ExportParts, export, load};
 use crate::plot::{Series, line_chart};
 use crate::trainer::{StepRecord, TrainError, TrainOptions, train};
-use memlayer_core::bank::Dtype;
+use memlayer_bank::Dtype;
 use memlayer_core::model::ParamCounts;
 use memlayer_model::{MemoryOps, Model};
 use serde::{Deserialize, Serialize};

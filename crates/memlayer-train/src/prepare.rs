@@ -16,30 +16,7 @@ use memlayer_core::hier::cluster::{ClusterConfig, ClusterTree};
 use memlayer_core::model::HierRouting;
 use memlayer_core::rng::Rng;
 
-/// Routing of contexts to memory blocks: the retriever and the tree built
-/// over the training contexts' embeddings, and for
-/// [`HierRouting::NearestContext`] the index of the training contexts.
-#[derive(Clone, Debug)]
-pub struct Routing {
-    /// Embeds a context.
-    pub retriever: TfIdfRetriever,
-    /// Cluster tree of the training contexts.
-    pub tree: ClusterTree,
-    /// Nearest-training-context index (`None`: greedy descent).
-    pub index: Option<ContextIndex>,
-}
-
-impl Routing {
-    /// Tree path (node id per level) of `text`: the nearest training
-    /// context's path when there is an index and `text` shares a term with
-    /// it, else greedy descent.
-    pub fn path(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        if let Some(p) = self.index.as_ref().and_then(|i| i.path(text)) {
-            return Ok(p);
-        }
-        Ok(self.tree.path(&self.retriever.embed(text))?)
-    }
-}
+pub use memlayer_model_dir::routing::Routing;
 
 /// Prepared data of a run.
 #[derive(Clone, Debug)]

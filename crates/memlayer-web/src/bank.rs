@@ -7,8 +7,8 @@
 //! native tests take through the same code.
 
 use crate::WebError;
-use memlayer_core::bank::format::parse_header;
-use memlayer_core::bank::{
+use memlayer_bank::format::parse_header;
+use memlayer_bank::{
     BankError, BankMeta, HEADER_LEN, PageEntry, PageId, PageSource, SectionInfo, TableParser,
 };
 
@@ -68,7 +68,7 @@ pub const MAX_RUN_BYTES: u64 = 1 << 20;
 /// (4 MiB, ~175k pages: one request for most banks). Each request costs a
 /// round trip in the browser, so this is larger than the native reader's
 /// chunk; the table as a whole is capped by
-/// [`memlayer_core::bank::MAX_TABLE_LEN`] before anything is requested.
+/// [`memlayer_bank::MAX_TABLE_LEN`] before anything is requested.
 pub const TABLE_RANGE_BYTES: u64 = 4 << 20;
 
 /// Splits `pages` (in the given order) into runs of consecutive entries
@@ -126,7 +126,7 @@ impl<F: PageFetch> RemoteBank<F> {
     /// [`BankMeta::parse`] and the native reader).
     ///
     /// A header whose table would exceed
-    /// [`memlayer_core::bank::MAX_TABLE_LEN`] fails with
+    /// [`memlayer_bank::MAX_TABLE_LEN`] fails with
     /// `BankError::TableTooLarge` before any of the table is requested.
     pub async fn open(fetch: F) -> Result<Self, WebError> {
         let location = fetch.location();
@@ -272,8 +272,8 @@ impl<F: PageFetch> RemoteBank<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use memlayer_core::bank::format::encode_header;
-    use memlayer_core::bank::{
+    use memlayer_bank::format::encode_header;
+    use memlayer_bank::{
         BankLayout, BankWriter, Dtype, Header, MAX_TABLE_LEN, MemSource, SectionSpec, VERSION,
     };
     use std::cell::RefCell;

@@ -8,9 +8,10 @@ use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
 use crate::decoder::Decoder;
 use crate::memory::{DeviceMemory, MemoryStats};
-use memlayer_core::model::{Checksums, ModelConfig, ParamStore, check_bank_fits};
+use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::rng::Rng;
 use memlayer_core::sample::{Sampling, new_token_budget, pick};
+use memlayer_model_dir::{Checksums, check_bank_fits};
 use memlayer_wgpu::GpuContext;
 use serde::Serialize;
 use std::str::FromStr;
@@ -286,7 +287,7 @@ impl<F: PageFetch> Engine<F> {
 mod tests {
     use super::*;
     use crate::bank::SourceFetch;
-    use memlayer_core::bank::{BankLayout, BankWriter, Dtype, FileSource, MemSource, SectionSpec};
+    use memlayer_bank::{BankLayout, BankWriter, Dtype, FileSource, MemSource, SectionSpec};
     use std::path::{Path, PathBuf};
 
     fn demo() -> PathBuf {

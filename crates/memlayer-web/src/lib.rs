@@ -42,7 +42,7 @@ pub enum WebError {
     },
     /// The bank's bytes are invalid (checksum, truncation, table).
     #[error(transparent)]
-    Bank(#[from] memlayer_core::bank::BankError),
+    Bank(#[from] memlayer_bank::BankError),
     /// Fetching bank bytes failed.
     #[error("fetching {what} from {location}: {message}")]
     Fetch {
@@ -62,10 +62,10 @@ pub enum WebError {
     /// The model directory's checksums are missing, or a file or the bank
     /// is not what `checksums.json` records.
     #[error(transparent)]
-    Manifest(#[from] memlayer_core::model::ManifestError),
+    Manifest(#[from] memlayer_model_dir::ManifestError),
     /// The bank's sections do not fit the model's config.
     #[error(transparent)]
-    BankFit(#[from] memlayer_core::model::BankFitError),
+    BankFit(#[from] memlayer_model_dir::BankFitError),
     /// Bad input (prompt, budget, model kind).
     #[error("{0}")]
     Input(String),

@@ -19,8 +19,8 @@
 
 use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
-use memlayer_core::bank::{PageId, SectionInfo, SectionKind, decode_into};
-use memlayer_core::cache::{BagRun, NO_SLOT, PageCache, bag_runs};
+use memlayer_bank::cache::{BagRun, NO_SLOT, PageCache, bag_runs};
+use memlayer_bank::{PageId, SectionInfo, SectionKind, decode_into};
 use memlayer_core::model::ModelConfig;
 use memlayer_core::pkm::{self, PkmConfig, PkmParams};
 use memlayer_wgpu::bag_forward::BagForward;

@@ -7,9 +7,9 @@ use crate::bank::{FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, adjacent_ru
 use crate::engine::{Engine, ModelFiles, check_bank, value_table_bytes};
 use crate::memory::MemoryStats;
 use js_sys::{Function, Promise, Reflect, Uint8Array};
-use memlayer_core::bank::{PageEntry, PageId};
-use memlayer_core::model::manifest::{CHECKSUMS_FILE, Checksums, ManifestError};
+use memlayer_bank::{PageEntry, PageId};
 use memlayer_core::sample::Sampling;
+use memlayer_model_dir::manifest::{CHECKSUMS_FILE, Checksums, ManifestError};
 use memlayer_wgpu::{GpuContext, GpuOptions};
 use serde::Serialize;
 use std::cell::{Cell, RefCell};
@@ -336,7 +336,7 @@ impl PageFetch for HttpFetch {
             LocalCopy::Opfs(m) => {
                 for (i, (_, e)) in pages.iter().enumerate() {
                     let bytes = m.read_at(e.offset, e.length);
-                    if memlayer_core::bank::format::checksum(&bytes) == e.checksum {
+                    if memlayer_bank::format::checksum(&bytes) == e.checksum {
                         out[i] = Some(Ok(FetchedPage {
                             bytes,
                             from_cache: true,

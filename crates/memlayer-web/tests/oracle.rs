@@ -2,7 +2,7 @@
 //! (lavapipe in CI) with pages read through the same `RemoteBank` code,
 //! against `memlayer-core`'s reference forward of the fully resident model.
 
-use memlayer_core::bank::{
+use memlayer_bank::{
     BankLayout, BankWriter, Dtype, FileSource, MemSource, PageEntry, PageId, SectionSpec,
 };
 use memlayer_core::model::reference;
@@ -225,7 +225,7 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
     let last = &want[3 * cfg.vocab_size..];
 
     // 1. a corrupt page on the network: the error names the page and checksum
-    let meta = memlayer_core::bank::BankMeta::parse(&bytes, "x").expect("meta");
+    let meta = memlayer_bank::BankMeta::parse(&bytes, "x").expect("meta");
     let mut bad = bytes.clone();
     for e in &meta.pages {
         bad[e.offset as usize] ^= 0x40;
@@ -376,10 +376,9 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
 
     // the reference: dense weights + every value row read from the bank
     let mut full = files.dense_weights(&cfg).expect("dense");
-    let reader = memlayer_core::bank::BankReader::open(
-        FileSource::open(dir.join("memory.bank")).expect("bank"),
-    )
-    .expect("reader");
+    let reader =
+        memlayer_bank::BankReader::open(FileSource::open(dir.join("memory.bank")).expect("bank"))
+            .expect("reader");
     let mut values = Vec::new();
     for p in 0..reader.page_count() {
         values.extend(reader.read_page_f32(p).expect("page"));

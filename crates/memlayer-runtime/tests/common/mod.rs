@@ -72,14 +72,13 @@ impl Drop for ScratchDir {
 /// Vocabulary of [`tiny_tokenizer`] (256 bytes + EOS + merges).
 pub const TINY_VOCAB: usize = 270;
 
-/// A byte-level BPE of [`TINY_VOCAB`] tokens trained on a few sentences.
-pub fn tiny_tokenizer() -> memlayer_train::data::tokenizer::Tokenizer {
-    let texts = [
-        "The city where Ada was born is Paris.",
-        "The field that Bo works in is chemistry.",
-        "The city where Cy was born is Lima.",
-    ];
-    memlayer_train::data::tokenizer::train_bpe(&texts[..], TINY_VOCAB, &[]).unwrap()
+/// A byte-level BPE of [`TINY_VOCAB`] tokens (`tests/fixtures/tiny_tokenizer.json`,
+/// written by `memlayer-train`'s `train_bpe` on three fact sentences).
+pub fn tiny_tokenizer() -> memlayer_model_dir::Tokenizer {
+    let json = include_str!("../fixtures/tiny_tokenizer.json");
+    let t = memlayer_model_dir::Tokenizer::from_json(json).unwrap();
+    assert_eq!(t.vocab_size(), TINY_VOCAB);
+    t
 }
 
 /// [`cfg`] with the vocabulary of [`tiny_tokenizer`] (a model a directory
@@ -92,20 +91,20 @@ pub fn dir_cfg(hier: bool) -> ModelConfig {
 }
 
 /// Exports a product-key model of `cfg` with parameters drawn from `seed`
-/// into `dir` (`memlayer_train::model_dir::export`: config, dense weights,
+/// into `dir` (`memlayer_model_dir::dir::export`: config, dense weights,
 /// bank, tokenizer, checksums.json last).
 pub fn export_model_dir(dir: &std::path::Path, cfg: &ModelConfig, seed: u64) -> ParamStore {
     assert!(cfg.hier.is_none(), "routing files are not built here");
     let store = ParamStore::init(cfg, seed).unwrap();
     let tokenizer = tiny_tokenizer();
-    memlayer_train::model_dir::export(
+    memlayer_model_dir::dir::export(
         cfg,
         &store,
         dir,
-        &memlayer_train::model_dir::ExportParts {
+        &memlayer_model_dir::dir::ExportParts {
             tokenizer: &tokenizer,
             routing: None,
-            bank_dtype: memlayer_core::bank::Dtype::F32,
+            bank_dtype: memlayer_bank::Dtype::F32,
         },
     )
     .unwrap();

@@ -17,17 +17,16 @@
 //! [`memlayer_core::rng::Rng`], so a seed gives the same data on every
 //! platform.
 
-pub mod context_index;
 pub mod corpus;
 pub mod facts;
 pub mod packing;
-pub mod retriever;
 pub mod tokenizer;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+pub use memlayer_model_dir::{context_index, retriever};
 
-use memlayer_core::error::OracleError;
+#[cfg(test)]
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 pub use corpus::{CorpusConfig, contexts_from_text, load_contexts, load_text};
@@ -48,90 +47,10 @@ pub struct Context {
     pub entity_ids: Vec<u32>,
 }
 
-/// Errors of the data pipeline. Every file error names its path.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// A file could not be read, written or renamed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// A text file is not valid UTF-8.
-    #[error("{} is not valid UTF-8 (first invalid byte at offset {offset})", path.display())]
-    NotUtf8 { path: PathBuf, offset: usize },
-    /// A file was read but its content is not what it should be.
-    #[error("{}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    /// The tokenizer library failed (training, encoding or decoding).
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    /// A configuration or argument is out of its domain.
-    #[error("invalid config: {0}")]
-    Config(String),
-    /// An error of the memlayer-core oracle (cluster tree).
-    #[error(transparent)]
-    Oracle(#[from] OracleError),
-}
-
-impl DataError {
-    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            op,
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-
-    pub(crate) fn parse(path: &Path, message: impl Into<String>) -> Self {
-        Self::Parse {
-            path: path.to_path_buf(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Result of the data pipeline.
-pub type Result<T, E = DataError> = std::result::Result<T, E>;
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory, flushed and synced, then renamed over `path`. A reader never
-/// sees a half-written file; on error the temporary file is removed.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| DataError::Config(format!("{} is not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| DataError::io("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| DataError::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| DataError::io("sync", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| DataError::io("rename into", path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Reads a whole file as UTF-8; errors name the path (missing file, not
-/// UTF-8 with the offset of the first bad byte).
-pub fn read_utf8(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io("read", path, e))?;
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
-        path: path.to_path_buf(),
-        offset: e.utf8_error().valid_up_to(),
-    })
-}
+pub use memlayer_model_dir::files::{read_utf8, write_atomic};
+/// Errors of the data pipeline: the model directory's (files, tokenizer,
+/// retriever) are the same type.
+pub use memlayer_model_dir::{ModelDirError as DataError, Result};
 
 /// A fresh, empty directory under the system temp dir for tests.
 #[cfg(test)]

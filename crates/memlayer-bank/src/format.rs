@@ -792,8 +792,8 @@ fn parse_section(
 /// size is capped by [`MAX_TABLE_LEN`] in [`TableParser::new`].
 ///
 /// ```
-/// use memlayer_core::bank::format::{parse_header, TableParser};
-/// use memlayer_core::bank::*;
+/// use memlayer_bank::format::{parse_header, TableParser};
+/// use memlayer_bank::*;
 /// let layout = BankLayout::new(vec![SectionSpec::pkm_values(5, 2, 2, Dtype::F16)]);
 /// let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).unwrap();
 /// w.write_rows(&[0.5; 10]).unwrap();

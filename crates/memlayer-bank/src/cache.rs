@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::bank::PageId;
+use crate::PageId;
 
 /// Index of a slot in the pool (`0..slot_count`).
 pub type SlotId = u32;
@@ -600,7 +600,7 @@ mod tests {
     fn big_cache_is_fast() {
         // 1M slots, 4M accesses: an O(n) scan per access would take minutes.
         let mut c = PageCache::new(1 << 20, 1).unwrap();
-        let mut rng = crate::rng::Rng::new(5);
+        let mut rng = memlayer_core::rng::Rng::new(5);
         for _ in 0..4_000_000 {
             c.access(rng.below(1 << 21));
         }

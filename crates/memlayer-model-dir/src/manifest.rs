@@ -12,7 +12,7 @@
 //! verify with this one implementation.
 //!
 //! ```
-//! use memlayer_core::model::manifest::Checksums;
+//! use memlayer_model_dir::manifest::Checksums;
 //! let mut c = Checksums::new();
 //! c.add_file("config.json", b"{}");
 //! let c = Checksums::from_json(&c.to_json(), "checksums.json").unwrap();
@@ -21,7 +21,7 @@
 //! assert!(c.verify_file("tokenizer.json", b"{}").is_err()); // not listed
 //! ```
 
-use crate::bank::{Header, format::checksum};
+use memlayer_bank::{Header, format::checksum};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -297,7 +297,7 @@ impl Checksums {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bank::{BankLayout, BankReader, BankWriter, Dtype, MemSource, SectionSpec};
+    use memlayer_bank::{BankLayout, BankReader, BankWriter, Dtype, MemSource, SectionSpec};
 
     fn bank(seed: f32, rows: u64) -> Vec<u8> {
         let layout = BankLayout::new(vec![SectionSpec::pkm_values(rows, 4, 2, Dtype::F32)]);

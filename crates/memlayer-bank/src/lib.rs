@@ -15,7 +15,7 @@
 //! - [`codec`]: f32 ⇄ f32/f16/bf16.
 //!
 //! ```
-//! use memlayer_core::bank::*;
+//! use memlayer_bank::*;
 //! let layout = BankLayout::new(vec![SectionSpec::pkm_values(5, 2, 2, Dtype::F16)]);
 //! let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).unwrap();
 //! w.write_rows(&[0.5; 10]).unwrap();
@@ -25,6 +25,7 @@
 //! assert_eq!(bank.read_page_f32(2).unwrap(), vec![0.5, 0.5]);
 //! ```
 
+pub mod cache;
 pub mod codec;
 pub mod error;
 pub mod format;

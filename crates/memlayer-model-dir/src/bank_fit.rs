@@ -11,8 +11,8 @@
 //! dense layers, `units` = `hier.units[l-1]`, `dim` = `dim`). Page sizes
 //! and element types are the bank's own choice (any is read correctly).
 
-use super::config::ModelConfig;
-use crate::bank::{SectionInfo, SectionKind};
+use memlayer_bank::{SectionInfo, SectionKind};
+use memlayer_core::model::ModelConfig;
 
 /// A bank section that does not match the config: names the section, the
 /// field, the bank's value and the config's.
@@ -178,8 +178,8 @@ pub fn check_bank_fits(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bank::{BankLayout, Dtype, SectionSpec};
-    use crate::model::{HierSpec, PkmSpec};
+    use memlayer_bank::{BankLayout, Dtype, SectionSpec};
+    use memlayer_core::model::{HierSpec, PkmSpec};
 
     fn cfg() -> ModelConfig {
         ModelConfig {

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::format::{align_up, checksum, parse_header};
 use super::*;
-use crate::rng::Rng;
+use memlayer_core::rng::Rng;
 
 /// Writes `layout` with `values[s]` holding each section's rows, in memory.
 pub(super) fn write_bank(

@@ -15,7 +15,8 @@
 //! Stored as `context_index.json`: terms sorted, postings per term in
 //! compressed-sparse-row form, each context's training path.
 
-use super::{DataError, Result, read_utf8, write_atomic};
+use crate::error::{ModelDirError as DataError, Result};
+use crate::files::{read_utf8, write_atomic};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -21,7 +21,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{DataError, Result, read_utf8, write_atomic};
+use crate::error::{ModelDirError as DataError, Result};
+use crate::files::{read_utf8, write_atomic};
 
 /// Format name stored in a saved retriever.
 pub const RETRIEVER_FORMAT: &str = "memlayer-tfidf-retriever";
@@ -192,7 +193,6 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::facts::{FactsConfig, FactsDataset};
 
     #[test]
     fn embeddings_are_normalised_and_deterministic() {
@@ -219,73 +219,9 @@ mod tests {
     }
 
     #[test]
-    fn same_topic_contexts_are_closer() {
-        let ds = FactsDataset::generate(&FactsConfig::tiny()).unwrap();
-        let texts = ds.texts();
-        let r = TfIdfRetriever::fit(&texts, 256).unwrap();
-        let emb = r.embed_all(&texts);
-        let d = r.dim();
-        let n = texts.len().min(600);
-        let (mut same, mut ns, mut other, mut no) = (0.0f64, 0usize, 0.0f64, 0usize);
-        for i in 0..n {
-            for j in i + 1..n {
-                let c = cosine(&emb[i * d..(i + 1) * d], &emb[j * d..(j + 1) * d]) as f64;
-                if ds.contexts[i].topic == ds.contexts[j].topic {
-                    same += c;
-                    ns += 1;
-                } else {
-                    other += c;
-                    no += 1;
-                }
-            }
-        }
-        let (same, other) = (same / ns as f64, other / no as f64);
-        assert!(
-            same > other + 0.05,
-            "same-topic {same:.3}, other {other:.3}"
-        );
-        // nearest topic centroid recovers the topic for most contexts
-        let topics = ds.config.topics;
-        let mut cent = vec![0.0f64; topics * d];
-        for (c, e) in ds.contexts.iter().zip(emb.chunks_exact(d)) {
-            let t = c.topic.unwrap() as usize;
-            for (a, &v) in cent[t * d..(t + 1) * d].iter_mut().zip(e) {
-                *a += v as f64;
-            }
-        }
-        let correct = ds
-            .contexts
-            .iter()
-            .zip(emb.chunks_exact(d))
-            .filter(|(c, e)| {
-                let best = (0..topics)
-                    .max_by(|&a, &b| {
-                        let s = |t: usize| -> f64 {
-                            cent[t * d..(t + 1) * d]
-                                .iter()
-                                .zip(e.iter())
-                                .map(|(x, &y)| x * y as f64)
-                                .sum::<f64>()
-                                / cent[t * d..(t + 1) * d]
-                                    .iter()
-                                    .map(|x| x * x)
-                                    .sum::<f64>()
-                                    .sqrt()
-                        };
-                        s(a).total_cmp(&s(b))
-                    })
-                    .unwrap();
-                Some(best as u32) == c.topic
-            })
-            .count();
-        let acc = correct as f64 / ds.contexts.len() as f64;
-        assert!(acc > 0.8, "topic accuracy {acc}");
-    }
-
-    #[test]
     fn save_load_round_trip_and_validation() {
         let r = TfIdfRetriever::fit(&["one two", "two three", "three four five"], 32).unwrap();
-        let dir = crate::data::test_dir("retriever");
+        let dir = crate::files::test_dir("retriever");
         let p = dir.join("retriever.json");
         r.save(&p).unwrap();
         let back = TfIdfRetriever::load(&p).unwrap();

@@ -31,21 +31,20 @@
 //! identity ([`Checksums::verify_bank`]), whether it is the directory's file
 //! or another source (a URL) — [`check_bank`].
 
-use crate::data::context_index::ContextIndex;
-use crate::data::retriever::TfIdfRetriever;
-use crate::data::tokenizer::Tokenizer;
-use crate::data::write_atomic;
-use crate::prepare::Routing;
-use crate::trainer::TrainError;
-use memlayer_core::bank::{
+use crate::bank_fit::check_bank_fits;
+use crate::context_index::ContextIndex;
+use crate::error::ModelDirError;
+use crate::files::write_atomic;
+use crate::manifest::{BANK_FILE, CHECKSUMS_FILE, Checksums, ManifestError};
+use crate::retriever::TfIdfRetriever;
+use crate::routing::Routing;
+use crate::tokenizer::Tokenizer;
+use memlayer_bank::{
     BankFileWriter, BankLayout, BankReader, Dtype, FileSource, PageSource, SectionSpec,
 };
 use memlayer_core::hier::cluster::ClusterTree;
-use memlayer_core::model::manifest::{BANK_FILE, CHECKSUMS_FILE, ManifestError};
 use memlayer_core::model::params::{VALUES, hier_name};
-use memlayer_core::model::{
-    Checksums, HierRouting, ModelConfig, ParamGroup, ParamStore, check_bank_fits,
-};
+use memlayer_core::model::{HierRouting, ModelConfig, ParamGroup, ParamStore};
 use std::path::{Path, PathBuf};
 
 /// File of the nearest-training-context index in a model directory
@@ -70,11 +69,8 @@ pub const ROUTING_FILES: [&str; 3] = ["retriever.json", "tree.safetensors", CONT
 /// one-row pages 57 % and 13 KiB, and fewer requests per token.
 pub const VALUE_PAGE_BYTES: usize = 512;
 
-fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
+fn io(path: &Path, e: impl std::fmt::Display) -> ModelDirError {
+    ModelDirError::parse(path, e.to_string())
 }
 
 /// Least number of pages a value table is cut into (a small table still
@@ -146,7 +142,7 @@ pub fn write_bank(
     store: &ParamStore,
     path: &Path,
     dtype: Dtype,
-) -> Result<u64, TrainError> {
+) -> Result<u64, ModelDirError> {
     write_bank_layout(cfg, store, path, bank_layout(cfg, dtype))
 }
 
@@ -157,7 +153,7 @@ pub fn write_bank_with(
     path: &Path,
     dtype: Dtype,
     page_rows: u32,
-) -> Result<u64, TrainError> {
+) -> Result<u64, ModelDirError> {
     write_bank_layout(cfg, store, path, bank_layout_with(cfg, dtype, page_rows))
 }
 
@@ -166,7 +162,7 @@ fn write_bank_layout(
     store: &ParamStore,
     path: &Path,
     layout: Option<BankLayout>,
-) -> Result<u64, TrainError> {
+) -> Result<u64, ModelDirError> {
     let Some(layout) = layout else {
         return Ok(0);
     };
@@ -192,10 +188,10 @@ pub fn read_bank<S: PageSource>(
     cfg: &ModelConfig,
     store: &mut ParamStore,
     reader: &BankReader<S>,
-) -> Result<(), TrainError> {
+) -> Result<(), ModelDirError> {
     let path = Path::new(reader.location());
     let mut section = 0usize;
-    let mut fill = |name: &str, section: usize| -> Result<(), TrainError> {
+    let mut fill = |name: &str, section: usize| -> Result<(), ModelDirError> {
         let info = *reader
             .sections()
             .get(section)
@@ -251,7 +247,7 @@ pub fn export(
     store: &ParamStore,
     dir: &Path,
     parts: &ExportParts,
-) -> Result<(), TrainError> {
+) -> Result<(), ModelDirError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let json = serde_json::to_string_pretty(cfg).map_err(|e| io(dir, e))?;
     write_atomic(&dir.join("config.json"), json.as_bytes())?;
@@ -285,7 +281,7 @@ pub fn export(
 /// padded bank is refused). config.json must pass its bounds and the bank
 /// must fit it ([`check_bank_fits`]). [`export`] calls this last; `memlayer
 /// checksums DIR` calls it on a directory whose files the user trusts.
-pub fn write_checksums(dir: &Path) -> Result<Checksums, TrainError> {
+pub fn write_checksums(dir: &Path) -> Result<Checksums, ModelDirError> {
     // Only a directory that makes sense is sealed: config.json within its
     // bounds and a bank whose sections fit it.
     let config_path = dir.join("config.json");
@@ -315,8 +311,7 @@ pub fn write_checksums(dir: &Path) -> Result<Checksums, TrainError> {
                 ),
             ));
         }
-        check_bank_fits(&config, bank.sections(), bank.location())
-            .map_err(|e| TrainError::Other(e.to_string()))?;
+        check_bank_fits(&config, bank.sections(), bank.location()).map_err(ModelDirError::from)?;
         sums.set_bank(BANK_FILE, bank.header());
     }
     write_atomic(&dir.join(CHECKSUMS_FILE), sums.to_json().as_bytes())?;
@@ -325,34 +320,31 @@ pub fn write_checksums(dir: &Path) -> Result<Checksums, TrainError> {
 
 /// Reads `checksums.json` of `dir` (a named error telling how to fix a
 /// directory without one).
-pub fn read_checksums(dir: &Path) -> Result<Checksums, TrainError> {
+pub fn read_checksums(dir: &Path) -> Result<Checksums, ModelDirError> {
     let path = dir.join(CHECKSUMS_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TrainError::Other(
-                ManifestError::Missing {
-                    location: path.display().to_string(),
-                }
-                .to_string(),
-            ));
+            return Err(ManifestError::Missing {
+                location: path.display().to_string(),
+            }
+            .into());
         }
         Err(e) => return Err(io(&path, e)),
     };
-    Checksums::from_json(&text, &path.display().to_string())
-        .map_err(|e| TrainError::Other(e.to_string()))
+    Checksums::from_json(&text, &path.display().to_string()).map_err(ModelDirError::from)
 }
 
 /// Reads `name` from `dir` and checks it against `sums`; returns its bytes
 /// (what is parsed is exactly what was verified).
-fn read_verified(dir: &Path, name: &str, sums: &Checksums) -> Result<Vec<u8>, TrainError> {
+fn read_verified(dir: &Path, name: &str, sums: &Checksums) -> Result<Vec<u8>, ModelDirError> {
     let path = dir.join(name);
     let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
     sums.verify_file(name, &bytes).map_err(|e| io(&path, e))?;
     Ok(bytes)
 }
 
-fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, TrainError> {
+fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, ModelDirError> {
     String::from_utf8(bytes).map_err(|e| io(path, format!("not UTF-8: {e}")))
 }
 
@@ -364,11 +356,10 @@ pub fn check_bank<S: PageSource>(
     config: &ModelConfig,
     sums: &Checksums,
     bank: &BankReader<S>,
-) -> Result<(), TrainError> {
-    check_bank_fits(config, bank.sections(), bank.location())
-        .map_err(|e| TrainError::Other(e.to_string()))?;
+) -> Result<(), ModelDirError> {
+    check_bank_fits(config, bank.sections(), bank.location()).map_err(ModelDirError::from)?;
     sums.verify_bank(bank.location(), bank.header(), Some(bank.source_len()))
-        .map_err(|e| TrainError::Other(e.to_string()))
+        .map_err(ModelDirError::from)
 }
 
 /// A model directory loaded into memory.
@@ -392,7 +383,7 @@ pub struct LoadedModel {
 /// Loads a model directory written by [`export`], every file verified
 /// ([`load_dense`]) and the bank checked ([`check_bank`]) before it is read;
 /// errors name the file.
-pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
+pub fn load(dir: &Path) -> Result<LoadedModel, ModelDirError> {
     let dense = load_dense(dir)?;
     let config = dense.config;
     let mut store = ParamStore::zeros(&config)?;
@@ -424,7 +415,7 @@ pub fn load(dir: &Path) -> Result<LoadedModel, TrainError> {
 /// `config.json` is parsed and bounds-checked first, then `checksums.json`
 /// is read (a directory without one is refused, with how to fix it) and
 /// every file read is verified against it before it is parsed.
-pub fn load_dense(dir: &Path) -> Result<LoadedModel, TrainError> {
+pub fn load_dense(dir: &Path) -> Result<LoadedModel, ModelDirError> {
     // bounds first: a hostile config is named before anything is hashed
     let cfg_path = dir.join("config.json");
     let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| io(&cfg_path, e))?;

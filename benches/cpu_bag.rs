@@ -113,19 +113,6 @@ fn time_calls(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
     (med, t[0])
 }
 
-fn paper_pkm() -> PkmConfig {
-    PkmConfig {
-        dim: 1024,
-        v_dim: 1024,
-        heads: 4,
-        n_keys: 1024,
-        k_dim: 512,
-        knn: 32,
-        qk_norm: false,
-        gated: false,
-    }
-}
-
 /// Sweeps the prefetch distance and hint on one shape (`MEMLAYER_BENCH_SHAPE=rows,dim,bags`),
 /// interleaving configurations over 3 rounds and keeping each one's best median.
 fn tune(pools: &[Cpu], huge: bool, iters: usize) {
@@ -383,8 +370,12 @@ fn main() {
             g.throughput(Throughput::Elements((nb * BAG_SIZE) as u64));
             g.bench_function(format!("table/{rows}x{dim}/t{}", cpu.threads()), |bch| {
                 bch.iter(|| {
-                    cpu.bag_backward_table(rows, dim, &b.indices, &b.weights, &b.offsets, &grad)
-                        .unwrap()
+                    cpu.install(|| {
+                        bag::bag_backward_table(
+                            rows, dim, &b.indices, &b.weights, &b.offsets, &grad,
+                        )
+                    })
+                    .unwrap()
                 })
             });
             let mut reused = memlayer_core::bag::SparseRows::empty(dim);
@@ -409,8 +400,10 @@ fn main() {
             );
             g.bench_function(format!("weights/{rows}x{dim}/t{}", cpu.threads()), |bch| {
                 bch.iter(|| {
-                    cpu.bag_backward_weights(&tab, &b.indices, &b.offsets, &grad, &mut dw)
-                        .unwrap()
+                    cpu.install(|| {
+                        bag::bag_backward_weights(&tab, &b.indices, &b.offsets, &grad, &mut dw)
+                    })
+                    .unwrap()
                 })
             });
             g.finish();
@@ -419,11 +412,9 @@ fn main() {
 
     // product-key lookup at paper scale
     {
-        let cfg = paper_pkm();
+        let cfg = PkmConfig::paper();
         let tokens = 256;
-        let mut rng = Rng::new(10);
-        let keys = rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -0.05, 0.05);
-        let query = rng.normal_vec(tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+        let (keys, query) = memlayer_core::pkm::random_lookup_inputs(&cfg, tokens, 10);
         let prepared = pkm::PreparedKeys::new(&cfg, &keys).unwrap();
         for cpu in &pools {
             if mode != "summary" {

@@ -15,11 +15,8 @@
 // e = (wg.y * x_groups + wg.x) * 256 + lid. ceil(log2(bags)) reads per entry.
 // Limits: (bags + 1) * 4 and n * 4 bytes must each fit one storage binding; bags >= 1.
 
-struct Params {
-    n: u32,
-    bags: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> offsets: array<u32>;

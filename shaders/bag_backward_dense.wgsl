@@ -20,11 +20,8 @@
 // t = (wg.y * x_groups + wg.x) * 256 + lid, slot = t / dim, d = t % dim.
 // Limits: slots * dim and rows * dim < 2^32; sparse and dense must each fit one binding.
 
-struct Params {
-    dim: u32,
-    slots: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> count: array<u32>;

@@ -46,12 +46,8 @@
 // Limits: (slots * dim) * 4 bytes must fit one binding (the host shards the
 // output across buffers of ctx.max_binding_bytes() and dispatches per shard).
 
-struct Params {
-    dim: u32,
-    slot_base: u32,
-    slots: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> seg_start: array<u32>;

@@ -32,14 +32,8 @@
 
 override F16: bool = false;
 
-struct Params {
-    n: u32,
-    dim: u32,
-    row_words: u32,
-    first_row: u32,
-    shard_rows: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> sorted_ids: array<u32>;

@@ -43,7 +43,7 @@
 //   4: page_table  storage, read        array<u32>  (n_pages)  (any 4 bytes when flat)
 //   5: out         storage, read_write  array<f32>  (bags, dim)
 //   6..8: shard0..2 storage, read       array<u32>  (rows_per_shard, row_words) each
-//          (shards first_shard .. first_shard+2; unused ones alias shard0)
+//          (shards first_shard .. first_shard+2; unused ones: any 16 bytes)
 // Workgroup layout: 256 invocations = bags_per_wg bags × tpb invocations
 // (tpb a power of two, chosen by the host as next_pow2(row_words / 4) capped
 // at 256, so small rows pack several bags into a workgroup). Invocation
@@ -54,86 +54,12 @@
 // bag = (wg.y * x_groups + wg.x) * bags_per_wg + lid / tpb.
 // Limits: each shard, the indices, weights and out must fit one binding.
 
-// Pipeline constants: storage type and addressing (4 pipelines).
-override F16: bool = false;
-override PAGED: bool = false;
-
-struct Params {
-    bags: u32,
-    dim: u32,
-    row_words: u32,
-    n_shards: u32,
-    tpb: u32,
-    bags_per_wg: u32,
-    x_groups: u32,
-    page_shift: u32,
-    rows: u32,
-    page_rows: u32,
-    n_pages: u32,
-    n_slots: u32,
-    rows_per_shard: u32,
-    first_shard: u32,
-    accumulate: u32,
-    one: f32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> indices: array<u32>;
-@group(0) @binding(2) var<storage, read> weights: array<f32>;
-@group(0) @binding(3) var<storage, read> offsets: array<u32>;
-@group(0) @binding(4) var<storage, read> page_table: array<u32>;
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
-@group(0) @binding(6) var<storage, read> shard0: array<u32>;
-@group(0) @binding(7) var<storage, read> shard1: array<u32>;
-@group(0) @binding(8) var<storage, read> shard2: array<u32>;
+// The shared declarations (constants, Params, bindings, load, table_row) are
+// in bag_forward_common.wgsl, appended by the registry.
+alias Word = u32;
+alias Out = f32;
 
 const PER_LANE: u32 = 4u;
-const SHARDS_PER_PASS: u32 = 3u;
-const INVALID: u32 = 0xffffffffu;
-
-// -inf and NaN as runtime values: WGSL makes a constant expression that
-// evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
-// WebGPU, enforces it; naga does not), so the bits live in private variables.
-var<private> NAN_BITS: u32 = 0x7fc00000u;
-
-fn load_word(s: u32, i: u32) -> u32 {
-    switch s {
-        case 0u: {
-            return shard0[i];
-        }
-        case 1u: {
-            return shard1[i];
-        }
-        default: {
-            return shard2[i];
-        }
-    }
-}
-
-// Table row of entry index `idx`, or INVALID.
-fn table_row(idx: u32) -> u32 {
-    if !PAGED {
-        return select(INVALID, idx, idx < params.rows);
-    }
-    // page_shift = log2(page_rows) when that is a power of two: no division
-    var page: u32;
-    var in_page: u32;
-    if params.page_shift != INVALID {
-        page = idx >> params.page_shift;
-        in_page = idx & (params.page_rows - 1u);
-    } else {
-        page = idx / params.page_rows;
-        in_page = idx % params.page_rows;
-    }
-    if page >= params.n_pages {
-        return INVALID;
-    }
-    let slot = page_table[page];
-    if slot >= params.n_slots {
-        return INVALID;
-    }
-    return slot * params.page_rows + in_page;
-}
 
 // acc + w * value(word), value = the f32 (x) or the two f16 halves (x, y);
 // the product is rounded before it is added (`one`, see above).
@@ -172,25 +98,17 @@ fn store(bag: u32, wi: u32, v: vec2<f32>) {
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let bag = (wg.y * params.x_groups + wg.x) * params.bags_per_wg + lid / params.tpb;
-    if bag >= params.bags {
+    let at = locate(wg, lid);
+    if at.bag >= params.bags {
         return;
     }
-    let lane = lid % params.tpb;
     let tpb = params.tpb;
     let rw = params.row_words;
-    // clamped to the entries that exist: garbage offsets (e.g. from a buggy
-    // producer kernel) cannot make the loop run away
-    let end = min(offsets[bag + 1u], arrayLength(&indices));
-    let start = min(offsets[bag], end);
-    let nan = bitcast<f32>(NAN_BITS);
-    // the whole table in shard0 (one pass): no shard arithmetic per entry
-    let single = params.n_shards == 1u;
 
     for (var w0 = 0u; w0 < rw; w0 += PER_LANE * tpb) {
-        // this invocation's words: w0 + lane + j*tpb, j = 0..3 (four explicit
+        // this invocation's words: w0 + at.lane + j*tpb, j = 0..3 (four explicit
         // accumulators: no dynamically indexed private memory)
-        let i0 = w0 + lane;
+        let i0 = w0 + at.lane;
         let v1 = i0 + tpb < rw;
         let v2 = i0 + 2u * tpb < rw;
         let v3 = i0 + 3u * tpb < rw;
@@ -203,8 +121,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var a3 = vec2<f32>();
         var bad = false;
         var touched = false;
-        if single {
-            for (var e = start; e < end; e++) {
+        if at.single {
+            for (var e = at.start; e < at.end; e++) {
                 let row = table_row(indices[e]);
                 if row == INVALID {
                     bad = true;
@@ -224,7 +142,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
         } else {
-            for (var e = start; e < end; e++) {
+            for (var e = at.start; e < at.end; e++) {
                 let row = table_row(indices[e]);
                 if row == INVALID {
                     bad = true;
@@ -238,15 +156,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 let w = weights[e];
                 let s = shard - params.first_shard;
                 let base = (row - shard * params.rows_per_shard) * rw + i0;
-                a0 = add(a0, load_word(s, base), w);
+                a0 = add(a0, load(s, base), w);
                 if v1 {
-                    a1 = add(a1, load_word(s, base + tpb), w);
+                    a1 = add(a1, load(s, base + tpb), w);
                 }
                 if v2 {
-                    a2 = add(a2, load_word(s, base + 2u * tpb), w);
+                    a2 = add(a2, load(s, base + 2u * tpb), w);
                 }
                 if v3 {
-                    a3 = add(a3, load_word(s, base + 3u * tpb), w);
+                    a3 = add(a3, load(s, base + 3u * tpb), w);
                 }
             }
         }
@@ -254,20 +172,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             continue;
         }
         if bad {
-            a0 = vec2<f32>(nan, nan);
+            a0 = vec2<f32>(at.nan, at.nan);
             a1 = a0;
             a2 = a0;
             a3 = a0;
         }
-        store(bag, i0, a0);
+        store(at.bag, i0, a0);
         if v1 {
-            store(bag, i0 + tpb, a1);
+            store(at.bag, i0 + tpb, a1);
         }
         if v2 {
-            store(bag, i0 + 2u * tpb, a2);
+            store(at.bag, i0 + 2u * tpb, a2);
         }
         if v3 {
-            store(bag, i0 + 3u * tpb, a3);
+            store(at.bag, i0 + 3u * tpb, a3);
         }
     }
 }

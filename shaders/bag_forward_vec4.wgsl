@@ -18,7 +18,7 @@
 //   Then shard = row / rows_per_shard, local row = row % rows_per_shard.
 //   A bag with any invalid entry is written as NaN (all of its elements).
 // Storage (override constant F16): a vec4<u32> of a row is 4 f32 elements,
-// or 8 f16 halves (low half first, unpack2x16float). row_vec4 = vec4s per row.
+// or 8 f16 halves (low half first, unpack2x16float). row_words = vec4s per row.
 // The host builds the four (F16, PAGED) pipelines once.
 //
 // Sharding: as bag_forward.wgsl — 3 shard bindings picked per entry with a
@@ -35,15 +35,15 @@
 //   3: offsets     storage, read        array<u32>        (bags + 1)
 //   4: page_table  storage, read        array<u32>        (n_pages)  (any 4 bytes when flat)
 //   5: out         storage, read_write  array<vec4<f32>>  (bags, dim / 4)
-//   6..8: shard0..2 storage, read       array<vec4<u32>>  (rows_per_shard, row_vec4) each
-//          (shards first_shard .. first_shard+2; unused ones alias shard0)
+//   6..8: shard0..2 storage, read       array<vec4<u32>>  (rows_per_shard, row_words) each
+//          (shards first_shard .. first_shard+2; unused ones: any 16 bytes)
 // Workgroup layout: 256 invocations = bags_per_wg bags × tpb invocations.
 // Invocation `lane` of a bag handles vec4s lane + j*tpb, j = 0..15, of each
 // block of 16*tpb (PER_LANE = 16 separate accumulators, or 32 for f16: no
 // dynamically indexed private memory); consecutive invocations read
 // consecutive 16-byte words; each entry's index and weight is a broadcast
-// load. The host picks tpb, a power of two capped at 256: next_pow2(row_vec4
-// / 16) for f32, next_pow2(row_vec4 / 8) for f16 (only slots j < 8 live:
+// load. The host picks tpb, a power of two capped at 256: next_pow2(row_words
+// / 16) for f32, next_pow2(row_words / 8) for f16 (only slots j < 8 live:
 // 16 f16 vec4s per invocation measured slower), at least 2 (one invocation
 // per bag measured slower at dim 64). Each element is still summed in entry
 // order (bit-identical). Few invocations per bag with
@@ -54,86 +54,12 @@
 // bag = (wg.y * x_groups + wg.x) * bags_per_wg + lid / tpb.
 // Limits: each shard, the indices, weights and out must fit one binding.
 
-// Pipeline constants: storage type and addressing (4 pipelines).
-override F16: bool = false;
-override PAGED: bool = false;
-
-struct Params {
-    bags: u32,
-    dim: u32,
-    row_vec4: u32,
-    n_shards: u32,
-    tpb: u32,
-    bags_per_wg: u32,
-    x_groups: u32,
-    page_shift: u32,
-    rows: u32,
-    page_rows: u32,
-    n_pages: u32,
-    n_slots: u32,
-    rows_per_shard: u32,
-    first_shard: u32,
-    accumulate: u32,
-    one: f32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> indices: array<u32>;
-@group(0) @binding(2) var<storage, read> weights: array<f32>;
-@group(0) @binding(3) var<storage, read> offsets: array<u32>;
-@group(0) @binding(4) var<storage, read> page_table: array<u32>;
-@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read> shard0: array<vec4<u32>>;
-@group(0) @binding(7) var<storage, read> shard1: array<vec4<u32>>;
-@group(0) @binding(8) var<storage, read> shard2: array<vec4<u32>>;
+// The shared declarations (constants, Params, bindings, load, table_row) are
+// in bag_forward_common.wgsl, appended by the registry.
+alias Word = vec4<u32>;
+alias Out = vec4<f32>;
 
 const PER_LANE: u32 = 16u;
-const SHARDS_PER_PASS: u32 = 3u;
-const INVALID: u32 = 0xffffffffu;
-
-// -inf and NaN as runtime values: WGSL makes a constant expression that
-// evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
-// WebGPU, enforces it; naga does not), so the bits live in private variables.
-var<private> NAN_BITS: u32 = 0x7fc00000u;
-
-fn load(s: u32, i: u32) -> vec4<u32> {
-    switch s {
-        case 0u: {
-            return shard0[i];
-        }
-        case 1u: {
-            return shard1[i];
-        }
-        default: {
-            return shard2[i];
-        }
-    }
-}
-
-// Table row of entry index `idx`, or INVALID.
-fn table_row(idx: u32) -> u32 {
-    if !PAGED {
-        return select(INVALID, idx, idx < params.rows);
-    }
-    // page_shift = log2(page_rows) when that is a power of two: no division
-    var page: u32;
-    var in_page: u32;
-    if params.page_shift != INVALID {
-        page = idx >> params.page_shift;
-        in_page = idx & (params.page_rows - 1u);
-    } else {
-        page = idx / params.page_rows;
-        in_page = idx % params.page_rows;
-    }
-    if page >= params.n_pages {
-        return INVALID;
-    }
-    let slot = page_table[page];
-    if slot >= params.n_slots {
-        return INVALID;
-    }
-    return slot * params.page_rows + in_page;
-}
 
 // (lo, hi) += w * value(x): f32 → lo gets 4 elements (hi unused); f16 → lo
 // gets halves 0..3 and hi halves 4..7. Products are rounded before the add.
@@ -169,23 +95,15 @@ fn store(bag: u32, i: u32, lo: vec4<f32>, hi: vec4<f32>) {
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let bag = (wg.y * params.x_groups + wg.x) * params.bags_per_wg + lid / params.tpb;
-    if bag >= params.bags {
+    let at = locate(wg, lid);
+    if at.bag >= params.bags {
         return;
     }
-    let lane = lid % params.tpb;
     let tpb = params.tpb;
-    let rv = params.row_vec4;
-    // clamped to the entries that exist: garbage offsets (e.g. from a buggy
-    // producer kernel) cannot make the loop run away
-    let end = min(offsets[bag + 1u], arrayLength(&indices));
-    let start = min(offsets[bag], end);
-    let nan = bitcast<f32>(NAN_BITS);
-    // the whole table in shard0 (one pass): no shard arithmetic per entry
-    let single = params.n_shards == 1u;
+    let rv = params.row_words;
 
     for (var v0 = 0u; v0 < rv; v0 += PER_LANE * tpb) {
-        let i0 = v0 + lane;
+        let i0 = v0 + at.lane;
         if i0 >= rv {
             break;
         }
@@ -253,8 +171,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         var b15 = vec4<f32>();
         var bad = false;
         var touched = false;
-        if single {
-            for (var e = start; e < end; e++) {
+        if at.single {
+            for (var e = at.start; e < at.end; e++) {
                 let row = table_row(indices[e]);
                 if row == INVALID {
                     bad = true;
@@ -310,7 +228,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
         } else {
-            for (var e = start; e < end; e++) {
+            for (var e = at.start; e < at.end; e++) {
                 let row = table_row(indices[e]);
                 if row == INVALID {
                     bad = true;
@@ -376,7 +294,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             continue;
         }
         if bad {
-            a0 = vec4<f32>(nan);
+            a0 = vec4<f32>(at.nan);
             b0 = a0;
             a1 = a0;
             b1 = a0;
@@ -409,51 +327,51 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             a15 = a0;
             b15 = a0;
         }
-        store(bag, i0, a0, b0);
+        store(at.bag, i0, a0, b0);
         if has1 {
-            store(bag, i1, a1, b1);
+            store(at.bag, i1, a1, b1);
         }
         if has2 {
-            store(bag, i2, a2, b2);
+            store(at.bag, i2, a2, b2);
         }
         if has3 {
-            store(bag, i3, a3, b3);
+            store(at.bag, i3, a3, b3);
         }
         if has4 {
-            store(bag, i4, a4, b4);
+            store(at.bag, i4, a4, b4);
         }
         if has5 {
-            store(bag, i5, a5, b5);
+            store(at.bag, i5, a5, b5);
         }
         if has6 {
-            store(bag, i6, a6, b6);
+            store(at.bag, i6, a6, b6);
         }
         if has7 {
-            store(bag, i7, a7, b7);
+            store(at.bag, i7, a7, b7);
         }
         if has8 {
-            store(bag, i8, a8, b8);
+            store(at.bag, i8, a8, b8);
         }
         if has9 {
-            store(bag, i9, a9, b9);
+            store(at.bag, i9, a9, b9);
         }
         if has10 {
-            store(bag, i10, a10, b10);
+            store(at.bag, i10, a10, b10);
         }
         if has11 {
-            store(bag, i11, a11, b11);
+            store(at.bag, i11, a11, b11);
         }
         if has12 {
-            store(bag, i12, a12, b12);
+            store(at.bag, i12, a12, b12);
         }
         if has13 {
-            store(bag, i13, a13, b13);
+            store(at.bag, i13, a13, b13);
         }
         if has14 {
-            store(bag, i14, a14, b14);
+            store(at.bag, i14, a14, b14);
         }
         if has15 {
-            store(bag, i15, a15, b15);
+            store(at.bag, i15, a15, b15);
         }
     }
 }

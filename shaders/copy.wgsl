@@ -13,10 +13,8 @@
 // so more than 65535 workgroups fit; linear id = (wg.y * x_groups + wg.x) * 256 + lid.
 // Limits: n_vec4 * 16 bytes must fit one storage binding.
 
-struct Params {
-    n_vec4: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;

@@ -18,13 +18,8 @@
 // p = (wg.y * x_groups + wg.x) * 256 + lid.
 // Limits: th * 2 * knn * 4 bytes must fit one storage binding.
 
-struct Params {
-    th: u32,
-    heads: u32,
-    n_keys: u32,
-    knn: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> indices: array<u32>;

@@ -17,11 +17,8 @@
 
 const EPS: f32 = 1e-6;
 
-struct Params {
-    rows: u32,
-    half: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> keys: array<f32>;

@@ -36,17 +36,8 @@ const WG: u32 = 64u;
 const MAX_HALF: u32 = 1024u;
 const EPS: f32 = 1e-6;
 
-struct Params {
-    th: u32,
-    heads: u32,
-    n_keys: u32,
-    half: u32,
-    k_dim: u32,
-    knn: u32,
-    qk_norm: u32,
-    scale: f32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> query: array<f32>;

@@ -18,11 +18,8 @@
 // r = (wg.y * x_groups + wg.x) * 64 + lid.
 // Limits: rows * knn * 4 bytes must fit one storage binding.
 
-struct Params {
-    rows: u32,
-    knn: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> weights: array<f32>;

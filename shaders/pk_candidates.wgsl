@@ -37,12 +37,8 @@
 // Private memory: a heap of MAX_K + 1 packed pairs (516 bytes).
 // Limits: 1 <= k <= MAX_K = 128; n_keys <= 65535 (rows fit u32).
 
-struct Params {
-    tokens_heads: u32,
-    k: u32,
-    n_keys: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 const MAX_K: u32 = 128u;
 
@@ -58,22 +54,7 @@ var<private> NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(5) var<storage, read_write> weights: array<f32>;
 
-// Order-preserving integer key of a score: larger key = ranks first.
-// NaN ranks as -inf; -0 and +0 get the same key.
-fn rank_key(x: f32) -> u32 {
-    let b = bitcast<u32>(x);
-    let mag = b & 0x7fffffffu;
-    if mag > 0x7f800000u {
-        return 0x007fffffu; // NaN -> key of -inf
-    }
-    if mag == 0u {
-        return 0x80000000u; // -0 == +0
-    }
-    if (b & 0x80000000u) != 0u {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
+// rank_key (the order of scores): pk_rank_key.wgsl, appended by the registry.
 
 // A candidate, unpacked: pair (a << 16) | b of the lists at base1 / base2.
 struct Cand {

@@ -22,13 +22,8 @@
 // Limits: rows * len elements must fit one storage binding each for x and y.
 // Cheap next to the scoring it feeds (len multiply-adds per row vs. tokens of them).
 
-struct Params {
-    rows: u32,
-    len: u32,
-    x_groups: u32,
-    eps: f32,
-    one: f32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;

@@ -39,18 +39,8 @@
 // Limits: keys, query and scores must each fit one binding (the host cuts
 // the tokens into batches so that scores does).
 
-struct Params {
-    n_keys: u32,
-    half: u32,
-    heads: u32,
-    token0: u32,
-    batch: u32,
-    key_tiles: u32,
-    token_tiles: u32,
-    x_groups: u32,
-    scale: f32,
-    one: f32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 const TK: u32 = 128u; // keys per tile
 const TT: u32 = 32u;  // tokens per tile

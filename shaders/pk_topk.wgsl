@@ -38,14 +38,8 @@
 // Workgroup storage: 1024 × (score, id, key) = 12 KiB + 16 bytes.
 // Limits: 1 <= k <= min(n_keys, groups) <= 256.
 
-struct Params {
-    rows: u32,
-    n_keys: u32,
-    k: u32,
-    row0: u32,
-    x_groups: u32,
-    groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 const WG: u32 = 256u;
 const CAP: u32 = 1024u;
@@ -69,22 +63,7 @@ var<workgroup> count_uniform: u32;
 var<workgroup> thr_k: u32;
 var<workgroup> thr_i: u32;
 
-// Order-preserving integer key of a score: larger key = ranks first.
-// NaN ranks as -inf; -0 and +0 get the same key.
-fn rank_key(x: f32) -> u32 {
-    let b = bitcast<u32>(x);
-    let mag = b & 0x7fffffffu;
-    if mag > 0x7f800000u {
-        return 0x007fffffu; // NaN -> key of -inf
-    }
-    if mag == 0u {
-        return 0x80000000u; // -0 == +0
-    }
-    if (b & 0x80000000u) != 0u {
-        return ~b;
-    }
-    return b | 0x80000000u;
-}
+// rank_key (the order of scores): pk_rank_key.wgsl, appended by the registry.
 
 // True when (key ka, id ia) ranks strictly before (kb, ib).
 fn before_k(ka: u32, ia: u32, kb: u32, ib: u32) -> bool {

@@ -20,10 +20,8 @@
 // i = (wg.y * x_groups + wg.x) * 256 + lid.
 // Limits: (n + 1) * 4 bytes must fit one storage binding; n >= 1.
 
-struct Params {
-    n: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> sorted: array<u32>;

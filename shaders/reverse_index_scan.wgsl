@@ -17,10 +17,8 @@
 // memory. Grid (x_groups, y, 1), block = wg.y * x_groups + wg.x.
 // Limits: totals must fit u32 (they count entries, n < 2^32).
 
-struct Params {
-    n: u32,
-    x_groups: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read_write> data: array<u32>;

@@ -38,13 +38,8 @@
 // 255 reads of workgroup memory per element.
 // Limits: n * 4 bytes must fit one storage binding.
 
-struct Params {
-    n: u32,
-    shift: u32,
-    n_blocks: u32,
-    x_groups: u32,
-    first_pass: u32,
-}
+// `struct Params` is generated from the host struct (src/shaders.rs of
+// memlayer-wgpu) and prepended to this file.
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> keys_in: array<u32>;

@@ -354,6 +354,30 @@ pub struct SectionInfo {
 }
 
 impl SectionInfo {
+    /// The kind, dtype and shape in words, as `memlayer inspect` prints them:
+    /// `pkm_values f16: 1000 rows x 16, 64 rows per page (last page 40 rows)`,
+    /// `ffn_blocks f32: level 1, 3 blocks of [2 layers][3][4 units][16], one block per page`.
+    pub fn shape_summary(&self) -> String {
+        let (kind, dtype, dim) = (self.spec.kind, self.spec.dtype, self.spec.kind.dim());
+        match kind {
+            SectionKind::PkmValues {
+                rows, page_rows, ..
+            } => format!(
+                "pkm_values {dtype}: {rows} rows x {dim}, {page_rows} rows per page (last page {} rows)",
+                self.geometry.last_page_rows
+            ),
+            SectionKind::FfnBlocks {
+                level,
+                nodes,
+                layers,
+                units,
+                ..
+            } => format!(
+                "ffn_blocks {dtype}: level {level}, {nodes} blocks of [{layers} layers][3][{units} units][{dim}], one block per page"
+            ),
+        }
+    }
+
     /// Number of pages of the section.
     pub fn page_count(&self) -> u64 {
         self.geometry.page_count
@@ -507,30 +531,25 @@ pub fn encode_section(info: &SectionInfo) -> [u8; SECTION_DESC_LEN as usize] {
     b[4..8].copy_from_slice(&info.spec.dtype.code().to_le_bytes());
     b[8..16].copy_from_slice(&info.first_page.to_le_bytes());
     b[16..24].copy_from_slice(&info.geometry.page_count.to_le_bytes());
-    match info.spec.kind {
+    // count, then three u32 fields after `dim`; a pkm_values section leaves
+    // bytes 40..48 reserved (zero)
+    let (count, a, c, d) = match info.spec.kind {
         SectionKind::PkmValues {
-            rows,
-            dim,
-            page_rows,
-        } => {
-            b[24..32].copy_from_slice(&rows.to_le_bytes());
-            b[32..36].copy_from_slice(&dim.to_le_bytes());
-            b[36..40].copy_from_slice(&page_rows.to_le_bytes());
-        }
+            rows, page_rows, ..
+        } => (rows, page_rows, 0, 0),
         SectionKind::FfnBlocks {
             level,
             nodes,
             layers,
             units,
-            dim,
-        } => {
-            b[24..32].copy_from_slice(&nodes.to_le_bytes());
-            b[32..36].copy_from_slice(&dim.to_le_bytes());
-            b[36..40].copy_from_slice(&units.to_le_bytes());
-            b[40..44].copy_from_slice(&layers.to_le_bytes());
-            b[44..48].copy_from_slice(&level.to_le_bytes());
-        }
-    }
+            ..
+        } => (nodes, units, layers, level),
+    };
+    b[24..32].copy_from_slice(&count.to_le_bytes());
+    b[32..36].copy_from_slice(&info.spec.kind.dim().to_le_bytes());
+    b[36..40].copy_from_slice(&a.to_le_bytes());
+    b[40..44].copy_from_slice(&c.to_le_bytes());
+    b[44..48].copy_from_slice(&d.to_le_bytes());
     b
 }
 

@@ -13,6 +13,15 @@
 //! - [`source`]: the [`PageSource`] trait, [`FileSource`], [`MemSource`].
 //! - [`reader`]: [`BankReader`], checksum-verified page reads, padding checks.
 //! - [`codec`]: f32 ⇄ f32/f16/bf16.
+//! - [`cache`]: the LRU page-to-slot policy under a byte budget, [`cache::bag_runs`].
+//! - [`remote`]: the async page source: [`remote::PageFetch`] (byte ranges,
+//!   futures need not be `Send`), [`remote::RemoteBank`] (validated table,
+//!   verified page reads), [`remote::SourceFetch`] (any [`PageSource`]).
+//! - [`pagein`]: [`pagein::PageIn`], the IO-free page-in engine (budget
+//!   arithmetic, page table, runs of tokens, FFN-block state, one
+//!   [`pagein::MemoryStats`] for native and browser).
+//! - [`drive`]: its blocking (native, [`BankReader`]) and async (browser,
+//!   [`remote::RemoteBank`]) drivers.
 //!
 //! ```
 //! use memlayer_bank::*;
@@ -27,9 +36,12 @@
 
 pub mod cache;
 pub mod codec;
+pub mod drive;
 pub mod error;
 pub mod format;
+pub mod pagein;
 pub mod reader;
+pub mod remote;
 pub mod source;
 pub mod writer;
 
@@ -45,6 +57,8 @@ pub use format::{
     MAX_PAGE_LEN, MAX_TABLE_LEN, PAGE_ENTRY_LEN, PageEntry, PageId, Plan, READ_CHUNK_LEN,
     SECTION_DESC_LEN, SectionInfo, SectionKind, SectionSpec, TableParser, VERSION,
 };
+pub use pagein::{MemoryStats, PageIn, PageInError, PageInOptions};
 pub use reader::BankReader;
+pub use remote::{FetchedPage, PageFetch, RemoteBank, RemoteError, SourceFetch};
 pub use source::{FileSource, MemSource, PageSource, SourceError};
 pub use writer::{BankFileWriter, BankWriter};

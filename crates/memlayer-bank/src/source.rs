@@ -68,31 +68,13 @@ pub trait PageSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
-impl<T: PageSource + ?Sized> PageSource for Box<T> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        (**self).read_at(offset, buf)
-    }
-    fn len(&self) -> Result<u64, SourceError> {
-        (**self).len()
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
-
-impl<T: PageSource + ?Sized> PageSource for Arc<T> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        (**self).read_at(offset, buf)
-    }
-    fn len(&self) -> Result<u64, SourceError> {
-        (**self).len()
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
-
-impl<T: PageSource + ?Sized> PageSource for &T {
+/// Any pointer to a source is a source (`&S`, `Box<S>`, `Arc<S>`, and
+/// `Box<dyn PageSource>`): every call goes to the source it points to.
+impl<P> PageSource for P
+where
+    P: std::ops::Deref + Send + Sync,
+    P::Target: PageSource,
+{
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         (**self).read_at(offset, buf)
     }
@@ -343,5 +325,44 @@ impl PageSource for FileSource {
     }
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+/// Helpers for tests of sources on unusual files (this crate's tests and
+/// the CLI's). Not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    use std::io::Write;
+    use std::path::Path;
+
+    /// Creates `path` as a sparse file of `len` bytes that starts with
+    /// `head`. `Ok(false)` after a loud `SKIPPED` line naming `test` when the
+    /// file system cannot hold a file that large (the caller skips its test).
+    pub fn sparse_file(path: &Path, len: u64, head: &[u8], test: &str) -> std::io::Result<bool> {
+        let mut file = std::fs::File::create(path)?;
+        if let Err(e) = file.set_len(len) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::StorageFull
+            ) {
+                eprintln!(
+                    "!!! SKIPPED {test}: the temp file system cannot hold a sparse {len}-byte file ({e}) !!!"
+                );
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        file.write_all(head)?;
+        Ok(true)
+    }
+
+    /// Makes a FIFO (named pipe) at `path` with `mkfifo`; panics if it cannot.
+    #[cfg(unix)]
+    pub fn mkfifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success(), "mkfifo failed: {status}");
     }
 }

@@ -2,11 +2,12 @@
 //! paged under budgets (percent of the bank) against the fully resident
 //! model, with and without block prefetch, in one run.
 
-use crate::cmd_generate::{MemoryArgs, open_paged, runtime_device};
-use crate::cmd_train::Backend;
+use crate::args::{Backend, MemoryArgs, parse_percent, parse_source};
+use crate::open::{open_paged, require_memory_layers, runtime_device};
+use crate::source::Source;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use memlayer_runtime::{Generation, Generator, Sampling};
+use memlayer_runtime::{Budget, BurnDecoder, Generation, Generator, Sampling};
 use memlayer_train::data::facts::read_eval_jsonl;
 use serde_json::json;
 use std::path::PathBuf;
@@ -23,14 +24,14 @@ pub struct PagedBenchArgs {
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
     /// Budgets in percent of the bank.
-    #[arg(long, value_delimiter = ',', default_value = "100,25", value_parser = crate::cmd_generate::parse_percent)]
+    #[arg(long, value_delimiter = ',', default_value = "100,25", value_parser = parse_percent)]
     pub budgets: Vec<f64>,
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
     /// The bank: `file` or an http(s):// URL.
-    #[arg(long, default_value = "file")]
-    pub source: String,
+    #[arg(long, default_value = "file", value_parser = parse_source)]
+    pub source: Source,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -61,7 +62,7 @@ impl Pass {
 }
 
 fn pass(
-    g: &Generator,
+    g: &mut Generator<BurnDecoder>,
     prompts: &[String],
     max_tokens: usize,
     mut first_token: impl FnMut(usize),
@@ -74,7 +75,7 @@ fn pass(
     for (i, prompt) in prompts.iter().enumerate() {
         let mut fired = false;
         let out = g
-            .generate(prompt, &sampling, None, |_| {
+            .generate(prompt, &sampling, None, |_, _| {
                 if !fired {
                     fired = true;
                     first_token(i);
@@ -101,6 +102,7 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("{} has no questions", dir.display());
     }
+    require_memory_layers(dir, "bench paged")?;
     let backend = format!("{:?}", args.backend).to_lowercase();
     println!(
         "{:<22} {:>9} {:>12} {:>9} {:>10} {:>12} {:>12} {:>9}",
@@ -117,9 +119,9 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
 
     // fully resident reference
     let (device, ops, _) = runtime_device(args.backend)?;
-    let resident = memlayer_runtime::open_resident(dir, &device, ops)?;
-    pass(&resident, &prompts, args.max_tokens, |_| {})?;
-    let r = pass(&resident, &prompts, args.max_tokens, |_| {})?;
+    let mut resident = memlayer_runtime::open_resident(dir, &device, ops)?;
+    pass(&mut resident, &prompts, args.max_tokens, |_| {})?;
+    let r = pass(&mut resident, &prompts, args.max_tokens, |_| {})?;
     println!(
         "{:<22} {:>9} {:>12.1} {:>9} {:>10} {:>12} {:>12.3} {:>9}",
         "resident (all loaded)",
@@ -135,20 +137,15 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
         json!({"memory": "resident", "decode_tokens_per_second": r.decode_tok_s(),
         "first_token_seconds": r.first_token_seconds / prompts.len() as f64}),
     );
-    let hier = resident.model.config().hier.is_some();
+    let hier = resident.config().hier.is_some();
     drop(resident);
 
     let mut full_tok_s = None;
     for &budget in &args.budgets {
         for prefetch in if hier { vec![false, true] } else { vec![false] } {
-            let mem_args = MemoryArgs {
-                source: args.source.clone(),
-                budget_mb: None,
-                budget_percent: Some(budget),
-                backend: args.backend,
-                fetch_threads: 0,
-            };
-            let o = open_paged(dir, &mem_args, prefetch)?;
+            let mem_args =
+                MemoryArgs::new(args.source.clone(), Budget::percent(budget)?, args.backend);
+            let mut o = open_paged(dir, &mem_args, prefetch, "bench paged")?;
             let routes: Vec<Option<Vec<usize>>> = prompts
                 .iter()
                 .map(|p| o.generator.route(p))
@@ -161,9 +158,19 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
                 }
             };
             // untimed pass, then the measured one
-            pass(&o.generator, &prompts, args.max_tokens, &mut first_token)?;
+            pass(
+                &mut o.generator,
+                &prompts,
+                args.max_tokens,
+                &mut first_token,
+            )?;
             o.memory.reset_stats();
-            let p = pass(&o.generator, &prompts, args.max_tokens, &mut first_token)?;
+            let p = pass(
+                &mut o.generator,
+                &prompts,
+                args.max_tokens,
+                &mut first_token,
+            )?;
             o.memory.wait_prefetch();
             let st = o.memory.stats();
             let tok_s = p.decode_tok_s();
@@ -201,7 +208,7 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
             "bench": "paged",
             "model": dir,
             "backend": backend,
-            "source": args.source,
+            "source": args.source.to_string(),
             "questions": prompts.len(),
             "max_tokens": args.max_tokens,
             "results": rows,

@@ -2,7 +2,8 @@
 //! dense at equal active parameters, on the same backend, in one run; and
 //! tokens/s per backend (burn's CPU backend vs burn-wgpu).
 
-use crate::cmd_train::{Backend, OpsChoice, device_for};
+use crate::args::{Backend, OpsChoice};
+use crate::open::device_for;
 use anyhow::{Context, Result};
 use clap::Args;
 use memlayer_train::TrainConfig;

@@ -2,12 +2,13 @@
 //! fact questions with its memory paged from the bank under a budget of 25 %
 //! of the bank, next to the same model with its memory fully resident.
 
-use crate::cmd_generate::{MemoryArgs, open_paged, runtime_device};
-use crate::cmd_train::Backend;
+use crate::args::{Backend, MemoryArgs, parse_percent, parse_source};
+use crate::open::{open_paged, require_memory_layers, runtime_device};
+use crate::source::Source;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use memlayer_core::rng::Rng;
-use memlayer_runtime::{Generator, MemoryStats, Sampling};
+use memlayer_runtime::{Budget, BurnDecoder, Generator, MemoryStats, Sampling};
 use memlayer_train::data::facts::{FactQuery, read_eval_jsonl};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -28,14 +29,14 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 12)]
     pub per_bucket: usize,
     /// Budget of the paged run, percent of the bank.
-    #[arg(long, default_value_t = 25.0, value_parser = crate::cmd_generate::parse_percent)]
+    #[arg(long, default_value_t = 25.0, value_parser = parse_percent)]
     pub budget_percent: f64,
     /// Where the model runs and the page slots live.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
     /// The bank: `file` or an http(s):// URL (e.g. from `memlayer serve`).
-    #[arg(long, default_value = "file")]
-    pub source: String,
+    #[arg(long, default_value = "file", value_parser = parse_source)]
+    pub source: Source,
     /// Reserve and use block prefetch (models with a hierarchical memory).
     #[arg(long)]
     pub prefetch: bool,
@@ -107,7 +108,7 @@ struct Run {
 /// Answers every question greedily; `first_token(i)` runs when question
 /// `i` produced its first token (its prefill is done), `after(i)` after it.
 fn answer_all(
-    g: &Generator,
+    g: &mut Generator<BurnDecoder>,
     qs: &[FactQuery],
     mut first_token: impl FnMut(usize),
     mut after: impl FnMut(usize),
@@ -127,7 +128,7 @@ fn answer_all(
             ..Sampling::default()
         };
         let out = g
-            .generate(&q.prompt, &sampling, Some("."), |_| {
+            .generate(&q.prompt, &sampling, Some("."), |_, _| {
                 if !fired {
                     fired = true;
                     first_token(i);
@@ -168,6 +169,7 @@ fn mib(b: u64) -> f64 {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let dir = model_dir(&args)?;
+    require_memory_layers(&dir, "demo")?;
     let queries = read_eval_jsonl(&dir.join("eval.jsonl"))
         .with_context(|| format!("reading {}", dir.join("eval.jsonl").display()))?;
     let qs = sample(queries, args.per_bucket, args.seed);
@@ -184,22 +186,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // fully resident: the whole bank read into the model at load
     let (device, ops, _) = runtime_device(args.backend)?;
     let t0 = Instant::now();
-    let resident = memlayer_runtime::open_resident(&dir, &device, ops)
+    let mut resident = memlayer_runtime::open_resident(&dir, &device, ops)
         .with_context(|| format!("loading {}", dir.display()))?;
     let resident_load = t0.elapsed().as_secs_f64();
-    let full = answer_all(&resident, &qs, |_| {}, |_| {})?;
+    let full = answer_all(&mut resident, &qs, |_| {}, |_| {})?;
     drop(resident);
 
     // paged under the budget
-    let mem_args = MemoryArgs {
-        source: args.source.clone(),
-        budget_mb: None,
-        budget_percent: Some(args.budget_percent),
-        backend: args.backend,
-        fetch_threads: 0,
-    };
+    let budget = Budget::percent(args.budget_percent)?;
+    let mem_args = MemoryArgs::new(args.source.clone(), budget, args.backend);
     let t0 = Instant::now();
-    let o = open_paged(&dir, &mem_args, args.prefetch)?;
+    let mut o = open_paged(&dir, &mem_args, args.prefetch, "demo")?;
     let paged_load = t0.elapsed().as_secs_f64();
     let mut max_resident = 0u64;
     // with --prefetch, the next question's blocks are fetched while this one
@@ -209,7 +206,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|q| o.generator.route(&q.prompt))
         .collect::<Result<_, _>>()?;
     let paged = answer_all(
-        &o.generator,
+        &mut o.generator,
         &qs,
         |i| {
             if args.prefetch

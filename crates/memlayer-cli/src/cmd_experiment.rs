@@ -1,6 +1,7 @@
 //! `memlayer experiment`: the memory-vs-dense grid at equal compute.
 
-use crate::cmd_train::{Backend, OpsChoice, device_for};
+use crate::args::{Backend, OpsChoice};
+use crate::open::device_for;
 use anyhow::{Context, Result};
 use clap::Args;
 use memlayer_train::TrainOptions;

@@ -3,7 +3,7 @@
 //! checks that the padding between the table and the pages is zero.
 
 use clap::Args;
-use memlayer_bank::{BankReader, FileSource, PageEntry, SectionInfo, SectionKind};
+use memlayer_bank::{BankReader, FileSource, PageEntry, SectionInfo};
 
 /// Arguments of `memlayer inspect`.
 #[derive(Args)]
@@ -93,26 +93,7 @@ fn plural(n: u64, what: &str) -> String {
 fn describe_section(s: &SectionInfo) -> String {
     let g = &s.geometry;
     let pages = s.page_ids();
-    let shape = match s.spec.kind {
-        SectionKind::PkmValues {
-            rows,
-            dim,
-            page_rows,
-        } => format!(
-            "pkm_values {}: {rows} rows x {dim}, {page_rows} rows per page (last page {} rows)",
-            s.spec.dtype, g.last_page_rows
-        ),
-        SectionKind::FfnBlocks {
-            level,
-            nodes,
-            layers,
-            units,
-            dim,
-        } => format!(
-            "ffn_blocks {}: level {level}, {nodes} blocks of [{layers} layers][3][{units} units][{dim}], one block per page",
-            s.spec.dtype
-        ),
-    };
+    let shape = s.shape_summary();
     format!(
         "section {}: {shape}; pages {}..{} ({} pages, {} bytes per full page)",
         s.index, pages.start, pages.end, g.page_count, g.page_bytes

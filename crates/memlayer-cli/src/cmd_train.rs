@@ -1,51 +1,13 @@
-//! `memlayer train` and `memlayer eval`.
+//! `memlayer train`: a model trained from a preset or config into a model
+//! directory, then evaluated.
 
+use crate::args::{Backend, OpsChoice};
+use crate::cmd_eval::print_eval;
+use crate::open::device_for;
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
-use clap::{Args, ValueEnum};
-use memlayer_model::MemoryOps;
-use memlayer_train::eval::EvalReport;
-use memlayer_train::{PRESETS, TrainConfig, TrainOptions, eval_dir, train_and_report};
+use clap::Args;
+use memlayer_train::{PRESETS, TrainConfig, TrainOptions, train_and_report};
 use std::path::PathBuf;
-
-/// Where the model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// burn's CPU backend (Flex) with memlayer's CPU memory ops.
-    Cpu,
-    /// burn-wgpu (Vulkan/Metal/DX12; lavapipe on a machine without GPU).
-    Wgpu,
-}
-
-/// Memory-op implementation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OpsChoice {
-    /// The backend extension where it runs (CPU kernels, WGSL on wgpu), else portable.
-    Auto,
-    /// burn tensor ops only.
-    Portable,
-    /// The backend extension (CPU kernels on `cpu`, WGSL kernels on `wgpu`).
-    Native,
-}
-
-/// Device and memory ops of a backend choice.
-pub fn device_for(backend: Backend, ops: OpsChoice) -> Result<(Device, MemoryOps)> {
-    let device = match backend {
-        Backend::Cpu => Device::flex(),
-        Backend::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
-    };
-    let ops = match ops {
-        OpsChoice::Auto => MemoryOps::best_for(&device),
-        OpsChoice::Portable => MemoryOps::Portable,
-        OpsChoice::Native => {
-            if !memlayer_model::ops::native::supported(&device) {
-                bail!("--ops native is not available on the {backend:?} backend");
-            }
-            MemoryOps::Native
-        }
-    };
-    Ok((device, ops))
-}
 
 #[derive(Args)]
 #[command(group = clap::ArgGroup::new("source").required(true).args(["config", "preset"]))]
@@ -106,24 +68,7 @@ fn load_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-pub fn print_eval(e: &EvalReport) {
-    println!(
-        "{:<10} {:>8} {:>8} {:>8} {:>9} {:>8}",
-        "bucket", "queries", "recall", "ranked", "baseline", "chance"
-    );
-    for b in &e.buckets {
-        println!(
-            "{:<10} {:>8} {:>8.3} {:>8.3} {:>9.3} {:>8.3}",
-            b.name, b.queries, b.recall, b.ranked_recall, b.baseline, b.chance
-        );
-    }
-    println!(
-        "recall {:.3}   held-out loss {:.3}   perplexity {:.2} ({} sequences)",
-        e.recall, e.heldout_loss, e.perplexity, e.heldout_sequences
-    );
-}
-
-pub fn run_train(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = load_config(&args)?;
     let (device, ops) = device_for(args.backend, args.ops)?;
     let counts = cfg.model.param_counts();
@@ -168,31 +113,5 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     );
     print_eval(&report.eval);
     println!("model written to {}", args.out.display());
-    Ok(())
-}
-
-#[derive(Args)]
-pub struct EvalArgs {
-    /// Model directory written by `memlayer train`.
-    dir: PathBuf,
-    /// Backend.
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: Backend,
-    /// Memory-op implementation.
-    #[arg(long, value_enum, default_value = "auto")]
-    ops: OpsChoice,
-    /// Also write the report as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
-}
-
-pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let (device, ops) = device_for(args.backend, args.ops)?;
-    let report = eval_dir(&args.dir, &device, ops)?;
-    print_eval(&report);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
     Ok(())
 }

@@ -2,17 +2,25 @@
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod cmd_bank;
 mod cmd_bench;
+mod cmd_bench_kernels;
 mod cmd_bench_paged;
 mod cmd_bench_train;
+mod cmd_chat;
 mod cmd_checksums;
 mod cmd_demo;
+mod cmd_eval;
 mod cmd_experiment;
 mod cmd_generate;
 mod cmd_inspect;
 mod cmd_layer;
+mod cmd_serve;
 mod cmd_train;
+mod open;
+mod source;
+mod stats;
 
 #[derive(Parser)]
 #[command(
@@ -52,13 +60,19 @@ enum Command {
     /// writes report.md, report.json and plots.
     Experiment(cmd_experiment::ExperimentArgs),
     /// Evaluate a model directory: fact recall by frequency bucket, perplexity.
-    Eval(cmd_train::EvalArgs),
+    Eval(cmd_eval::EvalArgs),
     /// Generate text with the model's memory paged in on demand under a budget.
+    ///
+    /// A model without memory layers (config.json with neither `pkm` nor `hier`) has no
+    /// bank: it runs as it is, the budget flags are unused and the stats line says so.
     Generate(cmd_generate::GenerateArgs),
     /// Interactive generation, one prompt per line, with a stats line per turn.
-    Chat(cmd_generate::ChatArgs),
+    ///
+    /// A model without memory layers (config.json with neither `pkm` nor `hier`) has no
+    /// bank: it runs as it is, the budget flags are unused and the stats line says so.
+    Chat(cmd_chat::ChatArgs),
     /// Serve a model directory (and the web app) over HTTP with Range support on 127.0.0.1.
-    Serve(cmd_generate::ServeArgs),
+    Serve(cmd_serve::ServeArgs),
     /// The main job: held-out fact questions answered with 25% of the memory resident,
     /// next to the fully resident run.
     Demo(cmd_demo::DemoArgs),
@@ -72,12 +86,12 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Checksums(args) => cmd_checksums::run(args),
         Command::Layer { command } => cmd_layer::run(command),
-        Command::Train(args) => cmd_train::run_train(args),
+        Command::Train(args) => cmd_train::run(args),
         Command::Experiment(args) => cmd_experiment::run(args),
-        Command::Eval(args) => cmd_train::run_eval(args),
-        Command::Generate(args) => cmd_generate::run_generate(args),
-        Command::Chat(args) => cmd_generate::run_chat(args),
-        Command::Serve(args) => cmd_generate::run_serve(args),
+        Command::Eval(args) => cmd_eval::run(args),
+        Command::Generate(args) => cmd_generate::run(args),
+        Command::Chat(args) => cmd_chat::run(args),
+        Command::Serve(args) => cmd_serve::run(args),
         Command::Demo(args) => cmd_demo::run(args),
     };
     match result {

@@ -10,22 +10,7 @@ use memlayer_bank::{BankReader, Dtype, FileSource, round_trip};
 use memlayer_core::rng::Rng;
 
 fn synth(path: &Path, rows: u64, dim: u32, page_rows: u32, dtype: &str, seed: u64) -> String {
-    assert_ok(&memlayer(&[
-        "bank",
-        "synth",
-        "--out",
-        path.to_str().unwrap(),
-        "--rows",
-        &rows.to_string(),
-        "--dim",
-        &dim.to_string(),
-        "--page-rows",
-        &page_rows.to_string(),
-        "--dtype",
-        dtype,
-        "--seed",
-        &seed.to_string(),
-    ]))
+    synth_bank(path, rows, dim, page_rows, seed, &["--dtype", dtype])
 }
 
 fn inspect(path: &Path, verify: bool) -> Output {

@@ -11,6 +11,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use memlayer_bank::format::encode_header;
+use memlayer_bank::source::testing::sparse_file;
 use memlayer_bank::{BankReader, FileSource, HEADER_LEN, Header, PAGE_ENTRY_LEN, VERSION};
 
 const TIB: u64 = 1 << 40;
@@ -43,23 +44,8 @@ fn assert_clean_failure(out: &Output) -> String {
 
 #[test]
 fn inspect_of_a_sparse_terabyte_file_fails_with_the_named_error() {
-    use std::io::Write;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("huge.bank");
-    let mut file = std::fs::File::create(&path).expect("create");
-    if let Err(e) = file.set_len(TIB) {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::FileTooLarge | std::io::ErrorKind::StorageFull
-        ) {
-            eprintln!(
-                "!!! SKIPPED inspect_of_a_sparse_terabyte_file_fails_with_the_named_error: \
-                 the temp file system cannot hold a sparse 1 TiB file ({e}) !!!"
-            );
-            return;
-        }
-        panic!("set_len(1 TiB): {e}");
-    }
     // A valid header whose page table fills the whole terabyte.
     let pages = (TIB - HEADER_LEN) / PAGE_ENTRY_LEN;
     let header = encode_header(&Header {
@@ -70,8 +56,10 @@ fn inspect_of_a_sparse_terabyte_file_fails_with_the_named_error() {
         file_len: TIB,
         table_checksum: 0,
     });
-    file.write_all(&header).expect("write header");
-    drop(file);
+    let test = "inspect_of_a_sparse_terabyte_file_fails_with_the_named_error";
+    if !sparse_file(&path, TIB, &header, test).expect("sparse 1 TiB file") {
+        return;
+    }
     for verify in [false, true] {
         let err = assert_clean_failure(&inspect(&path, verify));
         assert!(err.contains("huge.bank"), "{err}");
@@ -89,22 +77,7 @@ fn inspect_verify_names_a_non_zero_padding_byte() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("pad.bank");
     // 24-byte pages at 4096-byte alignment: padding after the table and between pages.
-    assert_ok(&memlayer(&[
-        "bank",
-        "synth",
-        "--out",
-        path.to_str().expect("utf-8 path"),
-        "--rows",
-        "10",
-        "--dim",
-        "3",
-        "--page-rows",
-        "2",
-        "--dtype",
-        "f32",
-        "--seed",
-        "1",
-    ]));
+    synth_bank(&path, 10, 3, 2, 1, &["--dtype", "f32"]);
     let (meta_len, page0_end, page1) = {
         let bank = BankReader::open(FileSource::open(&path).expect("source")).expect("bank");
         (
@@ -144,11 +117,7 @@ fn inspect_verify_names_a_non_zero_padding_byte() {
 fn inspect_of_a_fifo_or_a_directory_fails_fast_with_the_named_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fifo = dir.path().join("pipe.bank");
-    let status = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo failed: {status}");
+    memlayer_bank::source::testing::mkfifo(&fifo);
     let short = Duration::from_secs(10);
     for verify in [false, true] {
         let p = fifo.to_str().expect("utf-8 path");

@@ -5,9 +5,7 @@
 
 mod common;
 
-use common::{assert_fails, assert_ok, memlayer, serve, shipped_demo_dir, text};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use common::{assert_fails, assert_ok, chat, memlayer, serve, shipped_demo_dir, text};
 use std::time::{Duration, Instant};
 
 fn generate(extra: &[&str]) -> std::process::Output {
@@ -62,13 +60,17 @@ fn fetch_threads_are_bounded_and_refused_at_once() {
 
 #[test]
 fn unknown_url_schemes_are_refused_and_scheme_case_does_not_matter() {
-    let err = assert_fails(&generate(&["--source", "ftp://127.0.0.1/memory.bank"]));
-    assert!(
-        err.contains("unsupported URL scheme ftp://"),
-        "ftp taken for a path? {err}"
+    // refused while the flags are parsed (a usage error), not taken for a path
+    assert_usage_error(
+        &generate(&["--source", "ftp://127.0.0.1/memory.bank"]),
+        "--source",
+        "unsupported URL scheme ftp://",
     );
-    let err = assert_fails(&generate(&["--source", "gopher://x/y"]));
-    assert!(err.contains("unsupported URL scheme gopher://"), "{err}");
+    assert_usage_error(
+        &generate(&["--source", "gopher://x/y"]),
+        "--source",
+        "unsupported URL scheme gopher://",
+    );
 
     // `HTTP://` is a URL, read over HTTP like `http://`, with the same answer.
     let dir = shipped_demo_dir();
@@ -105,24 +107,11 @@ fn a_prompt_that_fills_the_context_is_an_error_not_an_empty_answer() {
 #[test]
 fn chat_says_a_line_is_not_utf8_and_goes_on() {
     let dir = shipped_demo_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
-        .args(["chat", dir.to_str().unwrap(), "--max-tokens", "4"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn memlayer chat");
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(b"The city where \xff\xfe was born is\n")
-            .unwrap();
-        stdin
-            .write_all(b"The city where Zamend Jebuth was born is\n")
-            .unwrap();
-        // stdin closes here: the chat ends after the second line.
-    }
-    let out = child.wait_with_output().unwrap();
+    // stdin closes after the second line: the chat ends there.
+    let out = chat(
+        &[dir.to_str().unwrap(), "--max-tokens", "4"],
+        b"The city where \xff\xfe was born is\nThe city where Zamend Jebuth was born is\n",
+    );
     let stdout = assert_ok(&out);
     let stderr = text(&out.stderr);
     assert!(

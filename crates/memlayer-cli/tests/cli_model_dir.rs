@@ -13,16 +13,7 @@ use std::process::Output;
 const PROMPT: &str = "The city where Zamend Jebuth was born is";
 
 fn generate(dir: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "generate",
-        dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "3",
-    ];
-    args.extend_from_slice(extra);
-    memlayer(&args)
+    generate_from(dir, PROMPT, 3, extra)
 }
 
 /// Exit code 1, no panic, and every one of `parts` in stderr.
@@ -36,20 +27,7 @@ fn fails_naming(out: &Output, parts: &[&str]) -> String {
 
 /// `memlayer bank synth` of the demo's value-table shape but `dim` wide.
 fn synth_bank(path: &Path, dim: u32, seed: u64) {
-    assert_ok(&memlayer(&[
-        "bank",
-        "synth",
-        "--out",
-        path.to_str().unwrap(),
-        "--rows",
-        "16384",
-        "--dim",
-        &dim.to_string(),
-        "--page-rows",
-        "1",
-        "--seed",
-        &seed.to_string(),
-    ]));
+    common::synth_bank(path, 16384, dim, 1, seed, &[]);
 }
 
 #[test]

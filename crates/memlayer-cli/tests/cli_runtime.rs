@@ -25,16 +25,7 @@ fn train(preset: &str, dir: &Path) {
 const PROMPT: &str = "The city where";
 
 fn generate(dir: &Path, extra: &[&str]) -> (String, String) {
-    let mut args = vec![
-        "generate",
-        dir.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--max-tokens",
-        "12",
-    ];
-    args.extend_from_slice(extra);
-    let out = memlayer(&args);
+    let out = generate_from(dir, PROMPT, 12, extra);
     let stdout = assert_ok(&out);
     (stdout, text(&out.stderr))
 }

@@ -6,13 +6,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Served, serve_with};
+use memlayer_http::test_support::exchange;
 
 /// A model directory as far as `serve` cares: config.json and a bank file.
 fn model_dir() -> tempfile::TempDir {
@@ -67,26 +68,12 @@ fn assert_alive(served: &mut Served) {
 
 /// One `GET` with `Connection: close`: status line and body, or an error.
 fn get(addr: SocketAddr, target: &str, range: Option<&str>) -> std::io::Result<(String, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.set_write_timeout(Some(Duration::from_secs(3)))?;
     let range = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
-    write!(
-        s,
-        "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{range}Connection: close\r\n\r\n"
-    )?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)?;
-    let split = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no end of headers"))?;
-    let status = String::from_utf8_lossy(&all[..split])
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    Ok((status, all[split + 4..].to_vec()))
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{range}Connection: close\r\n\r\n");
+    let (head, body) = exchange(addr, Duration::from_secs(3), &request)?;
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, body))
 }
 
 /// Retries `get` until it answers or the deadline passes.

@@ -58,6 +58,22 @@ pub struct PkmConfig {
 }
 
 impl PkmConfig {
+    /// The layer at the scale of Lample et al. (2019): width 1024, 4 heads,
+    /// 1024² = 1M value rows, k_dim 512, k = 32, no qk-norm, no gate. The
+    /// benches and profilers measure this shape.
+    pub fn paper() -> Self {
+        Self {
+            dim: 1024,
+            v_dim: 1024,
+            heads: 4,
+            n_keys: 1024,
+            k_dim: 512,
+            knn: 32,
+            qk_norm: false,
+            gated: false,
+        }
+    }
+
     /// Checks every field's domain.
     pub fn validate(&self) -> Result<(), OracleError> {
         let bad = |m: String| Err(OracleError::InvalidConfig(m));
@@ -112,6 +128,17 @@ impl PkmConfig {
             1.0
         }
     }
+}
+
+/// Random lookup inputs for `tokens` tokens from `seed`, as the benches and
+/// profilers time them: sub-keys U(±0.05), (heads, 2, n_keys, half), and
+/// queries N(0, 1), (tokens, heads, k_dim).
+#[doc(hidden)]
+pub fn random_lookup_inputs(cfg: &PkmConfig, tokens: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let keys = rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -0.05, 0.05);
+    let query = rng.normal_vec(tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+    (keys, query)
 }
 
 /// Output gate `sigmoid(w · x + b)`.
@@ -177,26 +204,19 @@ impl PkmParams {
         let kb = 1.0 / (cfg.k_dim as f32).sqrt();
         let xavier = (6.0 / (cfg.dim + cfg.query_dim()) as f32).sqrt();
         let std = (cfg.dim as f32).powf(-0.5);
-        let keys = rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -kb, kb);
-        let w_q = rng.uniform_vec(cfg.query_dim() * cfg.dim, -xavier, xavier);
-        let b_q = bias(rng, cfg.query_dim(), cfg.dim);
-        let w_s = rng.normal_vec(cfg.v_dim * cfg.dim, 0.0, std);
-        let b_s = bias(rng, cfg.v_dim, cfg.dim);
-        let w_o = rng.normal_vec(cfg.dim * cfg.v_dim, 0.0, std);
-        let b_o = bias(rng, cfg.dim, cfg.v_dim);
-        let gate = cfg.gated.then(|| PkmGate {
-            w: rng.normal_vec(cfg.dim, 0.0, std),
-            b: bias(rng, 1, cfg.dim)[0],
-        });
+        // Field initialisers run in the order written: this is the order of the draws.
         Self {
-            w_q,
-            b_q,
-            keys,
-            w_s,
-            b_s,
-            w_o,
-            b_o,
-            gate,
+            keys: rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -kb, kb),
+            w_q: rng.uniform_vec(cfg.query_dim() * cfg.dim, -xavier, xavier),
+            b_q: bias(rng, cfg.query_dim(), cfg.dim),
+            w_s: rng.normal_vec(cfg.v_dim * cfg.dim, 0.0, std),
+            b_s: bias(rng, cfg.v_dim, cfg.dim),
+            w_o: rng.normal_vec(cfg.dim * cfg.v_dim, 0.0, std),
+            b_o: bias(rng, cfg.dim, cfg.v_dim),
+            gate: cfg.gated.then(|| PkmGate {
+                w: rng.normal_vec(cfg.dim, 0.0, std),
+                b: bias(rng, 1, cfg.dim)[0],
+            }),
         }
     }
 

@@ -1,24 +1,12 @@
 //! Profiling driver: repeated product-key lookups at paper scale (1 thread).
 use memlayer_core::pkm::PkmConfig;
-use memlayer_core::rng::Rng;
 use memlayer_cpu::{Cpu, pkm};
 use std::time::Instant;
 
 fn main() {
-    let cfg = PkmConfig {
-        dim: 1024,
-        v_dim: 1024,
-        heads: 4,
-        n_keys: 1024,
-        k_dim: 512,
-        knn: 32,
-        qk_norm: false,
-        gated: false,
-    };
+    let cfg = PkmConfig::paper();
     let tokens = 256;
-    let mut rng = Rng::new(10);
-    let keys = rng.uniform_vec(cfg.heads * 2 * cfg.n_keys * cfg.half(), -0.05, 0.05);
-    let query = rng.normal_vec(tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+    let (keys, query) = memlayer_core::pkm::random_lookup_inputs(&cfg, tokens, 10);
     let prepared = pkm::PreparedKeys::new(&cfg, &keys).unwrap();
     let cpu = Cpu::new(1).unwrap();
     let t = Instant::now();

@@ -17,7 +17,7 @@
 
 use crate::error::{CpuError, check_len};
 use crate::simd::{Kernel, kernel};
-use crate::storage::{PagedTableRef, Rows, Storage, Table, TableRef};
+use crate::storage::{AnyDtype, Rows, Storage, Table};
 use memlayer_core::bag::SparseRows;
 use rayon::prelude::*;
 
@@ -45,6 +45,25 @@ pub fn check_offsets(nnz: usize, offsets: &[usize]) -> Result<usize, CpuError> {
 /// Bags per parallel task: about 8 tasks per thread, at least one bag.
 fn chunk_bags(bags: usize) -> usize {
     bags.div_ceil(rayon::current_num_threads() * 8).max(1)
+}
+
+/// Splits `per_entry` (one element per entry) at the bag chunks of
+/// [`chunk_bags`]: `(first bag, end bag, the chunk's entries)` per chunk.
+fn split_by_bag_chunks<'a, T>(
+    per_entry: &'a mut [T],
+    offsets: &[usize],
+    bags: usize,
+) -> Vec<(usize, usize, &'a mut [T])> {
+    let chunk = chunk_bags(bags);
+    let mut parts = Vec::new();
+    let mut rest = per_entry;
+    for c in 0..bags.div_ceil(chunk) {
+        let (b0, b1) = (c * chunk, ((c + 1) * chunk).min(bags));
+        let (head, tail) = rest.split_at_mut(offsets[b1] - offsets[b0]);
+        parts.push((b0, b1, head));
+        rest = tail;
+    }
+    parts
 }
 
 /// Forward: `out[b] = Σ_{e in bag b} weights[e] * table[indices[e]]`.
@@ -80,33 +99,19 @@ pub fn bag_forward<R: Rows>(
     Ok(())
 }
 
-/// [`bag_forward`] on a dense table of runtime dtype. out: (bags, dim)
-pub fn bag_forward_any(
-    table: TableRef<'_>,
+/// [`bag_forward`] on a table of runtime dtype, dense ([`TableRef`](crate::TableRef)) or
+/// paged ([`PagedTableRef`](crate::PagedTableRef)). out: (bags, dim)
+pub fn bag_forward_any<A: Rows, B: Rows, C: Rows>(
+    table: AnyDtype<A, B, C>,
     indices: &[u32],
     weights: &[f32],
     offsets: &[usize],
     out: &mut [f32],
 ) -> Result<(), CpuError> {
     match table {
-        TableRef::F32(t) => bag_forward(&t, indices, weights, offsets, out),
-        TableRef::F16(t) => bag_forward(&t, indices, weights, offsets, out),
-        TableRef::Bf16(t) => bag_forward(&t, indices, weights, offsets, out),
-    }
-}
-
-/// [`bag_forward`] on a paged table of runtime dtype. out: (bags, dim)
-pub fn bag_forward_paged_any(
-    table: PagedTableRef<'_>,
-    indices: &[u32],
-    weights: &[f32],
-    offsets: &[usize],
-    out: &mut [f32],
-) -> Result<(), CpuError> {
-    match table {
-        PagedTableRef::F32(t) => bag_forward(&t, indices, weights, offsets, out),
-        PagedTableRef::F16(t) => bag_forward(&t, indices, weights, offsets, out),
-        PagedTableRef::Bf16(t) => bag_forward(&t, indices, weights, offsets, out),
+        AnyDtype::F32(t) => bag_forward(&t, indices, weights, offsets, out),
+        AnyDtype::F16(t) => bag_forward(&t, indices, weights, offsets, out),
+        AnyDtype::Bf16(t) => bag_forward(&t, indices, weights, offsets, out),
     }
 }
 
@@ -369,23 +374,14 @@ pub fn bag_backward_table_into(
     keys.par_sort_unstable();
     // bag of each entry
     let mut bag_of = vec![0u32; indices.len()];
-    {
-        let chunk = chunk_bags(bags);
-        let mut rest: &mut [u32] = &mut bag_of;
-        let mut parts = Vec::new();
-        for c in 0..bags.div_ceil(chunk) {
-            let (b0, b1) = (c * chunk, ((c + 1) * chunk).min(bags));
-            let (head, tail) = rest.split_at_mut(offsets[b1] - offsets[b0]);
-            parts.push((b0, b1, head));
-            rest = tail;
-        }
-        parts.into_par_iter().for_each(|(b0, b1, part)| {
+    split_by_bag_chunks(&mut bag_of, offsets, bags)
+        .into_par_iter()
+        .for_each(|(b0, b1, part)| {
             let base = offsets[b0];
             for b in b0..b1 {
                 part[offsets[b] - base..offsets[b + 1] - base].fill(b as u32);
             }
         });
-    }
     // permuted entries: gather indices = bag, weights = weight, segments by row
     let (seg_idx, seg_w): (Vec<u32>, Vec<f32>) = keys
         .par_iter()
@@ -500,17 +496,8 @@ pub fn bag_backward_weights<R: Rows>(
         return Ok(());
     }
     let k = kernel();
-    let chunk = chunk_bags(bags);
-    // split dw by bag chunks
-    let mut parts = Vec::new();
-    let mut rest: &mut [f32] = dw;
-    for c in 0..bags.div_ceil(chunk) {
-        let (b0, b1) = (c * chunk, ((c + 1) * chunk).min(bags));
-        let (head, tail) = rest.split_at_mut(offsets[b1] - offsets[b0]);
-        parts.push((b0, b1, head));
-        rest = tail;
-    }
     let ahead = prefetch_ahead(dim * std::mem::size_of::<R::Elem>());
+    let parts = split_by_bag_chunks(dw, offsets, bags);
     parts.into_par_iter().for_each(|(b0, b1, part)| {
         let (base, last) = (offsets[b0], offsets[b1]);
         let mut pf = base;
@@ -561,18 +548,19 @@ unsafe fn prefetch_rows<R: Rows>(table: &R, indices: &[u32], pf: &mut usize, tar
     let _ = (table, indices, pf, target);
 }
 
-/// [`bag_backward_weights`] on a dense table of runtime dtype.
-pub fn bag_backward_weights_any(
-    table: TableRef<'_>,
+/// [`bag_backward_weights`] on a table of runtime dtype, dense
+/// ([`TableRef`](crate::TableRef)) or paged ([`PagedTableRef`](crate::PagedTableRef)).
+pub fn bag_backward_weights_any<A: Rows, B: Rows, C: Rows>(
+    table: AnyDtype<A, B, C>,
     indices: &[u32],
     offsets: &[usize],
     grad_out: &[f32],
     dw: &mut [f32],
 ) -> Result<(), CpuError> {
     match table {
-        TableRef::F32(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
-        TableRef::F16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
-        TableRef::Bf16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+        AnyDtype::F32(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+        AnyDtype::F16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
+        AnyDtype::Bf16(t) => bag_backward_weights(&t, indices, offsets, grad_out, dw),
     }
 }
 

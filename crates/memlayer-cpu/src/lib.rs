@@ -20,10 +20,12 @@ pub mod simd;
 pub mod storage;
 
 pub use error::CpuError;
-pub use storage::{DType, PagedTable, PagedTableRef, Rows, Storage, Table, TableRef};
+pub use storage::{AnyDtype, DType, PagedTable, PagedTableRef, Rows, Storage, Table, TableRef};
 
 /// A rayon thread pool with an explicit thread count; ops called through
-/// [`Cpu::install`] (or the convenience methods) run on it.
+/// [`Cpu::install`] run on it (`cpu.install(|| bag::bag_backward_table(..))`),
+/// and so do the convenience methods for the forward, the lookup and the
+/// bandwidth probe.
 pub struct Cpu {
     pool: rayon::ThreadPool,
 }
@@ -61,31 +63,6 @@ impl Cpu {
         self.install(|| bag::bag_forward(table, indices, weights, offsets, out))
     }
 
-    /// [`bag::bag_backward_table`] on this pool.
-    pub fn bag_backward_table(
-        &self,
-        rows: usize,
-        dim: usize,
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-        grad_out: &[f32],
-    ) -> Result<memlayer_core::bag::SparseRows, CpuError> {
-        self.install(|| bag::bag_backward_table(rows, dim, indices, weights, offsets, grad_out))
-    }
-
-    /// [`bag::bag_backward_weights`] on this pool. dw: (nnz)
-    pub fn bag_backward_weights<R: Rows>(
-        &self,
-        table: &R,
-        indices: &[u32],
-        offsets: &[usize],
-        grad_out: &[f32],
-        dw: &mut [f32],
-    ) -> Result<(), CpuError> {
-        self.install(|| bag::bag_backward_weights(table, indices, offsets, grad_out, dw))
-    }
-
     /// [`pkm::lookup`] on this pool.
     pub fn lookup(
         &self,
@@ -94,19 +71,6 @@ impl Cpu {
         tokens: usize,
     ) -> Result<memlayer_core::pkm::Lookup, CpuError> {
         self.install(|| pkm::lookup(keys, query, tokens))
-    }
-
-    /// [`pkm::scores_backward`] on this pool.
-    pub fn scores_backward(
-        &self,
-        cfg: &memlayer_core::pkm::PkmConfig,
-        keys: &[f32],
-        query: &[f32],
-        tokens: usize,
-        indices: &[u32],
-        d_scores: &[f32],
-    ) -> Result<(Vec<f32>, Vec<f32>), CpuError> {
-        self.install(|| pkm::scores_backward(cfg, keys, query, tokens, indices, d_scores))
     }
 
     /// [`bandwidth::copy_bandwidth`] with this pool's threads.

@@ -127,10 +127,16 @@ impl Storage for bf16 {
 pub trait Rows: Sync {
     /// Stored element type.
     type Elem: Storage;
+    /// `(rows addressable by an index, row width)`.
+    fn shape(&self) -> (usize, usize);
     /// Rows addressable by an index.
-    fn rows(&self) -> usize;
+    fn rows(&self) -> usize {
+        self.shape().0
+    }
     /// Row width.
-    fn dim(&self) -> usize;
+    fn dim(&self) -> usize {
+        self.shape().1
+    }
     /// Checks that every row in `indices` can be read (in range, page resident).
     fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError>;
     /// Pointer to the first of the `dim` elements of row `r`.
@@ -181,11 +187,8 @@ impl<'a, T: Storage> Table<'a, T> {
 
 impl<T: Storage> Rows for Table<'_, T> {
     type Elem = T;
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn dim(&self) -> usize {
-        self.dim
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.dim)
     }
     fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError> {
         check_range(indices, self.rows)
@@ -288,11 +291,8 @@ impl<'a, T: Storage> PagedTable<'a, T> {
 
 impl<T: Storage> Rows for PagedTable<'_, T> {
     type Elem = T;
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn dim(&self) -> usize {
-        self.dim
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.dim)
     }
     fn check_indices(&self, indices: &[u32]) -> Result<(), CpuError> {
         check_range(indices, self.rows)?;
@@ -332,38 +332,36 @@ impl<T: Storage> Rows for PagedTable<'_, T> {
     }
 }
 
-/// A dense table of a runtime-chosen element type.
+/// A table of a runtime-chosen element type: one variant per [`DType`],
+/// each holding the table kind (dense [`TableRef`] or paged
+/// [`PagedTableRef`]) of that element type.
 #[derive(Clone, Copy, Debug)]
-pub enum TableRef<'a> {
+pub enum AnyDtype<F32, F16, Bf16> {
     /// f32 storage.
-    F32(Table<'a, f32>),
+    F32(F32),
     /// f16 storage.
-    F16(Table<'a, f16>),
+    F16(F16),
     /// bf16 storage.
-    Bf16(Table<'a, bf16>),
+    Bf16(Bf16),
 }
 
-impl TableRef<'_> {
+impl<F32, F16, Bf16> AnyDtype<F32, F16, Bf16> {
     /// Element type.
     pub fn dtype(&self) -> DType {
         match self {
-            TableRef::F32(_) => DType::F32,
-            TableRef::F16(_) => DType::F16,
-            TableRef::Bf16(_) => DType::Bf16,
+            AnyDtype::F32(_) => DType::F32,
+            AnyDtype::F16(_) => DType::F16,
+            AnyDtype::Bf16(_) => DType::Bf16,
         }
     }
 }
 
+/// A dense table of a runtime-chosen element type.
+pub type TableRef<'a> = AnyDtype<Table<'a, f32>, Table<'a, f16>, Table<'a, bf16>>;
+
 /// A paged table of a runtime-chosen element type.
-#[derive(Clone, Copy, Debug)]
-pub enum PagedTableRef<'a> {
-    /// f32 storage.
-    F32(PagedTable<'a, f32>),
-    /// f16 storage.
-    F16(PagedTable<'a, f16>),
-    /// bf16 storage.
-    Bf16(PagedTable<'a, bf16>),
-}
+pub type PagedTableRef<'a> =
+    AnyDtype<PagedTable<'a, f32>, PagedTable<'a, f16>, PagedTable<'a, bf16>>;
 
 /// Rounds f32 values to `T` (for building narrow tables and their oracle twins).
 pub fn narrow<T: Storage>(x: &[f32]) -> Vec<T> {

@@ -191,7 +191,7 @@ fn backward_table_is_bit_identical() {
             obag::bag_backward_table(rows, dim, &indices, &weights, &offsets, &grad).unwrap();
         for cpu in pools() {
             let got = cpu
-                .bag_backward_table(rows, dim, &indices, &weights, &offsets, &grad)
+                .install(|| bag::bag_backward_table(rows, dim, &indices, &weights, &offsets, &grad))
                 .unwrap();
             assert_eq!(got.rows, want.rows);
             assert_eq!(got.dim, want.dim);
@@ -232,8 +232,10 @@ fn check_backward_weights<T: Storage>(seed: u64) {
             for portable in [false, true] {
                 memlayer_cpu::simd::force_portable(portable);
                 let mut dw = vec![f32::NAN; indices.len()];
-                cpu.bag_backward_weights(&table, &indices, &offsets, &grad, &mut dw)
-                    .unwrap();
+                cpu.install(|| {
+                    bag::bag_backward_weights(&table, &indices, &offsets, &grad, &mut dw)
+                })
+                .unwrap();
                 memlayer_cpu::simd::force_portable(false);
                 let mut bag_of = vec![0; indices.len()];
                 for b in 0..bags {
@@ -395,7 +397,9 @@ fn scores_backward_is_bit_identical() {
                 opkm::scores_backward(&c, &keys, &query, tokens, &lk.indices, &d_scores).unwrap();
             for cpu in pools() {
                 let (gk, gq) = cpu
-                    .scores_backward(&c, &keys, &query, tokens, &lk.indices, &d_scores)
+                    .install(|| {
+                        pkm::scores_backward(&c, &keys, &query, tokens, &lk.indices, &d_scores)
+                    })
                     .unwrap();
                 assert_eq!(
                     bits(&gk),

@@ -113,6 +113,8 @@
 mod range;
 mod serve;
 mod source;
+#[doc(hidden)]
+pub mod test_support;
 
 pub use serve::{
     BODY_CHUNK_BYTES, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,

@@ -318,18 +318,30 @@ impl HttpSource {
         Ok(len.filter(|_| ranges && check_identity(h).is_ok()))
     }
 
-    /// `GET` of `bytes=0-0`: the length from the `Content-Range` of a 206
-    /// (or of a 416 for an empty file).
-    fn probe_once(&self) -> Result<u64, Failure> {
+    /// One `GET` with `Range: {range}`: the reply and its `Content-Range`
+    /// (empty when it has none).
+    fn get_range(
+        &self,
+        range: &str,
+    ) -> Result<(ureq::http::Response<ureq::Body>, String), Failure> {
         let resp = self
             .agent
             .get(&self.url)
-            .header("Range", "bytes=0-0")
+            .header("Range", range)
             .call()
             .map_err(|e| transport_failure(e, self.options.timeout))?;
+        let content_range = header(resp.headers(), "content-range")
+            .unwrap_or("")
+            .to_string();
+        Ok((resp, content_range))
+    }
+
+    /// `GET` of `bytes=0-0`: the length from the `Content-Range` of a 206
+    /// (or of a 416 for an empty file).
+    fn probe_once(&self) -> Result<u64, Failure> {
+        let (resp, content_range) = self.get_range("bytes=0-0")?;
         let status = resp.status();
         let h = resp.headers();
-        let content_range = header(h, "content-range").unwrap_or("").to_string();
         match status.as_u16() {
             206 => {
                 check_identity(h)?;
@@ -372,15 +384,9 @@ impl HttpSource {
     /// One `GET` of `offset..offset + buf.len()` (`buf` not empty, in bounds).
     fn read_once(&self, offset: u64, buf: &mut [u8]) -> Result<(), Failure> {
         let last = offset + buf.len() as u64 - 1;
-        let resp = self
-            .agent
-            .get(&self.url)
-            .header("Range", format!("bytes={offset}-{last}"))
-            .call()
-            .map_err(|e| transport_failure(e, self.options.timeout))?;
+        let (resp, content_range) = self.get_range(&format!("bytes={offset}-{last}"))?;
         let status = resp.status();
         let h = resp.headers();
-        let content_range = header(h, "content-range").unwrap_or("").to_string();
         match status.as_u16() {
             206 => {}
             416 => {

@@ -27,7 +27,7 @@ const SERVER_LIFETIME: Duration = Duration::from_secs(60);
 /// The largest body the server will send (it refuses larger ranges with 416).
 const MAX_BODY: u64 = 16 << 20;
 
-/// A server of a "file" of `total` bytes whose byte `i` is `byte_at(i)`.
+/// A server of a "file" of `total` bytes: the bytes of a `head`, then zeros.
 struct Hostile {
     addr: SocketAddr,
     /// Ranges requested by GETs (first, last), in order.
@@ -48,11 +48,14 @@ impl Hostile {
 /// `Content-Length: total` and `Accept-Ranges: bytes`; otherwise `HEAD` is
 /// refused (405) so the client learns the length from the
 /// `Content-Range: bytes 0-0/total` of a ranged `GET`.
-fn serve(
-    total: u64,
-    head_tells_length: bool,
-    byte_at: impl Fn(u64) -> u8 + Send + Sync + 'static,
-) -> Hostile {
+fn serve(total: u64, head_tells_length: bool, head: Vec<u8>) -> Hostile {
+    let byte_at = move |i: u64| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| head.get(i))
+            .copied()
+            .unwrap_or(0)
+    };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("addr");
@@ -195,14 +198,7 @@ fn a_server_claiming_1_tib_with_a_valid_header_is_refused_without_abort() {
     // The header's table fills the claimed 1 TiB exactly.
     let pages = (TIB - HEADER_LEN) / PAGE_ENTRY_LEN;
     for head_tells_length in [true, false] {
-        let bytes = header(0, pages, TIB);
-        let server = serve(TIB, head_tells_length, move |i| {
-            usize::try_from(i)
-                .ok()
-                .and_then(|i| bytes.get(i))
-                .copied()
-                .unwrap_or(0)
-        });
+        let server = serve(TIB, head_tells_length, header(0, pages, TIB));
         let err = open_err(&server);
         match &err {
             BankError::TableTooLarge {
@@ -242,13 +238,7 @@ fn a_table_under_the_cap_is_read_in_bounded_ranges_and_fails_at_the_first_bad_on
         first_page: 0,
         geometry: spec.geometry().expect("geometry"),
     }));
-    let server = serve(TIB, true, move |i| {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| bytes.get(i))
-            .copied()
-            .unwrap_or(0)
-    });
+    let server = serve(TIB, true, bytes);
     let err = open_err(&server);
     assert!(
         matches!(

@@ -14,6 +14,7 @@ use memlayer_bank::{
     BankError, BankFileWriter, BankLayout, BankReader, Dtype, FileSource, PageSource, SectionSpec,
     SourceError,
 };
+use memlayer_http::test_support::read_request_head;
 use memlayer_http::{HttpOptions, HttpSource, ServeConfig, ServerHandle};
 
 // ---------------------------------------------------------------- helpers
@@ -567,15 +568,9 @@ fn fake(handler: impl Fn(Method, Option<&str>, usize) -> Action + Send + Sync + 
             let Ok(mut conn) = conn else { return };
             let (handler, g, h) = (Arc::clone(&handler), Arc::clone(&g), Arc::clone(&h));
             std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut byte = [0u8; 1];
-                while !req.ends_with(b"\r\n\r\n") {
-                    match conn.read(&mut byte) {
-                        Ok(1) => req.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let text = String::from_utf8_lossy(&req).to_string();
+                let Some(text) = read_request_head(&mut conn) else {
+                    return;
+                };
                 let method = if text.starts_with("HEAD") {
                     Method::Head
                 } else {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use memlayer_bank::PageSource;
+use memlayer_http::test_support::exchange;
 use memlayer_http::{HttpOptions, HttpSource, ServeConfig, Server, ServerHandle};
 
 // ---------------------------------------------------------------- helpers
@@ -111,32 +112,18 @@ fn try_request(
     target: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all)?;
-    let split = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no end of headers"))?;
-    let head = String::from_utf8_lossy(&all[..split]).to_string();
+    let (head, body) = exchange(addr, Duration::from_secs(5), &req)?;
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no status"))?;
-    Ok(Reply {
-        status,
-        head,
-        body: all[split + 4..].to_vec(),
-    })
+    Ok(Reply { status, head, body })
 }
 
 fn request(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Reply {

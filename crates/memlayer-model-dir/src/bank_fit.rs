@@ -179,37 +179,13 @@ pub fn check_bank_fits(
 mod tests {
     use super::*;
     use memlayer_bank::{BankLayout, Dtype, SectionSpec};
-    use memlayer_core::model::{HierSpec, PkmSpec};
 
+    /// The shared tiny config with 8² = 64 value rows of 12 and a 2-level
+    /// hierarchical memory (nodes 2 + 1 and 4 + 1, units 4 and 2).
     fn cfg() -> ModelConfig {
-        ModelConfig {
-            vocab_size: 50,
-            dim: 16,
-            n_layers: 3,
-            n_heads: 2,
-            ffn_hidden: 24,
-            max_seq_len: 32,
-            rope_theta: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: true,
-            pkm: Some(PkmSpec {
-                layers: vec![1],
-                n_keys: 8,
-                heads: 2,
-                k_dim: 8,
-                knn: 2,
-                v_dim: 12,
-                qk_norm: false,
-                gated: false,
-            }),
-            hier: Some(HierSpec {
-                levels: 2,
-                branching: 2,
-                units: vec![4, 2],
-                generic: true,
-                routing: Default::default(),
-            }),
-        }
+        let mut cfg = ModelConfig::tiny_for_tests(true, true);
+        cfg.pkm.as_mut().expect("pkm").n_keys = 8;
+        cfg
     }
 
     /// The sections of a bank laid out from `specs`.

@@ -9,7 +9,7 @@ mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use memlayer_core::bag;
-use memlayer_core::model::{HierSpec, ModelConfig, ParamStore, PkmSpec, reference};
+use memlayer_core::model::{ModelConfig, ParamStore, reference};
 use memlayer_core::rng::Rng;
 use memlayer_model::{MemoryOps, Model};
 use memlayer_wgpu::{GpuContext, GpuOptions, gpu_for_tests};
@@ -132,31 +132,8 @@ fn wgsl_pk_select_equals_oracle_on_ties_and_full_k() {
 fn cfg() -> ModelConfig {
     ModelConfig {
         vocab_size: 29,
-        dim: 16,
-        n_layers: 2,
-        n_heads: 2,
-        ffn_hidden: 24,
         max_seq_len: 16,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-        pkm: Some(PkmSpec {
-            layers: vec![1],
-            n_keys: 5,
-            heads: 2,
-            k_dim: 8,
-            knn: 3,
-            v_dim: 16,
-            qk_norm: true,
-            gated: false,
-        }),
-        hier: Some(HierSpec {
-            levels: 2,
-            branching: 2,
-            units: vec![4, 2],
-            generic: false,
-            routing: Default::default(),
-        }),
+        ..ModelConfig::tiny_tied_for_tests(true)
     }
 }
 
@@ -212,4 +189,26 @@ fn wgpu_forward_and_gradients_match_oracle_and_cpu() {
             }
         }
     }
+}
+
+/// The WGSL route's limits (those `memlayer-wgpu` returns as errors) are
+/// checked before the route is taken: a bag past them runs on the portable
+/// ops, a selection past them is an error, never a panic inside a kernel
+/// launch.
+#[test]
+fn wgsl_route_limits_are_checked_up_front() {
+    use memlayer_model::ops::wgsl::{MAX_BINDING_BYTES, check_bag, check_select_route};
+    assert!(check_bag(10, 4, 2, 3, true).is_ok());
+    assert!(check_bag(10, 4, 2, 3, false).unwrap_err().contains("f32"));
+    let rows = (MAX_BINDING_BYTES / 4 / 8 + 1) as usize;
+    let e = check_bag(rows, 8, 2, 3, true).unwrap_err();
+    assert!(e.contains("value table"), "{e}");
+    assert!(check_bag(10, 4, usize::MAX, 2, true).is_err());
+    assert!(check_select_route(4, 256, 128).is_ok());
+    for knn in [0, 17] {
+        assert!(check_select_route(4, 16, knn).is_err(), "knn {knn}");
+    }
+    assert!(check_select_route(4, 256, 129).is_err());
+    let e = check_select_route(usize::MAX / 4, 256, 8).unwrap_err();
+    assert!(e.contains("binding"), "{e}");
 }

@@ -4,7 +4,7 @@
 //! - **Value pages** (product-key memory): the rows a batch's lookups chose
 //!   are mapped to pages; the pages not resident are fetched in parallel
 //!   (bounded) from the source, their checksums verified, and written into
-//!   slots the LRU policy ([`PageCache`]) frees; the bag then reads through
+//!   slots the LRU policy ([`memlayer_bank::cache::PageCache`]) frees; the bag then reads through
 //!   the page table. A batch whose pages do not fit the budget together is
 //!   split into runs of tokens that do (the result is the same: each bag is
 //!   independent), so the budget is never exceeded.
@@ -17,16 +17,25 @@
 //! Every failure names the page and the source (path or URL) and leaves the
 //! memory consistent (a page that failed is not resident); it never yields
 //! a wrong value.
+//!
+//! The paging itself (budget, LRU slots, page table, runs of tokens, block
+//! state, counters) is `memlayer_bank`'s IO-free engine ([`PageIn`]), driven
+//! here by its blocking driver ([`page_in_blocking`], [`block_blocking`])
+//! with a bounded fetch pool for HTTP; this module adds the slot pools, the
+//! prefetch thread and the model's [`MemorySource`] contract.
 
-use crate::pool::{HostPool, MISSING, SlotPool};
+use crate::budget::Budget;
+use crate::pool::{HostPool, SlotPool};
 use burn::tensor::{Device, Tensor, TensorData};
-use memlayer_bank::cache::{BagRun, CacheError, CacheStats, PageCache, bag_runs};
-use memlayer_bank::{BankReader, PageId, PageSource, SectionInfo, SectionKind};
+use memlayer_bank::cache::CacheStats;
+use memlayer_bank::drive::{FetchBurst, block_blocking, page_in_blocking};
+use memlayer_bank::pagein::{PageIn, PageInOptions, ValueGeometry};
+use memlayer_bank::{BankError, BankReader, PageSource};
 use memlayer_model::{MemorySource, ModelError};
-use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+
+pub use memlayer_bank::pagein::MemoryStats;
 
 /// A bank reader over any page source.
 pub type Bank = BankReader<Box<dyn PageSource>>;
@@ -48,8 +57,10 @@ pub const MAX_FETCH_THREADS: usize = 64;
 /// How a [`PagedMemory`] pages.
 #[derive(Clone)]
 pub struct PagedOptions {
-    /// Bytes of resident memory (value slots + blocks), f32 as held.
-    pub budget_bytes: u64,
+    /// Resident memory (value slots + blocks, f32 as held): bytes, or a
+    /// percent of the bank's f32 size, resolved against the bank when it
+    /// is opened (the bank is read once).
+    pub budget: Budget,
     /// Pages fetched concurrently on a miss burst (1: on the calling thread,
     /// best for local files; more for HTTP, where a fetch is a round trip;
     /// at most [`MAX_FETCH_THREADS`]).
@@ -62,9 +73,9 @@ pub struct PagedOptions {
 
 impl PagedOptions {
     /// Host slots, fetches on the calling thread, no prefetch.
-    pub fn host(budget_bytes: u64) -> Self {
+    pub fn host(budget: Budget) -> Self {
         Self {
-            budget_bytes,
+            budget,
             fetch_threads: 1,
             prefetch: false,
             device: PoolDevice::Host,
@@ -72,93 +83,50 @@ impl PagedOptions {
     }
 }
 
-/// Counters of a [`PagedMemory`] (since creation or the last reset).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct MemoryStats {
-    /// Value-page accesses (one per distinct page per run of tokens).
-    pub value_accesses: u64,
-    /// Accesses that found the page resident.
-    pub value_hits: u64,
-    /// Accesses that fetched the page.
-    pub value_misses: u64,
-    /// Resident value pages dropped to make room.
-    pub evictions: u64,
-    /// Block requests (one per level per context).
-    pub block_requests: u64,
-    /// Block requests served without fetching (same block, or prefetched).
-    pub block_hits: u64,
-    /// Pages read from the source (values + blocks, prefetch included).
-    pub pages_streamed: u64,
-    /// Bytes read from the source.
-    pub bytes_streamed: u64,
-    /// Wall time spent waiting for fetches in the forward path.
-    pub fetch_seconds: f64,
-}
+/// The bounded fetch pool of a [`PagedMemory`] (`PagedOptions::fetch_threads`;
+/// none for 1: reads run on the calling thread, the right choice for a
+/// local file): the blocking driver's [`FetchBurst`].
+struct FetchPool(Option<rayon::ThreadPool>);
 
-impl MemoryStats {
-    /// Hits over accesses of value pages and blocks together (1 when idle).
-    pub fn hit_rate(&self) -> f64 {
-        let acc = self.value_accesses + self.block_requests;
-        if acc == 0 {
-            1.0
-        } else {
-            (self.value_hits + self.block_hits) as f64 / acc as f64
+impl FetchBurst for FetchPool {
+    fn run(
+        &self,
+        n: usize,
+        read: &(dyn Fn(usize) -> Result<Vec<f32>, BankError> + Sync),
+    ) -> Vec<Result<Vec<f32>, BankError>> {
+        use rayon::prelude::*;
+        match &self.0 {
+            Some(pool) if n > 1 => pool.install(|| (0..n).into_par_iter().map(read).collect()),
+            _ => (0..n).map(read).collect(),
         }
     }
 }
 
-/// Geometry of the value section.
-#[derive(Clone, Copy, Debug)]
-struct Values {
-    section: SectionInfo,
-    rows: usize,
-    dim: usize,
-    page_rows: usize,
-}
-
-/// Geometry of one level's block section.
-#[derive(Clone, Copy, Debug)]
-struct Level {
-    section: SectionInfo,
-    /// Values of one block (`layers · 3 · units · dim`).
-    len: usize,
-}
-
-#[derive(Default)]
-struct LevelState {
-    /// The resident block: (table row, values).
-    current: Option<(usize, Arc<Vec<f32>>)>,
-    /// A block prefetched for the next context.
-    next: Option<(usize, Arc<Vec<f32>>)>,
-}
-
+/// The engine and the slots its page table points into, under one lock.
 struct State {
-    cache: Option<PageCache>,
+    engine: PageIn<Arc<Vec<f32>>>,
     pool: Option<Box<dyn SlotPool>>,
-    /// Slot of each value page (local page ids), [`MISSING`] when not resident.
-    page_table: Vec<u32>,
-    levels: Vec<LevelState>,
-    stats: MemoryStats,
 }
 
 /// Shared between the memory and its prefetch threads.
 struct Shared {
     bank: Bank,
-    /// Fetch workers (`PagedOptions::fetch_threads`; none for 1: fetches run
-    /// on the calling thread, the right choice for a local file).
-    fetchers: Option<rayon::ThreadPool>,
-    levels: Vec<Level>,
+    fetchers: FetchPool,
     state: Mutex<State>,
 }
 
 /// A model's memory paged in from its bank under a budget ([`MemorySource`]).
 pub struct PagedMemory {
     shared: Arc<Shared>,
-    values: Option<Values>,
+    /// Fixed at open (copied out of the engine: read without the lock).
+    values: Option<ValueGeometry>,
+    /// Values of one block per level (index 0 = level 1).
+    block_lens: Vec<usize>,
     budget_bytes: u64,
+    /// The bank's f32 size fully resident (what a percent budget is of).
+    bank_bytes: u64,
     block_bytes: u64,
     value_slots: u32,
-    prefetch_enabled: bool,
     /// The running prefetch: its block rows and thread.
     prefetch: Mutex<Option<(Vec<usize>, std::thread::JoinHandle<()>)>>,
     pool_name: String,
@@ -184,26 +152,12 @@ fn err(msg: impl std::fmt::Display) -> ModelError {
     ModelError::Memory(msg.to_string())
 }
 
-/// A fetched page's values, or why it could not be fetched.
-type Fetched = Result<Vec<f32>, String>;
-
-/// Reads `pages` (global ids) from the bank on `pool` (bounded concurrency:
-/// its threads) or, without a pool or for a single page, on the caller's
-/// thread; one result per page, in order.
-fn fetch_pages(bank: &Bank, pages: &[PageId], pool: Option<&rayon::ThreadPool>) -> Vec<Fetched> {
-    use rayon::prelude::*;
-    let read = |&p: &PageId| bank.read_page_f32(p).map_err(|e| e.to_string());
-    match pool {
-        Some(pool) if pages.len() > 1 => pool.install(|| pages.par_iter().map(read).collect()),
-        _ => pages.iter().map(read).collect(),
-    }
-}
-
 impl PagedMemory {
-    /// Opens the paged memory of a model over `bank`, with the value table
-    /// of `values` (rows, v_dim) if the model has a product-key memory and
-    /// `levels` block sections. Fails with the minimum budget if `opts`'
-    /// budget cannot hold the blocks plus one value page.
+    /// Opens the paged memory of a model over `bank`: its product-key value
+    /// section (if any) paged into slots on `opts.device`, its block
+    /// sections one level each. Fails with the minimum budget if `opts`'
+    /// budget cannot hold the blocks plus one value page, or if
+    /// `fetch_threads` is outside `1..=MAX_FETCH_THREADS`.
     pub fn new(bank: Bank, opts: PagedOptions) -> Result<Self, ModelError> {
         if !(1..=MAX_FETCH_THREADS).contains(&opts.fetch_threads) {
             return Err(err(format!(
@@ -211,103 +165,57 @@ impl PagedMemory {
                 opts.fetch_threads
             )));
         }
-        let mut values = None;
-        let mut levels = Vec::new();
-        for s in bank.sections() {
-            match s.spec.kind {
-                SectionKind::PkmValues {
-                    rows,
-                    dim,
-                    page_rows,
-                } => {
-                    values = Some(Values {
-                        section: *s,
-                        rows: rows as usize,
-                        dim: dim as usize,
-                        page_rows: page_rows as usize,
-                    });
+        let bank_bytes = crate::resident_bytes(&bank);
+        let engine = PageIn::new(
+            bank.sections(),
+            &PageInOptions {
+                budget_bytes: opts.budget.resolve(bank_bytes),
+                prefetch: opts.prefetch,
+                token_pages: None,
+            },
+        )
+        .map_err(err)?;
+        let values = engine.values().copied();
+        let slots = engine.value_slots() as usize;
+        let pool: Option<Box<dyn SlotPool>> = match values {
+            Some(v) => Some(match &opts.device {
+                PoolDevice::Host => {
+                    Box::new(HostPool::new(v.rows, v.dim, v.page_rows, slots).map_err(err)?)
                 }
-                SectionKind::FfnBlocks {
-                    layers, units, dim, ..
-                } => levels.push(Level {
-                    section: *s,
-                    len: layers as usize * 3 * units as usize * dim as usize,
-                }),
-            }
-        }
-        let per_level: u64 = levels.iter().map(|l| l.len as u64 * 4).sum();
-        let block_bytes = per_level * if opts.prefetch { 2 } else { 1 };
-        let (cache, pool, value_slots, pages) = match values {
-            Some(v) => {
-                let slot_bytes = (v.page_rows * v.dim * 4) as u64;
-                let need = block_bytes + slot_bytes;
-                if opts.budget_bytes < need {
-                    return Err(err(format!(
-                        "a budget of {} bytes cannot hold the blocks ({block_bytes} bytes) and one \
-                         value page ({slot_bytes} bytes): at least {need} bytes",
-                        opts.budget_bytes
-                    )));
-                }
-                let pages = v.section.page_count() as usize;
-                // never more slots than pages
-                let slots_alloc =
-                    (((opts.budget_bytes - block_bytes) / slot_bytes) as usize).min(pages);
-                let pool: Box<dyn SlotPool> = match &opts.device {
-                    PoolDevice::Host => Box::new(
-                        HostPool::new(v.rows, v.dim, v.page_rows, slots_alloc).map_err(err)?,
-                    ),
-                    #[cfg(feature = "wgpu")]
-                    PoolDevice::Wgpu(ctx) => Box::new(
-                        crate::pool::DevicePool::new(ctx.clone(), v.dim, v.page_rows, slots_alloc)
-                            .map_err(err)?,
-                    ),
-                };
-                let cache =
-                    PageCache::new(slots_alloc as u64 * slot_bytes, slot_bytes).map_err(err)?;
-                (Some(cache), Some(pool), slots_alloc as u32, pages)
-            }
-            None => {
-                if opts.budget_bytes < block_bytes {
-                    return Err(err(format!(
-                        "a budget of {} bytes cannot hold the blocks: at least {block_bytes} bytes",
-                        opts.budget_bytes
-                    )));
-                }
-                (None, None, 0, 0)
-            }
+                #[cfg(feature = "wgpu")]
+                PoolDevice::Wgpu(ctx) => Box::new(
+                    crate::pool::DevicePool::new(ctx.clone(), v.dim, v.page_rows, slots)
+                        .map_err(err)?,
+                ),
+            }),
+            None => None,
         };
         let pool_name = pool
             .as_ref()
             .map_or_else(|| "host memory".to_string(), |p| p.describe());
-        let state = State {
-            cache,
-            pool,
-            page_table: vec![MISSING; pages],
-            levels: levels.iter().map(|_| LevelState::default()).collect(),
-            stats: MemoryStats::default(),
-        };
+        let fetchers = FetchPool(if opts.fetch_threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(opts.fetch_threads)
+                    .thread_name(|i| format!("memlayer-fetch-{i}"))
+                    .build()
+                    .map_err(err)?,
+            )
+        } else {
+            None
+        });
         Ok(Self {
+            values,
+            block_lens: engine.levels().iter().map(|l| l.len).collect(),
+            budget_bytes: engine.budget_bytes(),
+            bank_bytes,
+            block_bytes: engine.block_bytes(),
+            value_slots: engine.value_slots(),
             shared: Arc::new(Shared {
                 bank,
-                fetchers: if opts.fetch_threads > 1 {
-                    Some(
-                        rayon::ThreadPoolBuilder::new()
-                            .num_threads(opts.fetch_threads)
-                            .thread_name(|i| format!("memlayer-fetch-{i}"))
-                            .build()
-                            .map_err(err)?,
-                    )
-                } else {
-                    None
-                },
-                levels,
-                state: Mutex::new(state),
+                fetchers,
+                state: Mutex::new(State { engine, pool }),
             }),
-            values,
-            budget_bytes: opts.budget_bytes,
-            block_bytes,
-            value_slots,
-            prefetch_enabled: opts.prefetch,
             prefetch: Mutex::new(None),
             pool_name,
         })
@@ -323,6 +231,12 @@ impl PagedMemory {
         self.budget_bytes
     }
 
+    /// Bytes of the bank when fully resident (value rows + one block per
+    /// level, f32): what a percent budget is a percent of.
+    pub fn bank_bytes(&self) -> u64 {
+        self.bank_bytes
+    }
+
     /// Value-page slots the budget holds (after the blocks' reserve).
     pub fn value_slots(&self) -> u32 {
         self.value_slots
@@ -330,7 +244,7 @@ impl PagedMemory {
 
     /// Pages of the value table in the bank.
     pub fn value_pages(&self) -> u64 {
-        self.values.map_or(0, |v| v.section.page_count())
+        self.values.map_or(0, |v| v.pages())
     }
 
     /// Where the value slots live.
@@ -340,45 +254,27 @@ impl PagedMemory {
 
     /// Bytes resident now (value slots in use + blocks held): never above the budget.
     pub fn resident_bytes(&self) -> u64 {
-        let st = lock(&self.shared.state);
-        let values = st.cache.as_ref().map_or(0, PageCache::resident_bytes);
-        let blocks: u64 = st
-            .levels
-            .iter()
-            .zip(&self.shared.levels)
-            .map(|(s, l)| (s.current.is_some() as u64 + s.next.is_some() as u64) * l.len as u64 * 4)
-            .sum();
-        values + blocks
+        lock(&self.shared.state).engine.resident_bytes()
     }
 
     /// Value pages resident now.
     pub fn resident_pages(&self) -> usize {
-        lock(&self.shared.state)
-            .cache
-            .as_ref()
-            .map_or(0, PageCache::resident_pages)
+        lock(&self.shared.state).engine.resident_pages()
     }
 
-    /// The counters.
+    /// The counters (with the budget, slots and resident gauges as of now).
     pub fn stats(&self) -> MemoryStats {
-        lock(&self.shared.state).stats
+        lock(&self.shared.state).engine.stats()
     }
 
     /// The LRU policy's own counters (value pages).
     pub fn cache_stats(&self) -> Option<CacheStats> {
-        lock(&self.shared.state)
-            .cache
-            .as_ref()
-            .map(PageCache::stats)
+        lock(&self.shared.state).engine.cache_stats()
     }
 
     /// Zeroes the counters (resident pages stay).
     pub fn reset_stats(&self) {
-        let mut st = lock(&self.shared.state);
-        st.stats = MemoryStats::default();
-        if let Some(c) = st.cache.as_mut() {
-            c.reset_stats();
-        }
+        lock(&self.shared.state).engine.reset_stats();
     }
 
     /// Fetches the blocks of `rows` (one table row per level) in the
@@ -387,17 +283,12 @@ impl PagedMemory {
         if self.block_bytes == 0 {
             return Ok(());
         }
-        if rows.len() != self.shared.levels.len() {
-            return Err(err(format!(
-                "{} block rows for {} levels",
-                rows.len(),
-                self.shared.levels.len()
-            )));
-        }
-        if !self.prefetch_enabled {
-            return Err(err(
-                "prefetch is off: open the memory with PagedOptions::prefetch",
-            ));
+        if !lock(&self.shared.state)
+            .engine
+            .check_prefetch(rows)
+            .map_err(err)?
+        {
+            return Ok(());
         }
         self.wait_prefetch();
         let shared = self.shared.clone();
@@ -405,26 +296,18 @@ impl PagedMemory {
         let rows = target.clone();
         let handle = std::thread::spawn(move || {
             for (l, &row) in rows.iter().enumerate() {
-                {
-                    let st = lock(&shared.state);
-                    let ls = &st.levels[l];
-                    if ls.current.as_ref().is_some_and(|(r, _)| *r == row)
-                        || ls.next.as_ref().is_some_and(|(r, _)| *r == row)
-                    {
-                        continue;
-                    }
-                }
-                let Some(page) = shared.levels[l].section.block_page(row as u64) else {
+                let Some(page) = lock(&shared.state).engine.prefetch_page(l, row) else {
                     continue;
                 };
-                // a failed prefetch is not an error: the forward fetches
+                // read without the lock: the forward runs on meanwhile. A
+                // failed prefetch is not an error: the forward fetches
                 // again and reports the failure then
                 if let Ok(data) = shared.bank.read_page_f32(page) {
                     let bytes = shared.bank.page(page).map_or(0, |e| e.length);
-                    let mut st = lock(&shared.state);
-                    st.stats.pages_streamed += 1;
-                    st.stats.bytes_streamed += bytes;
-                    st.levels[l].next = Some((row, Arc::new(data)));
+                    let values = data.len();
+                    lock(&shared.state)
+                        .engine
+                        .prefetched(l, row, values, bytes, Arc::new(data));
                 }
             }
         });
@@ -448,58 +331,6 @@ impl PagedMemory {
             self.wait_prefetch();
         }
     }
-
-    /// Makes every page of `local_pages` (value pages, local ids) resident
-    /// together, fetching the misses; returns after the page table maps them.
-    fn page_in(&self, st: &mut State, local_pages: &[u32]) -> Result<(), ModelError> {
-        let v = self
-            .values
-            .ok_or_else(|| err("the bank has no value section"))?;
-        let first = v.section.first_page;
-        let globals: Vec<PageId> = local_pages.iter().map(|&p| first + u64::from(p)).collect();
-        let cache = st.cache.as_mut().ok_or_else(|| err("no value cache"))?;
-        let admitted = cache
-            .admit(&globals, first, &mut st.page_table)
-            .map_err(err)?;
-        st.stats.value_accesses += globals.len() as u64;
-        st.stats.value_hits += admitted.hits;
-        st.stats.value_misses += admitted.misses.len() as u64;
-        st.stats.evictions += admitted.evictions;
-        let misses = admitted.misses;
-        if misses.is_empty() {
-            return Ok(());
-        }
-        let t0 = Instant::now();
-        let pages: Vec<PageId> = misses.iter().map(|m| m.0).collect();
-        let fetched = fetch_pages(&self.shared.bank, &pages, self.shared.fetchers.as_ref());
-        st.stats.fetch_seconds += t0.elapsed().as_secs_f64();
-        let mut failure = None;
-        for ((page, slot), r) in misses.iter().zip(fetched) {
-            let written = r.and_then(|data| {
-                st.pool
-                    .as_mut()
-                    .ok_or_else(|| "no slot pool".to_string())?
-                    .write_slot(*slot, &data)
-            });
-            match written {
-                Ok(()) => {
-                    st.page_table[(page - first) as usize] = *slot;
-                    st.stats.pages_streamed += 1;
-                    st.stats.bytes_streamed += self.shared.bank.page(*page).map_or(0, |e| e.length);
-                }
-                Err(e) => {
-                    if let Some(c) = st.cache.as_mut() {
-                        c.remove(*page);
-                    }
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        match failure {
-            Some(e) => Err(err(e)),
-            None => Ok(()),
-        }
-    }
 }
 
 impl MemorySource for PagedMemory {
@@ -516,34 +347,26 @@ impl MemorySource for PagedMemory {
         if rows.len() != bags * bag {
             return Err(err(format!("{} rows for {bags} bags of {bag}", rows.len())));
         }
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= v.rows) {
-            return Err(err(format!(
-                "value row {bad} outside the bank's {} rows",
-                v.rows
-            )));
-        }
         let w: Vec<f32> = weights.into_data().iter::<f32>().collect();
-        let slots = self.value_slots as usize;
         let mut out = Vec::with_capacity(bags * v.dim);
-        let mut st = lock(&self.shared.state);
-        // runs of bags whose pages fit the slots together
-        let runs = bag_runs(rows, bag, v.page_rows, slots).map_err(|e| match e {
-            CacheError::BagTooLarge { bag, pages, .. } => err(format!(
-                "token {bag} reads {pages} value pages; the budget of {} bytes holds {slots} \
-                 (raise --budget-mb)",
-                self.budget_bytes
-            )),
-            e => err(e),
-        })?;
-        for BagRun { bags: run, pages } in runs {
-            let (start, end) = (run.start, run.end);
-            self.page_in(&mut st, &pages)?;
-            let st = &mut *st;
-            let pool = st.pool.as_mut().ok_or_else(|| err("no slot pool"))?;
+        let mut guard = lock(&self.shared.state);
+        let State { engine, pool } = &mut *guard;
+        let pool = pool.as_mut().ok_or_else(|| err("no slot pool"))?;
+        // runs of tokens whose pages fit the slots together
+        for run in engine.value_runs(rows, bag).map_err(err)? {
+            let (start, end) = (run.bags.start, run.bags.end);
+            page_in_blocking(
+                engine,
+                &self.shared.bank,
+                &self.shared.fetchers,
+                &run.pages,
+                |slot, data| pool.write_slot(slot, data),
+            )
+            .map_err(err)?;
             let offsets = memlayer_core::bag::uniform_offsets(end - start, bag);
             let part = pool
                 .bag(
-                    &st.page_table,
+                    engine.page_table(),
                     &rows[start * bag..end * bag],
                     &w[start * bag..end * bag],
                     &offsets,
@@ -551,6 +374,7 @@ impl MemorySource for PagedMemory {
                 .map_err(err)?;
             out.extend(part);
         }
+        drop(guard);
         Ok(Tensor::from_data(
             TensorData::new(out, [bags, v.dim]),
             device,
@@ -563,11 +387,10 @@ impl MemorySource for PagedMemory {
         rows: &[usize],
         device: &Device,
     ) -> Result<Tensor<2>, ModelError> {
-        let l = level
+        let (i, len) = level
             .checked_sub(1)
-            .and_then(|i| self.shared.levels.get(i).map(|lv| (i, *lv)))
-            .ok_or_else(|| err(format!("the bank has no block section for level {level}")));
-        let (i, lv) = l?;
+            .and_then(|i| self.block_lens.get(i).map(|&len| (i, len)))
+            .ok_or_else(|| err(format!("the bank has no block section for level {level}")))?;
         let distinct: HashSet<usize> = rows.iter().copied().collect();
         if distinct.len() > 1 {
             return Err(err(format!(
@@ -578,59 +401,22 @@ impl MemorySource for PagedMemory {
         }
         let Some(&row) = rows.first() else {
             return Ok(Tensor::from_data(
-                TensorData::new(Vec::<f32>::new(), [0, lv.len]),
+                TensorData::new(Vec::<f32>::new(), [0, len]),
                 device,
             ));
         };
         // a prefetch of another context runs on while this one computes
         self.wait_prefetch_of(i, row);
-        let mut guard = lock(&self.shared.state);
-        let st = &mut *guard;
-        st.stats.block_requests += 1;
-        let ls = &mut st.levels[i];
-        let resident = if let Some((_, b)) = ls.current.as_ref().filter(|(r, _)| *r == row) {
-            Some(b.clone())
-        } else if let Some((_, b)) = ls.next.take_if(|(r, _)| *r == row) {
-            ls.current = Some((row, b.clone()));
-            Some(b)
-        } else {
-            None
+        let block = {
+            let mut st = lock(&self.shared.state);
+            block_blocking(&mut st.engine, &self.shared.bank, i, row).map_err(err)?
         };
-        let block = if let Some(b) = resident {
-            st.stats.block_hits += 1;
-            b
-        } else {
-            // drop the old block first: the budget holds one per level
-            ls.current = None;
-            let page = lv.section.block_page(row as u64).ok_or_else(|| {
-                err(format!(
-                    "block row {row} outside level {level} ({} blocks)",
-                    lv.section.page_count()
-                ))
-            })?;
-            let t0 = Instant::now();
-            let data = self.shared.bank.read_page_f32(page).map_err(err)?;
-            st.stats.fetch_seconds += t0.elapsed().as_secs_f64();
-            st.stats.pages_streamed += 1;
-            st.stats.bytes_streamed += self.shared.bank.page(page).map_or(0, |e| e.length);
-            if data.len() != lv.len {
-                return Err(err(format!(
-                    "block page {page} holds {} values, level {level} blocks have {}",
-                    data.len(),
-                    lv.len
-                )));
-            }
-            let b = Arc::new(data);
-            st.levels[i].current = Some((row, b.clone()));
-            b
-        };
-        drop(guard);
-        let mut data = Vec::with_capacity(rows.len() * lv.len);
+        let mut data = Vec::with_capacity(rows.len() * len);
         for _ in rows {
             data.extend_from_slice(&block);
         }
         Ok(Tensor::from_data(
-            TensorData::new(data, [rows.len(), lv.len]),
+            TensorData::new(data, [rows.len(), len]),
             device,
         ))
     }

@@ -13,7 +13,7 @@ use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_model::MemoryOps;
 use memlayer_model_dir::dir::{load, load_dense, write_bank, write_checksums};
 use memlayer_runtime::paged::PagedOptions;
-use memlayer_runtime::{Generator, Sampling, open_paged, open_resident};
+use memlayer_runtime::{BurnDecoder, Generator, Sampling, open_paged, open_resident};
 use std::path::{Path, PathBuf};
 
 fn file(path: &Path) -> Option<Box<dyn PageSource>> {
@@ -21,11 +21,14 @@ fn file(path: &Path) -> Option<Box<dyn PageSource>> {
 }
 
 /// Opens `dir` paged from `source` (its own bank when `None`); the error text.
-fn paged(dir: &Path, source: Option<Box<dyn PageSource>>) -> Result<Generator, String> {
+fn paged(
+    dir: &Path,
+    source: Option<Box<dyn PageSource>>,
+) -> Result<Generator<BurnDecoder>, String> {
     open_paged(
         dir,
         source,
-        PagedOptions::host(1 << 30),
+        PagedOptions::host(memlayer_runtime::Budget::bytes(1 << 30)),
         &Device::flex(),
         MemoryOps::Portable,
     )
@@ -33,16 +36,18 @@ fn paged(dir: &Path, source: Option<Box<dyn PageSource>>) -> Result<Generator, S
     .map_err(|e| e.to_string())
 }
 
-fn resident(dir: &Path) -> Result<Generator, String> {
+fn resident(dir: &Path) -> Result<Generator<BurnDecoder>, String> {
     open_resident(dir, &Device::flex(), MemoryOps::Portable).map_err(|e| e.to_string())
 }
 
-fn text(g: &Generator) -> String {
+fn text(g: &mut Generator<BurnDecoder>) -> String {
     let s = Sampling {
         max_tokens: 6,
         ..Sampling::default()
     };
-    g.generate("The city where", &s, None, |_| {}).unwrap().text
+    g.generate("The city where", &s, None, |_, _| {})
+        .unwrap()
+        .text
 }
 
 /// An exported directory (seed 3) in a scratch dir.
@@ -77,13 +82,13 @@ fn an_exported_directory_is_verified_and_runs_paged_and_resident() {
         d.checksums.files.keys().collect::<Vec<_>>(),
         ["config.json", "model.safetensors", "tokenizer.json"]
     );
-    let g = paged(&dir, None).unwrap();
-    let own = paged(&dir, file(&dir.join("memory.bank"))).unwrap();
-    let r = resident(&dir).unwrap();
-    let t = text(&g);
+    let mut g = paged(&dir, None).unwrap();
+    let mut own = paged(&dir, file(&dir.join("memory.bank"))).unwrap();
+    let mut r = resident(&dir).unwrap();
+    let t = text(&mut g);
     assert!(!t.is_empty());
-    assert_eq!(text(&own), t);
-    assert_eq!(text(&r), t, "paged == resident");
+    assert_eq!(text(&mut own), t);
+    assert_eq!(text(&mut r), t, "paged == resident");
     // the checksums written are what write_checksums finds again
     let before = std::fs::read(dir.join("checksums.json")).unwrap();
     write_checksums(&dir).unwrap();

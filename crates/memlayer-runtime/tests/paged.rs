@@ -11,6 +11,7 @@ use memlayer_bank::{BankReader, Dtype, FileSource, MemSource, PageSource, Source
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::rng::Rng;
 use memlayer_model::{KvCache, MemoryOps, MemoryReads, Model};
+use memlayer_runtime::Budget;
 use memlayer_runtime::paged::{MAX_FETCH_THREADS, PagedMemory, PagedOptions, PoolDevice};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,7 +161,7 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
         ("minimum", min),
     ] {
         let opts = PagedOptions {
-            budget_bytes: budget,
+            budget: Budget::bytes(budget),
             fetch_threads: 3,
             prefetch: false,
             device: pool.clone(),
@@ -205,7 +206,7 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
     }
     // one byte less than the minimum: the worst token's pages no longer fit
     let opts = PagedOptions {
-        budget_bytes: min - 1,
+        budget: Budget::bytes(min - 1),
         fetch_threads: 1,
         prefetch: false,
         device: pool,
@@ -228,7 +229,7 @@ fn fetch_threads_outside_1_to_max_are_refused() {
     for n in [0, MAX_FETCH_THREADS + 1, 5000] {
         let opts = PagedOptions {
             fetch_threads: n,
-            ..PagedOptions::host(u64::MAX)
+            ..PagedOptions::host(Budget::bytes(u64::MAX))
         };
         let e = PagedMemory::new(open(&fx.bank), opts)
             .err()
@@ -238,7 +239,7 @@ fn fetch_threads_outside_1_to_max_are_refused() {
     }
     let opts = PagedOptions {
         fetch_threads: MAX_FETCH_THREADS,
-        ..PagedOptions::host(u64::MAX)
+        ..PagedOptions::host(Budget::bytes(u64::MAX))
     };
     assert!(PagedMemory::new(open(&fx.bank), opts).is_ok());
 }
@@ -265,7 +266,7 @@ fn a_context_change_fetches_only_the_levels_that_changed_and_prefetch_hides_it()
     let fx = fixture(true, "levels");
     let (slot, blocks) = sizes(&fx.cfg);
     let opts = PagedOptions {
-        budget_bytes: 2 * blocks + 64 * slot,
+        budget: Budget::bytes(2 * blocks + 64 * slot),
         fetch_threads: 2,
         prefetch: true,
         device: PoolDevice::Host,
@@ -302,7 +303,7 @@ fn a_context_change_fetches_only_the_levels_that_changed_and_prefetch_hides_it()
     assert!(mem.resident_bytes() <= mem.budget_bytes());
     // without the prefetch reserve, prefetch is refused
     let opts = PagedOptions {
-        budget_bytes: blocks + 64 * slot,
+        budget: Budget::bytes(blocks + 64 * slot),
         fetch_threads: 1,
         prefetch: false,
         device: PoolDevice::Host,
@@ -322,7 +323,11 @@ fn a_corrupt_page_fails_naming_the_page_and_the_file() {
     bytes[entry.offset as usize + 3] ^= 0x40;
     std::fs::write(&fx.bank, &bytes).unwrap();
     let (slot, _) = sizes(&fx.cfg);
-    let (m, mem) = paged_model(&fx, open(&fx.bank), PagedOptions::host(64 * slot));
+    let (m, mem) = paged_model(
+        &fx,
+        open(&fx.bank),
+        PagedOptions::host(Budget::bytes(64 * slot)),
+    );
     // some token sequence reads page 5: try seeds until one does
     let mut named = None;
     for seed in 0..200 {
@@ -378,7 +383,8 @@ fn a_failing_source_names_the_page_and_never_answers_wrong() {
             bad: e.offset..e.offset + e.length,
         };
         let bank = BankReader::open(Box::new(src) as Box<dyn PageSource>).unwrap();
-        let mem = Arc::new(PagedMemory::new(bank, PagedOptions::host(16 * slot)).unwrap());
+        let mem =
+            Arc::new(PagedMemory::new(bank, PagedOptions::host(Budget::bytes(16 * slot))).unwrap());
         let m = Model::with_memory(&fx.cfg, &fx.dense, &device, MemoryOps::Portable, mem).unwrap();
         for seed in 0..8 {
             let toks = tokens(10, seed);
@@ -417,7 +423,7 @@ fn a_failing_source_names_the_page_and_never_answers_wrong() {
 #[test]
 fn a_budget_below_one_page_is_refused_with_the_minimum() {
     let fx = fixture(true, "small");
-    let err = PagedMemory::new(open(&fx.bank), PagedOptions::host(100)).unwrap_err();
+    let err = PagedMemory::new(open(&fx.bank), PagedOptions::host(Budget::bytes(100))).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("at least"), "{msg}");
 }

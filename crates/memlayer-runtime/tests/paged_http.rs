@@ -10,10 +10,11 @@ use burn::tensor::Device;
 use memlayer_bank::{BankReader, Dtype, PageSource};
 use memlayer_core::model::ParamStore;
 use memlayer_core::rng::Rng;
+use memlayer_http::test_support::read_request_head;
 use memlayer_http::{HttpOptions, HttpSource};
 use memlayer_model::{MemoryOps, Model};
 use memlayer_runtime::paged::{PagedMemory, PagedOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,15 +36,9 @@ fn faulty_server(bytes: Arc<Vec<u8>>, bad: std::ops::Range<u64>, fault: Fault) -
             let (bytes, bad) = (bytes.clone(), bad.clone());
             std::thread::spawn(move || {
                 loop {
-                    let mut req = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !req.ends_with(b"\r\n\r\n") {
-                        match conn.read(&mut byte) {
-                            Ok(1) => req.push(byte[0]),
-                            _ => return,
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&req).to_string();
+                    let Some(text) = read_request_head(&mut conn) else {
+                        return;
+                    };
                     let len = bytes.len() as u64;
                     let range = text.lines().find_map(|l| {
                         let (n, v) = l.split_once(':')?;
@@ -121,7 +116,13 @@ fn http_500_and_timeouts_name_the_page_and_the_url() {
         };
         let src = HttpSource::open_with(url.clone(), opts).unwrap();
         let bank = BankReader::open(Box::new(src) as Box<dyn PageSource>).unwrap();
-        let mem = Arc::new(PagedMemory::new(bank, PagedOptions::host(64 * 4 * 16 * 4)).unwrap());
+        let mem = Arc::new(
+            PagedMemory::new(
+                bank,
+                PagedOptions::host(memlayer_runtime::Budget::bytes(64 * 4 * 16 * 4)),
+            )
+            .unwrap(),
+        );
         let m = Model::with_memory(&cfg, &dense, &device, MemoryOps::Portable, mem).unwrap();
         let (mut failed, mut ok) = (0, 0);
         for seed in 0..12 {

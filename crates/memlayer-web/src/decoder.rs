@@ -1,37 +1,63 @@
-//! The decoder: `memlayer-core`'s reference layers (RMSNorm, RoPE attention
-//! with a KV cache, SwiGLU FFN) on the CPU, the memory layers awaited on the
-//! device ([`DeviceMemory`]). One call feeds new tokens and returns the
-//! logits of the last one.
+//! The browser's decoder: `memlayer-core`'s reference layers (RMSNorm, RoPE
+//! attention with a KV cache, SwiGLU FFN) on the CPU, the memory layers
+//! awaited on the device ([`DeviceMemory`]), as the runtime's
+//! [`Decoder`](memlayer_runtime::Decoder): one step feeds new tokens and
+//! returns the logits of the last one. A dense model (no memory) needs no
+//! device memory at all.
 
 use crate::WebError;
 use crate::bank::PageFetch;
-use crate::memory::DeviceMemory;
+use crate::memory::{DeviceMemory, MemoryStats};
 use memlayer_core::hier::ffn::{FfnBlock, ffn_forward};
 use memlayer_core::linalg::linear;
 use memlayer_core::model::params::layer_name;
 use memlayer_core::model::reference::{LayerKv, anchor_block, attention, rms_norm};
 use memlayer_core::model::{ModelConfig, ParamStore};
+use memlayer_runtime::Decoder;
 
-/// Dense weights, the FFN blocks unpacked once, and the KV cache.
-pub struct Decoder {
+/// Why a hierarchical-memory model is refused here.
+pub(crate) const HIER_REFUSED: &str = "hierarchical-memory models do not run in the browser yet \
+     (the device memory pages product-key values only); use a product-key or dense model";
+
+/// Dense weights, the FFN blocks unpacked once, the KV cache, and the
+/// device memory of a product-key model.
+pub struct WebDecoder<F> {
     cfg: ModelConfig,
     store: ParamStore,
     /// Anchor FFN of each non-memory layer (`None` for memory layers).
     ffn: Vec<Option<FfnBlock>>,
     cache: Vec<LayerKv>,
+    memory: Option<DeviceMemory<F>>,
 }
 
-impl Decoder {
-    /// A decoder over the dense weights `store` of `cfg` (hierarchical
-    /// memories are not supported here: their routing needs the retriever).
-    pub fn new(cfg: ModelConfig, store: ParamStore) -> Result<Self, WebError> {
+impl<F: PageFetch> WebDecoder<F> {
+    /// A decoder over the dense weights `store` of `cfg`, its memory layers
+    /// on `memory`: required for a product-key model, refused for a dense
+    /// one. Hierarchical memories are not supported here (the device memory
+    /// pages product-key values only).
+    pub fn new(
+        cfg: ModelConfig,
+        store: ParamStore,
+        memory: Option<DeviceMemory<F>>,
+    ) -> Result<Self, WebError> {
         cfg.validate()?;
         if cfg.hier.is_some() {
-            return Err(WebError::Input(
-                "hierarchical-memory models do not run in the browser yet (their routing needs \
-                 the training-side retriever); use a product-key model"
-                    .into(),
-            ));
+            return Err(WebError::Input(HIER_REFUSED.into()));
+        }
+        match (cfg.pkm.is_some(), memory.is_some()) {
+            (true, false) => {
+                return Err(WebError::Input(
+                    "the model has a product-key memory: it needs its device memory \
+                     (memory.bank on a WebGPU device)"
+                        .into(),
+                ));
+            }
+            (false, true) => {
+                return Err(WebError::Input(
+                    "the model has no memory: no device memory is needed".into(),
+                ));
+            }
+            _ => {}
         }
         store.check_dense(&cfg)?;
         let mut ffn = Vec::with_capacity(cfg.n_layers);
@@ -47,12 +73,29 @@ impl Decoder {
             cfg,
             store,
             ffn,
+            memory,
         })
     }
 
-    /// The model's config.
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
+    /// The device memory (`None` for a dense model).
+    pub fn memory(&self) -> Option<&DeviceMemory<F>> {
+        self.memory.as_ref()
+    }
+
+    /// The device memory, mutably (`None` for a dense model).
+    pub fn memory_mut(&mut self) -> Option<&mut DeviceMemory<F>> {
+        self.memory.as_mut()
+    }
+
+    /// The memory's counters; for a dense model, zeros (hit rate 1).
+    pub fn stats(&self) -> MemoryStats {
+        self.memory.as_ref().map_or(
+            MemoryStats {
+                hit_rate: 1.0,
+                ..MemoryStats::default()
+            },
+            DeviceMemory::stats,
+        )
     }
 
     /// The dense weights.
@@ -64,19 +107,30 @@ impl Decoder {
     pub fn position(&self) -> usize {
         self.cache[0].k.len() / self.cfg.dim
     }
+}
 
-    /// Forgets the cached positions (a new sequence).
-    pub fn reset(&mut self) {
+impl<F: PageFetch> Decoder for WebDecoder<F> {
+    type Error = WebError;
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Forgets the cached positions (a new sequence); `block_rows` must be
+    /// `None` (no hierarchical memory here).
+    fn reset(&mut self, block_rows: Option<&[usize]>) -> Result<(), WebError> {
+        if block_rows.is_some() {
+            return Err(WebError::Input(
+                "block rows given to a decoder without a hierarchical memory".into(),
+            ));
+        }
         self.cache.iter_mut().for_each(|c| *c = LayerKv::default());
+        Ok(())
     }
 
     /// Feeds `tokens` after the cached positions; returns the logits of the
     /// last one (vocab).
-    pub async fn step<F: PageFetch>(
-        &mut self,
-        tokens: &[u32],
-        memory: &mut DeviceMemory<F>,
-    ) -> Result<Vec<f32>, WebError> {
+    async fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>, WebError> {
         let (d, t) = (self.cfg.dim, tokens.len());
         if t == 0 {
             return Err(WebError::Input("no tokens to feed".into()));
@@ -117,7 +171,12 @@ impl Decoder {
             let h = norm("ffn_norm.weight", &x)?;
             let y = match &self.ffn[i] {
                 Some(block) => ffn_forward(&h, t, block, &[])?,
-                None => memory.forward(i, &h, t).await?,
+                None => {
+                    let memory = self.memory.as_mut().ok_or_else(|| {
+                        WebError::Input(format!("layer {i} is a memory layer: no device memory"))
+                    })?;
+                    memory.forward(i, &h, t).await?
+                }
             };
             x.iter_mut().zip(&y).for_each(|(xv, yv)| *xv += yv);
         }

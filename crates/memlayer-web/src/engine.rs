@@ -1,23 +1,19 @@
-//! Generation: the model directory's tokenizer, the [`Decoder`] and its
-//! [`DeviceMemory`], and `memlayer-core`'s sampler — the same steps as the
-//! native `memlayer generate` (prefill the prompt, then one token per step;
-//! stop at EOS, at a stop text, at `max_tokens` or at the context length),
-//! so the same prompt and seed give the same text.
+//! Generation in the browser: the runtime's [`Generator`] (the one loop of
+//! every runtime: tokenizer, sampling, stopping rules, streaming, timings)
+//! over the browser's [`WebDecoder`] and the model directory's
+//! [`Tokenizer`] — the same steps as the native `memlayer generate`, so the
+//! same prompt and seed give the same text.
 
 use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
-use crate::decoder::Decoder;
+use crate::decoder::{HIER_REFUSED, WebDecoder};
 use crate::memory::{DeviceMemory, MemoryStats};
 use memlayer_core::model::{ModelConfig, ParamStore};
-use memlayer_core::rng::Rng;
-use memlayer_core::sample::{Sampling, new_token_budget, pick};
-use memlayer_model_dir::{Checksums, check_bank_fits};
+use memlayer_core::sample::Sampling;
+pub use memlayer_model_dir::tokenizer::EOS_TOKEN;
+use memlayer_model_dir::{Checksums, Tokenizer, check_bank_fits};
+use memlayer_runtime::{Generation, Generator};
 use memlayer_wgpu::GpuContext;
-use serde::Serialize;
-use std::str::FromStr;
-
-/// End-of-text token of memlayer's tokenizers.
-pub const EOS_TOKEN: &str = "<|endoftext|>";
 
 /// The files of a model directory the browser downloads whole (the bank is
 /// paged): `config.json`, `tokenizer.json`, `model.safetensors`.
@@ -96,31 +92,21 @@ pub fn check_bank<F: PageFetch>(
     Ok(())
 }
 
-/// The result of one generation.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Generation {
-    /// Prompt tokens.
-    pub prompt_tokens: usize,
-    /// Generated token ids.
-    pub token_ids: Vec<u32>,
-    /// Generated text.
-    pub text: String,
-    /// Seconds from the call to the first generated token.
-    pub first_token_seconds: f64,
-    /// Seconds of the whole call.
-    pub seconds: f64,
-    /// Generated tokens per second after the first (decode speed).
-    pub tokens_per_second: f64,
+/// The memory of a product-key model: where its layers run, the bank its
+/// values are paged from, the byte budget of the device's page slots.
+pub struct MemorySetup<F> {
+    /// The device (WebGPU in the browser, any wgpu adapter natively).
+    pub ctx: GpuContext,
+    /// The bank (header and page table read).
+    pub bank: RemoteBank<F>,
+    /// Bytes of f32 page slots on the device.
+    pub budget_bytes: u64,
 }
 
-/// A model ready to generate: tokenizer, decoder, device memory.
+/// A model ready to generate: the runtime's [`Generator`] over the browser
+/// decoder (and its device memory, for a product-key model).
 pub struct Engine<F> {
-    tokenizer: tokenizers::Tokenizer,
-    eos_id: u32,
-    vocab_len: usize,
-    decoder: Decoder,
-    memory: DeviceMemory<F>,
+    generator: Generator<WebDecoder<F>>,
 }
 
 /// Bytes of the bank's value table held as f32 on the device: the
@@ -133,95 +119,96 @@ pub fn value_table_bytes<F: PageFetch>(bank: &RemoteBank<F>) -> u64 {
 }
 
 impl<F: PageFetch> Engine<F> {
-    /// The model of `files` on `ctx`, its memory paged from `bank` under
-    /// `budget_bytes`. The bank's sections must fit the config
-    /// ([`check_bank`]); the browser verifies the files and the bank's
-    /// identity against `checksums.json` before ([`ModelFiles::verify`]).
-    pub fn new(
-        files: &ModelFiles,
-        ctx: GpuContext,
-        bank: RemoteBank<F>,
-        budget_bytes: u64,
-    ) -> Result<Self, WebError> {
+    /// The model of `files`; a product-key model's memory paged from
+    /// `memory`'s bank into its budget on its device (the bank's sections
+    /// must fit the config: [`check_bank`]), a dense model (no memory in its
+    /// config) with `memory` `None`. Hierarchical memories are refused. The
+    /// browser verifies the files and the bank's identity against
+    /// `checksums.json` before ([`ModelFiles::verify`], [`check_bank`]).
+    pub fn new(files: &ModelFiles, memory: Option<MemorySetup<F>>) -> Result<Self, WebError> {
         let cfg = files.config()?;
-        if cfg.pkm.is_none() {
-            return Err(files.err(
-                "config.json",
-                "the browser runtime serves product-key memory models (this one has none)",
-            ));
+        // what the config asks for, before anything is parsed or allocated
+        if cfg.hier.is_some() {
+            return Err(files.err("config.json", HIER_REFUSED));
         }
-        check_bank(&cfg, None, &bank)?;
+        match (&memory, cfg.pkm.is_some()) {
+            (Some(m), true) => check_bank(&cfg, None, &m.bank)?,
+            (Some(_), false) => {
+                return Err(files.err("config.json", "the model has no memory: it takes no bank"));
+            }
+            (None, true) => {
+                return Err(files.err(
+                    "config.json",
+                    "the model has a product-key memory: it needs its memory.bank on a WebGPU \
+                     device",
+                ));
+            }
+            (None, false) => {}
+        }
         let store = files.dense_weights(&cfg)?;
-        let tokenizer = tokenizers::Tokenizer::from_str(&files.tokenizer_json)
+        let tokenizer = Tokenizer::from_json(&files.tokenizer_json)
             .map_err(|e| files.err("tokenizer.json", e))?;
-        let eos_id = tokenizer
-            .token_to_id(EOS_TOKEN)
-            .ok_or_else(|| files.err("tokenizer.json", format!("no {EOS_TOKEN} token")))?;
-        let vocab_len = tokenizer.get_vocab_size(true);
-        if vocab_len > cfg.vocab_size {
-            return Err(files.err(
-                "tokenizer.json",
-                format!(
-                    "{vocab_len} tokens, more than the model's vocabulary of {}",
-                    cfg.vocab_size
-                ),
-            ));
-        }
-        let memory = DeviceMemory::new(ctx, bank, &cfg, &store, budget_bytes)?;
-        let decoder = Decoder::new(cfg, store)?;
-        Ok(Self {
-            tokenizer,
-            eos_id,
-            vocab_len,
-            decoder,
-            memory,
-        })
+        let memory = match memory {
+            Some(m) => Some(DeviceMemory::new(
+                m.ctx,
+                m.bank,
+                &cfg,
+                &store,
+                m.budget_bytes,
+            )?),
+            None => None,
+        };
+        let decoder = WebDecoder::new(cfg, store, memory)?;
+        let generator = Generator::new(decoder, tokenizer, None).map_err(|e| match e {
+            WebError::Generate(e) => files.err("tokenizer.json", e),
+            e => e,
+        })?;
+        Ok(Self { generator })
     }
 
     /// The model's config.
     pub fn config(&self) -> &ModelConfig {
-        self.decoder.config()
+        self.generator.config()
     }
 
-    /// The device memory (counters, bank, device).
-    pub fn memory(&self) -> &DeviceMemory<F> {
-        &self.memory
+    /// The generator (tokenizer, decoder).
+    pub fn generator(&self) -> &Generator<WebDecoder<F>> {
+        &self.generator
+    }
+
+    /// The device memory (counters, bank, device); `None` for a dense model.
+    pub fn memory(&self) -> Option<&DeviceMemory<F>> {
+        self.generator.decoder().memory()
     }
 
     /// Times the memory's fetches and device work with `clock` (seconds).
     pub fn set_clock(&mut self, clock: fn() -> f64) {
-        self.memory.set_clock(clock);
+        if let Some(m) = self.generator.decoder_mut().memory_mut() {
+            m.set_clock(clock);
+        }
     }
 
     /// Compiles the device kernels before the first token ([`DeviceMemory::warm_up`]).
     pub async fn warm_up(&mut self) -> Result<(), WebError> {
-        self.memory.warm_up().await
+        match self.generator.decoder_mut().memory_mut() {
+            Some(m) => m.warm_up().await,
+            None => Ok(()),
+        }
     }
 
-    /// The memory's counters.
+    /// The memory's counters (zeros, hit rate 1, for a dense model).
     pub fn stats(&self) -> MemoryStats {
-        self.memory.stats()
+        self.generator.decoder().stats()
     }
 
     /// Bytes of the dense weights (held in wasm memory).
     pub fn dense_bytes(&self) -> u64 {
-        self.decoder.store().num_elements() as u64 * 4
+        self.generator.decoder().store().num_elements() as u64 * 4
     }
 
-    fn decode(&self, ids: &[u32]) -> Result<String, WebError> {
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab_len) {
-            return Err(WebError::Input(format!(
-                "decoding: id {bad} is outside the vocabulary of {}",
-                self.vocab_len
-            )));
-        }
-        self.tokenizer
-            .decode(ids, false)
-            .map_err(|e| WebError::Input(format!("decoding: {e}")))
-    }
-
-    /// Generates after `prompt`, calling `on_text` with each new piece of
-    /// text. Stops at EOS, at `stop` (kept in the text), at
+    /// Generates after `prompt` ([`Generator::generate_async`]), calling
+    /// `on_text(piece, stats)` with each new piece of text and the memory's
+    /// counters. Stops at EOS, at `stop` (kept in the text), at
     /// `sampling.max_tokens` or at the context length. `now` is a clock in
     /// seconds (the browser's `performance.now()`, natively `Instant`).
     pub async fn generate(
@@ -232,54 +219,11 @@ impl<F: PageFetch> Engine<F> {
         now: &dyn Fn() -> f64,
         mut on_text: impl FnMut(&str, &MemoryStats),
     ) -> Result<Generation, WebError> {
-        let t0 = now();
-        sampling.validate().map_err(WebError::Input)?;
-        let ids = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| WebError::Input(format!("encoding the prompt: {e}")))?
-            .get_ids()
-            .to_vec();
-        let max_seq = self.decoder.config().max_seq_len;
-        let max_new =
-            new_token_budget(ids.len(), sampling.max_tokens, max_seq).map_err(WebError::Input)?;
-        let mut rng = Rng::new(sampling.seed);
-        let mut out = Generation {
-            prompt_tokens: ids.len(),
-            ..Default::default()
-        };
-        self.decoder.reset();
-        let mut input = ids;
-        for _ in 0..max_new {
-            // (vocab)
-            let logits = self.decoder.step(&input, &mut self.memory).await?;
-            let next = pick(&logits, sampling, &mut rng);
-            if out.token_ids.is_empty() {
-                out.first_token_seconds = now() - t0;
-            }
-            if next == self.eos_id {
-                break;
-            }
-            out.token_ids.push(next);
-            let text = self.decode(&out.token_ids)?;
-            if let Some(piece) = text.get(out.text.len()..) {
-                on_text(piece, &self.memory.stats());
-            }
-            out.text = text;
-            if stop.is_some_and(|s| out.text.contains(s)) {
-                break;
-            }
-            input = vec![next];
-        }
-        out.seconds = now() - t0;
-        let n = out.token_ids.len().saturating_sub(1);
-        let t = out.seconds - out.first_token_seconds;
-        out.tokens_per_second = if n == 0 || t <= 0.0 {
-            0.0
-        } else {
-            n as f64 / t
-        };
-        Ok(out)
+        self.generator
+            .generate_async(prompt, sampling, stop, now, |piece, d| {
+                on_text(piece, &d.stats())
+            })
+            .await
     }
 }
 

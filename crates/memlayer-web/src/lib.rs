@@ -11,8 +11,10 @@
 //!
 //! - [`bank`]: the remote bank (header, page table, verified page reads) over a [`bank::PageFetch`];
 //! - [`memory`]: the device memory: lookup + paged embedding-bag on wgpu, the page cache, counters;
-//! - [`decoder`]: the decoder with a KV cache, memory layers awaited on the device;
-//! - [`engine`]: tokenizer + decoder + sampling: streamed generation;
+//! - [`decoder`]: the decoder with a KV cache, memory layers awaited on the
+//!   device (none for a dense model): the runtime's `Decoder`;
+//! - [`engine`]: the runtime's `Generator` (the one generation loop of every
+//!   runtime) over that decoder and the model directory's tokenizer;
 //! - `web` (wasm32 only): the wasm-bindgen API (`ChatEngine`) and the fetch / Cache API source.
 //!
 //! Everything but `web` also builds natively: the tests run this crate's
@@ -26,7 +28,9 @@ pub mod memory;
 #[cfg(target_arch = "wasm32")]
 mod web;
 
-pub use engine::{Engine, Generation, ModelFiles};
+pub use decoder::WebDecoder;
+pub use engine::{Engine, MemorySetup, ModelFiles};
+pub use memlayer_runtime::Generation;
 pub use memory::{DeviceMemory, MemoryStats};
 
 /// Errors of the web runtime; every message names what failed and where.
@@ -69,4 +73,7 @@ pub enum WebError {
     /// Bad input (prompt, budget, model kind).
     #[error("{0}")]
     Input(String),
+    /// The generation loop refused (sampling, prompt length, tokenizer).
+    #[error(transparent)]
+    Generate(#[from] memlayer_runtime::GenerateError),
 }

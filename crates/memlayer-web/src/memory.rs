@@ -7,10 +7,11 @@
 //! 2. `pk_qk_norm` / `pk_scores` / `pk_topk` / `pk_candidates` pick each
 //!    token's `heads × knn` rows and their softmax weights on the device;
 //!    they are read back (one round trip);
-//! 3. the pages holding those rows are made resident: the LRU policy
-//!    ([`PageCache`]) gives each missing page a slot, the pages are fetched
-//!    (verified) and written into the slots; a batch whose pages do not fit
-//!    the slots together is cut into runs of tokens that do;
+//! 3. the pages holding those rows are made resident by the bank crate's
+//!    page-in engine ([`PageIn`]: LRU slots under the budget, the page
+//!    table, runs of tokens when a batch's pages do not fit the slots
+//!    together) and its async driver ([`page_in_async`]: every miss of a
+//!    run fetched at once, verified, written into its device slot);
 //! 4. `bag_forward` sums the rows through the page table on the device (one
 //!    round trip), and the layer is finished on the CPU (`pkm::finish`).
 //!
@@ -19,50 +20,26 @@
 
 use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
-use memlayer_bank::cache::{BagRun, NO_SLOT, PageCache, bag_runs};
-use memlayer_bank::{PageId, SectionInfo, SectionKind, decode_into};
+use memlayer_bank::SectionKind;
+use memlayer_bank::drive::page_in_async;
+use memlayer_bank::pagein::{PageIn, PageInError, PageInOptions};
 use memlayer_core::model::ModelConfig;
 use memlayer_core::pkm::{self, PkmConfig, PkmParams};
 use memlayer_wgpu::bag_forward::BagForward;
-use memlayer_wgpu::buffers::storage_init;
+use memlayer_wgpu::buffers::{storage_init, storage_zeroed};
 use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
 use memlayer_wgpu::{GpuContext, GpuDtype, ShardedTable};
-use serde::Serialize;
 
-/// Counters of a [`DeviceMemory`] (since it was opened).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MemoryStats {
-    /// Resident budget in bytes (f32 slots).
-    pub budget_bytes: u64,
-    /// Slots (pages that fit the budget together).
-    pub slots: u32,
-    /// Value pages resident now.
-    pub resident_pages: u64,
-    /// Bytes of the resident pages.
-    pub resident_bytes: u64,
-    /// Value pages in the bank.
-    pub bank_pages: u64,
-    /// Pages brought in on misses (network or local copy).
-    pub pages_streamed: u64,
-    /// Of those, pages served by the browser's local copy (Cache API).
-    pub pages_from_cache: u64,
-    /// Bytes of the pages that came over the network.
-    pub bytes_streamed: u64,
-    /// Page accesses (one per distinct page per run of tokens).
-    pub accesses: u64,
-    /// Accesses that found the page resident.
-    pub hits: u64,
-    /// Accesses that had to bring the page in.
-    pub misses: u64,
-    /// Resident pages dropped to make room.
-    pub evictions: u64,
-    /// `hits / accesses` (1 before any access).
-    pub hit_rate: f64,
-    /// Seconds waiting for pages (network or local copy), with a clock set.
-    pub fetch_seconds: f64,
-    /// Seconds of lookups and bags on the device, read-backs included.
-    pub device_seconds: f64,
+pub use memlayer_bank::pagein::MemoryStats;
+
+impl From<PageInError> for WebError {
+    fn from(e: PageInError) -> Self {
+        match e {
+            PageInError::Bank(e) => WebError::Bank(e),
+            PageInError::Remote(e) => e.into(),
+            e => WebError::Input(e.to_string()),
+        }
+    }
 }
 
 /// One memory layer: its parameters and its sub-keys on the device.
@@ -73,13 +50,14 @@ struct MemoryLayer {
     keys: wgpu::Buffer,
 }
 
-/// The value section's geometry.
-#[derive(Clone, Copy, Debug)]
-struct Values {
-    section: SectionInfo,
-    rows: usize,
-    dim: usize,
-    page_rows: usize,
+/// The lookup's device buffers for one token count, kept across calls
+/// (decoding looks up one token per layer per step: nothing is allocated).
+struct LookupScratch {
+    tokens: usize,
+    /// The outputs and scratch of `LookupPlan::new(.., tokens)`.
+    out: LookupBuffers,
+    /// (tokens, heads · k_dim) f32, rewritten each call
+    query: wgpu::Buffer,
 }
 
 /// The memory layers of a product-key model on a wgpu device, their value
@@ -89,15 +67,16 @@ pub struct DeviceMemory<F> {
     bank: RemoteBank<F>,
     cfg: PkmConfig,
     layers: Vec<MemoryLayer>,
-    values: Values,
-    cache: PageCache,
-    /// Slot of each value page (local ids), `NO_SLOT` when not resident.
-    page_table: Vec<u32>,
+    /// Budget, LRU slots, page table, runs of tokens, counters.
+    engine: PageIn<()>,
     /// (slots × page_rows, dim) f32 on the device
     slots: ShardedTable,
     lookup: LookupKernels,
     bag: BagForward,
-    stats: MemoryStats,
+    /// The last token count's lookup buffers.
+    scratch: Option<LookupScratch>,
+    /// A page's values while it is written into its slot (reused).
+    decoded: Vec<f32>,
     /// Seconds since some origin, for the time counters (none: not timed).
     clock: Option<fn() -> f64>,
 }
@@ -114,7 +93,8 @@ impl<F: PageFetch> DeviceMemory<F> {
 
     /// The memory of `cfg` (a product-key model) on `ctx`, its layers'
     /// parameters from `store` (the dense weights), its values paged from
-    /// `bank` into `budget_bytes` of device slots.
+    /// `bank` into `budget_bytes` of device slots. Fails naming the minimum
+    /// if the budget cannot hold one token's pages.
     pub fn new(
         ctx: GpuContext,
         bank: RemoteBank<F>,
@@ -136,41 +116,33 @@ impl<F: PageFetch> DeviceMemory<F> {
                 ))
             })?;
         let g = section.geometry;
-        let values = Values {
-            section,
-            rows: g.rows as usize,
-            dim: g.dim as usize,
-            page_rows: g.page_rows as usize,
-        };
-        if values.rows != pcfg.n_rows() || values.dim != pcfg.v_dim {
+        if g.rows as usize != pcfg.n_rows() || g.dim as usize != pcfg.v_dim {
             return Err(WebError::Input(format!(
                 "{}: value section of {} rows × {} does not match the model's {} × {}",
                 bank.location(),
-                values.rows,
-                values.dim,
+                g.rows,
+                g.dim,
                 pcfg.n_rows(),
                 pcfg.v_dim
             )));
         }
-        let slot_bytes = (values.page_rows * values.dim * 4) as u64;
-        let cache = PageCache::new(budget_bytes, slot_bytes)
-            .map_err(|e| WebError::Input(format!("memory budget: {e}")))?;
-        let need = pcfg.bag_size() as u32;
-        if cache.slot_count() < need.min(g.page_count as u32) {
-            return Err(WebError::Input(format!(
-                "a budget of {budget_bytes} bytes holds {} pages of {slot_bytes} bytes; one token \
-                 reads up to {need} pages: raise the budget to at least {} bytes",
-                cache.slot_count(),
-                u64::from(need) * slot_bytes
-            )));
-        }
+        // the value section only: the browser runs no FFN-memory blocks
+        let engine = PageIn::new(
+            &[section],
+            &PageInOptions {
+                budget_bytes,
+                prefetch: false,
+                token_pages: Some(pcfg.bag_size() as u32),
+            },
+        )?;
+        let page_rows = g.page_rows as usize;
         let slots = ShardedTable::zeroed(
             &ctx,
             "value page slots",
-            cache.slot_count() as usize * values.page_rows,
-            values.dim,
+            engine.value_slots() as usize * page_rows,
+            g.dim as usize,
             GpuDtype::F32,
-            values.page_rows,
+            page_rows,
         )?;
         let mut layers = Vec::new();
         for i in 0..cfg.n_layers {
@@ -187,25 +159,17 @@ impl<F: PageFetch> DeviceMemory<F> {
         }
         let lookup = LookupKernels::new(&ctx)?;
         let bag = BagForward::new(&ctx)?;
-        let stats = MemoryStats {
-            budget_bytes,
-            slots: cache.slot_count(),
-            bank_pages: g.page_count,
-            hit_rate: 1.0,
-            ..Default::default()
-        };
         Ok(Self {
-            page_table: vec![NO_SLOT; g.page_count as usize],
             ctx,
             bank,
             cfg: pcfg,
             layers,
-            values,
-            cache,
+            engine,
             slots,
             lookup,
             bag,
-            stats,
+            scratch: None,
+            decoded: Vec::new(),
             clock: None,
         })
     }
@@ -220,17 +184,9 @@ impl<F: PageFetch> DeviceMemory<F> {
         &self.bank
     }
 
-    /// The counters.
+    /// The counters, with the budget, slots and resident gauges as of now.
     pub fn stats(&self) -> MemoryStats {
-        let mut s = self.stats;
-        s.resident_pages = self.cache.resident_pages() as u64;
-        s.resident_bytes = s.resident_pages * self.cache.slot_bytes();
-        s.hit_rate = if s.accesses == 0 {
-            1.0
-        } else {
-            s.hits as f64 / s.accesses as f64
-        };
-        s
+        self.engine.stats()
     }
 
     /// Whether layer `i` is a memory layer.
@@ -238,32 +194,53 @@ impl<F: PageFetch> DeviceMemory<F> {
         self.layers.iter().any(|l| l.layer == i)
     }
 
+    /// The lookup buffers for `tokens` queries: the kept ones if they are
+    /// for that count, else new ones (the old are dropped).
+    fn scratch_for(&mut self, tokens: usize) -> Result<LookupScratch, WebError> {
+        if let Some(s) = self.scratch.take_if(|s| s.tokens == tokens) {
+            return Ok(s);
+        }
+        self.scratch = None;
+        let plan = LookupPlan::new(&self.ctx, &self.cfg, tokens)?;
+        Ok(LookupScratch {
+            tokens,
+            out: LookupBuffers::new(&self.ctx, &plan)?,
+            query: storage_zeroed(
+                &self.ctx,
+                "memory query",
+                (tokens * self.cfg.query_dim()) as u64 * 4,
+            ),
+        })
+    }
+
     /// Runs every kernel once (a lookup of a zero query, an empty bag) so
     /// the driver compiles its pipelines now rather than in the first
-    /// token: SwiftShader's JIT takes seconds. Counters are not touched.
+    /// token: SwiftShader's JIT takes seconds. Counters are not touched;
+    /// the one-token lookup buffers are kept for decoding.
     pub async fn warm_up(&mut self) -> Result<(), WebError> {
-        let Some(layer) = self.layers.first() else {
+        if self.layers.is_empty() {
             return Ok(());
-        };
-        let plan = LookupPlan::new(&self.ctx, &self.cfg, 1)?;
-        let out = LookupBuffers::new(&self.ctx, &plan)?;
-        let query = storage_init(
-            &self.ctx,
-            "warm-up query",
-            &vec![0f32; self.cfg.query_dim()],
-        );
+        }
+        let scratch = self.scratch_for(1)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
-        self.lookup
-            .record(&self.ctx, &mut encoder, &layer.keys, &query, &out)?;
+        // a new query buffer is zeroed: the lookup of a zero query
+        self.lookup.record(
+            &self.ctx,
+            &mut encoder,
+            &self.layers[0].keys,
+            &scratch.query,
+            &scratch.out,
+        )?;
         self.ctx.queue.submit([encoder.finish()]);
-        out.read_async(&self.ctx).await?;
+        scratch.out.read_async(&self.ctx).await?;
+        self.scratch = Some(scratch);
         // one empty bag through the (empty) page table
         self.bag
             .run_paged_async(
                 &self.ctx,
                 &self.slots,
-                self.values.page_rows,
-                &self.page_table,
+                self.engine.values().map_or(1, |v| v.page_rows),
+                self.engine.page_table(),
                 &[],
                 &[],
                 &[0, 0],
@@ -288,30 +265,32 @@ impl<F: PageFetch> DeviceMemory<F> {
         if tokens == 0 {
             return Ok(Vec::new());
         }
-        let cfg = self.cfg.clone();
         // (tokens, heads * k_dim)
-        let query = pkm::project_query(&cfg, &self.layers[li].params, x, tokens);
-        let plan = LookupPlan::new(&self.ctx, &cfg, tokens)?;
-        let out = LookupBuffers::new(&self.ctx, &plan)?;
+        let query = pkm::project_query(&self.cfg, &self.layers[li].params, x, tokens);
+        let scratch = self.scratch_for(tokens)?;
         let t0 = self.now();
-        let query_buf = storage_init(&self.ctx, "memory query", &query);
+        self.ctx
+            .queue
+            .write_buffer(&scratch.query, 0, bytemuck::cast_slice(&query));
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         self.lookup.record(
             &self.ctx,
             &mut encoder,
             &self.layers[li].keys,
-            &query_buf,
-            &out,
+            &scratch.query,
+            &scratch.out,
         )?;
         self.ctx.queue.submit([encoder.finish()]);
         // (tokens, heads, knn) each
-        let lk = out.read_async(&self.ctx).await?;
-        self.stats.device_seconds += self.now() - t0;
-        let bag = cfg.bag_size();
+        let lk = scratch.out.read_async(&self.ctx).await?;
+        self.scratch = Some(scratch);
+        let t1 = self.now();
+        self.engine.add_device_seconds(t1 - t0);
+        let bag = self.cfg.bag_size();
         let memory = self
             .bag_paged(&lk.indices, &lk.weights, tokens, bag)
             .await?;
-        let done = pkm::finish(&cfg, &self.layers[li].params, x, &memory, tokens);
+        let done = pkm::finish(&self.cfg, &self.layers[li].params, x, &memory, tokens);
         Ok(done.output)
     }
 
@@ -324,95 +303,48 @@ impl<F: PageFetch> DeviceMemory<F> {
         bags: usize,
         bag: usize,
     ) -> Result<Vec<f32>, WebError> {
-        let v = self.values;
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= v.rows) {
-            return Err(WebError::Input(format!(
-                "value row {bad} outside the bank's {} rows",
-                v.rows
-            )));
-        }
-        let slots = self.cache.slot_count() as usize;
+        let v = *self
+            .engine
+            .values()
+            .ok_or_else(|| WebError::Input("the bank has no product-key value section".into()))?;
         let mut out = Vec::with_capacity(bags * v.dim);
         // the constructor guarantees one token's pages fit
-        let runs = bag_runs(&rows[..bags * bag], bag, v.page_rows, slots)
-            .map_err(|e| WebError::Input(e.to_string()))?;
-        for BagRun { bags: run, pages } in runs {
-            let (start, end) = (run.start, run.end);
+        let runs = self.engine.value_runs(&rows[..bags * bag], bag)?;
+        for run in runs {
+            let (start, end) = (run.bags.start, run.bags.end);
             let t0 = self.now();
-            self.page_in(&pages).await?;
+            let (ctx, slots) = (&self.ctx, &self.slots);
+            page_in_async(
+                &mut self.engine,
+                &self.bank,
+                &run.pages,
+                &mut self.decoded,
+                |slot, data| {
+                    let words = memlayer_wgpu::buffers::encode_rows(data, v.dim, GpuDtype::F32);
+                    slots
+                        .write_rows(ctx, slot as usize * v.page_rows, &words)
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await?;
             let t1 = self.now();
-            self.stats.fetch_seconds += t1 - t0;
-            let offsets: Vec<usize> = (0..=end - start).map(|b| b * bag).collect();
+            self.engine.add_fetch_seconds(t1 - t0);
+            let offsets = memlayer_core::bag::uniform_offsets(end - start, bag);
             let part = self
                 .bag
                 .run_paged_async(
                     &self.ctx,
                     &self.slots,
                     v.page_rows,
-                    &self.page_table,
+                    self.engine.page_table(),
                     &rows[start * bag..end * bag],
                     &weights[start * bag..end * bag],
                     &offsets,
                 )
                 .await?;
-            self.stats.device_seconds += self.now() - t1;
+            self.engine.add_device_seconds(self.now() - t1);
             out.extend(part);
         }
         Ok(out)
-    }
-
-    /// Makes the value pages `local` (distinct local ids) resident together.
-    async fn page_in(&mut self, local: &[u32]) -> Result<(), WebError> {
-        let first = self.values.section.first_page;
-        let globals: Vec<PageId> = local.iter().map(|&p| first + u64::from(p)).collect();
-        let admitted = self
-            .cache
-            .admit(&globals, first, &mut self.page_table)
-            .map_err(|e| WebError::Input(e.to_string()))?;
-        self.stats.accesses += globals.len() as u64;
-        self.stats.hits += admitted.hits;
-        self.stats.misses += admitted.misses.len() as u64;
-        self.stats.evictions += admitted.evictions;
-        let misses = admitted.misses;
-        if misses.is_empty() {
-            return Ok(());
-        }
-        let pages: Vec<PageId> = misses.iter().map(|m| m.0).collect();
-        let fetched = self.bank.read_pages(&pages).await;
-        let dtype = self.values.section.spec.dtype;
-        let mut failure = None;
-        let mut decoded = Vec::new();
-        for (&(page, slot), r) in misses.iter().zip(fetched) {
-            let written = r.and_then(|f| {
-                decoded.clear();
-                decoded.resize(f.bytes.len() / dtype.size(), 0.0);
-                decode_into(dtype, &f.bytes, &mut decoded)?;
-                let words =
-                    memlayer_wgpu::buffers::encode_rows(&decoded, self.values.dim, GpuDtype::F32);
-                self.slots
-                    .write_rows(&self.ctx, slot as usize * self.values.page_rows, &words)?;
-                Ok(f)
-            });
-            match written {
-                Ok(f) => {
-                    self.page_table[(page - first) as usize] = slot;
-                    self.stats.pages_streamed += 1;
-                    if f.from_cache {
-                        self.stats.pages_from_cache += 1;
-                    } else {
-                        self.stats.bytes_streamed += f.bytes.len() as u64;
-                    }
-                }
-                Err(e) => {
-                    // not resident: a later access fetches it again
-                    self.cache.remove(page);
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 }

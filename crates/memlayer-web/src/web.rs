@@ -4,7 +4,7 @@
 
 use crate::WebError;
 use crate::bank::{FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, adjacent_runs};
-use crate::engine::{Engine, ModelFiles, check_bank, value_table_bytes};
+use crate::engine::{Engine, MemorySetup, ModelFiles, check_bank, value_table_bytes};
 use crate::memory::MemoryStats;
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use memlayer_bank::{PageEntry, PageId};
@@ -680,47 +680,60 @@ impl ChatEngine {
         progress("verifying the model files (checksums.json)");
         let checksums = get_checksums(&base).await.map_err(js_err)?;
         let cfg = files.verify(&checksums).map_err(js_err)?;
-        progress("reading the memory bank's page table");
-        let url = format!("{base}memory.bank");
-        let bank = RemoteBank::open(HttpFetch {
-            url: url.clone(),
-            local: Rc::new(LocalCopy::None),
-        })
-        .await
-        .map_err(js_err)?;
-        // its shapes fit the config, and it is the bank checksums.json records
-        check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
-        // the local copy is named after the bank's table checksum: a rewritten
-        // bank never reads pages of an older one
-        let h = bank.meta().header;
-        let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
-        let local = match OpfsMirror::open(&name).await {
-            Ok(m) => LocalCopy::Opfs(m),
-            Err(why) => {
-                web_sys::console::warn_1(&JsValue::from_str(&format!(
-                    "OPFS unavailable ({why}); keeping pages in the Cache API"
-                )));
-                let storage = Scope::get().map_err(js_err)?.caches();
-                let cache = match storage {
-                    Ok(s) => JsFuture::from(s.open(PAGE_CACHE))
-                        .await
-                        .ok()
-                        .and_then(|c| c.dyn_into::<Cache>().ok()),
-                    Err(_) => None,
-                };
-                cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
-            }
+        // a dense model (no memory in its config) has no bank: nothing is
+        // paged; a hierarchical memory is refused by Engine::new before any
+        // bank is read
+        let (memory, local, table, value_section) = if cfg.pkm.is_some() && cfg.hier.is_none() {
+            progress("reading the memory bank's page table");
+            let url = format!("{base}memory.bank");
+            let bank = RemoteBank::open(HttpFetch {
+                url: url.clone(),
+                local: Rc::new(LocalCopy::None),
+            })
+            .await
+            .map_err(js_err)?;
+            // its shapes fit the config, and it is the bank checksums.json records
+            check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
+            // the local copy is named after the bank's table checksum: a rewritten
+            // bank never reads pages of an older one
+            let h = bank.meta().header;
+            let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
+            let local = match OpfsMirror::open(&name).await {
+                Ok(m) => LocalCopy::Opfs(m),
+                Err(why) => {
+                    web_sys::console::warn_1(&JsValue::from_str(&format!(
+                        "OPFS unavailable ({why}); keeping pages in the Cache API"
+                    )));
+                    let storage = Scope::get().map_err(js_err)?.caches();
+                    let cache = match storage {
+                        Ok(s) => JsFuture::from(s.open(PAGE_CACHE))
+                            .await
+                            .ok()
+                            .and_then(|c| c.dyn_into::<Cache>().ok()),
+                        Err(_) => None,
+                    };
+                    cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
+                }
+            };
+            let local = Rc::new(local);
+            let bank = bank.with_fetcher(HttpFetch {
+                url,
+                local: local.clone(),
+            });
+            let table = value_table_bytes(&bank);
+            let budget_bytes = (table as f64 * budget_percent / 100.0) as u64;
+            let value_section = bank.sections().first().map(|s| s.geometry);
+            let memory = MemorySetup {
+                ctx,
+                bank,
+                budget_bytes,
+            };
+            (Some(memory), local, table, value_section)
+        } else {
+            (None, Rc::new(LocalCopy::None), 0, None)
         };
-        let local = Rc::new(local);
-        let bank = bank.with_fetcher(HttpFetch {
-            url,
-            local: local.clone(),
-        });
-        let table = value_table_bytes(&bank);
-        let budget = (table as f64 * budget_percent / 100.0) as u64;
-        let value_section = bank.sections().first().map(|s| s.geometry);
         progress("building the model and its device memory");
-        let mut engine = Engine::new(&files, ctx, bank, budget).map_err(js_err)?;
+        let mut engine = Engine::new(&files, memory).map_err(js_err)?;
         engine.set_clock(now_seconds);
         progress("compiling the WebGPU kernels");
         engine.warm_up().await.map_err(js_err)?;
@@ -768,7 +781,8 @@ impl ChatEngine {
             Ok(e) => e.stats(),
             Err(_) => self.last_stats.get(),
         };
-        to_js(&s)
+        // the page reads camelCase keys (`web/app.js`)
+        to_js(&s.camel_case())
     }
 
     /// Generates after `prompt` (stops at the first newline, at EOS or after
@@ -814,7 +828,7 @@ impl ChatEngine {
                     &now_seconds,
                     |piece, stats| {
                         last.set(*stats);
-                        if let Ok(s) = to_js(stats) {
+                        if let Ok(s) = to_js(&stats.camel_case()) {
                             let _ = on_piece.call2(&JsValue::NULL, &JsValue::from_str(piece), &s);
                         }
                     },
@@ -837,11 +851,11 @@ impl ChatEngine {
             }
             to_js(&Reply {
                 text: &g.text,
-                tokens: g.token_ids.len(),
+                tokens: g.tokens.len(),
                 prompt_tokens: g.prompt_tokens,
                 first_token_seconds: g.first_token_seconds,
                 seconds: g.seconds,
-                tokens_per_second: g.tokens_per_second,
+                tokens_per_second: g.decode_tokens_per_second(),
             })
         })
     }

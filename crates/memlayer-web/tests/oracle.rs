@@ -8,9 +8,10 @@ use memlayer_bank::{
 use memlayer_core::model::reference;
 use memlayer_core::model::{ModelConfig, ParamStore, PkmSpec};
 use memlayer_core::sample::Sampling;
+use memlayer_model_dir::Tokenizer;
+use memlayer_runtime::{Decoder, Generator};
 use memlayer_web::bank::{FetchedPage, PageFetch, RemoteBank, SourceFetch};
-use memlayer_web::decoder::Decoder;
-use memlayer_web::{DeviceMemory, Engine, ModelFiles};
+use memlayer_web::{DeviceMemory, Engine, Generation, MemorySetup, ModelFiles, WebDecoder};
 use memlayer_wgpu::{GpuContext, GpuOptions, gpu_for_tests};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,27 +24,16 @@ fn gpu() -> Option<GpuContext> {
 /// A small product-key model: N = 12² = 144 rows (not a power of two),
 /// 5-row pages (the last one short), k = 4 of 12 sub-keys, two heads.
 fn small_config() -> ModelConfig {
+    let tiny = ModelConfig::tiny_for_tests(true, false);
     ModelConfig {
         vocab_size: 50,
-        dim: 16,
-        n_layers: 3,
-        n_heads: 2,
-        ffn_hidden: 24,
-        max_seq_len: 32,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: false,
         pkm: Some(PkmSpec {
-            layers: vec![1],
             n_keys: 12,
-            heads: 2,
-            k_dim: 8,
             knn: 4,
             v_dim: 16,
-            qk_norm: true,
-            gated: true,
+            ..tiny.pkm.clone().expect("pkm")
         }),
-        hier: None,
+        ..tiny
     }
 }
 
@@ -86,6 +76,20 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
+/// A decoder of `full`'s dense weights with its values paged from `bank`
+/// into `budget_bytes` of device slots.
+fn paged_decoder<F: PageFetch>(
+    ctx: GpuContext,
+    bank: RemoteBank<F>,
+    cfg: &ModelConfig,
+    full: &ParamStore,
+    budget_bytes: u64,
+) -> WebDecoder<F> {
+    let memory =
+        DeviceMemory::new(ctx, bank, cfg, &dense_of(cfg, full), budget_bytes).expect("memory");
+    WebDecoder::new(cfg.clone(), dense_of(cfg, full), Some(memory)).expect("decoder")
+}
+
 #[test]
 fn cached_decoding_with_paged_device_memory_equals_the_reference_forward() {
     let Some(ctx) = gpu() else { return };
@@ -102,27 +106,25 @@ fn cached_decoding_with_paged_device_memory_equals_the_reference_forward() {
     // the smallest budget: one token's 2 × 4 rows → 8 slots of 5 rows × 16 f32;
     // the prefill's pages cannot all be resident: runs of tokens, evictions
     let slot_bytes = 5 * 16 * 4;
-    let mut memory =
-        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 8 * slot_bytes).expect("memory");
-    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
+    let mut decoder = paged_decoder(ctx, bank, &cfg, &full, 8 * slot_bytes);
     let tokens: Vec<u32> = vec![3, 17, 17, 42, 0, 9, 33, 21, 5, 49, 12];
     let prefill = 7;
-    let logits = pollster::block_on(decoder.step(&tokens[..prefill], &mut memory)).expect("step");
+    let logits = pollster::block_on(decoder.step(&tokens[..prefill])).expect("step");
     let v = cfg.vocab_size;
     let want = reference::forward(&cfg, &full, &tokens[..prefill], None).expect("reference");
     assert_close(&logits, &want[(prefill - 1) * v..], "prefill");
     for t in prefill..tokens.len() {
-        let logits = pollster::block_on(decoder.step(&tokens[t..=t], &mut memory)).expect("step");
+        let logits = pollster::block_on(decoder.step(&tokens[t..=t])).expect("step");
         let want = reference::forward(&cfg, &full, &tokens[..=t], None).expect("reference");
         assert_close(&logits, &want[t * v..], &format!("token {t}"));
     }
-    let s = memory.stats();
+    let s = decoder.stats();
     assert_eq!(s.slots, 8);
     assert!(s.resident_pages <= 8, "{s:?}");
     assert!(s.evictions > 0, "a budget of 8 pages must evict: {s:?}");
-    assert_eq!(s.accesses, s.hits + s.misses);
+    assert_eq!(s.value_accesses, s.value_hits + s.value_misses);
     assert_eq!(
-        s.pages_streamed, s.misses,
+        s.pages_streamed, s.value_misses,
         "every miss streams its page: {s:?}"
     );
     assert_eq!(s.pages_from_cache, 0);
@@ -159,7 +161,10 @@ fn budgets_below_one_token_and_non_pkm_models_are_refused() {
         routing: Default::default(),
     });
     let store = ParamStore::dense_zeros(&hier).expect("dense");
-    let err = Decoder::new(hier, store).err().expect("hier").to_string();
+    let err = WebDecoder::<SourceFetch<MemSource>>::new(hier, store, None)
+        .err()
+        .expect("hier")
+        .to_string();
     assert!(
         err.contains("hierarchical-memory models do not run in the browser"),
         "{err}"
@@ -235,10 +240,8 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         "mem://corrupt.bank",
     ))))
     .expect("open");
-    let mut memory =
-        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
-    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
-    let err = pollster::block_on(decoder.step(&tokens, &mut memory))
+    let mut decoder = paged_decoder(ctx, bank, &cfg, &full, 1 << 20);
+    let err = pollster::block_on(decoder.step(&tokens))
         .expect_err("corrupt pages must fail")
         .to_string();
     assert!(
@@ -248,7 +251,7 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         "{err}"
     );
     assert_eq!(
-        memory.stats().resident_pages,
+        decoder.stats().resident_pages,
         0,
         "a failed page is not resident"
     );
@@ -261,19 +264,18 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         network_reads: RefCell::new(0),
     };
     let bank = pollster::block_on(RemoteBank::open(fetch)).expect("open");
-    let mut memory =
-        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
-    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
-    let logits = pollster::block_on(decoder.step(&tokens, &mut memory)).expect("step");
+    let mut decoder = paged_decoder(ctx, bank, &cfg, &full, 1 << 20);
+    let logits = pollster::block_on(decoder.step(&tokens)).expect("step");
     assert_close(&logits, last, "first run");
-    let first = memory.stats();
+    let first = decoder.stats();
     assert_eq!(first.pages_from_cache, 0);
     // a second memory over the same fetcher is the reload: pages come from the copy,
     // one of which is now corrupt
     let Some(ctx) = gpu() else { return };
+    let previous = decoder.memory().expect("memory").bank().fetcher();
     let fetch = CachingFetch {
-        network: MemSource::named(memory.bank().fetcher().network.bytes().to_vec(), "m"),
-        copy: RefCell::new(memory.bank().fetcher().copy.borrow().clone()),
+        network: MemSource::named(previous.network.bytes().to_vec(), "m"),
+        copy: RefCell::new(previous.copy.borrow().clone()),
         network_reads: RefCell::new(0),
     };
     let some_page = *fetch
@@ -284,12 +286,10 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         .expect("a page was fetched");
     fetch.copy.borrow_mut().get_mut(&some_page).expect("page")[0] ^= 1;
     let bank = pollster::block_on(RemoteBank::open(fetch)).expect("open");
-    let mut memory =
-        DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 1 << 20).expect("memory");
-    let mut decoder = Decoder::new(cfg.clone(), dense_of(&cfg, &full)).expect("decoder");
-    let logits = pollster::block_on(decoder.step(&tokens, &mut memory)).expect("step");
+    let mut decoder = paged_decoder(ctx, bank, &cfg, &full, 1 << 20);
+    let logits = pollster::block_on(decoder.step(&tokens)).expect("step");
     assert_close(&logits, last, "reload with one corrupt local copy");
-    let s = memory.stats();
+    let s = decoder.stats();
     assert_eq!(s.pages_streamed, first.pages_streamed);
     assert_eq!(
         s.pages_from_cache,
@@ -297,6 +297,7 @@ fn corrupt_pages_are_named_and_a_corrupt_local_copy_is_fetched_again() {
         "all but the corrupt page from the local copy: {s:?}"
     );
     // header + table + the one corrupt page
+    let memory = decoder.memory().expect("memory");
     assert_eq!(*memory.bank().fetcher().network_reads.borrow(), 3);
 }
 
@@ -309,16 +310,12 @@ fn demo_dir() -> PathBuf {
 fn reference_greedy(
     cfg: &ModelConfig,
     full: &ParamStore,
-    tok: &tokenizers::Tokenizer,
+    tok: &Tokenizer,
     prompt: &str,
     max_tokens: usize,
 ) -> String {
-    let eos = tok.token_to_id("<|endoftext|>").expect("eos");
-    let mut ids = tok
-        .encode(prompt, false)
-        .expect("encode")
-        .get_ids()
-        .to_vec();
+    let eos = tok.eos_id();
+    let mut ids = tok.encode(prompt).expect("encode");
     let n0 = ids.len();
     let v = cfg.vocab_size;
     let mut rng = memlayer_core::rng::Rng::new(0);
@@ -333,12 +330,12 @@ fn reference_greedy(
             break;
         }
         ids.push(next);
-        let text = tok.decode(&ids[n0..], false).expect("decode");
+        let text = tok.decode(&ids[n0..]).expect("decode");
         if text.contains('\n') {
             break;
         }
     }
-    tok.decode(&ids[n0..], false).expect("decode")
+    tok.decode(&ids[n0..]).expect("decode")
 }
 
 #[test]
@@ -356,7 +353,12 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
     let source = FileSource::open(dir.join("memory.bank")).expect("bank");
     let bank = pollster::block_on(RemoteBank::open(SourceFetch(source))).expect("open");
     let table = memlayer_web::engine::value_table_bytes(&bank);
-    let mut engine = Engine::new(&files, ctx, bank, table / 4).expect("engine");
+    let memory = MemorySetup {
+        ctx,
+        bank,
+        budget_bytes: table / 4,
+    };
+    let mut engine = Engine::new(&files, Some(memory)).expect("engine");
     let t0 = std::time::Instant::now();
     let now = move || t0.elapsed().as_secs_f64();
     let sampling = Sampling {
@@ -392,7 +394,7 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
         };
     }
     full = full_store;
-    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
+    let tok = Tokenizer::load(&dir.join("tokenizer.json")).expect("tokenizer");
     let want = reference_greedy(&cfg, &full, &tok, prompt, 12);
     assert_eq!(g.text, want, "browser runtime vs resident reference");
     let s = engine.stats();
@@ -405,4 +407,111 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
         "demo-pkm: {:?} in {:.2} s (first token {:.2} s); {} of {} pages streamed",
         g.text, g.seconds, g.first_token_seconds, s.pages_streamed, s.bank_pages
     );
+}
+
+/// [`small_config`] without memory, with the vocabulary of the runtime's
+/// tiny tokenizer fixture.
+fn dense_config() -> (ModelConfig, Tokenizer) {
+    let tok = Tokenizer::from_json(include_str!(
+        "../../memlayer-runtime/tests/fixtures/tiny_tokenizer.json"
+    ))
+    .expect("tokenizer");
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        pkm: None,
+        ..small_config()
+    };
+    (cfg, tok)
+}
+
+#[test]
+fn a_dense_model_decodes_without_device_memory_like_the_reference() {
+    let (cfg, _) = dense_config();
+    let store = ParamStore::init(&cfg, 13).expect("init");
+    let mut decoder = WebDecoder::<SourceFetch<MemSource>>::new(cfg.clone(), store.clone(), None)
+        .expect("a dense model needs no device memory");
+    assert!(decoder.memory().is_none());
+    assert_eq!(decoder.stats().hit_rate, 1.0);
+    let tokens: Vec<u32> = vec![3, 17, 250, 42, 0, 9, 33, 21];
+    let v = cfg.vocab_size;
+    let logits = pollster::block_on(decoder.step(&tokens[..5])).expect("prefill");
+    let want = reference::forward(&cfg, &store, &tokens[..5], None).expect("reference");
+    assert_close(&logits, &want[4 * v..], "dense prefill");
+    for t in 5..tokens.len() {
+        let logits = pollster::block_on(decoder.step(&tokens[t..=t])).expect("step");
+        let want = reference::forward(&cfg, &store, &tokens[..=t], None).expect("reference");
+        assert_close(&logits, &want[t * v..], &format!("dense token {t}"));
+    }
+    // a new sequence starts at position 0; block rows are refused (no hierarchical memory)
+    decoder.reset(None).expect("reset");
+    assert_eq!(decoder.position(), 0);
+    assert!(decoder.reset(Some(&[0])).is_err());
+
+    // a product-key model without its device memory is refused by name
+    let err = WebDecoder::<SourceFetch<MemSource>>::new(
+        small_config(),
+        ParamStore::dense_zeros(&small_config()).expect("dense"),
+        None,
+    )
+    .err()
+    .expect("pkm without memory")
+    .to_string();
+    assert!(err.contains("needs its device memory"), "{err}");
+}
+
+#[test]
+fn a_dense_model_directory_generates_in_the_engine_like_the_reference() {
+    let (cfg, tok) = dense_config();
+    let store = ParamStore::init(&cfg, 21).expect("init");
+    let files = ModelFiles {
+        location: "mem://dense".into(),
+        config_json: serde_json::to_string(&cfg).expect("config"),
+        tokenizer_json: tok.to_json().expect("tokenizer"),
+        safetensors: store.to_safetensors(|_| true, None).expect("safetensors"),
+    };
+    let mut engine = Engine::<SourceFetch<MemSource>>::new(&files, None).expect("engine");
+    assert!(engine.memory().is_none());
+    let sampling = Sampling {
+        max_tokens: 10,
+        ..Sampling::default()
+    };
+    let prompt = "The city where";
+    let mut pieces = String::new();
+    let g = pollster::block_on(
+        engine.generate(prompt, &sampling, Some("\n"), &|| 0.0, |p, s| {
+            pieces.push_str(p);
+            assert_eq!(s.pages_streamed, 0);
+        }),
+    )
+    .expect("generate");
+    assert_eq!(pieces, g.text);
+    assert!(!g.tokens.is_empty());
+    assert_eq!(g.text, reference_greedy(&cfg, &store, &tok, prompt, 10));
+
+    // the same loop, driven by the runtime's Generator directly, gives the same
+    let decoder =
+        WebDecoder::<SourceFetch<MemSource>>::new(cfg.clone(), store.clone(), None).expect("dec");
+    let mut generator = Generator::new(decoder, tok.clone(), None).expect("generator");
+    let again = generator
+        .generate(prompt, &sampling, Some("\n"), |_, _| {})
+        .expect("a dense browser decoder never waits");
+    assert_eq!(
+        again,
+        Generation {
+            seconds: again.seconds,
+            first_token_seconds: again.first_token_seconds,
+            ..g
+        }
+    );
+
+    // a dense model given a bank, and a memory model given none, are refused by name
+    let pkm_files = ModelFiles {
+        config_json: serde_json::to_string(&small_config()).expect("config"),
+        ..files
+    };
+    let err = Engine::<SourceFetch<MemSource>>::new(&pkm_files, None)
+        .err()
+        .expect("no bank")
+        .to_string();
+    assert!(err.contains("needs its memory.bank"), "{err}");
 }

@@ -14,58 +14,62 @@
 //! into a command encoder (for chaining on the device), and `run` functions
 //! that take host slices, validate them, and read the results back.
 
-use crate::buffers::uniform_init;
-use crate::buffers::{
-    GpuDtype, Kernel, ShardedTable, grid, read_back, storage_init, storage_zeroed,
-};
+use crate::buffers::{GpuDtype, ShardedTable, read_back, storage_init, storage_zeroed};
 use crate::context::{GpuContext, GpuError};
-use crate::reverse_index::{ReverseIndex, ReverseIndexKernels, check_binding, count_u32};
+use crate::launch::{Launcher, u32_of};
+use crate::reverse_index::{
+    ReverseIndex, ReverseIndexKernels, check_binding, check_reverse_index, count_u32, reverse_index,
+};
+use crate::shaders::{self, Variant};
 use memlayer_core::bag::SparseRows;
 use memlayer_core::pkm::PkmConfig;
 
-/// Entry -> bag map.
-pub const BAG_OF_SOURCE: &str = include_str!("../../../shaders/bag_backward_bag_of.wgsl");
-/// Sparse table gradient.
-pub const BAG_TABLE_SOURCE: &str = include_str!("../../../shaders/bag_backward_table.wgsl");
-/// Per-sample-weight gradient.
-pub const BAG_WEIGHTS_SOURCE: &str = include_str!("../../../shaders/bag_backward_weights.wgsl");
-/// Softmax backward per (token, head).
-pub const PK_SOFTMAX_SOURCE: &str = include_str!("../../../shaders/pk_backward_softmax.wgsl");
-/// qk-norm of the sub-keys.
-pub const PK_KEY_NORM_SOURCE: &str = include_str!("../../../shaders/pk_backward_key_norm.wgsl");
-/// Sub-key ids of the selected scores.
-pub const PK_KEY_IDS_SOURCE: &str = include_str!("../../../shaders/pk_backward_key_ids.wgsl");
-/// Query gradient.
-pub const PK_QUERY_SOURCE: &str = include_str!("../../../shaders/pk_backward_query.wgsl");
-/// Sub-key gradient.
-pub const PK_KEYS_SOURCE: &str = include_str!("../../../shaders/pk_backward_keys.wgsl");
+/// The kernels of the bag backward (after the reverse index): bag of each
+/// entry, sparse table gradient, its scatter into a dense table, weight
+/// gradient (f32 and f16 tables).
+pub const BAG_KERNELS: [Variant; 5] = [
+    shaders::BAG_BACKWARD_BAG_OF.plain(),
+    shaders::BAG_BACKWARD_TABLE.plain(),
+    shaders::BAG_BACKWARD_DENSE.plain(),
+    shaders::BAG_BACKWARD_WEIGHTS.variant(0),
+    shaders::BAG_BACKWARD_WEIGHTS.variant(1),
+];
+
+/// The kernels of the lookup backward (after the reverse index): softmax,
+/// key qk-norm, sub-key ids, query gradient, sub-key gradient.
+pub const LOOKUP_KERNELS: [Variant; 5] = [
+    shaders::PK_BACKWARD_SOFTMAX.plain(),
+    shaders::PK_BACKWARD_KEY_NORM.plain(),
+    shaders::PK_BACKWARD_KEY_IDS.plain(),
+    shaders::PK_BACKWARD_QUERY.plain(),
+    shaders::PK_BACKWARD_KEYS.plain(),
+];
 
 /// Largest sub-key width (`k_dim / 2`) the lookup backward handles (workgroup memory).
 pub const MAX_HALF: usize = 1024;
 
+crate::params! {
 /// Uniform of `bag_backward_bag_of.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BagOfParams {
     pub n: u32,
     pub bags: u32,
     pub x_groups: u32,
     pub _pad: u32,
 }
+}
 
+crate::params! {
 /// Uniform of `bag_backward_table.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct TableParams {
     pub dim: u32,
     pub slot_base: u32,
     pub slots: u32,
     pub x_groups: u32,
 }
+}
 
+crate::params! {
 /// Uniform of `bag_backward_weights.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct WeightsParams {
     pub n: u32,
     pub dim: u32,
@@ -75,19 +79,38 @@ pub struct WeightsParams {
     pub x_groups: u32,
     pub _pad: [u32; 2],
 }
+}
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct SoftmaxParams {
+crate::params! {
+/// Uniform of `bag_backward_dense.wgsl`. (WGSL layout).
+pub struct DenseParams {
+    pub dim: u32,
+    pub slots: u32,
+    pub x_groups: u32,
+    pub _pad: u32,
+}
+}
+
+crate::params! {
+pub(crate) struct SoftmaxParams {
     rows: u32,
     knn: u32,
     x_groups: u32,
     _pad: u32,
 }
+}
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct KeyIdsParams {
+crate::params! {
+pub(crate) struct KeyNormParams {
+    rows: u32,
+    half: u32,
+    x_groups: u32,
+    _pad: u32,
+}
+}
+
+crate::params! {
+pub(crate) struct KeyIdsParams {
     th: u32,
     heads: u32,
     n_keys: u32,
@@ -95,10 +118,10 @@ struct KeyIdsParams {
     x_groups: u32,
     _pad: [u32; 3],
 }
+}
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct QueryParams {
+crate::params! {
+pub(crate) struct QueryParams {
     th: u32,
     heads: u32,
     n_keys: u32,
@@ -110,10 +133,10 @@ struct QueryParams {
     x_groups: u32,
     _pad: [u32; 3],
 }
+}
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct KeysParams {
+crate::params! {
+pub(crate) struct KeysParams {
     half: u32,
     k_dim: u32,
     knn: u32,
@@ -122,6 +145,7 @@ struct KeysParams {
     slots: u32,
     n_keys: u32,
     x_groups: u32,
+}
 }
 
 fn buffer_holds(what: &str, buf: &wgpu::Buffer, bytes: u64) -> Result<(), GpuError> {
@@ -143,49 +167,175 @@ fn check_len(what: &str, got: usize, expected: usize, shape: &str) -> Result<(),
     Ok(())
 }
 
-/// The reverse index of an embedding-bag's entries and the bag of each entry.
-pub struct BagIndex {
+/// The reverse index of an embedding-bag's entries and the bag of each entry
+/// (`B`: the launcher's buffer type).
+pub struct BagIndex<B = wgpu::Buffer> {
     /// Entries (`indices.len()`).
     pub n: usize,
     /// Bags (`offsets.len() - 1`).
     pub bags: usize,
     /// Entries grouped by row id, ascending entry position within a row.
-    pub index: ReverseIndex,
+    pub index: ReverseIndex<B>,
     /// (n) u32 bag of each entry.
-    pub bag_of: wgpu::Buffer,
+    pub bag_of: B,
+}
+
+/// Launches the reverse index of `indices[..n]` (row ids `< rows`) and the
+/// bag of every entry from `offsets` (bags + 1) u32 CSR.
+pub fn bag_index<L: Launcher>(
+    l: &mut L,
+    indices: &L::Buffer,
+    offsets: &L::Buffer,
+    n: usize,
+    bags: usize,
+    rows: usize,
+) -> Result<BagIndex<L::Buffer>, GpuError> {
+    let n32 = u32_of("bag entries", n)?;
+    let bags32 = u32_of("bags", bags)?;
+    if n > 0 && bags == 0 {
+        return Err(GpuError::Invalid(format!("{n} entries but no bags")));
+    }
+    let index = reverse_index(l, indices, n, rows as u64)?;
+    let bag_of = l.zeroed("bag of entry", (n * 4) as u64)?;
+    if n > 0 {
+        let g = l.grid(n.div_ceil(256))?;
+        let params = BagOfParams {
+            n: n32,
+            bags: bags32,
+            x_groups: g.x,
+            _pad: 0,
+        };
+        l.launch(BAG_KERNELS[0], &params, &[offsets, &bag_of], g)?;
+    }
+    Ok(BagIndex {
+        n,
+        bags,
+        index,
+        bag_of,
+    })
+}
+
+/// Launches the sparse table gradient into one f32 shard `out` (slots,
+/// dim): slot `s` receives the gradient of row `unique_ids[slot_base + s]`
+/// (slots at or past the index's count are left untouched).
+/// weights: (n) f32; grad_out: (bags, dim) f32.
+#[allow(clippy::too_many_arguments)]
+pub fn table_grad<L: Launcher>(
+    l: &mut L,
+    idx: &BagIndex<L::Buffer>,
+    weights: &L::Buffer,
+    grad_out: &L::Buffer,
+    out: &L::Buffer,
+    dim: usize,
+    slot_base: usize,
+    slots: usize,
+) -> Result<(), GpuError> {
+    let groups = u32_of("table gradient elements", slots * dim.div_ceil(4))?.div_ceil(256);
+    let g = l.grid(groups as usize)?;
+    let params = TableParams {
+        dim: u32_of("dim", dim)?,
+        slot_base: u32_of("gradient slots", slot_base)?,
+        slots: u32_of("gradient slots", slots)?,
+        x_groups: g.x,
+    };
+    l.launch(
+        BAG_KERNELS[1],
+        &params,
+        &[
+            &idx.index.seg_start,
+            &idx.index.sorted_entries,
+            &idx.bag_of,
+            weights,
+            grad_out,
+            out,
+        ],
+        g,
+    )
+}
+
+/// Launches the scatter of sparse gradient rows (slot `u` = row
+/// `unique_ids[u]`, `u < count`, of `slots`) into the dense (rows, dim) f32
+/// gradient `dense` (`bag_backward_dense.wgsl`; rows never touched keep
+/// their contents).
+pub fn scatter_dense<L: Launcher>(
+    l: &mut L,
+    index: &ReverseIndex<L::Buffer>,
+    sparse: &L::Buffer,
+    dense: &L::Buffer,
+    rows: usize,
+    dim: usize,
+    slots: usize,
+) -> Result<(), GpuError> {
+    // the kernel addresses the dense table with u32
+    u32_of("value table elements", rows * dim)?;
+    let g = l.grid(u32_of("gradient elements", slots * dim)?.div_ceil(256) as usize)?;
+    let params = DenseParams {
+        dim: dim as u32,
+        slots: u32_of("gradient slots", slots)?,
+        x_groups: g.x,
+        _pad: 0,
+    };
+    l.launch(
+        BAG_KERNELS[2],
+        &params,
+        &[&index.count, &index.unique_ids, sparse, dense],
+        g,
+    )
+}
+
+/// Launches the per-sample-weight gradient `dw[e] = dot(table[indices[e]],
+/// grad_out[bag(e)])` for the entries whose row lies in one shard (rows
+/// `first_row .. first_row + shard_rows`, `row_words` u32 words each, f16
+/// when `f16`). grad_out: (bags, dim) f32; dw: (n) f32.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad<L: Launcher>(
+    l: &mut L,
+    idx: &BagIndex<L::Buffer>,
+    shard: &L::Buffer,
+    grad_out: &L::Buffer,
+    dw: &L::Buffer,
+    dtype: GpuDtype,
+    dim: usize,
+    first_row: usize,
+    shard_rows: usize,
+) -> Result<(), GpuError> {
+    let g = l.grid(idx.n.div_ceil(64))?;
+    let params = WeightsParams {
+        n: u32_of("bag entries", idx.n)?,
+        dim: u32_of("dim", dim)?,
+        row_words: u32_of("row words", dtype.row_words(dim))?,
+        first_row: u32_of("table rows", first_row)?,
+        shard_rows: u32_of("table rows", shard_rows)?,
+        x_groups: g.x,
+        _pad: [0; 2],
+    };
+    let kernel = BAG_KERNELS[3 + (dtype == GpuDtype::F16) as usize];
+    l.launch(
+        kernel,
+        &params,
+        &[
+            &idx.index.sorted_ids,
+            &idx.index.sorted_entries,
+            &idx.bag_of,
+            grad_out,
+            shard,
+            dw,
+        ],
+        g,
+    )
 }
 
 /// Embedding-bag backward (sum mode, per-sample weights): the sparse table
 /// gradient and the per-sample-weight gradient. Pipelines are built once.
 pub struct BagBackward {
     index: ReverseIndexKernels,
-    bag_of: Kernel,
-    table: Kernel,
-    weights_f32: Kernel,
-    weights_f16: Kernel,
 }
 
 impl BagBackward {
     /// Builds the pipelines.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
         Ok(Self {
-            index: ReverseIndexKernels::new(ctx)?,
-            bag_of: Kernel::new(ctx, "bag_backward_bag_of", BAG_OF_SOURCE, "main", &[])?,
-            table: Kernel::new(ctx, "bag_backward_table", BAG_TABLE_SOURCE, "main", &[])?,
-            weights_f32: Kernel::new(
-                ctx,
-                "bag_backward_weights",
-                BAG_WEIGHTS_SOURCE,
-                "main",
-                &[("F16", 0.0)],
-            )?,
-            weights_f16: Kernel::new(
-                ctx,
-                "bag_backward_weights_f16",
-                BAG_WEIGHTS_SOURCE,
-                "main",
-                &[("F16", 1.0)],
-            )?,
+            index: ReverseIndexKernels::with(ctx, BAG_KERNELS)?,
         })
     }
 
@@ -210,44 +360,13 @@ impl BagBackward {
         bags: usize,
         rows: usize,
     ) -> Result<BagIndex, GpuError> {
-        let n32 = count_u32("bag entries", n)?;
-        let bags32 = count_u32("bags", bags)?;
-        if n > 0 && bags == 0 {
-            return Err(GpuError::Invalid(format!("{n} entries but no bags")));
-        }
+        count_u32("bag entries", n)?;
+        count_u32("bags", bags)?;
         buffer_holds("offsets", offsets, (bags as u64 + 1) * 4)?;
         check_binding(ctx, "offsets", (bags as u64 + 1) * 4)?;
-        let index = self.index.record(ctx, encoder, indices, n, rows as u64)?;
-        let bag_of = storage_zeroed(ctx, "bag of entry", (n * 4) as u64);
-        if n > 0 {
-            let g = grid(ctx, n.div_ceil(256) as u32);
-            let params = uniform_init(
-                ctx,
-                "bag_of params",
-                &BagOfParams {
-                    n: n32,
-                    bags: bags32,
-                    x_groups: g.0,
-                    _pad: 0,
-                },
-            );
-            self.bag_of.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    offsets.as_entire_binding(),
-                    bag_of.as_entire_binding(),
-                ],
-                g,
-            );
-        }
-        Ok(BagIndex {
-            n,
-            bags,
-            index,
-            bag_of,
-        })
+        check_reverse_index(ctx, indices, n)?;
+        let mut l = self.index.kernels().launcher(ctx, encoder);
+        bag_index(&mut l, indices, offsets, n, bags, rows)
     }
 
     /// Records the sparse table gradient: row slot `u` of `out` receives the
@@ -276,6 +395,7 @@ impl BagBackward {
         if idx.n == 0 || out.rows == 0 {
             return Ok(());
         }
+        let mut l = self.index.kernels().launcher(ctx, encoder);
         for (s, shard) in out.shards.iter().enumerate() {
             let slot_base = s * out.rows_per_shard;
             let slots = out.rows_per_shard.min(out.rows - slot_base.min(out.rows));
@@ -284,33 +404,7 @@ impl BagBackward {
             if slots == 0 {
                 continue;
             }
-            let groups =
-                count_u32("table gradient elements", slots * dim.div_ceil(4))?.div_ceil(256);
-            let g = grid(ctx, groups);
-            let params = uniform_init(
-                ctx,
-                "bag table params",
-                &TableParams {
-                    dim: dim as u32,
-                    slot_base: slot_base as u32,
-                    slots: slots as u32,
-                    x_groups: g.0,
-                },
-            );
-            self.table.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    idx.index.seg_start.as_entire_binding(),
-                    idx.index.sorted_entries.as_entire_binding(),
-                    idx.bag_of.as_entire_binding(),
-                    weights.as_entire_binding(),
-                    grad_out.as_entire_binding(),
-                    shard.as_entire_binding(),
-                ],
-                g,
-            );
+            table_grad(&mut l, idx, weights, grad_out, shard, dim, slot_base, slots)?;
         }
         Ok(())
     }
@@ -334,11 +428,7 @@ impl BagBackward {
         if idx.n == 0 {
             return Ok(());
         }
-        let kernel = match table.dtype {
-            GpuDtype::F32 => &self.weights_f32,
-            GpuDtype::F16 => &self.weights_f16,
-        };
-        let g = grid(ctx, idx.n.div_ceil(64) as u32);
+        let mut l = self.index.kernels().launcher(ctx, encoder);
         for (s, shard) in table.shards.iter().enumerate() {
             let first_row = s * table.rows_per_shard;
             let shard_rows = table
@@ -347,33 +437,17 @@ impl BagBackward {
             if shard_rows == 0 {
                 continue;
             }
-            let params = uniform_init(
-                ctx,
-                "bag weights params",
-                &WeightsParams {
-                    n: idx.n as u32,
-                    dim: count_u32("dim", table.dim)?,
-                    row_words: table.row_words() as u32,
-                    first_row: count_u32("table rows", first_row)?,
-                    shard_rows: shard_rows as u32,
-                    x_groups: g.0,
-                    _pad: [0; 2],
-                },
-            );
-            kernel.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    idx.index.sorted_ids.as_entire_binding(),
-                    idx.index.sorted_entries.as_entire_binding(),
-                    idx.bag_of.as_entire_binding(),
-                    grad_out.as_entire_binding(),
-                    shard.as_entire_binding(),
-                    dw.as_entire_binding(),
-                ],
-                g,
-            );
+            weight_grad(
+                &mut l,
+                idx,
+                shard,
+                grad_out,
+                dw,
+                table.dtype,
+                table.dim,
+                first_row,
+                shard_rows,
+            )?;
         }
         Ok(())
     }
@@ -457,51 +531,174 @@ impl BagBackward {
     }
 }
 
-/// Device inputs of the lookup backward (row-major, f32 unless noted).
-pub struct LookupBackwardInputs<'a> {
+/// Device inputs of the lookup backward (row-major, f32 unless noted; `B`:
+/// the launcher's buffer type).
+pub struct LookupBackwardInputs<'a, B = wgpu::Buffer> {
     /// (heads, 2, n_keys, half) sub-keys.
-    pub keys: &'a wgpu::Buffer,
+    pub keys: &'a B,
     /// (tokens, heads, k_dim) queries (before qk-norm).
-    pub query: &'a wgpu::Buffer,
+    pub query: &'a B,
     /// (tokens, heads, knn) u32 selected rows `< n_keys²`.
-    pub indices: &'a wgpu::Buffer,
+    pub indices: &'a B,
     /// (tokens, heads, knn) softmax weights of the forward.
-    pub weights: &'a wgpu::Buffer,
+    pub weights: &'a B,
     /// (tokens, heads, knn) gradient of the loss w.r.t. the weights.
-    pub d_weights: &'a wgpu::Buffer,
+    pub d_weights: &'a B,
 }
 
 /// Device outputs of the lookup backward.
-pub struct LookupBackwardOutputs {
+pub struct LookupBackwardOutputs<B = wgpu::Buffer> {
     /// (heads, 2, n_keys, half) sub-key gradient (zero where no score read a sub-key).
-    pub d_keys: wgpu::Buffer,
+    pub d_keys: B,
     /// (tokens, heads, k_dim) query gradient.
-    pub d_query: wgpu::Buffer,
+    pub d_query: B,
     /// (tokens, heads, knn) gradient of the pre-softmax scores.
-    pub d_scores: wgpu::Buffer,
+    pub d_scores: B,
+}
+
+/// Launches the lookup backward for `tokens` tokens into new buffers:
+/// softmax backward, the scored sub-keys (qk-norm), the query gradient,
+/// the reverse index of the sub-key ids and the sub-key gradient.
+pub fn lookup_backward<L: Launcher>(
+    l: &mut L,
+    cfg: &PkmConfig,
+    tokens: usize,
+    inputs: &LookupBackwardInputs<'_, L::Buffer>,
+) -> Result<LookupBackwardOutputs<L::Buffer>, GpuError> {
+    let (heads, n_keys, half, k_dim, knn) = (cfg.heads, cfg.n_keys, cfg.half(), cfg.k_dim, cfg.knn);
+    let th = tokens * heads;
+    let sel = th * knn;
+    let key_words = heads * 2 * n_keys * half;
+    let out = LookupBackwardOutputs {
+        d_keys: l.zeroed("d_keys", (key_words * 4) as u64)?,
+        d_query: l.zeroed("d_query", (th * k_dim * 4) as u64)?,
+        d_scores: l.zeroed("d_scores", (sel * 4) as u64)?,
+    };
+    if tokens == 0 {
+        return Ok(out);
+    }
+    let scale = cfg.score_scale();
+    let qk_norm = cfg.qk_norm as u32;
+    let [softmax, key_norm, key_ids_kernel, query, keys] = LOOKUP_KERNELS;
+
+    // softmax backward
+    let g = l.grid(th.div_ceil(64))?;
+    let params = SoftmaxParams {
+        rows: u32_of("(token, head) rows", th)?,
+        knn: knn as u32,
+        x_groups: g.x,
+        _pad: 0,
+    };
+    l.launch(
+        softmax,
+        &params,
+        &[inputs.weights, inputs.d_weights, &out.d_scores],
+        g,
+    )?;
+
+    // scored sub-keys
+    let keys_s_buf;
+    let keys_s = if cfg.qk_norm {
+        keys_s_buf = l.zeroed("scored keys", (key_words * 4) as u64)?;
+        let rows = heads * 2 * n_keys;
+        let g = l.grid(rows.div_ceil(64))?;
+        let params = KeyNormParams {
+            rows: u32_of("sub-keys", rows)?,
+            half: half as u32,
+            x_groups: g.x,
+            _pad: 0,
+        };
+        l.launch(key_norm, &params, &[inputs.keys, &keys_s_buf], g)?;
+        &keys_s_buf
+    } else {
+        inputs.keys
+    };
+
+    // query gradient (and the scored query halves)
+    let qs = l.zeroed("scored queries", (th * k_dim * 4) as u64)?;
+    let g = l.grid(2 * th)?;
+    let params = QueryParams {
+        th: th as u32,
+        heads: heads as u32,
+        n_keys: n_keys as u32,
+        half: half as u32,
+        k_dim: k_dim as u32,
+        knn: knn as u32,
+        qk_norm,
+        scale,
+        x_groups: g.x,
+        _pad: [0; 3],
+    };
+    l.launch(
+        query,
+        &params,
+        &[
+            inputs.query,
+            keys_s,
+            inputs.indices,
+            &out.d_scores,
+            &qs,
+            &out.d_query,
+        ],
+        g,
+    )?;
+
+    // reverse index of the sub-key ids, entries p = (th * 2 + side) * knn + j
+    let entries = 2 * sel;
+    let key_ids = l.zeroed("sub-key ids", (entries * 4) as u64)?;
+    let g = l.grid(entries.div_ceil(256))?;
+    let params = KeyIdsParams {
+        th: th as u32,
+        heads: heads as u32,
+        n_keys: n_keys as u32,
+        knn: knn as u32,
+        x_groups: g.x,
+        _pad: [0; 3],
+    };
+    l.launch(key_ids_kernel, &params, &[inputs.indices, &key_ids], g)?;
+    let index = reverse_index(l, &key_ids, entries, (heads * 2 * n_keys) as u64)?;
+
+    // sub-key gradient, one workgroup per distinct sub-key
+    let slots = entries.min(heads * 2 * n_keys);
+    let g = l.grid(slots)?;
+    let params = KeysParams {
+        half: half as u32,
+        k_dim: k_dim as u32,
+        knn: knn as u32,
+        qk_norm,
+        scale,
+        slots: slots as u32,
+        n_keys: n_keys as u32,
+        x_groups: g.x,
+    };
+    l.launch(
+        keys,
+        &params,
+        &[
+            &index.seg_start,
+            &index.sorted_entries,
+            &index.unique_ids,
+            &out.d_scores,
+            &qs,
+            inputs.keys,
+            &out.d_keys,
+        ],
+        g,
+    )?;
+    Ok(out)
 }
 
 /// Backward of the product-key lookup: softmax, sub-key scores, sub-keys and
 /// queries (through qk-norm when enabled). Pipelines are built once.
 pub struct LookupBackward {
     index: ReverseIndexKernels,
-    softmax: Kernel,
-    key_norm: Kernel,
-    key_ids: Kernel,
-    query: Kernel,
-    keys: Kernel,
 }
 
 impl LookupBackward {
     /// Builds the pipelines.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
         Ok(Self {
-            index: ReverseIndexKernels::new(ctx)?,
-            softmax: Kernel::new(ctx, "pk_backward_softmax", PK_SOFTMAX_SOURCE, "main", &[])?,
-            key_norm: Kernel::new(ctx, "pk_backward_key_norm", PK_KEY_NORM_SOURCE, "main", &[])?,
-            key_ids: Kernel::new(ctx, "pk_backward_key_ids", PK_KEY_IDS_SOURCE, "main", &[])?,
-            query: Kernel::new(ctx, "pk_backward_query", PK_QUERY_SOURCE, "main", &[])?,
-            keys: Kernel::new(ctx, "pk_backward_keys", PK_KEYS_SOURCE, "main", &[])?,
+            index: ReverseIndexKernels::with(ctx, LOOKUP_KERNELS)?,
         })
     }
 
@@ -538,182 +735,16 @@ impl LookupBackward {
         inputs: &LookupBackwardInputs<'_>,
     ) -> Result<LookupBackwardOutputs, GpuError> {
         Self::check_shapes(ctx, cfg, tokens)?;
-        let (heads, n_keys, half, k_dim, knn) =
-            (cfg.heads, cfg.n_keys, cfg.half(), cfg.k_dim, cfg.knn);
-        let th = tokens * heads;
-        let sel = th * knn;
-        let key_words = heads * 2 * n_keys * half;
+        let th = tokens * cfg.heads;
+        let sel = th * cfg.knn;
+        let key_words = cfg.heads * 2 * cfg.n_keys * cfg.half();
         buffer_holds("keys", inputs.keys, (key_words * 4) as u64)?;
-        buffer_holds("query", inputs.query, (th * k_dim * 4) as u64)?;
+        buffer_holds("query", inputs.query, (th * cfg.k_dim * 4) as u64)?;
         buffer_holds("indices", inputs.indices, (sel * 4) as u64)?;
         buffer_holds("weights", inputs.weights, (sel * 4) as u64)?;
         buffer_holds("d_weights", inputs.d_weights, (sel * 4) as u64)?;
-        let d_keys = storage_zeroed(ctx, "d_keys", (key_words * 4) as u64);
-        let d_query = storage_zeroed(ctx, "d_query", (th * k_dim * 4) as u64);
-        let d_scores = storage_zeroed(ctx, "d_scores", (sel * 4) as u64);
-        let out = LookupBackwardOutputs {
-            d_keys,
-            d_query,
-            d_scores,
-        };
-        if tokens == 0 {
-            return Ok(out);
-        }
-        let scale = cfg.score_scale();
-        let qk_norm = cfg.qk_norm as u32;
-
-        // softmax backward
-        let g = grid(ctx, th.div_ceil(64) as u32);
-        let params = uniform_init(
-            ctx,
-            "pk softmax params",
-            &SoftmaxParams {
-                rows: th as u32,
-                knn: knn as u32,
-                x_groups: g.0,
-                _pad: 0,
-            },
-        );
-        self.softmax.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                inputs.weights.as_entire_binding(),
-                inputs.d_weights.as_entire_binding(),
-                out.d_scores.as_entire_binding(),
-            ],
-            g,
-        );
-
-        // scored sub-keys
-        let keys_s_buf;
-        let keys_s = if cfg.qk_norm {
-            keys_s_buf = storage_zeroed(ctx, "scored keys", (key_words * 4) as u64);
-            let rows = heads * 2 * n_keys;
-            let g = grid(ctx, rows.div_ceil(64) as u32);
-            let params = uniform_init(
-                ctx,
-                "pk key norm params",
-                &SoftmaxParams {
-                    rows: rows as u32,
-                    knn: half as u32,
-                    x_groups: g.0,
-                    _pad: 0,
-                },
-            );
-            self.key_norm.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    inputs.keys.as_entire_binding(),
-                    keys_s_buf.as_entire_binding(),
-                ],
-                g,
-            );
-            &keys_s_buf
-        } else {
-            inputs.keys
-        };
-
-        // query gradient (and the scored query halves)
-        let qs = storage_zeroed(ctx, "scored queries", (th * k_dim * 4) as u64);
-        let g = grid(ctx, (2 * th) as u32);
-        let params = uniform_init(
-            ctx,
-            "pk query params",
-            &QueryParams {
-                th: th as u32,
-                heads: heads as u32,
-                n_keys: n_keys as u32,
-                half: half as u32,
-                k_dim: k_dim as u32,
-                knn: knn as u32,
-                qk_norm,
-                scale,
-                x_groups: g.0,
-                _pad: [0; 3],
-            },
-        );
-        self.query.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                inputs.query.as_entire_binding(),
-                keys_s.as_entire_binding(),
-                inputs.indices.as_entire_binding(),
-                out.d_scores.as_entire_binding(),
-                qs.as_entire_binding(),
-                out.d_query.as_entire_binding(),
-            ],
-            g,
-        );
-
-        // reverse index of the sub-key ids, entries p = (th * 2 + side) * knn + j
-        let entries = 2 * sel;
-        let key_ids = storage_zeroed(ctx, "sub-key ids", (entries * 4) as u64);
-        let g = grid(ctx, entries.div_ceil(256) as u32);
-        let params = uniform_init(
-            ctx,
-            "pk key ids params",
-            &KeyIdsParams {
-                th: th as u32,
-                heads: heads as u32,
-                n_keys: n_keys as u32,
-                knn: knn as u32,
-                x_groups: g.0,
-                _pad: [0; 3],
-            },
-        );
-        self.key_ids.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                inputs.indices.as_entire_binding(),
-                key_ids.as_entire_binding(),
-            ],
-            g,
-        );
-        let index =
-            self.index
-                .record(ctx, encoder, &key_ids, entries, (heads * 2 * n_keys) as u64)?;
-
-        // sub-key gradient, one workgroup per distinct sub-key
-        let slots = entries.min(heads * 2 * n_keys);
-        let g = grid(ctx, slots as u32);
-        let params = uniform_init(
-            ctx,
-            "pk keys params",
-            &KeysParams {
-                half: half as u32,
-                k_dim: k_dim as u32,
-                knn: knn as u32,
-                qk_norm,
-                scale,
-                slots: slots as u32,
-                n_keys: n_keys as u32,
-                x_groups: g.0,
-            },
-        );
-        self.keys.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                index.seg_start.as_entire_binding(),
-                index.sorted_entries.as_entire_binding(),
-                index.unique_ids.as_entire_binding(),
-                out.d_scores.as_entire_binding(),
-                qs.as_entire_binding(),
-                inputs.keys.as_entire_binding(),
-                out.d_keys.as_entire_binding(),
-            ],
-            g,
-        );
-        Ok(out)
+        let mut l = self.index.kernels().launcher(ctx, encoder);
+        lookup_backward(&mut l, cfg, tokens, inputs)
     }
 
     /// Host convenience: the lookup backward from host slices.

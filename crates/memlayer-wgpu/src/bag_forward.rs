@@ -17,16 +17,11 @@
 //! `dim % 4 == 0` and f16 rows with `dim % 8 == 0`, `bag_forward.wgsl`
 //! (u32 loads) for any other width; both give the same bits.
 
-use crate::buffers::{
-    GpuDtype, Kernel, ShardedTable, grid, read_back, read_back_async, storage_init, uniform_init,
-};
+use crate::buffers::{GpuDtype, PendingRead, ShardedTable, StagingPool};
 use crate::context::{GpuContext, GpuError};
-
-/// WGSL of the embedding-bag forward kernel (any row width, u32 loads).
-pub const SOURCE: &str = include_str!("../../../shaders/bag_forward.wgsl");
-/// WGSL of its 16-byte-load variant (f32 rows with dim % 4 == 0, f16 rows
-/// with dim % 8 == 0).
-pub const SOURCE_VEC4: &str = include_str!("../../../shaders/bag_forward_vec4.wgsl");
+use crate::launch::{Kernels, Launcher, u32_of};
+use crate::shaders::{self, Variant};
+use std::sync::Mutex;
 
 /// Shard bindings of the kernel: a table of more shards takes
 /// `ceil(shards / SHARDS_PER_PASS)` dispatches.
@@ -41,9 +36,8 @@ const PER_LANE: usize = 4;
 /// f16 rows use half of them (see the shader header)
 const PER_LANE_VEC4: usize = 16;
 
+crate::params! {
 /// Uniform of `bag_forward.wgsl` / `bag_forward_vec4.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
     pub bags: u32,
     pub dim: u32,
@@ -63,6 +57,7 @@ pub struct Params {
     pub first_shard: u32,
     pub accumulate: u32,
     pub one: f32,
+}
 }
 
 /// Where the bag's rows come from.
@@ -94,14 +89,213 @@ impl BagTable<'_> {
     }
 }
 
+/// A table as a bag sequence binds it (`B`: the launcher's buffer type).
+pub struct TableView<'a, B> {
+    /// The shards, `rows_per_shard` rows each (the last may hold fewer).
+    pub shards: &'a [B],
+    /// Rows stored.
+    pub rows: usize,
+    /// Elements per row.
+    pub dim: usize,
+    /// Storage type.
+    pub dtype: GpuDtype,
+    /// Rows per shard.
+    pub rows_per_shard: usize,
+}
+
+/// A page table in front of a [`TableView`] of slots.
+pub struct Paging<'a, B> {
+    /// (n_pages) u32 slot of each page, [`MISSING_PAGE`] if absent.
+    pub page_table: &'a B,
+    /// Rows per page.
+    pub page_rows: usize,
+    /// Pages in the virtual table.
+    pub n_pages: usize,
+}
+
+/// The bag's CSR inputs and output (`B`: the launcher's buffer type).
+pub struct BagIo<'a, B> {
+    /// (nnz) u32 row ids.
+    pub indices: &'a B,
+    /// (nnz) f32 per-sample weights.
+    pub weights: &'a B,
+    /// (bags + 1) u32 CSR offsets.
+    pub offsets: &'a B,
+    /// (bags, dim) f32 output.
+    pub out: &'a B,
+    /// Bags.
+    pub bags: usize,
+}
+
+/// Which kernel a table of this storage type and width takes: the 16-byte-load
+/// kernel where the width allows it and `vectorised` does not say no.
+pub fn takes_vec4(dtype: GpuDtype, dim: usize, vectorised: Option<bool>) -> bool {
+    let fits = match dtype {
+        GpuDtype::F32 => dim.is_multiple_of(4),
+        GpuDtype::F16 => dim.is_multiple_of(8),
+    };
+    fits && vectorised.unwrap_or(true)
+}
+
+/// The registry variant of the bag forward for (kernel, storage, paging).
+pub fn kernel(vec4: bool, dtype: GpuDtype, paged: bool) -> Variant {
+    let shader = if vec4 {
+        &shaders::BAG_FORWARD_VEC4
+    } else {
+        &shaders::BAG_FORWARD
+    };
+    // overrides: F16 (bit 0), PAGED (bit 1)
+    shader.variant((dtype == GpuDtype::F16) as u32 | (paged as u32) << 1)
+}
+
+/// Launches the embedding-bag forward `out[b] = Σ_{e in bag b} weights[e] *
+/// table[row(indices[e])]` (row through `paging` when given), in
+/// `ceil(shards / SHARDS_PER_PASS)` dispatches. Nothing for zero bags.
+pub fn bag_forward<L: Launcher>(
+    l: &mut L,
+    vectorised: Option<bool>,
+    table: &TableView<'_, L::Buffer>,
+    paging: Option<&Paging<'_, L::Buffer>>,
+    io: &BagIo<'_, L::Buffer>,
+) -> Result<(), GpuError> {
+    let (bags, dim) = (io.bags, table.dim);
+    if bags == 0 || dim == 0 {
+        return Ok(());
+    }
+    if table.rows_per_shard == 0 || table.shards.is_empty() {
+        return Err(GpuError::Invalid(format!(
+            "table of {} rows in {} shards cannot be addressed by the kernel",
+            table.rows,
+            table.shards.len()
+        )));
+    }
+    let vec4 = takes_vec4(table.dtype, dim, vectorised);
+    let kernel = kernel(vec4, table.dtype, paging.is_some());
+    let row_words = table.dtype.row_words(dim);
+    // words per row for bag_forward.wgsl (4 per invocation and block),
+    // vec4s per row for bag_forward_vec4.wgsl (16 per invocation and
+    // block for f32, 8 for f16; at least 2 invocations per bag: measured)
+    let (row_words, per_lane, min_tpb) = match (vec4, table.dtype) {
+        (false, _) => (row_words, PER_LANE, 1),
+        (true, GpuDtype::F32) => (row_words / 4, PER_LANE_VEC4, 2),
+        (true, GpuDtype::F16) => (row_words / 4, PER_LANE_VEC4 / 2, 2),
+    };
+    let tpb = row_words
+        .div_ceil(per_lane)
+        .next_power_of_two()
+        .clamp(min_tpb, WG);
+    let bags_per_wg = WG / tpb;
+    let g = l.grid(bags.div_ceil(bags_per_wg))?;
+    let unused = l.unused()?;
+    let (page_rows, n_pages, page_table) = match paging {
+        Some(p) => (p.page_rows, p.n_pages, p.page_table),
+        None => (1, 0, &unused),
+    };
+    let n_slots = if paging.is_some() {
+        table.rows / page_rows.max(1)
+    } else {
+        0
+    };
+    let mut params = Params {
+        bags: u32_of("bags", bags)?,
+        dim: u32_of("dim", dim)?,
+        row_words: u32_of("row words", row_words)?,
+        n_shards: u32_of("shards", table.shards.len())?,
+        tpb: tpb as u32,
+        bags_per_wg: bags_per_wg as u32,
+        x_groups: g.x,
+        page_shift: if page_rows.is_power_of_two() {
+            page_rows.trailing_zeros()
+        } else {
+            u32::MAX
+        },
+        rows: u32_of("table rows", table.rows)?,
+        page_rows: u32_of("page rows", page_rows)?,
+        n_pages: u32_of("pages", n_pages)?,
+        n_slots: u32_of("slots", n_slots)?,
+        rows_per_shard: u32_of("rows per shard", table.rows_per_shard)?,
+        first_shard: 0,
+        accumulate: 0,
+        one: 1.0,
+    };
+    for (pass, first) in (0..table.shards.len()).step_by(SHARDS_PER_PASS).enumerate() {
+        params.first_shard = first as u32;
+        params.accumulate = (pass > 0) as u32;
+        // shard bindings past the table's last shard are not read
+        let shard = |i: usize| table.shards.get(first + i).unwrap_or(&unused);
+        l.launch(
+            kernel,
+            &params,
+            &[
+                io.indices,
+                io.weights,
+                io.offsets,
+                page_table,
+                io.out,
+                shard(0),
+                shard(1),
+                shard(2),
+            ],
+            g,
+        )?;
+    }
+    Ok(())
+}
+
+/// Device inputs of host-level bags, reused from call to call (grown when a
+/// call needs more), so a repeated decode step creates no buffer.
+#[derive(Default)]
+struct InputPool {
+    /// indices, weights, offsets, page table, out
+    buffers: [Option<wgpu::Buffer>; 5],
+}
+
+impl InputPool {
+    /// Slot `i` holding at least `bytes` bytes (at least 4), created on demand.
+    fn get(&mut self, ctx: &GpuContext, kernels: &Kernels, i: usize, bytes: u64) -> wgpu::Buffer {
+        let bytes = bytes.max(4);
+        match &self.buffers[i] {
+            Some(b) if b.size() >= bytes => b.clone(),
+            _ => {
+                kernels.count_buffer();
+                // room to grow, within one binding
+                let limit = ctx.max_binding_bytes() / 4 * 4;
+                let size = bytes.next_power_of_two().min(limit).max(bytes);
+                let b = crate::buffers::storage_zeroed(ctx, "bag input", size);
+                self.buffers[i] = Some(b.clone());
+                b
+            }
+        }
+    }
+
+    /// Slot `i` holding `data` (written by the queue).
+    fn write<T: bytemuck::Pod>(
+        &mut self,
+        ctx: &GpuContext,
+        kernels: &Kernels,
+        i: usize,
+        data: &[T],
+    ) -> wgpu::Buffer {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let b = self.get(ctx, kernels, i, bytes.len() as u64);
+        if !bytes.is_empty() {
+            ctx.queue.write_buffer(&b, 0, bytes);
+        }
+        b
+    }
+}
+
 /// The embedding-bag forward pipelines, built once per device: both kernels
 /// (`bag_forward.wgsl`, `bag_forward_vec4.wgsl`), each in one variant per
-/// (storage type, flat/paged), selected by WGSL override constants.
+/// (storage type, flat/paged), selected by WGSL override constants; their
+/// bind groups cached, and the host-level calls' device inputs and
+/// read-back staging pooled: a repeated [`BagForward::run_paged`] with the
+/// same slots and no larger shapes creates no bind group and no buffer
+/// ([`BagForward::stats`]).
 pub struct BagForward {
-    /// `[f16 as usize][paged as usize]`, u32 loads, any width
-    kernels: [[Kernel; 2]; 2],
-    /// the same with 16-byte loads
-    kernels_vec4: [[Kernel; 2]; 2],
+    kernels: Kernels,
+    inputs: Mutex<InputPool>,
+    staging: StagingPool,
     /// Which kernel: `Some(true)` the 16-byte-load kernel whenever the row
     /// width allows it, `Some(false)` always the u32 one, `None` (default)
     /// automatic: 16-byte loads wherever the width allows (on lavapipe
@@ -113,38 +307,23 @@ pub struct BagForward {
 impl BagForward {
     /// Compiles the kernels' eight variants.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
-        let k = |name, source, f16: bool, paged: bool| {
-            Kernel::new(
-                ctx,
-                name,
-                source,
-                "main",
-                &[("F16", f16 as u8 as f64), ("PAGED", paged as u8 as f64)],
-            )
-        };
-        let four = |name, source| -> Result<[[Kernel; 2]; 2], GpuError> {
-            Ok([
-                [
-                    k(name, source, false, false)?,
-                    k(name, source, false, true)?,
-                ],
-                [k(name, source, true, false)?, k(name, source, true, true)?],
-            ])
-        };
+        let variants = shaders::BAG_FORWARD
+            .variants()
+            .chain(shaders::BAG_FORWARD_VEC4.variants());
         Ok(Self {
-            kernels: four("bag_forward", SOURCE)?,
-            kernels_vec4: four("bag_forward_vec4", SOURCE_VEC4)?,
+            kernels: Kernels::new(ctx, variants)?,
+            inputs: Mutex::default(),
+            staging: StagingPool::default(),
             vectorised: None,
         })
     }
 
-    /// Whether a table of this storage type and width takes the 16-byte-load kernel.
-    fn takes_vec4(&self, dtype: GpuDtype, dim: usize) -> bool {
-        let fits = match dtype {
-            GpuDtype::F32 => dim.is_multiple_of(4),
-            GpuDtype::F16 => dim.is_multiple_of(8),
-        };
-        fits && self.vectorised.unwrap_or(true)
+    /// Bind groups and buffers created so far (pipelines' cache, pooled
+    /// inputs and staging buffers).
+    pub fn stats(&self) -> crate::launch::LaunchStats {
+        let mut s = self.kernels.stats();
+        s.buffers += self.staging.created();
+        s
     }
 
     /// Records `out[b] = Σ_{e in bag b} weights[e] * table[indices[e]]`.
@@ -195,8 +374,8 @@ impl BagForward {
                 t.shards.len()
             )));
         }
-        let (paged, page_rows, n_pages, n_slots, page_table) = match table {
-            BagTable::Flat(_) => (false, 1, 0, 0, indices),
+        let paging = match table {
+            BagTable::Flat(_) => None,
             BagTable::Paged {
                 slots,
                 page_rows,
@@ -216,79 +395,34 @@ impl BagForward {
                         page_table.size()
                     )));
                 }
-                (true, page_rows, n_pages, slots.rows / page_rows, page_table)
+                Some(Paging {
+                    page_table,
+                    page_rows,
+                    n_pages,
+                })
             }
         };
-        if bags == 0 {
-            return Ok(());
-        }
-        let vec4 = self.takes_vec4(t.dtype, dim);
-        let kernels = if vec4 {
-            &self.kernels_vec4
-        } else {
-            &self.kernels
+        let view = TableView {
+            shards: &t.shards,
+            rows: t.rows,
+            dim,
+            dtype: t.dtype,
+            rows_per_shard: t.rows_per_shard,
         };
-        let kernel = &kernels[(t.dtype == GpuDtype::F16) as usize][paged as usize];
-        // words per row for bag_forward.wgsl (4 per invocation and block),
-        // vec4s per row for bag_forward_vec4.wgsl (16 per invocation and
-        // block for f32, 8 for f16; at least 2 invocations per bag: measured)
-        let (row_words, per_lane, min_tpb) = match (vec4, t.dtype) {
-            (false, _) => (t.row_words(), PER_LANE, 1),
-            (true, GpuDtype::F32) => (t.row_words() / 4, PER_LANE_VEC4, 2),
-            (true, GpuDtype::F16) => (t.row_words() / 4, PER_LANE_VEC4 / 2, 2),
+        let io = BagIo {
+            indices,
+            weights,
+            offsets,
+            out,
+            bags,
         };
-        let tpb = row_words
-            .div_ceil(per_lane)
-            .next_power_of_two()
-            .clamp(min_tpb, WG);
-        let bags_per_wg = WG / tpb;
-        let groups = grid(ctx, bags.div_ceil(bags_per_wg) as u32);
-        for (pass, first) in (0..t.shards.len()).step_by(SHARDS_PER_PASS).enumerate() {
-            let params = uniform_init(
-                ctx,
-                "bag_forward params",
-                &Params {
-                    bags: bags as u32,
-                    dim: dim as u32,
-                    row_words: row_words as u32,
-                    n_shards: t.shards.len() as u32,
-                    tpb: tpb as u32,
-                    bags_per_wg: bags_per_wg as u32,
-                    x_groups: groups.0,
-                    page_shift: if page_rows.is_power_of_two() {
-                        page_rows.trailing_zeros()
-                    } else {
-                        u32::MAX
-                    },
-                    rows: t.rows as u32,
-                    page_rows: page_rows as u32,
-                    n_pages: n_pages as u32,
-                    n_slots: n_slots as u32,
-                    rows_per_shard: t.rows_per_shard as u32,
-                    first_shard: first as u32,
-                    accumulate: (pass > 0) as u32,
-                    one: 1.0,
-                },
-            );
-            let shard = |i: usize| t.shards.get(first + i).unwrap_or(&t.shards[first]);
-            kernel.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    indices.as_entire_binding(),
-                    weights.as_entire_binding(),
-                    offsets.as_entire_binding(),
-                    page_table.as_entire_binding(),
-                    out.as_entire_binding(),
-                    shard(0).as_entire_binding(),
-                    shard(1).as_entire_binding(),
-                    shard(2).as_entire_binding(),
-                ],
-                groups,
-            );
-        }
-        Ok(())
+        bag_forward(
+            &mut self.kernels.launcher(ctx, encoder),
+            self.vectorised,
+            &view,
+            paging.as_ref(),
+            &io,
+        )
     }
 
     /// Host-level bag forward over a flat sharded table `(rows, dim)`:
@@ -302,7 +436,8 @@ impl BagForward {
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
         let bags = check_bags(table.rows, indices, weights, offsets)?;
-        self.run(ctx, BagTable::Flat(table), indices, weights, offsets, bags)
+        let pending = self.submit(ctx, table, None, indices, weights, offsets, bags)?;
+        self.finish(ctx, pending)
     }
 
     /// Host-level bag forward through a page table: row `i` of the virtual
@@ -321,12 +456,10 @@ impl BagForward {
         weights: &[f32],
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
-        let (bags, out) =
-            self.submit_paged(ctx, slots, page_rows, page_table, indices, weights, offsets)?;
-        match out {
-            Some(out) => read_back(ctx, &out, 0, bags * slots.dim),
-            None => Ok(Vec::new()),
-        }
+        let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
+        let pages = Some((page_rows, page_table));
+        let pending = self.submit(ctx, slots, pages, indices, weights, offsets, bags)?;
+        self.finish(ctx, pending)
     }
 
     /// [`BagForward::run_paged`] as a future (the web's read-back yields to
@@ -342,69 +475,54 @@ impl BagForward {
         weights: &[f32],
         offsets: &[usize],
     ) -> Result<Vec<f32>, GpuError> {
-        let (bags, out) =
-            self.submit_paged(ctx, slots, page_rows, page_table, indices, weights, offsets)?;
-        match out {
-            Some(out) => read_back_async(ctx, &out, 0, bags * slots.dim).await,
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// Checks and submits a paged bag: the number of bags and the output
-    /// buffer (none when there is nothing to compute).
-    #[allow(clippy::too_many_arguments)]
-    fn submit_paged(
-        &self,
-        ctx: &GpuContext,
-        slots: &ShardedTable,
-        page_rows: usize,
-        page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<(usize, Option<wgpu::Buffer>), GpuError> {
         let bags = check_paged(slots, page_rows, page_table, indices, weights, offsets)?;
-        let pt = storage_init(ctx, "bag page table", page_table);
-        let table = BagTable::Paged {
-            slots,
-            page_rows,
-            n_pages: page_table.len(),
-            page_table: &pt,
-        };
-        Ok((
-            bags,
-            self.submit(ctx, table, indices, weights, offsets, bags)?,
-        ))
-    }
-
-    fn run(
-        &self,
-        ctx: &GpuContext,
-        table: BagTable<'_>,
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-        bags: usize,
-    ) -> Result<Vec<f32>, GpuError> {
-        let dim = table.storage().dim;
-        match self.submit(ctx, table, indices, weights, offsets, bags)? {
-            Some(out) => read_back(ctx, &out, 0, bags * dim),
+        let pages = Some((page_rows, page_table));
+        match self.submit(ctx, slots, pages, indices, weights, offsets, bags)? {
+            Some(p) => {
+                let parts = p.finish(ctx, Some(&self.staging)).await?;
+                Ok(bytemuck::pod_collect_to_vec(&parts[0]))
+            }
             None => Ok(Vec::new()),
         }
     }
 
-    /// Uploads the bag inputs, records and submits the bag; the output
-    /// buffer `(bags, dim)` f32, or `None` when there is nothing to compute.
+    /// Blocks on a submitted bag's read-back (natively; on the web a
+    /// read-back must yield: use the async methods).
+    fn finish(&self, ctx: &GpuContext, pending: Option<PendingRead>) -> Result<Vec<f32>, GpuError> {
+        let Some(p) = pending else {
+            return Ok(Vec::new());
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let parts = pollster::block_on(p.finish(ctx, Some(&self.staging)))?;
+            Ok(bytemuck::pod_collect_to_vec(&parts[0]))
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = (ctx, p);
+            Err(GpuError::ReadBack(
+                "a blocking read-back is impossible on the web: use run_paged_async".into(),
+            ))
+        }
+    }
+
+    /// Writes the (checked) bag inputs into the pooled device buffers,
+    /// records the bag and the copy of its output `(bags, dim)` f32 to a
+    /// staging buffer, and submits: the pending read-back, or `None` when
+    /// there is nothing to compute. Inputs, output, bind groups and staging
+    /// are reused, so a repeated call creates nothing on the device.
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         ctx: &GpuContext,
-        table: BagTable<'_>,
+        table: &ShardedTable,
+        pages: Option<(usize, &[u32])>,
         indices: &[u32],
         weights: &[f32],
         offsets: &[usize],
         bags: usize,
-    ) -> Result<Option<wgpu::Buffer>, GpuError> {
-        let dim = table.storage().dim;
+    ) -> Result<Option<PendingRead>, GpuError> {
+        let dim = table.dim;
         if bags == 0 || dim == 0 {
             return Ok(None);
         }
@@ -416,20 +534,42 @@ impl BagForward {
             )));
         }
         let offsets32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
-        let (ib, wb, ob, out) = ctx.scoped("uploading bag inputs", || {
+        let out_bytes = (bags * dim) as u64 * 4;
+        // the pool stays locked until the submit, so a concurrent call's
+        // writes land after this call's commands
+        let mut pool = self.inputs.lock().unwrap_or_else(|e| e.into_inner());
+        let k = &self.kernels;
+        let (ib, wb, ob, pt, out) = ctx.scoped("uploading bag inputs", || {
             (
-                storage_init(ctx, "bag indices", indices),
-                storage_init(ctx, "bag weights", weights),
-                storage_init(ctx, "bag offsets", &offsets32),
-                crate::buffers::storage_zeroed(ctx, "bag out", (bags * dim) as u64 * 4),
+                pool.write(ctx, k, 0, indices),
+                pool.write(ctx, k, 1, weights),
+                pool.write(ctx, k, 2, &offsets32),
+                pool.write(ctx, k, 3, pages.map_or(&[][..], |p| p.1)),
+                pool.get(ctx, k, 4, out_bytes),
             )
         })?;
+        let table = match pages {
+            None => BagTable::Flat(table),
+            Some((page_rows, page_table)) => BagTable::Paged {
+                slots: table,
+                page_rows,
+                n_pages: page_table.len(),
+                page_table: &pt,
+            },
+        };
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         ctx.scoped("recording the bag forward", || {
             self.record(ctx, &mut encoder, table, &ib, &wb, &ob, bags, &out)
         })??;
+        let pending = PendingRead::record(
+            ctx,
+            Some(&self.staging),
+            &mut encoder,
+            &[(&out, 0, out_bytes)],
+        )?;
         ctx.queue.submit([encoder.finish()]);
-        Ok(Some(out))
+        drop(pool);
+        Ok(pending)
     }
 }
 

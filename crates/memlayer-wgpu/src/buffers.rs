@@ -38,16 +38,6 @@ pub fn storage_zeroed(ctx: &GpuContext, label: &str, bytes: u64) -> wgpu::Buffer
     })
 }
 
-/// A uniform buffer holding `value`.
-pub fn uniform_init<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) -> wgpu::Buffer {
-    ctx.device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::bytes_of(value),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
-}
-
 /// Copies `count` elements of `T` starting at byte `offset` of `buffer` back
 /// to the host (blocking until the GPU is done; native only: on the web a
 /// read-back must yield to the browser, use [`read_back_async`]).
@@ -92,57 +82,148 @@ pub async fn read_back_parts_async(
     ctx: &GpuContext,
     parts: &[(&wgpu::Buffer, u64, u64)],
 ) -> Result<Vec<Vec<u8>>, GpuError> {
-    let align = wgpu::COPY_BUFFER_ALIGNMENT;
-    let mut at = Vec::with_capacity(parts.len());
-    let mut total = 0u64;
-    for &(buffer, offset, bytes) in parts {
-        if !offset.is_multiple_of(align) || offset + bytes.next_multiple_of(align) > buffer.size() {
-            return Err(GpuError::ReadBack(format!(
-                "range {offset}..{} of a {}-byte buffer cannot be read back",
-                offset + bytes,
-                buffer.size()
-            )));
-        }
-        at.push(total);
-        total += bytes.next_multiple_of(align);
-    }
-    if total == 0 {
+    read_back_pooled_async(ctx, None, parts).await
+}
+
+/// [`read_back_parts_async`] with the staging buffer taken from (and given
+/// back to) `pool`, so a repeated read-back creates no buffer.
+pub async fn read_back_pooled_async(
+    ctx: &GpuContext,
+    pool: Option<&StagingPool>,
+    parts: &[(&wgpu::Buffer, u64, u64)],
+) -> Result<Vec<Vec<u8>>, GpuError> {
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let Some(pending) = PendingRead::record(ctx, pool, &mut encoder, parts)? else {
         return Ok(vec![Vec::new(); parts.len()]);
+    };
+    ctx.queue.submit([encoder.finish()]);
+    pending.finish(ctx, pool).await
+}
+
+/// Staging buffers for read-backs, reused: a read-back takes one of the
+/// right size (or creates one) and gives it back once read.
+#[derive(Default)]
+pub struct StagingPool {
+    free: std::sync::Mutex<Vec<wgpu::Buffer>>,
+    created: std::sync::atomic::AtomicU64,
+}
+
+impl StagingPool {
+    /// Staging buffers created so far.
+    pub fn created(&self) -> u64 {
+        self.created.load(std::sync::atomic::Ordering::Relaxed)
     }
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+
+    fn take(&self, ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = free.iter().position(|b| b.size() >= bytes) {
+            return free.swap_remove(i);
+        }
+        drop(free);
+        self.created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        new_staging(ctx, bytes.next_power_of_two())
+    }
+
+    fn give(&self, buffer: wgpu::Buffer) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < 4 {
+            free.push(buffer);
+        }
+    }
+}
+
+fn new_staging(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("memlayer read-back"),
-        size: total,
+        size: bytes,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    for (&(buffer, offset, bytes), &dst) in parts.iter().zip(&at) {
-        let padded = bytes.next_multiple_of(align);
-        if padded > 0 {
-            encoder.copy_buffer_to_buffer(buffer, offset, &staging, dst, padded);
+    })
+}
+
+/// Byte ranges copied into a staging buffer by a recorded command, to be
+/// mapped once the command is submitted ([`PendingRead::finish`]).
+pub struct PendingRead {
+    staging: wgpu::Buffer,
+    /// (offset in staging, bytes) of each part
+    at: Vec<(u64, u64)>,
+}
+
+impl PendingRead {
+    /// Records the copies of `parts` `(buffer, offset, bytes)` into a staging
+    /// buffer (from `pool` when given); `None` when there are no bytes.
+    pub fn record(
+        ctx: &GpuContext,
+        pool: Option<&StagingPool>,
+        encoder: &mut wgpu::CommandEncoder,
+        parts: &[(&wgpu::Buffer, u64, u64)],
+    ) -> Result<Option<Self>, GpuError> {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT;
+        let mut at = Vec::with_capacity(parts.len());
+        let mut total = 0u64;
+        for &(buffer, offset, bytes) in parts {
+            if !offset.is_multiple_of(align)
+                || offset + bytes.next_multiple_of(align) > buffer.size()
+            {
+                return Err(GpuError::ReadBack(format!(
+                    "range {offset}..{} of a {}-byte buffer cannot be read back",
+                    offset + bytes,
+                    buffer.size()
+                )));
+            }
+            at.push((total, bytes));
+            total += bytes.next_multiple_of(align);
         }
+        if total == 0 {
+            return Ok(None);
+        }
+        let staging = match pool {
+            Some(p) => p.take(ctx, total),
+            None => new_staging(ctx, total),
+        };
+        for (&(buffer, offset, bytes), &(dst, _)) in parts.iter().zip(&at) {
+            let padded = bytes.next_multiple_of(align);
+            if padded > 0 {
+                encoder.copy_buffer_to_buffer(buffer, offset, &staging, dst, padded);
+            }
+        }
+        Ok(Some(Self { staging, at }))
     }
-    ctx.queue.submit([encoder.finish()]);
-    let mapped = MapSignal::default();
-    let signal = mapped.clone();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| signal.set(r));
-    // natively the callback runs inside poll; the browser maps by itself
-    #[cfg(not(target_arch = "wasm32"))]
-    ctx.wait()?;
-    mapped
-        .await
-        .map_err(|e| GpuError::ReadBack(e.to_string()))?;
-    let view = staging
-        .get_mapped_range(..)
-        .map_err(|e| GpuError::ReadBack(e.to_string()))?;
-    let out = parts
-        .iter()
-        .zip(&at)
-        .map(|(&(_, _, bytes), &dst)| view[dst as usize..(dst + bytes) as usize].to_vec())
-        .collect();
-    drop(view);
-    staging.unmap();
-    Ok(out)
+
+    /// Maps the staging buffer (after the recording command was submitted)
+    /// and returns the bytes of each part; the buffer goes back to `pool`.
+    pub async fn finish(
+        self,
+        ctx: &GpuContext,
+        pool: Option<&StagingPool>,
+    ) -> Result<Vec<Vec<u8>>, GpuError> {
+        let Self { staging, at } = self;
+        let mapped = MapSignal::default();
+        let signal = mapped.clone();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| signal.set(r));
+        // natively the callback runs inside poll; the browser maps by itself
+        #[cfg(not(target_arch = "wasm32"))]
+        ctx.wait()?;
+        #[cfg(target_arch = "wasm32")]
+        let _ = ctx;
+        mapped
+            .await
+            .map_err(|e| GpuError::ReadBack(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::ReadBack(e.to_string()))?;
+        let out = at
+            .iter()
+            .map(|&(dst, bytes)| view[dst as usize..(dst + bytes) as usize].to_vec())
+            .collect();
+        drop(view);
+        staging.unmap();
+        if let Some(p) = pool {
+            p.give(staging);
+        }
+        Ok(out)
+    }
 }
 
 type MapResult = Result<(), wgpu::BufferAsyncError>;
@@ -227,7 +308,10 @@ impl Kernel {
         })
     }
 
-    /// Records one dispatch of `workgroups` with `bindings[i]` bound at binding `i`.
+    /// Records one dispatch of `workgroups` with `bindings[i]` bound at
+    /// binding `i`, in a compute pass and bind group of its own: for ad-hoc
+    /// shaders (tests, probes). The registry's kernels go through
+    /// [`crate::launch::Kernels`] (cached bind groups, one pass per sequence).
     pub fn dispatch(
         &self,
         ctx: &GpuContext,
@@ -255,17 +339,6 @@ impl Kernel {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
-    }
-}
-
-/// Splits `n` workgroups into an `(x, y, 1)` grid within the per-dimension
-/// limit; kernels recover the linear id as `y * x_count + x` and must skip ids ≥ n.
-pub fn grid(ctx: &GpuContext, n: u32) -> (u32, u32, u32) {
-    let max = ctx.limits.max_compute_workgroups_per_dimension.max(1);
-    if n <= max {
-        (n.max(1), 1, 1)
-    } else {
-        (max, n.div_ceil(max), 1)
     }
 }
 

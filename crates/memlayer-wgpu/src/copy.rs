@@ -1,28 +1,26 @@
 //! The WGSL copy kernel (`shaders/copy.wgsl`): an adapter's bandwidth ceiling.
 
-use crate::buffers::{Kernel, grid, uniform_init};
 use crate::context::{GpuContext, GpuError};
+use crate::launch::{Kernels, Launcher, u32_of};
+use crate::shaders;
 
-/// WGSL source of the copy kernel.
-pub const SOURCE: &str = include_str!("../../../shaders/copy.wgsl");
-
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
+crate::params! {
+pub(crate) struct Params {
     n_vec4: u32,
     x_groups: u32,
+}
 }
 
 /// The copy pipeline.
 pub struct CopyKernel {
-    kernel: Kernel,
+    kernels: Kernels,
 }
 
 impl CopyKernel {
     /// Builds the pipeline.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
         Ok(Self {
-            kernel: Kernel::new(ctx, "copy", SOURCE, "main", &[])?,
+            kernels: Kernels::new(ctx, [shaders::COPY.plain()])?,
         })
     }
 
@@ -40,26 +38,13 @@ impl CopyKernel {
                 "copy of {bytes} bytes: must be a multiple of 16 within both buffers"
             )));
         }
-        let n_vec4 = (bytes / 16) as u32;
-        let groups = grid(ctx, n_vec4.div_ceil(256));
-        let params = uniform_init(
-            ctx,
-            "copy params",
-            &Params {
-                n_vec4,
-                x_groups: groups.0,
-            },
-        );
-        self.kernel.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                src.as_entire_binding(),
-                dst.as_entire_binding(),
-            ],
-            groups,
-        );
-        Ok(())
+        let n_vec4 = u32_of("copy words", (bytes / 16) as usize)?;
+        let mut l = self.kernels.launcher(ctx, encoder);
+        let g = l.grid(n_vec4.div_ceil(256) as usize)?;
+        let params = Params {
+            n_vec4,
+            x_groups: g.x,
+        };
+        l.launch(shaders::COPY.plain(), &params, &[src, dst], g)
     }
 }

@@ -18,9 +18,11 @@
 //! ([`crate::bag_forward`]) can read `indices`/`weights` directly.
 
 use crate::buffers::{
-    Kernel, grid, read_back, read_back_parts_async, storage_init, storage_zeroed, uniform_init,
+    StagingPool, read_back, read_back_pooled_async, storage_init, storage_zeroed,
 };
 use crate::context::{GpuContext, GpuError};
+use crate::launch::{Kernels, Launcher, u32_of};
+use crate::shaders::{self, Variant};
 use memlayer_core::error::check_len;
 use memlayer_core::pkm::{Lookup, PkmConfig, QK_NORM_EPS};
 
@@ -37,18 +39,18 @@ pub const SCORE_SCRATCH_BYTES: u64 = 64 << 20;
 const SCORE_TILE_KEYS: usize = 128;
 const SCORE_TILE_TOKENS: usize = 32;
 
-/// WGSL of the qk-norm kernel.
-pub const QK_NORM_SOURCE: &str = include_str!("../../../shaders/pk_qk_norm.wgsl");
-/// WGSL of the sub-key scoring kernel.
-pub const SCORES_SOURCE: &str = include_str!("../../../shaders/pk_scores.wgsl");
-/// WGSL of the per-half top-k kernel.
-pub const TOPK_SOURCE: &str = include_str!("../../../shaders/pk_topk.wgsl");
-/// WGSL of the candidate top-k + softmax kernel.
-pub const CANDIDATES_SOURCE: &str = include_str!("../../../shaders/pk_candidates.wgsl");
+/// The kernels of product-key selection (per-half top-k, candidates).
+pub const SELECT_KERNELS: [Variant; 2] = [shaders::PK_TOPK.plain(), shaders::PK_CANDIDATES.plain()];
+/// The kernels of the whole lookup (qk-norm, sub-key scores, selection).
+pub const LOOKUP_KERNELS: [Variant; 4] = [
+    shaders::PK_QK_NORM.plain(),
+    shaders::PK_SCORES.plain(),
+    SELECT_KERNELS[0],
+    SELECT_KERNELS[1],
+];
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct QkNormParams {
+crate::params! {
+pub(crate) struct QkNormParams {
     rows: u32,
     len: u32,
     x_groups: u32,
@@ -56,10 +58,10 @@ struct QkNormParams {
     one: f32,
     _pad: [u32; 3],
 }
+}
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ScoresParams {
+crate::params! {
+pub(crate) struct ScoresParams {
     n_keys: u32,
     half: u32,
     heads: u32,
@@ -72,10 +74,10 @@ struct ScoresParams {
     one: f32,
     _pad: [u32; 2],
 }
+}
 
+crate::params! {
 /// Uniform of `pk_topk.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct TopkParams {
     pub rows: u32,
     pub n_keys: u32,
@@ -85,27 +87,227 @@ pub struct TopkParams {
     pub groups: u32,
     pub _pad: [u32; 2],
 }
+}
 
+crate::params! {
 /// Uniform of `pk_candidates.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CandidatesParams {
     pub tokens_heads: u32,
     pub k: u32,
     pub n_keys: u32,
     pub x_groups: u32,
 }
+}
 
-/// Invocations of `pk_topk.wgsl` whose maxima set the collection threshold:
-/// at least k (the threshold is the k-th best of them; k <= n_keys), a few
-/// times k for a tight threshold, few enough that ranking them by counting
-/// stays cheap, and no more than there are sub-keys.
-/// Workgroup lanes `pk_topk.wgsl` scans with for top-`k` of `n_keys`.
+/// Workgroup lanes `pk_topk.wgsl` scans with for top-`k` of `n_keys`: the
+/// k-th best of their maxima is the collection threshold, so at least k
+/// (k <= n_keys), a few times k for a tight threshold, few enough that
+/// ranking them by counting stays cheap, and no more than there are sub-keys.
 pub fn topk_groups(k: usize, n_keys: usize) -> usize {
     (2 * k)
         .next_power_of_two()
         .clamp(64, 256)
         .min(n_keys.next_power_of_two())
+}
+
+/// The buffers product-key selection writes (`B`: the launcher's buffer type).
+pub struct SelectOut<'a, B> {
+    /// (rows, knn) f32 per-half top-k scores, rows = (group, half).
+    pub half_scores: &'a B,
+    /// (rows, knn) u32 per-half top-k sub-key ids.
+    pub half_ids: &'a B,
+    /// (groups, knn) u32 selected rows `i1 * n_keys + i2`, best first.
+    pub indices: &'a B,
+    /// (groups, knn) f32 pre-softmax scores of those rows.
+    pub scores: &'a B,
+    /// (groups, knn) f32 softmax of `scores`.
+    pub weights: &'a B,
+}
+
+/// Launches `pk_topk.wgsl`: the top-`k` of rows `row0 .. row0 + rows` of
+/// the half scores (rows of `n_keys`; `scores` holds rows from `row0` on,
+/// written at the same rows of `out_s`/`out_i`, (rows, k)).
+#[allow(clippy::too_many_arguments)]
+pub fn topk<L: Launcher>(
+    l: &mut L,
+    scores: &L::Buffer,
+    out_s: &L::Buffer,
+    out_i: &L::Buffer,
+    rows: usize,
+    row0: usize,
+    n_keys: usize,
+    k: usize,
+) -> Result<(), GpuError> {
+    let g = l.grid(rows)?;
+    let params = TopkParams {
+        rows: u32_of("score rows", rows)?,
+        n_keys: u32_of("n_keys", n_keys)?,
+        k: u32_of("knn", k)?,
+        row0: u32_of("score rows", row0)?,
+        x_groups: g.x,
+        groups: topk_groups(k, n_keys) as u32,
+        _pad: [0; 2],
+    };
+    l.launch(SELECT_KERNELS[0], &params, &[scores, out_s, out_i], g)
+}
+
+/// Launches `pk_candidates.wgsl`: the k best of the k² pairs of each of
+/// `groups` (token, head) groups, by the oracle's rule, and their softmax.
+pub fn candidates<L: Launcher>(
+    l: &mut L,
+    out: &SelectOut<'_, L::Buffer>,
+    groups: usize,
+    n_keys: usize,
+    k: usize,
+) -> Result<(), GpuError> {
+    let g = l.grid(groups.div_ceil(64))?;
+    let params = CandidatesParams {
+        tokens_heads: u32_of("selection groups", groups)?,
+        k: u32_of("knn", k)?,
+        n_keys: u32_of("n_keys", n_keys)?,
+        x_groups: g.x,
+    };
+    l.launch(
+        SELECT_KERNELS[1],
+        &params,
+        &[
+            out.half_scores,
+            out.half_ids,
+            out.indices,
+            out.scores,
+            out.weights,
+        ],
+        g,
+    )
+}
+
+/// Product-key selection from sub-key scores (groups, 2, n_keys) f32:
+/// per-half top-k, then the k best pairs, into `out`. `1 <= k <= min(n_keys,
+/// MAX_K)` (checked).
+pub fn select<L: Launcher>(
+    l: &mut L,
+    scores: &L::Buffer,
+    groups: usize,
+    n_keys: usize,
+    k: usize,
+    out: &SelectOut<'_, L::Buffer>,
+) -> Result<(), GpuError> {
+    check_select(n_keys, k)?;
+    if groups == 0 {
+        return Ok(());
+    }
+    topk(
+        l,
+        scores,
+        out.half_scores,
+        out.half_ids,
+        2 * groups,
+        0,
+        n_keys,
+        k,
+    )?;
+    candidates(l, out, groups, n_keys, k)
+}
+
+/// The selection kernels' limits: `1 <= k <= min(n_keys, MAX_K)`.
+pub fn check_select(n_keys: usize, k: usize) -> Result<(), GpuError> {
+    if k == 0 || k > n_keys.min(MAX_K) {
+        return Err(GpuError::Invalid(format!(
+            "product-key selection: knn {k} must be in 1..={} (n_keys {n_keys}, GPU limit {MAX_K})",
+            n_keys.min(MAX_K)
+        )));
+    }
+    Ok(())
+}
+
+/// Launches `pk_qk_norm.wgsl`: `y` = rows of `x` (rows, len) divided by their norm.
+fn qk_norm<L: Launcher>(
+    l: &mut L,
+    x: &L::Buffer,
+    y: &L::Buffer,
+    rows: usize,
+    len: usize,
+) -> Result<(), GpuError> {
+    let g = l.grid(rows.div_ceil(64))?;
+    let params = QkNormParams {
+        rows: u32_of("qk-norm rows", rows)?,
+        len: u32_of("qk-norm width", len)?,
+        x_groups: g.x,
+        eps: QK_NORM_EPS,
+        one: 1.0,
+        _pad: [0; 3],
+    };
+    l.launch(LOOKUP_KERNELS[0], &params, &[x, y], g)
+}
+
+/// The buffers of one lookup (`B`: the launcher's buffer type).
+pub struct LookupIo<'a, B> {
+    /// (heads, 2, n_keys, k_dim / 2) f32 sub-keys.
+    pub keys: &'a B,
+    /// (tokens, heads, k_dim) f32 queries.
+    pub query: &'a B,
+    /// (batch_tokens, heads, 2, n_keys) f32 score scratch.
+    pub sub_scores: &'a B,
+    /// qk-norm scratch: (heads, 2, n_keys, half) keys and (tokens, heads, k_dim) queries.
+    pub normed: Option<(&'a B, &'a B)>,
+    /// The selection's outputs, (tokens, heads, ...).
+    pub out: SelectOut<'a, B>,
+}
+
+/// The whole lookup of `plan`: qk-norm (when on), per batch of tokens the
+/// sub-key scores and the per-half top-k, then the candidates and softmax.
+pub fn lookup<L: Launcher>(
+    l: &mut L,
+    plan: &LookupPlan,
+    io: &LookupIo<'_, L::Buffer>,
+) -> Result<(), GpuError> {
+    let cfg = &plan.cfg;
+    if plan.tokens == 0 {
+        return Ok(());
+    }
+    let (keys, query) = match io.normed {
+        Some((nk, nq)) => {
+            let half = cfg.half();
+            qk_norm(l, io.keys, nk, plan.keys_len() / half, half)?;
+            qk_norm(l, io.query, nq, plan.query_len() / half, half)?;
+            (nk, nq)
+        }
+        None => (io.keys, io.query),
+    };
+    let key_tiles = cfg.n_keys.div_ceil(SCORE_TILE_KEYS);
+    for token0 in (0..plan.tokens).step_by(plan.batch_tokens) {
+        let batch = plan.batch_tokens.min(plan.tokens - token0);
+        let token_tiles = batch.div_ceil(SCORE_TILE_TOKENS);
+        let g = l.grid(key_tiles * token_tiles * cfg.heads * 2)?;
+        let params = ScoresParams {
+            n_keys: u32_of("n_keys", cfg.n_keys)?,
+            half: cfg.half() as u32,
+            heads: u32_of("heads", cfg.heads)?,
+            token0: u32_of("tokens", token0)?,
+            batch: batch as u32,
+            key_tiles: key_tiles as u32,
+            token_tiles: token_tiles as u32,
+            x_groups: g.x,
+            scale: cfg.score_scale(),
+            one: 1.0,
+            _pad: [0; 2],
+        };
+        l.launch(LOOKUP_KERNELS[1], &params, &[keys, query, io.sub_scores], g)?;
+        let out = &io.out;
+        let rows = batch * cfg.heads * 2;
+        let row0 = token0 * cfg.heads * 2;
+        topk(
+            l,
+            io.sub_scores,
+            out.half_scores,
+            out.half_ids,
+            rows,
+            row0,
+            cfg.n_keys,
+            cfg.knn,
+        )?;
+    }
+    candidates(l, &io.out, plan.tokens * cfg.heads, cfg.n_keys, cfg.knn)
 }
 
 /// Shapes of one lookup and how its work is cut into dispatches.
@@ -222,6 +424,8 @@ pub struct LookupBuffers {
     /// qk-norm scratch: normalised keys (heads, 2, n_keys, half) and queries (tokens, heads, k_dim).
     normed: Option<(wgpu::Buffer, wgpu::Buffer)>,
     plan: LookupPlan,
+    /// read-back staging, reused by [`LookupBuffers::read_async`]
+    staging: StagingPool,
 }
 
 impl LookupBuffers {
@@ -243,6 +447,7 @@ impl LookupBuffers {
                 )
             }),
             plan: plan.clone(),
+            staging: StagingPool::default(),
         })
     }
 
@@ -251,12 +456,20 @@ impl LookupBuffers {
         &self.plan
     }
 
+    /// Staging buffers [`LookupBuffers::read_async`] created so far (one,
+    /// reused, when reads do not overlap).
+    pub fn staging_created(&self) -> u64 {
+        self.staging.created()
+    }
+
     /// [`LookupBuffers::read`] as a future, in one round trip to the device
-    /// (on the web a read-back must yield to the browser).
+    /// (on the web a read-back must yield to the browser); the staging
+    /// buffer is reused from call to call.
     pub async fn read_async(&self, ctx: &GpuContext) -> Result<Lookup, GpuError> {
         let bytes = self.plan.out_len() as u64 * 4;
-        let parts = read_back_parts_async(
+        let parts = read_back_pooled_async(
             ctx,
+            Some(&self.staging),
             &[
                 (&self.indices, 0, bytes),
                 (&self.scores, 0, bytes),
@@ -283,29 +496,30 @@ impl LookupBuffers {
     }
 }
 
-/// The lookup pipelines, built once per device.
+/// The lookup pipelines, built once per device, with their bind-group cache
+/// ([`Kernels`]): recording the lookup again into the same [`LookupBuffers`]
+/// with the same key and query buffers creates no bind group and no buffer.
 pub struct LookupKernels {
-    qk_norm: Kernel,
-    scores: Kernel,
-    topk: Kernel,
-    candidates: Kernel,
+    kernels: Kernels,
 }
 
 impl LookupKernels {
     /// Compiles the four kernels.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
         Ok(Self {
-            qk_norm: Kernel::new(ctx, "pk_qk_norm", QK_NORM_SOURCE, "main", &[])?,
-            scores: Kernel::new(ctx, "pk_scores", SCORES_SOURCE, "main", &[])?,
-            topk: Kernel::new(ctx, "pk_topk", TOPK_SOURCE, "main", &[])?,
-            candidates: Kernel::new(ctx, "pk_candidates", CANDIDATES_SOURCE, "main", &[])?,
+            kernels: Kernels::new(ctx, LOOKUP_KERNELS)?,
         })
     }
 
-    /// Records the lookup of `out.plan()` into `encoder`: reads `keys`
-    /// (heads, 2, n_keys, k_dim/2) f32 and `query` (tokens, heads, k_dim) f32,
-    /// writes `out.indices`/`out.scores`/`out.weights` (tokens, heads, knn).
-    /// Records nothing for zero tokens.
+    /// The pipeline set (for its [`Kernels::stats`]).
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// Records the lookup of `out.plan()` into `encoder` (one compute pass):
+    /// reads `keys` (heads, 2, n_keys, k_dim/2) f32 and `query` (tokens,
+    /// heads, k_dim) f32, writes `out.indices`/`out.scores`/`out.weights`
+    /// (tokens, heads, knn). Records nothing for zero tokens.
     pub fn record(
         &self,
         ctx: &GpuContext,
@@ -315,7 +529,6 @@ impl LookupKernels {
         out: &LookupBuffers,
     ) -> Result<(), GpuError> {
         let plan = &out.plan;
-        let cfg = &plan.cfg;
         for (what, buf, elems) in [
             ("keys", keys, plan.keys_len()),
             ("query", query, plan.query_len()),
@@ -328,138 +541,20 @@ impl LookupKernels {
                 )));
             }
         }
-        if plan.tokens == 0 {
-            return Ok(());
-        }
-        let (keys, query) = match &out.normed {
-            Some((nk, nq)) => {
-                let half = cfg.half();
-                self.record_qk_norm(ctx, encoder, keys, nk, plan.keys_len() / half, half);
-                self.record_qk_norm(ctx, encoder, query, nq, plan.query_len() / half, half);
-                (nk, nq)
-            }
-            None => (keys, query),
+        let io = LookupIo {
+            keys,
+            query,
+            sub_scores: &out.sub_scores,
+            normed: out.normed.as_ref().map(|(k, q)| (k, q)),
+            out: SelectOut {
+                half_scores: &out.half_scores,
+                half_ids: &out.half_ids,
+                indices: &out.indices,
+                scores: &out.scores,
+                weights: &out.weights,
+            },
         };
-        let key_tiles = cfg.n_keys.div_ceil(SCORE_TILE_KEYS);
-        for token0 in (0..plan.tokens).step_by(plan.batch_tokens) {
-            let batch = plan.batch_tokens.min(plan.tokens - token0);
-            let token_tiles = batch.div_ceil(SCORE_TILE_TOKENS);
-            let groups = grid(ctx, (key_tiles * token_tiles * cfg.heads * 2) as u32);
-            let params = uniform_init(
-                ctx,
-                "pk_scores params",
-                &ScoresParams {
-                    n_keys: cfg.n_keys as u32,
-                    half: cfg.half() as u32,
-                    heads: cfg.heads as u32,
-                    token0: token0 as u32,
-                    batch: batch as u32,
-                    key_tiles: key_tiles as u32,
-                    token_tiles: token_tiles as u32,
-                    x_groups: groups.0,
-                    scale: cfg.score_scale(),
-                    one: 1.0,
-                    _pad: [0; 2],
-                },
-            );
-            self.scores.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    keys.as_entire_binding(),
-                    query.as_entire_binding(),
-                    out.sub_scores.as_entire_binding(),
-                ],
-                groups,
-            );
-            let rows = batch * cfg.heads * 2;
-            let groups = grid(ctx, rows as u32);
-            let params = uniform_init(
-                ctx,
-                "pk_topk params",
-                &TopkParams {
-                    rows: rows as u32,
-                    n_keys: cfg.n_keys as u32,
-                    k: cfg.knn as u32,
-                    row0: (token0 * cfg.heads * 2) as u32,
-                    x_groups: groups.0,
-                    groups: topk_groups(cfg.knn, cfg.n_keys) as u32,
-                    _pad: [0; 2],
-                },
-            );
-            self.topk.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    out.sub_scores.as_entire_binding(),
-                    out.half_scores.as_entire_binding(),
-                    out.half_ids.as_entire_binding(),
-                ],
-                groups,
-            );
-        }
-        let th = plan.tokens * cfg.heads;
-        let groups = grid(ctx, th.div_ceil(64) as u32);
-        let params = uniform_init(
-            ctx,
-            "pk_candidates params",
-            &CandidatesParams {
-                tokens_heads: th as u32,
-                k: cfg.knn as u32,
-                n_keys: cfg.n_keys as u32,
-                x_groups: groups.0,
-            },
-        );
-        self.candidates.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                out.half_scores.as_entire_binding(),
-                out.half_ids.as_entire_binding(),
-                out.indices.as_entire_binding(),
-                out.scores.as_entire_binding(),
-                out.weights.as_entire_binding(),
-            ],
-            groups,
-        );
-        Ok(())
-    }
-
-    fn record_qk_norm(
-        &self,
-        ctx: &GpuContext,
-        encoder: &mut wgpu::CommandEncoder,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        rows: usize,
-        len: usize,
-    ) {
-        let groups = grid(ctx, rows.div_ceil(64) as u32);
-        let params = uniform_init(
-            ctx,
-            "pk_qk_norm params",
-            &QkNormParams {
-                rows: rows as u32,
-                len: len as u32,
-                x_groups: groups.0,
-                eps: QK_NORM_EPS,
-                one: 1.0,
-                _pad: [0; 3],
-            },
-        );
-        self.qk_norm.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                x.as_entire_binding(),
-                y.as_entire_binding(),
-            ],
-            groups,
-        );
+        lookup(&mut self.kernels.launcher(ctx, encoder), plan, &io)
     }
 
     /// Host-level lookup with the default plan: uploads `keys`

@@ -20,21 +20,20 @@
 //! arithmetic only, so the result is unique and independent of scheduling,
 //! and memory is O(n) whatever `id_range` is (no per-id counters).
 
-use crate::buffers::{Kernel, grid, read_back, storage_init, storage_zeroed, uniform_init};
+use crate::buffers::{read_back, storage_init};
 use crate::context::{GpuContext, GpuError};
+use crate::launch::{Kernels, Launcher, u32_of};
+use crate::shaders::{self, Variant};
 
-/// WGSL sources of the reverse-index kernels.
-pub const HIST_SOURCE: &str = include_str!("../../../shaders/reverse_index_hist.wgsl");
-/// Block-wise exclusive scan.
-pub const SCAN_SOURCE: &str = include_str!("../../../shaders/reverse_index_scan.wgsl");
-/// Adds scanned block sums back.
-pub const SCAN_ADD_SOURCE: &str = include_str!("../../../shaders/reverse_index_scan_add.wgsl");
-/// Stable radix scatter.
-pub const SCATTER_SOURCE: &str = include_str!("../../../shaders/reverse_index_scatter.wgsl");
-/// Segment heads of the sorted ids.
-pub const HEADS_SOURCE: &str = include_str!("../../../shaders/reverse_index_heads.wgsl");
-/// CSR compaction.
-pub const COMPACT_SOURCE: &str = include_str!("../../../shaders/reverse_index_compact.wgsl");
+/// The kernels of the reverse index, in launch order.
+pub const KERNELS: [Variant; 6] = [
+    shaders::REVERSE_INDEX_HIST.plain(),
+    shaders::REVERSE_INDEX_SCAN.plain(),
+    shaders::REVERSE_INDEX_SCAN_ADD.plain(),
+    shaders::REVERSE_INDEX_SCATTER.plain(),
+    shaders::REVERSE_INDEX_HEADS.plain(),
+    shaders::REVERSE_INDEX_COMPACT.plain(),
+];
 
 /// Elements per radix block (one workgroup).
 pub const SORT_BLOCK: usize = 256;
@@ -43,9 +42,8 @@ pub const SCAN_BLOCK: usize = 1024;
 /// Digits per radix pass.
 pub const RADIX: usize = 256;
 
+crate::params! {
 /// Uniform of `reverse_index_hist.wgsl` / `reverse_index_scatter.wgsl`. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SortParams {
     pub n: u32,
     pub shift: u32,
@@ -54,14 +52,15 @@ pub struct SortParams {
     pub first_pass: u32,
     pub _pad: [u32; 3],
 }
+}
 
+crate::params! {
 /// Uniform of the scan, heads and compact passes of the reverse index. (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LenParams {
     pub n: u32,
     pub x_groups: u32,
     pub _pad: [u32; 2],
+}
 }
 
 /// Fails with a clear error when a buffer of `bytes` would not fit one binding.
@@ -80,26 +79,21 @@ pub fn count_u32(what: &str, n: usize) -> Result<u32, GpuError> {
     u32::try_from(n).map_err(|_| GpuError::Invalid(format!("{what}: {n} elements exceed u32")))
 }
 
-/// Records a dispatch of `items` items over workgroups of `per_group`
-/// items; the params' `x_groups` comes from `grid`.
-fn groups(ctx: &GpuContext, items: usize, per_group: usize) -> (u32, u32, u32) {
-    grid(ctx, items.div_ceil(per_group) as u32)
-}
-
-/// The device buffers of a reverse index over `n` entries (see the module doc).
-pub struct ReverseIndex {
+/// The device buffers of a reverse index over `n` entries (see the module
+/// doc); `B` is the launcher's buffer type.
+pub struct ReverseIndex<B = wgpu::Buffer> {
     /// Entries indexed.
     pub n: usize,
     /// (n) ids in ascending order.
-    pub sorted_ids: wgpu::Buffer,
+    pub sorted_ids: B,
     /// (n) entry position of each sorted position (ascending within an id).
-    pub sorted_entries: wgpu::Buffer,
+    pub sorted_entries: B,
     /// (n) distinct ids ascending; the first `count` are valid.
-    pub unique_ids: wgpu::Buffer,
+    pub unique_ids: B,
     /// (n + 1) CSR starts; the first `count + 1` are valid, the rest are 0.
-    pub seg_start: wgpu::Buffer,
+    pub seg_start: B,
     /// (1) number of distinct ids.
-    pub count: wgpu::Buffer,
+    pub count: B,
 }
 
 /// A reverse index read back to the host.
@@ -132,31 +126,145 @@ impl ReverseIndex {
     }
 }
 
+/// Launches an exclusive prefix sum of the first `n` u32 words of `data`,
+/// in place (multi-level: blocks of [`SCAN_BLOCK`], then the block sums,
+/// recursively).
+pub fn scan<L: Launcher>(l: &mut L, data: &L::Buffer, n: usize) -> Result<(), GpuError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let n32 = u32_of("scan", n)?;
+    let blocks = n.div_ceil(SCAN_BLOCK);
+    let sums = l.zeroed("scan block sums", (blocks * 4) as u64)?;
+    let g = l.grid(blocks)?;
+    let params = LenParams {
+        n: n32,
+        x_groups: g.x,
+        _pad: [0; 2],
+    };
+    l.launch(KERNELS[1], &params, &[data, &sums], g)?;
+    if blocks > 1 {
+        scan(l, &sums, blocks)?;
+        let g = l.grid(n.div_ceil(256))?;
+        let params = LenParams {
+            x_groups: g.x,
+            ..params
+        };
+        l.launch(KERNELS[2], &params, &[data, &sums], g)?;
+    }
+    Ok(())
+}
+
+/// Launches the reverse index of `ids[..n]` (u32, every id `< id_range`;
+/// larger ids are not sorted correctly) into new buffers.
+pub fn reverse_index<L: Launcher>(
+    l: &mut L,
+    ids: &L::Buffer,
+    n: usize,
+    id_range: u64,
+) -> Result<ReverseIndex<L::Buffer>, GpuError> {
+    let n32 = u32_of("reverse index entries", n)?;
+    if id_range > 1u64 << 32 {
+        return Err(GpuError::Invalid(format!(
+            "reverse index: id range {id_range} exceeds u32 ids"
+        )));
+    }
+    let bytes = (n * 4) as u64;
+    let bufs = [
+        l.zeroed("sorted ids", bytes)?,
+        l.zeroed("sorted entries", bytes)?,
+        l.zeroed("sort scratch ids", bytes)?,
+        l.zeroed("sort scratch entries", bytes)?,
+    ];
+    let unique_ids = l.zeroed("unique ids", bytes)?;
+    let seg_start = l.zeroed("segment starts", bytes + 4)?;
+    let count = l.zeroed("distinct ids", 4)?;
+    if n > 0 {
+        let n_blocks = n.div_ceil(SORT_BLOCK);
+        let bits = 64 - (id_range.max(1) - 1).leading_zeros() as usize;
+        let passes = bits.div_ceil(8).max(1);
+        let hist = l.zeroed("radix histogram", (RADIX * n_blocks * 4) as u64)?;
+        let g = l.grid(n_blocks)?;
+        for pass in 0..passes {
+            // passes alternate between the pairs 0/1 and 2/3 so that the last
+            // one writes 0/1
+            let (out_k, out_v, in_k, in_v) = if (passes - 1 - pass).is_multiple_of(2) {
+                (&bufs[0], &bufs[1], &bufs[2], &bufs[3])
+            } else {
+                (&bufs[2], &bufs[3], &bufs[0], &bufs[1])
+            };
+            let (in_k, in_v) = if pass == 0 { (ids, ids) } else { (in_k, in_v) };
+            let params = SortParams {
+                n: n32,
+                shift: (8 * pass) as u32,
+                n_blocks: n_blocks as u32,
+                x_groups: g.x,
+                first_pass: (pass == 0) as u32,
+                _pad: [0; 3],
+            };
+            let params = bytemuck::bytes_of(&params);
+            l.dispatch(KERNELS[0], params, &[in_k, &hist], g)?;
+            scan(l, &hist, RADIX * n_blocks)?;
+            l.dispatch(KERNELS[3], params, &[in_k, in_v, &hist, out_k, out_v], g)?;
+        }
+        // heads, then their exclusive scan (slot of each distinct id)
+        let g = l.grid(n.div_ceil(256))?;
+        let params = LenParams {
+            n: n32,
+            x_groups: g.x,
+            _pad: [0; 2],
+        };
+        let params = bytemuck::bytes_of(&params);
+        let (sorted_ids, heads) = (&bufs[0], &bufs[2]);
+        l.dispatch(KERNELS[4], params, &[sorted_ids, heads], g)?;
+        scan(l, heads, n)?;
+        l.dispatch(
+            KERNELS[5],
+            params,
+            &[sorted_ids, heads, &unique_ids, &seg_start, &count],
+            g,
+        )?;
+    }
+    let [sorted_ids, sorted_entries, _, _] = bufs;
+    Ok(ReverseIndex {
+        n,
+        sorted_ids,
+        sorted_entries,
+        unique_ids,
+        seg_start,
+        count,
+    })
+}
+
 /// The reverse-index pipelines (built once per context).
 pub struct ReverseIndexKernels {
-    hist: Kernel,
-    scan: Kernel,
-    scan_add: Kernel,
-    scatter: Kernel,
-    heads: Kernel,
-    compact: Kernel,
+    kernels: Kernels,
 }
 
 impl ReverseIndexKernels {
     /// Builds the pipelines.
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
+        Self::with(ctx, [])
+    }
+
+    /// Builds the pipelines of the reverse index and of `more` in one set
+    /// (for sequences that chain other kernels after the index).
+    pub fn with(
+        ctx: &GpuContext,
+        more: impl IntoIterator<Item = Variant>,
+    ) -> Result<Self, GpuError> {
         Ok(Self {
-            hist: Kernel::new(ctx, "reverse_index_hist", HIST_SOURCE, "main", &[])?,
-            scan: Kernel::new(ctx, "reverse_index_scan", SCAN_SOURCE, "main", &[])?,
-            scan_add: Kernel::new(ctx, "reverse_index_scan_add", SCAN_ADD_SOURCE, "main", &[])?,
-            scatter: Kernel::new(ctx, "reverse_index_scatter", SCATTER_SOURCE, "main", &[])?,
-            heads: Kernel::new(ctx, "reverse_index_heads", HEADS_SOURCE, "main", &[])?,
-            compact: Kernel::new(ctx, "reverse_index_compact", COMPACT_SOURCE, "main", &[])?,
+            kernels: Kernels::new(ctx, KERNELS.into_iter().chain(more))?,
         })
     }
 
+    /// The pipeline set (the reverse index's and those added by [`Self::with`]).
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
     /// Records an exclusive prefix sum of the first `n` u32 words of `data`,
-    /// in place (multi-level: blocks of 1024, then the block sums, recursively).
+    /// in place (see [`scan`]).
     pub fn record_scan(
         &self,
         ctx: &GpuContext,
@@ -164,56 +272,7 @@ impl ReverseIndexKernels {
         data: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        if n == 0 {
-            return Ok(());
-        }
-        let n32 = count_u32("scan", n)?;
-        let blocks = n.div_ceil(SCAN_BLOCK);
-        let sums = storage_zeroed(ctx, "scan block sums", (blocks * 4) as u64);
-        let g = grid(ctx, blocks as u32);
-        let params = uniform_init(
-            ctx,
-            "scan params",
-            &LenParams {
-                n: n32,
-                x_groups: g.0,
-                _pad: [0; 2],
-            },
-        );
-        self.scan.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                data.as_entire_binding(),
-                sums.as_entire_binding(),
-            ],
-            g,
-        );
-        if blocks > 1 {
-            self.record_scan(ctx, encoder, &sums, blocks)?;
-            let g = groups(ctx, n, 256);
-            let params = uniform_init(
-                ctx,
-                "scan add params",
-                &LenParams {
-                    n: n32,
-                    x_groups: g.0,
-                    _pad: [0; 2],
-                },
-            );
-            self.scan_add.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    data.as_entire_binding(),
-                    sums.as_entire_binding(),
-                ],
-                g,
-            );
-        }
-        Ok(())
+        scan(&mut self.kernels.launcher(ctx, encoder), data, n)
     }
 
     /// Records the reverse index of `ids[..n]` (device buffer of u32, every id
@@ -227,136 +286,8 @@ impl ReverseIndexKernels {
         n: usize,
         id_range: u64,
     ) -> Result<ReverseIndex, GpuError> {
-        let n32 = count_u32("reverse index entries", n)?;
-        if id_range > 1u64 << 32 {
-            return Err(GpuError::Invalid(format!(
-                "reverse index: id range {id_range} exceeds u32 ids"
-            )));
-        }
-        check_binding(ctx, "reverse index CSR", (n as u64 + 1) * 4)?;
-        let n_blocks = n.div_ceil(SORT_BLOCK);
-        check_binding(ctx, "radix histogram", (RADIX * n_blocks * 4) as u64)?;
-        if (ids.size() as usize) < n * 4 {
-            return Err(GpuError::Invalid(format!(
-                "reverse index: ids buffer of {} bytes holds fewer than {n} ids",
-                ids.size()
-            )));
-        }
-        let bytes = (n * 4) as u64;
-        let bufs = [
-            storage_zeroed(ctx, "sorted ids", bytes),
-            storage_zeroed(ctx, "sorted entries", bytes),
-            storage_zeroed(ctx, "sort scratch ids", bytes),
-            storage_zeroed(ctx, "sort scratch entries", bytes),
-        ];
-        let unique_ids = storage_zeroed(ctx, "unique ids", bytes);
-        let seg_start = storage_zeroed(ctx, "segment starts", bytes + 4);
-        let count = storage_zeroed(ctx, "distinct ids", 4);
-        if n == 0 {
-            let [sorted_ids, sorted_entries, _, _] = bufs;
-            return Ok(ReverseIndex {
-                n,
-                sorted_ids,
-                sorted_entries,
-                unique_ids,
-                seg_start,
-                count,
-            });
-        }
-        let bits = 64 - (id_range.max(1) - 1).leading_zeros() as usize;
-        let passes = bits.div_ceil(8).max(1);
-        let hist = storage_zeroed(ctx, "radix histogram", (RADIX * n_blocks * 4) as u64);
-        let g = grid(ctx, n_blocks as u32);
-        for pass in 0..passes {
-            // passes alternate between the pairs 0/1 and 2/3 so that the last
-            // one writes 0/1
-            let (out_k, out_v, in_k, in_v) = if (passes - 1 - pass).is_multiple_of(2) {
-                (&bufs[0], &bufs[1], &bufs[2], &bufs[3])
-            } else {
-                (&bufs[2], &bufs[3], &bufs[0], &bufs[1])
-            };
-            let (in_k, in_v) = if pass == 0 { (ids, ids) } else { (in_k, in_v) };
-            let params = uniform_init(
-                ctx,
-                "radix params",
-                &SortParams {
-                    n: n32,
-                    shift: (8 * pass) as u32,
-                    n_blocks: n_blocks as u32,
-                    x_groups: g.0,
-                    first_pass: (pass == 0) as u32,
-                    _pad: [0; 3],
-                },
-            );
-            self.hist.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    in_k.as_entire_binding(),
-                    hist.as_entire_binding(),
-                ],
-                g,
-            );
-            self.record_scan(ctx, encoder, &hist, RADIX * n_blocks)?;
-            self.scatter.dispatch(
-                ctx,
-                encoder,
-                &[
-                    params.as_entire_binding(),
-                    in_k.as_entire_binding(),
-                    in_v.as_entire_binding(),
-                    hist.as_entire_binding(),
-                    out_k.as_entire_binding(),
-                    out_v.as_entire_binding(),
-                ],
-                g,
-            );
-        }
-        let [sorted_ids, sorted_entries, heads, _] = bufs;
-        // heads, then their exclusive scan (slot of each distinct id)
-        let g = groups(ctx, n, 256);
-        let params = uniform_init(
-            ctx,
-            "heads params",
-            &LenParams {
-                n: n32,
-                x_groups: g.0,
-                _pad: [0; 2],
-            },
-        );
-        self.heads.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                sorted_ids.as_entire_binding(),
-                heads.as_entire_binding(),
-            ],
-            g,
-        );
-        self.record_scan(ctx, encoder, &heads, n)?;
-        self.compact.dispatch(
-            ctx,
-            encoder,
-            &[
-                params.as_entire_binding(),
-                sorted_ids.as_entire_binding(),
-                heads.as_entire_binding(),
-                unique_ids.as_entire_binding(),
-                seg_start.as_entire_binding(),
-                count.as_entire_binding(),
-            ],
-            g,
-        );
-        Ok(ReverseIndex {
-            n,
-            sorted_ids,
-            sorted_entries,
-            unique_ids,
-            seg_start,
-            count,
-        })
+        check_reverse_index(ctx, ids, n)?;
+        reverse_index(&mut self.kernels.launcher(ctx, encoder), ids, n, id_range)
     }
 
     /// Host convenience: uploads `ids`, builds the index and reads it back.
@@ -381,4 +312,26 @@ impl ReverseIndexKernels {
         ctx.queue.submit([encoder.finish()]);
         index.read(ctx)
     }
+}
+
+/// The limits of a reverse index over `n` entries of `ids` on this device.
+pub(crate) fn check_reverse_index(
+    ctx: &GpuContext,
+    ids: &wgpu::Buffer,
+    n: usize,
+) -> Result<(), GpuError> {
+    count_u32("reverse index entries", n)?;
+    check_binding(ctx, "reverse index CSR", (n as u64 + 1) * 4)?;
+    check_binding(
+        ctx,
+        "radix histogram",
+        (RADIX * n.div_ceil(SORT_BLOCK) * 4) as u64,
+    )?;
+    if (ids.size() as usize) < n * 4 {
+        return Err(GpuError::Invalid(format!(
+            "reverse index: ids buffer of {} bytes holds fewer than {n} ids",
+            ids.size()
+        )));
+    }
+    Ok(())
 }

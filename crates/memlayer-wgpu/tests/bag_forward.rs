@@ -6,6 +6,10 @@
 //! one pass per group of shards and the sum is grouped by shard: asserted
 //! within 1e-5 relative.
 
+mod common;
+
+use common::Bags;
+
 use memlayer_core::bag::{bag_forward, uniform_offsets};
 use memlayer_core::pkm::{self, PkmConfig};
 use memlayer_core::rng::Rng;
@@ -308,32 +312,26 @@ fn missing_pages_case(ctx: &GpuContext, bag: &BagForward, dim: usize) {
     let row_on = |p: usize| (p * page_rows + 1) as u32;
     // bag 0: resident only; bag 1: touches the missing page; bag 2: empty;
     // bag 3: the out-of-pool slot; bag 4: resident only
-    let indices = vec![
-        row_on(present),
-        row_on(present),
-        row_on(missing),
-        row_on(n_pages - 1),
-        row_on(present),
-    ];
-    let weights = vec![1.0, 0.5, 2.0, 1.0, -1.0];
-    let offsets = vec![0, 1, 3, 3, 4, 5];
-    let e = bag
-        .run_paged(
-            ctx,
-            &slots,
-            page_rows,
-            &page_table,
-            &indices,
-            &weights,
-            &offsets,
-        )
+    let bags = Bags {
+        indices: vec![
+            row_on(present),
+            row_on(present),
+            row_on(missing),
+            row_on(n_pages - 1),
+            row_on(present),
+        ],
+        weights: vec![1.0, 0.5, 2.0, 1.0, -1.0],
+        offsets: vec![0, 1, 3, 3, 4, 5],
+    };
+    let e = bags
+        .run_paged(bag, ctx, &slots, page_rows, &page_table)
         .unwrap_err()
         .to_string();
     assert!(e.contains(&format!("page {missing} is missing")), "{e}");
     // the device path: bags touching bad pages come out NaN, the others exact
-    let ib = storage_init(ctx, "i", &indices);
-    let wb = storage_init(ctx, "w", &weights);
-    let offsets32: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    let ib = storage_init(ctx, "i", &bags.indices);
+    let wb = storage_init(ctx, "w", &bags.weights);
+    let offsets32: Vec<u32> = bags.offsets.iter().map(|&o| o as u32).collect();
     let ob = storage_init(ctx, "o", &offsets32);
     let pt = storage_init(ctx, "pt", &page_table);
     let out = storage_zeroed(ctx, "out", 5 * dim as u64 * 4);
@@ -523,11 +521,7 @@ fn lookup_then_bag_chained_on_the_device() {
 /// The kernel fits WebGPU's default limits (8 storage buffers per stage).
 #[test]
 fn kernel_builds_and_runs_under_webgpu_default_limits() {
-    let opts = GpuOptions {
-        webgpu_default_limits: true,
-        ..Default::default()
-    };
-    let Some(ctx) = gpu_for_tests(opts) else {
+    let Some(ctx) = common::webgpu_default_ctx() else {
         return;
     };
     let limits = &ctx.limits;

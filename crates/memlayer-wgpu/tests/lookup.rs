@@ -17,6 +17,8 @@
 //!   is below 1e-5 relative may differ; they are counted and must stay below
 //!   1% of positions, scores within 1e-5.
 
+mod common;
+
 use memlayer_core::pkm::{self, Lookup, PkmConfig};
 use memlayer_core::rng::Rng;
 use memlayer_wgpu::lookup::{LookupKernels, LookupPlan, MAX_K};
@@ -45,6 +47,44 @@ struct Case {
     batch: Option<usize>,
 }
 
+/// The (n_keys, k, heads, tokens) grid the bit-identity tests sweep, in
+/// the order their seeds follow.
+fn sweep() -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    N_KEYS.into_iter().flat_map(|n_keys| {
+        let ks = KS.into_iter().filter(move |&k| k <= n_keys);
+        ks.flat_map(move |k| {
+            [1, 4].into_iter().flat_map(move |heads| {
+                [1, 7]
+                    .into_iter()
+                    .map(move |tokens| (n_keys, k, heads, tokens))
+            })
+        })
+    })
+}
+
+impl Case {
+    /// A case with the default plan; `grid` is `(n_keys, k, heads, tokens)`
+    /// as [`sweep`] yields it.
+    fn new(
+        (n_keys, k, heads, tokens): (usize, usize, usize, usize),
+        k_dim: usize,
+        qk_norm: bool,
+        inputs: Inputs,
+    ) -> Self {
+        Self {
+            n_keys,
+            k,
+            heads,
+            tokens,
+            k_dim,
+            qk_norm,
+            inputs,
+            batch: None,
+        }
+    }
+}
+
+/// The layer a case runs (`dim = v_dim = 8`, no gate: all a lookup reads).
 fn cfg_of(c: &Case) -> PkmConfig {
     PkmConfig {
         dim: 8,
@@ -202,26 +242,12 @@ fn exact_inputs_bit_identical_over_the_grid() {
         return;
     };
     let mut seed = 100;
-    for n_keys in N_KEYS {
-        for k in KS.into_iter().filter(|&k| k <= n_keys) {
-            for heads in [1, 4] {
-                for tokens in [1, 7] {
-                    for inputs in [Inputs::Dyadic, Inputs::Ties] {
-                        seed += 1;
-                        let c = Case {
-                            n_keys,
-                            k,
-                            heads,
-                            tokens,
-                            k_dim: if inputs == Inputs::Ties { 4 } else { 16 },
-                            qk_norm: false,
-                            inputs,
-                            batch: None,
-                        };
-                        check(&kernels, &ctx, &c, seed);
-                    }
-                }
-            }
+    for (n_keys, k, heads, tokens) in sweep() {
+        for inputs in [Inputs::Dyadic, Inputs::Ties] {
+            seed += 1;
+            let k_dim = if inputs == Inputs::Ties { 4 } else { 16 };
+            let c = Case::new((n_keys, k, heads, tokens), k_dim, false, inputs);
+            check(&kernels, &ctx, &c, seed);
         }
     }
 }
@@ -232,25 +258,10 @@ fn random_normal_bit_identical_over_the_grid() {
         return;
     };
     let mut seed = 200;
-    for n_keys in N_KEYS {
-        for k in KS.into_iter().filter(|&k| k <= n_keys) {
-            for heads in [1, 4] {
-                for tokens in [1, 7] {
-                    seed += 1;
-                    let c = Case {
-                        n_keys,
-                        k,
-                        heads,
-                        tokens,
-                        k_dim: 32,
-                        qk_norm: false,
-                        inputs: Inputs::Normal,
-                        batch: None,
-                    };
-                    check(&kernels, &ctx, &c, seed);
-                }
-            }
-        }
+    for (n_keys, k, heads, tokens) in sweep() {
+        seed += 1;
+        let c = Case::new((n_keys, k, heads, tokens), 32, false, Inputs::Normal);
+        check(&kernels, &ctx, &c, seed);
     }
 }
 
@@ -262,26 +273,12 @@ fn qk_norm_over_the_grid() {
     let strict = is_lavapipe(&ctx);
     let mut seed = 300;
     let mut excluded = 0;
-    for n_keys in N_KEYS {
-        for k in KS.into_iter().filter(|&k| k <= n_keys) {
-            for heads in [1, 4] {
-                for tokens in [1, 7] {
-                    for inputs in [Inputs::Normal, Inputs::Ties] {
-                        seed += 1;
-                        let c = Case {
-                            n_keys,
-                            k,
-                            heads,
-                            tokens,
-                            k_dim: if inputs == Inputs::Ties { 6 } else { 24 },
-                            qk_norm: true,
-                            inputs,
-                            batch: None,
-                        };
-                        excluded += check(&kernels, &ctx, &c, seed);
-                    }
-                }
-            }
+    for (n_keys, k, heads, tokens) in sweep() {
+        for inputs in [Inputs::Normal, Inputs::Ties] {
+            seed += 1;
+            let k_dim = if inputs == Inputs::Ties { 6 } else { 24 };
+            let c = Case::new((n_keys, k, heads, tokens), k_dim, true, inputs);
+            excluded += check(&kernels, &ctx, &c, seed);
         }
     }
     eprintln!(
@@ -300,15 +297,8 @@ fn a_thousand_tokens_at_full_size() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let big = |n_keys, k, heads, k_dim, qk_norm, inputs| Case {
-        n_keys,
-        k,
-        heads,
-        tokens: 1024,
-        k_dim,
-        qk_norm,
-        inputs,
-        batch: None,
+    let big = |n_keys, k, heads, k_dim, qk_norm, inputs| {
+        Case::new((n_keys, k, heads, 1024), k_dim, qk_norm, inputs)
     };
     for (i, c) in [
         big(4096, 32, 4, 32, false, Inputs::Normal),
@@ -329,16 +319,7 @@ fn tokens_scored_in_several_batches_match_the_oracle() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let cfg = |n_keys, k| PkmConfig {
-        dim: 8,
-        v_dim: 8,
-        heads: 2,
-        n_keys,
-        k_dim: 16,
-        knn: k,
-        qk_norm: false,
-        gated: false,
-    };
+    let cfg = |n_keys, k| cfg_of(&Case::new((n_keys, k, 2, 1), 16, false, Inputs::Normal));
     // the default plan scores everything at once when the scratch is small,
     // and batches when (tokens, heads, 2, n_keys) scores exceed the budget
     let plan = LookupPlan::new(&ctx, &cfg(4096, 8), 1024).unwrap();
@@ -354,14 +335,13 @@ fn tokens_scored_in_several_batches_match_the_oracle() {
     ] {
         seed += 1;
         let c = Case {
-            n_keys,
-            k,
-            heads: 2,
-            tokens,
-            k_dim: if inputs == Inputs::Ties { 4 } else { 16 },
-            qk_norm,
-            inputs,
             batch: Some(batch),
+            ..Case::new(
+                (n_keys, k, 2, tokens),
+                if inputs == Inputs::Ties { 4 } else { 16 },
+                qk_norm,
+                inputs,
+            )
         };
         check(&kernels, &ctx, &c, seed);
     }
@@ -379,16 +359,7 @@ fn concentrated_best_keys_take_the_streaming_fallback() {
     let n_keys = 4096;
     let mut rng = Rng::new(800);
     for (k, strong_lanes) in [(MAX_K, 127), (MAX_K, 128), (64, 63), (32, 31), (8, 200)] {
-        let cfg = PkmConfig {
-            dim: 8,
-            v_dim: 8,
-            heads: 1,
-            n_keys,
-            k_dim: 2,
-            knn: k,
-            qk_norm: false,
-            gated: false,
-        };
+        let cfg = cfg_of(&Case::new((n_keys, k, 1, 1), 2, false, Inputs::Normal));
         // half = 1 and query 1.0: the sub-key score is the key itself
         let keys: Vec<f32> = (0..2 * n_keys)
             .map(|i| {
@@ -421,16 +392,7 @@ fn grids_beyond_65535_workgroups() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let c = Case {
-        n_keys: 16,
-        k: 4,
-        heads: 1,
-        tokens: 40_000,
-        k_dim: 4,
-        qk_norm: false,
-        inputs: Inputs::Dyadic,
-        batch: None,
-    };
+    let c = Case::new((16, 4, 1, 40_000), 4, false, Inputs::Dyadic);
     check(&kernels, &ctx, &c, 900);
 }
 
@@ -450,16 +412,7 @@ fn large_k_non_power_of_two_and_odd_half() {
     ] {
         for qk_norm in [false, true] {
             seed += 1;
-            let c = Case {
-                n_keys,
-                k,
-                heads: 3,
-                tokens: 5,
-                k_dim,
-                qk_norm,
-                inputs,
-                batch: None,
-            };
+            let c = Case::new((n_keys, k, 3, 5), k_dim, qk_norm, inputs);
             check(&kernels, &ctx, &c, seed);
         }
     }
@@ -470,16 +423,7 @@ fn all_equal_scores_pick_the_lowest_rows() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let cfg = PkmConfig {
-        dim: 8,
-        v_dim: 8,
-        heads: 2,
-        n_keys: 1000,
-        k_dim: 8,
-        knn: 32,
-        qk_norm: false,
-        gated: false,
-    };
+    let cfg = cfg_of(&Case::new((1000, 32, 2, 1), 8, false, Inputs::Normal));
     let keys = vec![0.5f32; 2 * 2 * 1000 * 4];
     let query = vec![0.25f32; 3 * 2 * 8];
     let want = pkm::lookup(&cfg, &keys, &query, 3).unwrap();
@@ -494,16 +438,7 @@ fn nan_inf_and_signed_zero_rank_as_the_oracle() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let cfg = PkmConfig {
-        dim: 8,
-        v_dim: 8,
-        heads: 1,
-        n_keys: 300,
-        k_dim: 2,
-        knn: 16,
-        qk_norm: false,
-        gated: false,
-    };
+    let cfg = cfg_of(&Case::new((300, 16, 1, 1), 2, false, Inputs::Normal));
     let mut rng = Rng::new(7);
     let specials = [
         f32::NAN,
@@ -537,16 +472,7 @@ fn zero_tokens_and_bad_arguments() {
     let Some((ctx, kernels)) = setup() else {
         return;
     };
-    let cfg = PkmConfig {
-        dim: 8,
-        v_dim: 8,
-        heads: 2,
-        n_keys: 16,
-        k_dim: 8,
-        knn: 4,
-        qk_norm: false,
-        gated: false,
-    };
+    let cfg = cfg_of(&Case::new((16, 4, 2, 1), 8, false, Inputs::Normal));
     let keys = vec![0.0f32; 2 * 2 * 16 * 4];
     let out = kernels.run(&ctx, &cfg, &keys, &[], 0).unwrap();
     assert!(out.indices.is_empty() && out.scores.is_empty() && out.weights.is_empty());
@@ -582,11 +508,7 @@ fn zero_tokens_and_bad_arguments() {
 /// storage buffers per stage, 128 MiB bindings), not only lavapipe's.
 #[test]
 fn kernels_build_and_run_under_webgpu_default_limits() {
-    let opts = GpuOptions {
-        webgpu_default_limits: true,
-        ..Default::default()
-    };
-    let Some(ctx) = gpu_for_tests(opts) else {
+    let Some(ctx) = common::webgpu_default_ctx() else {
         return;
     };
     let limits = &ctx.limits;
@@ -594,14 +516,8 @@ fn kernels_build_and_run_under_webgpu_default_limits() {
     let kernels = LookupKernels::new(&ctx).unwrap();
     for (batch, qk_norm) in [(None, true), (Some(2), false)] {
         let c = Case {
-            n_keys: 1024,
-            k: MAX_K,
-            heads: 2,
-            tokens: 3,
-            k_dim: 16,
-            qk_norm,
-            inputs: Inputs::Dyadic,
             batch,
+            ..Case::new((1024, MAX_K, 2, 3), 16, qk_norm, Inputs::Dyadic)
         };
         check(&kernels, &ctx, &c, 700);
     }

@@ -148,3 +148,74 @@ pub fn copy_demo_model(to: &Path) -> std::path::PathBuf {
     }
     to.to_path_buf()
 }
+
+/// `memlayer bank synth --out PATH` of `rows` x `dim` values, `page_rows`
+/// rows per page, seed `seed`, then the flags in `extra` (e.g. `--dtype
+/// f16`); asserts success and returns stdout.
+pub fn synth_bank(
+    path: &Path,
+    rows: u64,
+    dim: u32,
+    page_rows: u32,
+    seed: u64,
+    extra: &[&str],
+) -> String {
+    let (rows, dim, page_rows, seed) = (
+        rows.to_string(),
+        dim.to_string(),
+        page_rows.to_string(),
+        seed.to_string(),
+    );
+    let out = path.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "bank",
+        "synth",
+        "--out",
+        out,
+        "--rows",
+        &rows,
+        "--dim",
+        &dim,
+        "--page-rows",
+        &page_rows,
+        "--seed",
+        &seed,
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&memlayer(&args))
+}
+
+/// `memlayer generate DIR --prompt PROMPT --max-tokens N`, then the flags
+/// in `extra`.
+pub fn generate_from(dir: &Path, prompt: &str, max_tokens: u32, extra: &[&str]) -> Output {
+    let max_tokens = max_tokens.to_string();
+    let mut args = vec![
+        "generate",
+        dir.to_str().expect("utf-8 path"),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max_tokens,
+    ];
+    args.extend_from_slice(extra);
+    memlayer(&args)
+}
+
+/// `memlayer chat` with `args`, fed `input` on stdin (closed after it, which
+/// ends the chat); its output once it exits.
+pub fn chat(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memlayer"))
+        .arg("chat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memlayer chat");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}

@@ -306,19 +306,20 @@ pub fn ffn_forward(
     anchor: &FfnBlock,
     blocks: &[&FfnBlock],
 ) -> Result<Vec<f32>, OracleError> {
-    let parts = gather(x, t, anchor, blocks)?;
+    let h = ffn_hidden(x, t, anchor, blocks)?;
     let d = anchor.d;
+    // unit k's row of `down`: the anchor's units, then each block's (validated above)
+    let r = anchor.r + blocks.iter().map(|b| b.r).sum::<usize>();
+    let down = || {
+        std::iter::once(anchor)
+            .chain(blocks.iter().copied())
+            .flat_map(|p| p.down.chunks_exact(d))
+    };
     let mut y = vec![0.0f32; t * d];
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let (g, u) = pre_activations(xr, &parts);
-        let mut k = 0;
-        for p in &parts {
-            for dn in p.down.chunks_exact(d) {
-                let h = silu(g[k]) * u[k];
-                k += 1;
-                for (yo, &w) in yr.iter_mut().zip(dn) {
-                    *yo += h * w;
-                }
+    for (hr, yr) in h.chunks_exact(r.max(1)).zip(y.chunks_exact_mut(d)) {
+        for (&hk, dn) in hr.iter().zip(down()) {
+            for (yo, &w) in yr.iter_mut().zip(dn) {
+                *yo += hk * w;
             }
         }
     }

@@ -278,6 +278,64 @@ impl HierSpec {
 }
 
 impl ModelConfig {
+    /// A small valid config for tests: 3 layers of width 16, with `pkm` a
+    /// product-key memory in layer 1 (5² rows of 12, qk-norm, gate), with
+    /// `hier` a 2-level hierarchical memory (branching 2, units [4, 2], a
+    /// generic block). Tests change the fields they are about.
+    #[doc(hidden)]
+    pub fn tiny_for_tests(pkm: bool, hier: bool) -> Self {
+        Self {
+            vocab_size: 37,
+            dim: 16,
+            n_layers: 3,
+            n_heads: 2,
+            ffn_hidden: 24,
+            max_seq_len: 32,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+            pkm: pkm.then(|| PkmSpec {
+                layers: vec![1],
+                n_keys: 5,
+                heads: 2,
+                k_dim: 8,
+                knn: 3,
+                v_dim: 12,
+                qk_norm: true,
+                gated: true,
+            }),
+            hier: hier.then(|| HierSpec {
+                levels: 2,
+                branching: 2,
+                units: vec![4, 2],
+                generic: true,
+                routing: Default::default(),
+            }),
+        }
+    }
+
+    /// [`Self::tiny_for_tests`] as the runtime and burn-model tests run it:
+    /// 2 layers, tied embeddings, the product-key memory (always) ungated
+    /// with `v_dim = dim`, the hierarchy (with `hier`) without a generic block.
+    #[doc(hidden)]
+    pub fn tiny_tied_for_tests(hier: bool) -> Self {
+        let tiny = Self::tiny_for_tests(true, hier);
+        Self {
+            n_layers: 2,
+            tie_embeddings: true,
+            pkm: (tiny.pkm.clone()).map(|p| PkmSpec {
+                v_dim: tiny.dim,
+                gated: false,
+                ..p
+            }),
+            hier: (tiny.hier.clone()).map(|h| HierSpec {
+                generic: false,
+                ..h
+            }),
+            ..tiny
+        }
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.dim / self.n_heads.max(1)

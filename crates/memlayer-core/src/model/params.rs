@@ -507,37 +507,9 @@ impl ParamStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{HierSpec, PkmSpec};
 
     pub(crate) fn tiny(pkm: bool, hier: bool) -> ModelConfig {
-        ModelConfig {
-            vocab_size: 37,
-            dim: 16,
-            n_layers: 3,
-            n_heads: 2,
-            ffn_hidden: 24,
-            max_seq_len: 32,
-            rope_theta: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: false,
-            pkm: pkm.then(|| PkmSpec {
-                layers: vec![1],
-                n_keys: 5,
-                heads: 2,
-                k_dim: 8,
-                knn: 3,
-                v_dim: 12,
-                qk_norm: true,
-                gated: true,
-            }),
-            hier: hier.then(|| HierSpec {
-                levels: 2,
-                branching: 2,
-                units: vec![4, 2],
-                generic: true,
-                routing: Default::default(),
-            }),
-        }
+        ModelConfig::tiny_for_tests(pkm, hier)
     }
 
     #[test]

@@ -65,8 +65,31 @@ pub fn supported(device: &Device) -> bool {
     }
 }
 
-/// Weighted embedding-bag through the extension.
+/// Whether `device` is burn-wgpu (the WGSL route).
+fn on_wgpu(device: &Device) -> bool {
+    #[cfg(feature = "wgpu")]
+    if let DispatchDevice::Cube(cubecl::Device::Wgpu(_)) = device.clone().inner().as_dispatch() {
+        return true;
+    }
+    let _ = device;
+    false
+}
+
+/// Weighted embedding-bag through the extension. On burn-wgpu the shapes
+/// and dtypes are checked against the WGSL route's limits first
+/// (`wgsl::check_bag`: f32, u32 counts, one binding per buffer, the limits
+/// `memlayer-wgpu` checks on its own path); a call past them takes the
+/// portable ops instead (same result, burn's autodiff), so the extension's
+/// forward and backward only see shapes they can launch.
 pub fn embedding_bag(values: Tensor<2>, indices: Tensor<2, Int>, weights: Tensor<2>) -> Tensor<2> {
+    #[cfg(feature = "wgpu")]
+    if on_wgpu(&values.device()) {
+        let ([rows, v_dim], [bags, bag]) = (values.dims(), indices.dims());
+        let f32s = values.dtype() == DType::F32 && weights.dtype() == DType::F32;
+        if super::wgsl::check_bag(rows, v_dim, bags, bag, f32s).is_err() {
+            return super::portable::embedding_bag(values, indices, weights);
+        }
+    }
     Tensor::from_dispatch(Dispatch::memory_bag(
         values.into_dispatch(),
         indices.into_dispatch(),
@@ -81,15 +104,23 @@ pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsErr
     if !supported(&device) {
         return Err(OpsError::Unsupported(format!("{device:?}")));
     }
-    let [_, two, n_keys] = scores.dims();
-    let max_knn = if matches!(
-        device.clone().inner().as_dispatch(),
-        DispatchDevice::Flex(_)
-    ) {
-        n_keys
-    } else {
+    let [groups, two, n_keys] = scores.dims();
+    let max_knn = if on_wgpu(&device) {
         MAX_GPU_KNN.min(n_keys)
+    } else {
+        n_keys
     };
+    #[cfg(feature = "wgpu")]
+    if on_wgpu(&device) && two == 2 {
+        let f32s = scores.dtype() == DType::F32;
+        super::wgsl::check_select_route(groups, n_keys, knn)
+            .and_then(|()| {
+                f32s.then_some(())
+                    .ok_or_else(|| "scores must be f32".into())
+            })
+            .map_err(|e| OpsError::Oracle(memlayer_core::error::OracleError::InvalidConfig(e)))?;
+    }
+    let _ = groups;
     if two != 2 || knn == 0 || knn > max_knn {
         return Err(OpsError::Oracle(
             memlayer_core::error::OracleError::InvalidConfig(format!(
@@ -105,6 +136,9 @@ pub fn pk_select(scores: Tensor<3>, knn: usize) -> Result<Tensor<2, Int>, OpsErr
 
 /// Largest `knn` the WGSL selection handles (`pk_candidates.wgsl`).
 pub const MAX_GPU_KNN: usize = 128;
+
+#[cfg(feature = "wgpu")]
+const _: () = assert!(MAX_GPU_KNN == memlayer_wgpu::lookup::MAX_K);
 
 fn floats(t: &FloatTensor<Flex>) -> Vec<f32> {
     t.clone().into_data().iter::<f32>().collect()
@@ -156,6 +190,25 @@ struct HostBag {
 }
 
 impl HostBag {
+    /// `f(table, other)` on the value table (rows, v_dim) and another
+    /// tensor's floats, borrowed where contiguous; panics naming `op` on the
+    /// kernel's error (see [`expect`]).
+    fn with_table<E: std::fmt::Display>(
+        &self,
+        op: &str,
+        values: &FloatTensor<Flex>,
+        other: &FloatTensor<Flex>,
+        f: impl FnOnce(&memlayer_cpu::Table<'_, f32>, &[f32]) -> Result<(), E>,
+    ) {
+        with_floats(values, |table_data| {
+            let table = expect(
+                op,
+                memlayer_cpu::Table::new(table_data, self.rows, self.v_dim),
+            );
+            with_floats(other, |o| expect(op, f(&table, o)))
+        })
+    }
+
     fn new(values: &FloatTensor<Flex>, indices: &IntTensor<Flex>) -> Self {
         let [rows, v_dim] = dims2(values);
         let [bags, bag] = dims2(indices);
@@ -178,17 +231,8 @@ impl MemoryBackend for Flex {
     ) -> FloatTensor<Self> {
         let h = HostBag::new(&values, &indices);
         let mut out = vec![0.0f32; h.bags * h.v_dim];
-        with_floats(&values, |table_data| {
-            let table = expect(
-                "memory_bag",
-                memlayer_cpu::Table::new(table_data, h.rows, h.v_dim),
-            );
-            with_floats(&weights, |w| {
-                expect(
-                    "memory_bag",
-                    memlayer_cpu::bag::bag_forward(&table, &h.idx, w, &h.offsets, &mut out),
-                )
-            })
+        h.with_table("memory_bag", &values, &weights, |table, w| {
+            memlayer_cpu::bag::bag_forward(table, &h.idx, w, &h.offsets, &mut out)
         });
         flex_f32(out, [h.bags, h.v_dim])
     }
@@ -224,17 +268,8 @@ impl MemoryBackend for Flex {
     ) -> FloatTensor<Self> {
         let h = HostBag::new(&values, &indices);
         let mut dw = vec![0.0f32; h.bags * h.bag];
-        with_floats(&values, |table_data| {
-            let table = expect(
-                "memory_bag backward",
-                memlayer_cpu::Table::new(table_data, h.rows, h.v_dim),
-            );
-            with_floats(&grad_out, |g| {
-                expect(
-                    "memory_bag backward",
-                    memlayer_cpu::bag::bag_backward_weights(&table, &h.idx, &h.offsets, g, &mut dw),
-                )
-            })
+        h.with_table("memory_bag backward", &values, &grad_out, |table, g| {
+            memlayer_cpu::bag::bag_backward_weights(table, &h.idx, &h.offsets, g, &mut dw)
         });
         flex_f32(dw, [h.bags, h.bag])
     }

@@ -2,25 +2,30 @@
 //! through burn's raw-source route (`KernelSource` + `SourceKernel`), on
 //! burn's own buffers, in burn's command stream.
 //!
-//! The kernels are the files `memlayer-wgpu` runs on its own encoder (same
-//! text, same parameter structs); two mechanical adaptations happen at load
-//! ([`WgslKernel::text`]): cubecl binds storage buffers only, and suballocates
-//! tensors from shared buffers (so one buffer can appear as several
-//! bindings of a dispatch), so every binding becomes `var<storage,
-//! read_write>` (the `params` uniform too: same layout for the all-scalar
-//! parameter structs); and the pipeline-overridable constants become plain
-//! constants of the variant launched.
+//! Nothing here is a second copy of `memlayer-wgpu`: the shaders, their
+//! metadata and the storage-only adaptation cubecl needs come from its
+//! registry (`memlayer_wgpu::shaders`, [`Variant::storage_text`]: every
+//! binding `var<storage, read_write>`, overrides as constants), and every
+//! kernel sequence — parameter packing, grid folding, dispatch order — is
+//! `memlayer-wgpu`'s, generic over its `Launcher` trait, which
+//! [`CubeLauncher`] implements on cubecl handles:
 //!
-//! - forward: `bag_forward.wgsl`, flat f32 table, one shard (a burn tensor
-//!   is one buffer);
-//! - backward: the deterministic reverse index (`reverse_index_*.wgsl`:
-//!   stable radix sort of the row ids, segment heads, CSR), the bag of each
-//!   entry, then `bag_backward_table.wgsl` (sparse rows, summed in the
-//!   oracle's order) scattered into burn's dense gradient by
-//!   `bag_backward_dense.wgsl`, and `bag_backward_weights.wgsl` for the
-//!   per-sample weights;
-//! - product-key selection: `pk_topk.wgsl` per half, `pk_candidates.wgsl`
-//!   for the k best of the k² pairs, the oracle's tie rule.
+//! - forward: `bag_forward::bag_forward` on a flat f32 table of one shard
+//!   (a burn tensor is one buffer);
+//! - backward: `backward::bag_index` (the deterministic reverse index of
+//!   the row ids and the bag of each entry), `backward::table_grad` (sparse
+//!   rows, summed in the oracle's order) scattered into burn's dense
+//!   gradient by `backward::scatter_dense`, and `backward::weight_grad`;
+//! - product-key selection: `lookup::select` (`pk_topk.wgsl` per half,
+//!   `pk_candidates.wgsl` for the k best of the k² pairs, the oracle's tie
+//!   rule).
+//!
+//! Errors: burn's op signatures return tensors, so the limits the raw path
+//! returns as errors (u32 counts, one binding per buffer, f32, knn range)
+//! are checked before this route is chosen: `native::embedding_bag` calls
+//! [`check_bag`] and falls back to the portable ops past them,
+//! `native::pk_select` returns [`check_select_route`]'s error. A launch
+//! error after those checks is a broken invariant and panics naming the op.
 
 use burn::backend::Cube;
 use burn::backend::get_device_settings;
@@ -33,100 +38,62 @@ use burn::tensor::{DType, FloatDType, IntDType, Shape};
 use cubecl::prelude::KernelId;
 use cubecl::server::{Handle, KernelArguments};
 use cubecl::{CubeCount, CubeDim};
-use memlayer_wgpu::backward::{BagOfParams, TableParams, WeightsParams};
-use memlayer_wgpu::bag_forward::Params as BagParams;
-use memlayer_wgpu::lookup::{CandidatesParams, TopkParams, topk_groups};
-use memlayer_wgpu::reverse_index::{LenParams, RADIX, SCAN_BLOCK, SORT_BLOCK, SortParams};
+use memlayer_wgpu::GpuDtype;
+use memlayer_wgpu::GpuError;
+use memlayer_wgpu::backward::{bag_index, scatter_dense, table_grad, weight_grad};
+use memlayer_wgpu::bag_forward::{BagIo, TableView, bag_forward};
+use memlayer_wgpu::launch::{Grid, Launcher};
+use memlayer_wgpu::lookup::{SelectOut, check_select, select};
+use memlayer_wgpu::shaders::Variant;
 
 use super::native::MemoryBackend;
-
-use super::native::MAX_GPU_KNN as MAX_KNN;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Largest workgroup count per grid dimension (WebGPU's default limit).
 const MAX_GROUPS: u32 = 65_535;
 
-/// One shader of `shaders/` in the variant launched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct WgslKernel {
-    /// File name, for the kernel id and messages.
-    name: &'static str,
-    source: &'static str,
-    /// `override NAME` constants and the value they take.
-    constants: &'static [(&'static str, &'static str)],
-    workgroup: u32,
+/// Largest buffer the WGSL route binds: WebGPU's default
+/// `maxStorageBufferBindingSize` (128 MiB), the limit the raw path is
+/// proven under; [`check_bag`] and [`check_select_route`] keep every
+/// binding of a call within it.
+pub const MAX_BINDING_BYTES: u64 = 128 << 20;
+
+/// A registry variant as a cubecl raw-WGSL kernel: the text of
+/// [`Variant::storage_text`].
+#[derive(Clone, Debug)]
+struct CubeKernel {
+    variant: Variant,
+    text: Arc<str>,
 }
 
-macro_rules! shader {
-    ($name:literal, $wg:expr) => {
-        shader!($name, $wg, &[])
-    };
-    ($name:literal, $wg:expr, $consts:expr) => {
-        WgslKernel {
-            name: $name,
-            source: include_str!(concat!("../../../../shaders/", $name)),
-            constants: $consts,
-            workgroup: $wg,
-        }
-    };
-}
-
-const BAG_FORWARD: WgslKernel = shader!(
-    "bag_forward.wgsl",
-    256,
-    &[("F16", "false"), ("PAGED", "false")]
-);
-const HIST: WgslKernel = shader!("reverse_index_hist.wgsl", 256);
-const SCAN: WgslKernel = shader!("reverse_index_scan.wgsl", 256);
-const SCAN_ADD: WgslKernel = shader!("reverse_index_scan_add.wgsl", 256);
-const SCATTER: WgslKernel = shader!("reverse_index_scatter.wgsl", 256);
-const HEADS: WgslKernel = shader!("reverse_index_heads.wgsl", 256);
-const COMPACT: WgslKernel = shader!("reverse_index_compact.wgsl", 256);
-const BAG_OF: WgslKernel = shader!("bag_backward_bag_of.wgsl", 256);
-const BAG_TABLE: WgslKernel = shader!("bag_backward_table.wgsl", 256);
-const BAG_DENSE: WgslKernel = shader!("bag_backward_dense.wgsl", 256);
-const BAG_WEIGHTS: WgslKernel = shader!("bag_backward_weights.wgsl", 64, &[("F16", "false")]);
-const PK_TOPK: WgslKernel = shader!("pk_topk.wgsl", 256);
-const PK_CANDIDATES: WgslKernel = shader!("pk_candidates.wgsl", 64);
-
-impl WgslKernel {
-    /// The shader text cubecl compiles: storage-bound parameters and the
-    /// variant's constants. Panics if the file does not have the declaration
-    /// being adapted (a shader edit that this loader must follow).
-    fn text(&self) -> String {
-        const UNIFORM: &str = "var<uniform> params: Params;";
-        assert!(
-            self.source.contains(UNIFORM),
-            "{}: expected a `{UNIFORM}` binding",
-            self.name
-        );
-        // every binding read_write: cubecl suballocates tensors from shared
-        // buffers, and one wgpu buffer may not be bound read-only and
-        // read-write in the same dispatch (cubecl's own kernels bind all
-        // storage read_write for the same reason)
-        let mut text = self
-            .source
-            .replace(UNIFORM, "var<storage, read_write> params: Params;")
-            .replace("var<storage, read>", "var<storage, read_write>");
-        for (name, value) in self.constants {
-            let decl = format!("override {name}: bool = false;");
-            assert!(
-                text.contains(&decl),
-                "{}: expected `{decl}` to specialise",
-                self.name
-            );
-            text = text.replace(&decl, &format!("const {name}: bool = {value};"));
-        }
-        text
+impl CubeKernel {
+    /// The kernel of `variant`, its storage-only text adapted once per process.
+    fn new(variant: Variant) -> Result<Self, GpuError> {
+        static TEXTS: OnceLock<Mutex<HashMap<Variant, Arc<str>>>> = OnceLock::new();
+        let mut texts = TEXTS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let text = match texts.get(&variant) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = variant.storage_text()?.into();
+                texts.insert(variant, t.clone());
+                t
+            }
+        };
+        Ok(Self { variant, text })
     }
 }
 
-impl KernelSource for WgslKernel {
+impl KernelSource for CubeKernel {
     fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(self.text())
+        SourceTemplate::new(self.text.to_string())
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.name, self.constants))
+        KernelId::new::<Self>().info((self.variant.shader.name, self.variant.flags))
     }
 
     fn lang(&self) -> &'static str {
@@ -134,68 +101,13 @@ impl KernelSource for WgslKernel {
     }
 }
 
-/// `(x, y)` workgroups covering `n` groups within the per-dimension limit;
-/// the shaders fold `y` back in with their `x_groups` parameter.
-fn grid(n: u32) -> (u32, u32) {
-    if n <= MAX_GROUPS {
-        (n.max(1), 1)
-    } else {
-        (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
-    }
-}
-
-fn u32_of(what: &str, n: usize) -> u32 {
-    u32::try_from(n).unwrap_or_else(|_| panic!("{what}: {n} exceeds the kernels' u32 range"))
-}
-
-/// Uniform of `bag_backward_dense.wgsl` (WGSL layout).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct DenseParams {
-    dim: u32,
-    slots: u32,
-    x_groups: u32,
-    _pad: u32,
-}
-
-/// Launches kernels on one tensor's client.
-struct Launcher<'a> {
+/// [`Launcher`] on burn-wgpu: dispatches on one tensor's cubecl client,
+/// in burn's command stream, on burn's buffers.
+struct CubeLauncher<'a> {
     like: &'a CubeTensor,
 }
 
-impl Launcher<'_> {
-    fn upload(&self, bytes: &[u8]) -> Handle {
-        self.like.client.create_from_slice(bytes)
-    }
-
-    fn zeroed(&self, bytes: usize) -> Handle {
-        // at least one word: a binding may not be empty
-        self.upload(&vec![0u8; bytes.max(4)])
-    }
-
-    fn empty(&self, bytes: usize) -> Handle {
-        self.like.client.empty(bytes.max(4))
-    }
-
-    /// One dispatch of `kernel` over `groups` workgroups; `params` is bound
-    /// first, then `buffers` in binding order.
-    fn launch<P: bytemuck::Pod>(
-        &self,
-        kernel: WgslKernel,
-        params: &P,
-        buffers: &[&Handle],
-        groups: (u32, u32),
-    ) {
-        let params = self.upload(bytemuck::bytes_of(params));
-        let mut bindings = vec![params.binding()];
-        bindings.extend(buffers.iter().map(|h| (*h).clone().binding()));
-        self.like.client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(kernel.workgroup))),
-            CubeCount::Static(groups.0, groups.1, 1),
-            KernelArguments::new().with_buffers(bindings),
-        );
-    }
-
+impl CubeLauncher<'_> {
     fn tensor(&self, handle: Handle, shape: impl Into<Shape>, dtype: DType) -> CubeTensor {
         CubeTensor::new_contiguous(
             self.like.client.clone(),
@@ -207,12 +119,129 @@ impl Launcher<'_> {
     }
 }
 
-fn float_f32(t: FloatTensor<Cube>, what: &str) -> CubeTensor {
-    assert_eq!(
-        t.dtype,
-        DType::F32,
-        "{what}: the WGSL memory ops take f32 tensors"
-    );
+impl Launcher for CubeLauncher<'_> {
+    type Buffer = Handle;
+
+    fn max_groups(&self) -> u32 {
+        MAX_GROUPS
+    }
+
+    fn zeroed(&mut self, _label: &'static str, bytes: u64) -> Result<Handle, GpuError> {
+        // at least one word: a binding may not be empty
+        Ok(self
+            .like
+            .client
+            .create_from_slice(&vec![0u8; (bytes as usize).max(4)]))
+    }
+
+    fn upload(&mut self, _label: &'static str, words: &[u32]) -> Result<Handle, GpuError> {
+        if words.is_empty() {
+            return self.zeroed("empty", 4);
+        }
+        Ok(self
+            .like
+            .client
+            .create_from_slice(bytemuck::cast_slice(words)))
+    }
+
+    fn scratch(&mut self, _label: &'static str, bytes: u64) -> Result<Handle, GpuError> {
+        Ok(self.like.client.empty((bytes as usize).max(4)))
+    }
+
+    fn unused(&mut self) -> Result<Handle, GpuError> {
+        // its own buffer, so no binding aliases a written one; 16 bytes,
+        // the smallest binding of an array of vec4
+        self.zeroed("unused binding", 16)
+    }
+
+    fn dispatch(
+        &mut self,
+        kernel: Variant,
+        params: &[u8],
+        buffers: &[&Handle],
+        grid: Grid,
+    ) -> Result<(), GpuError> {
+        let source = CubeKernel::new(kernel)?;
+        let params = self.like.client.create_from_slice(params);
+        let mut bindings = vec![params.binding()];
+        bindings.extend(buffers.iter().map(|h| (*h).clone().binding()));
+        let workgroup = kernel.shader.workgroup;
+        self.like.client.launch(
+            Box::new(SourceKernel::new(source, CubeDim::new_1d(workgroup))),
+            CubeCount::Static(grid.x, grid.y, 1),
+            KernelArguments::new().with_buffers(bindings),
+        );
+        Ok(())
+    }
+}
+
+/// Whether an embedding-bag over a (rows, v_dim) table with (bags, bag)
+/// entries fits the WGSL route: f32 tensors, u32 element counts and every
+/// binding within [`MAX_BINDING_BYTES`] (the limits `memlayer-wgpu` checks
+/// on its own path). `native::embedding_bag` checks this before it takes
+/// the route and uses the portable ops otherwise, so the ops below (forward
+/// and both gradients, same shapes) never meet a shape they cannot launch.
+pub fn check_bag(
+    rows: usize,
+    v_dim: usize,
+    bags: usize,
+    bag: usize,
+    f32_tensors: bool,
+) -> Result<(), String> {
+    if !f32_tensors {
+        return Err("the WGSL memory ops take f32 tensors".into());
+    }
+    let n = bags
+        .checked_mul(bag)
+        .ok_or_else(|| format!("{bags} × {bag} entries overflow"))?;
+    let words = [
+        ("value table (rows, v_dim)", rows.checked_mul(v_dim)),
+        ("output (bags, v_dim)", bags.checked_mul(v_dim)),
+        // the table gradient's sparse rows (n, v_dim)
+        ("sparse gradient (bags·bag, v_dim)", n.checked_mul(v_dim)),
+        ("offsets (bags + 1)", Some(bags + 1)),
+        (
+            "radix histogram",
+            Some(memlayer_wgpu::reverse_index::RADIX * n.div_ceil(256)),
+        ),
+    ];
+    for (what, w) in words {
+        let w = w.ok_or_else(|| format!("{what} overflows"))?;
+        let bytes = w as u64 * 4;
+        if w > u32::MAX as usize || bytes > MAX_BINDING_BYTES {
+            return Err(format!(
+                "{what}: {w} elements exceed the WGSL route's u32 range or one binding of \
+                 {MAX_BINDING_BYTES} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether product-key selection of (groups, 2, n_keys) scores with `knn`
+/// fits the WGSL route (`1 <= knn <= min(n_keys, MAX_K)`, bindings within
+/// [`MAX_BINDING_BYTES`]); `native::pk_select` returns this as its error.
+pub fn check_select_route(groups: usize, n_keys: usize, knn: usize) -> Result<(), String> {
+    check_select(n_keys, knn).map_err(|e| e.to_string())?;
+    let scores = groups.saturating_mul(2 * n_keys);
+    if scores > u32::MAX as usize || scores as u64 * 4 > MAX_BINDING_BYTES {
+        return Err(format!(
+            "product-key selection: scores ({groups}, 2, {n_keys}) exceed one binding of \
+             {MAX_BINDING_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// The result of a launch sequence whose limits were checked before the
+/// WGSL route was chosen ([`check_bag`], [`check_select_route`]); an error
+/// here is a broken invariant of this module, reported with the op.
+fn launched<T>(op: &str, r: Result<T, GpuError>) -> T {
+    r.unwrap_or_else(|e| panic!("{op}: {e} (limits are checked before the WGSL route is taken)"))
+}
+
+fn float_f32(t: FloatTensor<Cube>) -> CubeTensor {
+    // f32 is checked by `check_bag` before the route is taken
     into_contiguous(t)
 }
 
@@ -231,115 +260,20 @@ fn dims2(t: &CubeTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
-/// The device buffers of a reverse index (see `memlayer_wgpu::reverse_index`).
-struct ReverseIndex {
-    sorted_ids: Handle,
-    sorted_entries: Handle,
-    unique_ids: Handle,
-    seg_start: Handle,
-    count: Handle,
+/// CSR offsets of `bags` fixed-size bags of `bag` entries.
+fn uniform_offsets(bags: usize, bag: usize) -> Vec<u32> {
+    (0..=bags).map(|b| (b * bag) as u32).collect()
 }
 
-/// Exclusive prefix sum of the first `n` words of `data`, in place.
-fn scan(l: &Launcher, data: &Handle, n: usize) {
-    let blocks = n.div_ceil(SCAN_BLOCK);
-    let sums = l.zeroed(blocks * 4);
-    let g = grid(blocks as u32);
-    let params = LenParams {
-        n: u32_of("scan", n),
-        x_groups: g.0,
-        _pad: [0; 2],
-    };
-    l.launch(SCAN, &params, &[data, &sums], g);
-    if blocks > 1 {
-        scan(l, &sums, blocks);
-        let g = grid(n.div_ceil(256) as u32);
-        let params = LenParams {
-            x_groups: g.0,
-            ..params
-        };
-        l.launch(SCAN_ADD, &params, &[data, &sums], g);
+/// A (rows, v_dim) f32 value tensor as a one-shard table.
+fn table_view<'a>(values: &'a CubeTensor, rows: usize, v_dim: usize) -> TableView<'a, Handle> {
+    TableView {
+        shards: std::slice::from_ref(&values.handle),
+        rows,
+        dim: v_dim,
+        dtype: GpuDtype::F32,
+        rows_per_shard: rows.max(1),
     }
-}
-
-/// The reverse index of `ids[..n]`, every id `< id_range`; `n >= 1`.
-fn reverse_index(l: &Launcher, ids: &Handle, n: usize, id_range: usize) -> ReverseIndex {
-    let n32 = u32_of("bag entries", n);
-    let bytes = n * 4;
-    let bufs = [
-        l.zeroed(bytes),
-        l.zeroed(bytes),
-        l.zeroed(bytes),
-        l.zeroed(bytes),
-    ];
-    let unique_ids = l.zeroed(bytes);
-    let seg_start = l.zeroed(bytes + 4);
-    let count = l.zeroed(4);
-    let n_blocks = n.div_ceil(SORT_BLOCK);
-    let bits = usize::BITS as usize - (id_range.max(1) - 1).leading_zeros() as usize;
-    let passes = bits.div_ceil(8).max(1);
-    let hist = l.zeroed(RADIX * n_blocks * 4);
-    let g = grid(n_blocks as u32);
-    for pass in 0..passes {
-        // passes alternate between the pairs 0/1 and 2/3 so that the last
-        // one writes 0/1
-        let (out_k, out_v, in_k, in_v) = if (passes - 1 - pass).is_multiple_of(2) {
-            (&bufs[0], &bufs[1], &bufs[2], &bufs[3])
-        } else {
-            (&bufs[2], &bufs[3], &bufs[0], &bufs[1])
-        };
-        let (in_k, in_v) = if pass == 0 { (ids, ids) } else { (in_k, in_v) };
-        let params = SortParams {
-            n: n32,
-            shift: (8 * pass) as u32,
-            n_blocks: n_blocks as u32,
-            x_groups: g.0,
-            first_pass: (pass == 0) as u32,
-            _pad: [0; 3],
-        };
-        l.launch(HIST, &params, &[in_k, &hist], g);
-        scan(l, &hist, RADIX * n_blocks);
-        l.launch(SCATTER, &params, &[in_k, in_v, &hist, out_k, out_v], g);
-    }
-    let [sorted_ids, sorted_entries, heads, _] = bufs;
-    let g = grid(n.div_ceil(256) as u32);
-    let params = LenParams {
-        n: n32,
-        x_groups: g.0,
-        _pad: [0; 2],
-    };
-    l.launch(HEADS, &params, &[&sorted_ids, &heads], g);
-    scan(l, &heads, n);
-    l.launch(
-        COMPACT,
-        &params,
-        &[&sorted_ids, &heads, &unique_ids, &seg_start, &count],
-        g,
-    );
-    ReverseIndex {
-        sorted_ids,
-        sorted_entries,
-        unique_ids,
-        seg_start,
-        count,
-    }
-}
-
-/// The bag of every entry of `bags` fixed-size bags of `bag` entries.
-fn bag_of(l: &Launcher, bags: usize, bag: usize) -> Handle {
-    let n = bags * bag;
-    let offsets: Vec<u32> = (0..=bags).map(|b| u32_of("bag entries", b * bag)).collect();
-    let offsets = l.upload(bytemuck::cast_slice(&offsets));
-    let out = l.empty(n * 4);
-    let g = grid(n.div_ceil(256) as u32);
-    let params = BagOfParams {
-        n: n as u32,
-        bags: u32_of("bags", bags),
-        x_groups: g.0,
-        _pad: 0,
-    };
-    l.launch(BAG_OF, &params, &[&offsets, &out], g);
-    out
 }
 
 impl MemoryBackend for Cube {
@@ -348,61 +282,41 @@ impl MemoryBackend for Cube {
         indices: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let values = float_f32(values, "memory_bag values");
-        let weights = float_f32(weights, "memory_bag weights");
+        let values = float_f32(values);
+        let weights = float_f32(weights);
         let indices = ids_u32(indices);
         let [rows, v_dim] = dims2(&values);
         let [bags, bag] = dims2(&indices);
-        let l = Launcher { like: &values };
+        let mut l = CubeLauncher { like: &values };
         if bags == 0 || v_dim == 0 {
-            return l.tensor(l.empty(0), [bags, v_dim], DType::F32);
+            let out = launched("memory_bag", l.scratch("bag out", 0));
+            return l.tensor(out, [bags, v_dim], DType::F32);
         }
         if bag == 0 {
             return Cube::float_zeros([bags, v_dim].into(), &values.device, FloatDType::F32);
         }
-        let offsets: Vec<u32> = (0..=bags).map(|b| u32_of("bag entries", b * bag)).collect();
-        let offsets = l.upload(bytemuck::cast_slice(&offsets));
-        let out = l.empty(bags * v_dim * 4);
-        // bag_forward.wgsl's layout: 4 words per lane and block, bags packed
-        // into a workgroup of 256 when rows are short (as memlayer-wgpu)
-        let tpb = v_dim.div_ceil(4).next_power_of_two().clamp(1, 256);
-        let bags_per_wg = 256 / tpb;
-        let g = grid(bags.div_ceil(bags_per_wg) as u32);
-        let params = BagParams {
-            bags: u32_of("bags", bags),
-            dim: u32_of("v_dim", v_dim),
-            row_words: v_dim as u32,
-            n_shards: 1,
-            tpb: tpb as u32,
-            bags_per_wg: bags_per_wg as u32,
-            x_groups: g.0,
-            page_shift: 0,
-            rows: u32_of("table rows", rows),
-            page_rows: 1,
-            n_pages: 0,
-            n_slots: 0,
-            rows_per_shard: u32_of("table rows", rows.max(1)),
-            first_shard: 0,
-            accumulate: 0,
-            one: 1.0,
-        };
-        // page table and shards 1, 2: not read when flat with one shard;
-        // bound to their own word so no binding aliases a written one
-        let unused = l.zeroed(4);
-        l.launch(
-            BAG_FORWARD,
-            &params,
-            &[
-                &indices.handle,
-                &weights.handle,
-                &offsets,
-                &unused,
-                &out,
-                &values.handle,
-                &unused,
-                &unused,
-            ],
-            g,
+        let out = launched(
+            "memory_bag",
+            (|| -> Result<Handle, GpuError> {
+                let offsets = l.upload("offsets", &uniform_offsets(bags, bag))?;
+                let out = l.scratch("bag out", (bags * v_dim * 4) as u64)?;
+                let io = BagIo {
+                    indices: &indices.handle,
+                    weights: &weights.handle,
+                    offsets: &offsets,
+                    out: &out,
+                    bags,
+                };
+                // the u32-load kernel (as before; both kernels give the same bits)
+                bag_forward(
+                    &mut l,
+                    Some(false),
+                    &table_view(&values, rows, v_dim),
+                    None,
+                    &io,
+                )?;
+                Ok(out)
+            })(),
         );
         l.tensor(out, [bags, v_dim], DType::F32)
     }
@@ -416,52 +330,33 @@ impl MemoryBackend for Cube {
         let [rows, v_dim] = dims2(&values);
         let dense = Cube::float_zeros([rows, v_dim].into(), &values.device, FloatDType::F32);
         let indices = ids_u32(indices);
-        let weights = float_f32(weights, "memory_bag weights");
-        let grad_out = float_f32(grad_out, "memory_bag gradient");
+        let weights = float_f32(weights);
+        let grad_out = float_f32(grad_out);
         let [bags, bag] = dims2(&indices);
         let n = bags * bag;
         if n == 0 || v_dim == 0 {
             return dense;
         }
-        let l = Launcher { like: &dense };
-        let index = reverse_index(&l, &indices.handle, n, rows);
-        let bag_of = bag_of(&l, bags, bag);
-        // sparse rows: slot u holds row unique_ids[u], u < count <= n
-        let sparse = l.empty(n * v_dim * 4);
-        let g = grid(u32_of("gradient elements", n * v_dim.div_ceil(4)).div_ceil(256));
-        let params = TableParams {
-            dim: v_dim as u32,
-            slot_base: 0,
-            slots: n as u32,
-            x_groups: g.0,
-        };
-        l.launch(
-            BAG_TABLE,
-            &params,
-            &[
-                &index.seg_start,
-                &index.sorted_entries,
-                &bag_of,
-                &weights.handle,
-                &grad_out.handle,
-                &sparse,
-            ],
-            g,
-        );
-        // bag_backward_dense.wgsl addresses the dense table with u32
-        u32_of("value table elements", rows * v_dim);
-        let g = grid(u32_of("gradient elements", n * v_dim).div_ceil(256));
-        let params = DenseParams {
-            dim: v_dim as u32,
-            slots: n as u32,
-            x_groups: g.0,
-            _pad: 0,
-        };
-        l.launch(
-            BAG_DENSE,
-            &params,
-            &[&index.count, &index.unique_ids, &sparse, &dense.handle],
-            g,
+        let mut l = CubeLauncher { like: &dense };
+        launched(
+            "memory_bag backward",
+            (|| -> Result<(), GpuError> {
+                let offsets = l.upload("offsets", &uniform_offsets(bags, bag))?;
+                let idx = bag_index(&mut l, &indices.handle, &offsets, n, bags, rows)?;
+                // sparse rows: slot u holds row unique_ids[u], u < count <= n
+                let sparse = l.scratch("sparse gradient", (n * v_dim * 4) as u64)?;
+                table_grad(
+                    &mut l,
+                    &idx,
+                    &weights.handle,
+                    &grad_out.handle,
+                    &sparse,
+                    v_dim,
+                    0,
+                    n,
+                )?;
+                scatter_dense(&mut l, &idx.index, &sparse, &dense.handle, rows, v_dim, n)
+            })(),
         );
         dense
     }
@@ -471,91 +366,65 @@ impl MemoryBackend for Cube {
         indices: IntTensor<Self>,
         grad_out: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let values = float_f32(values, "memory_bag values");
+        let values = float_f32(values);
         let indices = ids_u32(indices);
-        let grad_out = float_f32(grad_out, "memory_bag gradient");
+        let grad_out = float_f32(grad_out);
         let [rows, v_dim] = dims2(&values);
         let [bags, bag] = dims2(&indices);
         let n = bags * bag;
         if n == 0 {
             return Cube::float_zeros([bags, bag].into(), &values.device, FloatDType::F32);
         }
-        let l = Launcher { like: &values };
-        let index = reverse_index(&l, &indices.handle, n, rows);
-        let bag_of = bag_of(&l, bags, bag);
-        let dw = l.empty(n * 4);
-        let g = grid(n.div_ceil(64) as u32);
-        let params = WeightsParams {
-            n: n as u32,
-            dim: u32_of("v_dim", v_dim),
-            row_words: v_dim as u32,
-            first_row: 0,
-            shard_rows: u32_of("table rows", rows),
-            x_groups: g.0,
-            _pad: [0; 2],
-        };
-        l.launch(
-            BAG_WEIGHTS,
-            &params,
-            &[
-                &index.sorted_ids,
-                &index.sorted_entries,
-                &bag_of,
-                &grad_out.handle,
-                &values.handle,
-                &dw,
-            ],
-            g,
+        let mut l = CubeLauncher { like: &values };
+        let dw = launched(
+            "memory_bag backward",
+            (|| -> Result<Handle, GpuError> {
+                let offsets = l.upload("offsets", &uniform_offsets(bags, bag))?;
+                let idx = bag_index(&mut l, &indices.handle, &offsets, n, bags, rows)?;
+                let dw = l.scratch("weight gradient", (n * 4) as u64)?;
+                weight_grad(
+                    &mut l,
+                    &idx,
+                    &values.handle,
+                    &grad_out.handle,
+                    &dw,
+                    GpuDtype::F32,
+                    v_dim,
+                    0,
+                    rows,
+                )?;
+                Ok(dw)
+            })(),
         );
         l.tensor(dw, [bags, bag], DType::F32)
     }
 
     fn memory_pk_select(scores: FloatTensor<Self>, knn: usize) -> IntTensor<Self> {
-        let scores = float_f32(scores, "product-key scores");
+        let scores = float_f32(scores);
         let s = scores.meta.shape();
         let (groups, n_keys) = (s[0], s[2]);
-        assert!(
-            (1..=MAX_KNN.min(n_keys)).contains(&knn),
-            "memory_pk_select: knn {knn} must be in 1..={} (n_keys {n_keys}, WGSL limit {MAX_KNN})",
-            MAX_KNN.min(n_keys)
-        );
-        let l = Launcher { like: &scores };
+        let mut l = CubeLauncher { like: &scores };
         let int_dtype = get_device_settings::<Cube>(&scores.device).int_dtype;
-        if groups == 0 {
-            let empty = l.tensor(l.empty(0), [0, knn], DType::I32);
-            return Cube::int_cast(empty, int_dtype);
-        }
-        // per-half top-k: rows (groups, 2) of n_keys scores
-        let half_rows = 2 * groups;
-        let half_s = l.empty(half_rows * knn * 4);
-        let half_i = l.empty(half_rows * knn * 4);
-        let g = grid(u32_of("score rows", half_rows));
-        let params = TopkParams {
-            rows: half_rows as u32,
-            n_keys: u32_of("n_keys", n_keys),
-            k: knn as u32,
-            row0: 0,
-            x_groups: g.0,
-            groups: topk_groups(knn, n_keys) as u32,
-            _pad: [0; 2],
-        };
-        l.launch(PK_TOPK, &params, &[&scores.handle, &half_s, &half_i], g);
-        // the k best of the k² pairs (rows i1 * n_keys + i2), oracle order
-        let rows = l.empty(groups * knn * 4);
-        let best_s = l.empty(groups * knn * 4);
-        let best_w = l.empty(groups * knn * 4);
-        let g = grid(groups.div_ceil(64) as u32);
-        let params = CandidatesParams {
-            tokens_heads: groups as u32,
-            k: knn as u32,
-            n_keys: n_keys as u32,
-            x_groups: g.0,
-        };
-        l.launch(
-            PK_CANDIDATES,
-            &params,
-            &[&half_s, &half_i, &rows, &best_s, &best_w],
-            g,
+        let rows = launched(
+            "memory_pk_select",
+            (|| -> Result<Handle, GpuError> {
+                let half_bytes = (2 * groups * knn * 4) as u64;
+                let out_bytes = (groups * knn * 4) as u64;
+                let half_scores = l.scratch("half scores", half_bytes)?;
+                let half_ids = l.scratch("half ids", half_bytes)?;
+                let rows = l.scratch("rows", out_bytes)?;
+                let best_s = l.scratch("scores", out_bytes)?;
+                let best_w = l.scratch("weights", out_bytes)?;
+                let out = SelectOut {
+                    half_scores: &half_scores,
+                    half_ids: &half_ids,
+                    indices: &rows,
+                    scores: &best_s,
+                    weights: &best_w,
+                };
+                select(&mut l, &scores.handle, groups, n_keys, knn, &out)?;
+                Ok(rows)
+            })(),
         );
         let rows = l.tensor(rows, [groups, knn], DType::I32);
         if int_dtype == IntDType::I32 {

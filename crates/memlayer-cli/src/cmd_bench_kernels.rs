@@ -1,0 +1,626 @@
+//! `memlayer bench kernels [--quick] --json FILE`: the cross-backend kernel benchmark.
+//!
+//! On identical shapes in one run it measures embedding-bag forward bandwidth
+//! (bytes of rows gathered per second) on the CPU oracle, the optimised CPU
+//! path (f32/f16/bf16 storage), PyTorch CPU `embedding_bag` (through
+//! `scripts/bench_torch_bag.py`, same thread count; `null` when torch is
+//! missing) and every wgpu adapter present (f32 and f16 storage); the physical
+//! limits in the same run (the CPU's copy bandwidth, a WGSL copy kernel's
+//! bandwidth on each adapter); and product-key lookup time per token for
+//! N = 2^16 … 2^24 against a brute-force scan of all N rows. Timings are
+//! medians after a warm-up. Nothing here asserts a number: it reports.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use memlayer_core::pkm::{Candidate, PkmConfig, candidate_order, select_best};
+use memlayer_core::rng::Rng;
+use memlayer_cpu::alloc::LargeBuf;
+use memlayer_cpu::storage::narrow;
+use memlayer_cpu::{Cpu, Storage, Table};
+use memlayer_wgpu::bag_forward::{BagForward, BagTable};
+use memlayer_wgpu::buffers::{storage_init, storage_zeroed};
+use memlayer_wgpu::context::adapter_matches;
+use memlayer_wgpu::copy::CopyKernel;
+use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
+use memlayer_wgpu::{GpuContext, GpuDtype, GpuOptions, ShardedTable};
+use rayon::prelude::*;
+use serde_json::{Map, Value, json};
+
+#[derive(Args)]
+pub struct KernelsArgs {
+    /// Small shapes and few iterations (a smoke run of a minute or two).
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the results as one JSON object here.
+    #[arg(long)]
+    pub json: PathBuf,
+    /// CPU threads for memlayer and torch (0: all logical CPUs).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Python interpreter for the PyTorch reference.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench_torch_bag.py"))]
+    pub torch_script: PathBuf,
+    /// Only adapters whose name, driver or backend contains this.
+    #[arg(long)]
+    pub adapter: Option<String>,
+}
+
+/// The shapes one run uses (recorded in the JSON).
+struct Shapes {
+    rows: usize,
+    dim: usize,
+    bags: usize,
+    bag_size: usize,
+    iters: usize,
+    cpu_copy_bytes: usize,
+    gpu_copy_bytes: u64,
+    n_keys: Vec<usize>,
+    heads: usize,
+    knn: usize,
+    k_dim: usize,
+    lookup_tokens: usize,
+    gpu_lookup_tokens: usize,
+    brute_tokens: usize,
+}
+
+impl Shapes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rows: 1 << 16,
+                dim: 256,
+                bags: 256,
+                bag_size: 128,
+                iters: 3,
+                cpu_copy_bytes: 64 << 20,
+                gpu_copy_bytes: 32 << 20,
+                n_keys: vec![256, 1024],
+                heads: 4,
+                knn: 32,
+                k_dim: 256,
+                lookup_tokens: 32,
+                gpu_lookup_tokens: 8,
+                brute_tokens: 2,
+            }
+        } else {
+            Self {
+                rows: 1 << 20,
+                dim: 256,
+                bags: 2048,
+                bag_size: 128,
+                iters: 10,
+                cpu_copy_bytes: 512 << 20,
+                gpu_copy_bytes: 128 << 20,
+                n_keys: vec![256, 512, 1024, 2048, 4096],
+                heads: 4,
+                knn: 32,
+                k_dim: 256,
+                lookup_tokens: 256,
+                gpu_lookup_tokens: 32,
+                brute_tokens: 4,
+            }
+        }
+    }
+
+    fn gathered_bytes(&self, elem: usize) -> f64 {
+        (self.bags * self.bag_size * self.dim * elem) as f64
+    }
+
+    fn json(&self, threads: usize) -> Value {
+        json!({
+            "bag": {
+                "rows": self.rows, "dim": self.dim, "bags": self.bags, "bag_size": self.bag_size,
+                "indices": "uniform random", "weights": "normal", "threads": threads,
+                "memory": "tables on transparent huge pages (madvise) for memlayer; THP_MEM_ALLOC_ENABLE=1 for torch",
+                "iters": self.iters, "statistic": "median seconds per call after one warm-up call",
+                "gbps": "bags * bag_size * dim * element bytes / seconds / 1e9"
+            },
+            "copy": {
+                "cpu_bytes": self.cpu_copy_bytes, "gpu_bytes": self.gpu_copy_bytes,
+                "gbps": "bytes copied (read once, written once) / seconds / 1e9"
+            },
+            "lookup": {
+                "n_keys": self.n_keys, "rows": self.n_keys.iter().map(|n| n * n).collect::<Vec<_>>(),
+                "heads": self.heads, "knn": self.knn, "k_dim": self.k_dim, "qk_norm": false,
+                "tokens_cpu": self.lookup_tokens, "tokens_gpu": self.gpu_lookup_tokens,
+                "tokens_bruteforce": self.brute_tokens, "threads": threads,
+                "bruteforce": "all N = n_keys^2 sums s1[i] + s2[j] ranked by candidate_order"
+            }
+        })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `iters` calls of `f` after one warm-up call.
+fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// The bag workload: indices, weights, offsets and the f32 table.
+struct BagData {
+    table: Vec<f32>,
+    indices: Vec<u32>,
+    weights: Vec<f32>,
+    offsets: Vec<usize>,
+}
+
+impl BagData {
+    fn new(s: &Shapes) -> Self {
+        let mut rng = Rng::new(2024);
+        let table = rng.normal_vec(s.rows * s.dim, 0.0, 1.0);
+        let nnz = s.bags * s.bag_size;
+        let indices = (0..nnz).map(|_| rng.below(s.rows as u64) as u32).collect();
+        let weights = rng.normal_vec(nnz, 0.0, 1.0);
+        let offsets = memlayer_core::bag::uniform_offsets(s.bags, s.bag_size);
+        Self {
+            table,
+            indices,
+            weights,
+            offsets,
+        }
+    }
+}
+
+pub fn run(args: KernelsArgs) -> Result<()> {
+    let s = Shapes::new(args.quick);
+    let cpu = Cpu::new(args.threads).context("creating the CPU thread pool")?;
+    let threads = cpu.threads();
+    let adapters: Vec<wgpu::Adapter> = GpuContext::adapters()
+        .into_iter()
+        .filter(|a| {
+            args.adapter
+                .as_ref()
+                .is_none_or(|f| adapter_matches(&a.get_info(), f))
+        })
+        .collect();
+    let steps = 4 + 3 + 3 + adapters.len() as u64 * (1 + 2 + 1) + s.n_keys.len() as u64 * 2;
+    let bar = ProgressBar::new(steps).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut errors: Vec<String> = Vec::new();
+    let mut bag = Map::new();
+    let mut copy = Map::new();
+    let mut adapters_json = Vec::new();
+
+    bar.set_message("generating data");
+    let data = BagData::new(&s);
+    bar.inc(1);
+
+    // CPU copy bandwidth: the physical limit of a gather here
+    bar.set_message("CPU copy bandwidth");
+    let cpu_copy = cpu.copy_bandwidth(s.cpu_copy_bytes, 5);
+    copy.insert("cpu".into(), json!(cpu_copy.gbps));
+    bar.inc(1);
+
+    // CPU oracle (single-threaded by design)
+    bar.set_message("bag forward: CPU oracle");
+    let oracle_s = time_median(s.iters.min(3), || {
+        memlayer_core::bag::bag_forward(
+            &data.table,
+            s.rows,
+            s.dim,
+            &data.indices,
+            &data.weights,
+            &data.offsets,
+        )?;
+        Ok(())
+    })?;
+    bag.insert(
+        "cpu_oracle".into(),
+        json!(s.gathered_bytes(4) / oracle_s / 1e9),
+    );
+    bar.inc(1);
+
+    // Optimised CPU path, f32 / f16 / bf16 storage (tables on huge pages)
+    bar.set_message("bag forward: cpu_fast f32");
+    let gbps = cpu_bag(&cpu, &s, &data, &data.table)?;
+    bag.insert("cpu_fast".into(), json!(gbps));
+    bar.inc(1);
+    bar.set_message("bag forward: cpu_fast f16");
+    let gbps = cpu_bag(&cpu, &s, &data, &narrow::<half::f16>(&data.table))?;
+    bag.insert("cpu_fast_f16".into(), json!(gbps));
+    bar.inc(1);
+    bar.set_message("bag forward: cpu_fast bf16");
+    let gbps = cpu_bag(&cpu, &s, &data, &narrow::<half::bf16>(&data.table))?;
+    bag.insert("cpu_fast_bf16".into(), json!(gbps));
+    bar.inc(1);
+
+    // PyTorch CPU on the same shapes and thread count
+    let mut torch_info = Value::Null;
+    for (dtype, name) in [
+        ("f32", "torch_cpu"),
+        ("f16", "torch_cpu_f16"),
+        ("bf16", "torch_cpu_bf16"),
+    ] {
+        bar.set_message(format!("bag forward: {name}"));
+        match torch_bag(&args, &s, threads, dtype) {
+            Ok((gbps, info)) => {
+                bag.insert(name.into(), gbps.map_or(Value::Null, |g| json!(g)));
+                if torch_info.is_null() {
+                    torch_info = info;
+                }
+            }
+            Err(e) => {
+                errors.push(format!("{name}: {e:#}"));
+                bag.insert(name.into(), Value::Null);
+            }
+        }
+        bar.inc(1);
+    }
+
+    // Every wgpu adapter: copy kernel, bag forward f32/f16
+    for adapter in adapters {
+        let info = adapter.get_info();
+        let label = format!("{} ({:?}, {})", info.name, info.backend, info.driver);
+        bar.set_message(format!("adapter {label}"));
+        let ctx =
+            match pollster::block_on(GpuContext::from_adapter(adapter, &GpuOptions::default())) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(format!("adapter {label}: {e}"));
+                    bar.inc(4);
+                    continue;
+                }
+            };
+        let name = ctx.name();
+        adapters_json.push(json!({
+            "name": name, "adapter": info.name, "backend": format!("{:?}", info.backend),
+            "driver": info.driver, "driver_info": info.driver_info,
+            "device_type": format!("{:?}", info.device_type),
+            "max_storage_buffer_binding_size": ctx.limits.max_storage_buffer_binding_size,
+        }));
+        match gpu_copy(&ctx, &s) {
+            Ok(g) => {
+                copy.insert(name.clone(), json!(g));
+            }
+            Err(e) => {
+                errors.push(format!("{name} copy: {e:#}"));
+                copy.insert(name.clone(), Value::Null);
+            }
+        }
+        bar.inc(1);
+        for (dtype, suffix, elem) in [(GpuDtype::F32, "", 4), (GpuDtype::F16, "_f16", 2)] {
+            let key = format!("{name}{suffix}");
+            bar.set_message(format!("bag forward: {key}"));
+            match gpu_bag(&ctx, &s, &data, dtype) {
+                Ok(secs) => {
+                    bag.insert(key, json!(s.gathered_bytes(elem) / secs / 1e9));
+                }
+                Err(e) => {
+                    errors.push(format!("{key}: {e:#}"));
+                    bag.insert(key, Value::Null);
+                }
+            }
+            bar.inc(1);
+        }
+        bar.set_message(format!("lookup: {name}"));
+        let mut per_n = Map::new();
+        for &n_keys in &s.n_keys {
+            match gpu_lookup(&ctx, &s, n_keys) {
+                Ok(us) => per_n.insert((n_keys * n_keys).to_string(), json!(us)),
+                Err(e) => {
+                    errors.push(format!("{name} lookup n_keys={n_keys}: {e:#}"));
+                    per_n.insert((n_keys * n_keys).to_string(), Value::Null)
+                }
+            };
+        }
+        bar.inc(1);
+        adapters_json
+            .last_mut()
+            .and_then(Value::as_object_mut)
+            .map(|o| o.insert("lookup_us_per_token".into(), Value::Object(per_n)));
+    }
+
+    // Product-key lookup vs brute force on the CPU
+    let mut lookup = Map::new();
+    let mut brute = Map::new();
+    for &n_keys in &s.n_keys {
+        let n = (n_keys * n_keys).to_string();
+        bar.set_message(format!("lookup N = {n}"));
+        let (pk_us, bf_us) = cpu_lookup(&cpu, &s, n_keys)?;
+        lookup.insert(n.clone(), json!(pk_us));
+        bar.inc(1);
+        bar.set_message(format!("brute force N = {n}"));
+        brute.insert(n, json!(bf_us));
+        bar.inc(1);
+    }
+    bar.finish_with_message("done");
+
+    let fraction: Map<String, Value> = bag
+        .iter()
+        .filter_map(|(k, v)| {
+            let g = v.as_f64()?;
+            let limit = if k.starts_with("wgpu_") {
+                let adapter = k.trim_end_matches("_f16");
+                copy.get(adapter)?.as_f64()?
+            } else {
+                cpu_copy.gbps
+            };
+            Some((k.clone(), json!(g / limit)))
+        })
+        .collect();
+    let report = json!({
+        "memlayer_version": env!("CARGO_PKG_VERSION"),
+        "quick": args.quick,
+        "threads": threads,
+        "cpu_kernel": format!("{:?}", memlayer_cpu::simd::kernel()),
+        "shapes": s.json(threads),
+        "bag_fwd_gbps": bag,
+        "bag_fwd_fraction_of_copy": fraction,
+        "copy_gbps": copy,
+        "lookup_us_per_token": lookup,
+        "lookup_bruteforce_us_per_token": brute,
+        "adapters": adapters_json,
+        "torch": torch_info,
+        "errors": errors,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&args.json, &text)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    print_summary(&report);
+    println!("wrote {}", args.json.display());
+    Ok(())
+}
+
+fn print_summary(r: &Value) {
+    let show = |title: &str, m: &Value, unit: &str| {
+        println!("{title}");
+        if let Some(o) = m.as_object() {
+            for (k, v) in o {
+                match v.as_f64() {
+                    Some(x) => println!("  {k:<34} {x:>12.4} {unit}"),
+                    None => println!("  {k:<34} {:>12} {unit}", "null"),
+                }
+            }
+        }
+    };
+    show("embedding-bag forward", &r["bag_fwd_gbps"], "GB/s");
+    show(
+        "fraction of the copy bandwidth",
+        &r["bag_fwd_fraction_of_copy"],
+        "",
+    );
+    show("copy bandwidth", &r["copy_gbps"], "GB/s");
+    show(
+        "product-key lookup (cpu_fast)",
+        &r["lookup_us_per_token"],
+        "us/token",
+    );
+    show(
+        "brute-force scan",
+        &r["lookup_bruteforce_us_per_token"],
+        "us/token",
+    );
+    if let Some(errors) = r["errors"].as_array() {
+        for e in errors {
+            println!("note: {}", e.as_str().unwrap_or_default());
+        }
+    }
+}
+
+/// Runs the PyTorch reference; `Ok((None, info))` when torch is not installed.
+fn torch_bag(
+    args: &KernelsArgs,
+    s: &Shapes,
+    threads: usize,
+    dtype: &str,
+) -> Result<(Option<f64>, Value)> {
+    // torch gets transparent huge pages for its tensors, as memlayer's tables have
+    let out = Command::new(&args.python)
+        .env("THP_MEM_ALLOC_ENABLE", "1")
+        .arg(&args.torch_script)
+        .args(["--rows", &s.rows.to_string(), "--dim", &s.dim.to_string()])
+        .args([
+            "--bags",
+            &s.bags.to_string(),
+            "--bag-size",
+            &s.bag_size.to_string(),
+        ])
+        .args(["--threads", &threads.to_string(), "--dtype", dtype])
+        .args(["--iters", &s.iters.to_string(), "--seed", "2024"])
+        .output()
+        .with_context(|| format!("running {} {}", args.python, args.torch_script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} exited with {}: {}",
+            args.torch_script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("parsing the torch script's output {line:?}"))?;
+    let info = json!({
+        "version": v.get("torch_version").cloned().unwrap_or(Value::Null),
+        "threads": v.get("threads").cloned().unwrap_or(Value::Null),
+        "error": v.get("error").cloned().unwrap_or(Value::Null),
+    });
+    Ok((v["gbps"].as_f64(), info))
+}
+
+/// GB/s of the optimised CPU bag forward over `table` (the bag workload's
+/// table in storage type `T`), copied onto transparent huge pages first.
+fn cpu_bag<T: Storage>(cpu: &Cpu, s: &Shapes, data: &BagData, table: &[T]) -> Result<f64> {
+    let buf = LargeBuf::from_slice(table, true);
+    let t = Table::new(&buf, s.rows, s.dim)?;
+    let mut out = vec![0.0f32; s.bags * s.dim];
+    let secs = time_median(s.iters, || {
+        cpu.bag_forward(&t, &data.indices, &data.weights, &data.offsets, &mut out)?;
+        Ok(())
+    })?;
+    Ok(s.gathered_bytes(std::mem::size_of::<T>()) / secs / 1e9)
+}
+
+/// GB/s of the WGSL copy kernel (bytes copied per second).
+fn gpu_copy(ctx: &GpuContext, s: &Shapes) -> Result<f64> {
+    let bytes = s.gpu_copy_bytes.min(ctx.max_binding_bytes()) / 16 * 16;
+    let src = storage_zeroed(ctx, "copy src", bytes);
+    let dst = storage_zeroed(ctx, "copy dst", bytes);
+    let kernel = CopyKernel::new(ctx)?;
+    let secs = time_median(s.iters, || {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        kernel.record(ctx, &mut enc, &src, &dst, bytes)?;
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+        Ok(())
+    })?;
+    Ok(bytes as f64 / secs / 1e9)
+}
+
+/// Median seconds of one WGSL bag forward (device time incl. submit, no uploads).
+fn gpu_bag(ctx: &GpuContext, s: &Shapes, data: &BagData, dtype: GpuDtype) -> Result<f64> {
+    let table = ShardedTable::upload(ctx, "values", &data.table, s.rows, s.dim, dtype)?;
+    let indices = storage_init(ctx, "indices", &data.indices);
+    let weights = storage_init(ctx, "weights", &data.weights);
+    let offsets: Vec<u32> = data.offsets.iter().map(|&o| o as u32).collect();
+    let offsets = storage_init(ctx, "offsets", &offsets);
+    let out = storage_zeroed(ctx, "out", (s.bags * s.dim * 4) as u64);
+    let kernel = BagForward::new(ctx)?;
+    time_median(s.iters, || {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        kernel.record(
+            ctx,
+            &mut enc,
+            BagTable::Flat(&table),
+            &indices,
+            &weights,
+            &offsets,
+            s.bags,
+            &out,
+        )?;
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+        Ok(())
+    })
+}
+
+fn lookup_cfg(s: &Shapes, n_keys: usize) -> PkmConfig {
+    PkmConfig {
+        dim: s.k_dim,
+        v_dim: s.k_dim,
+        heads: s.heads,
+        n_keys,
+        k_dim: s.k_dim,
+        knn: s.knn,
+        qk_norm: false,
+        gated: false,
+    }
+}
+
+/// Microseconds per token of the WGSL lookup.
+fn gpu_lookup(ctx: &GpuContext, s: &Shapes, n_keys: usize) -> Result<f64> {
+    let cfg = lookup_cfg(s, n_keys);
+    let mut rng = Rng::new(n_keys as u64);
+    let keys = rng.normal_vec(cfg.heads * 2 * n_keys * cfg.half(), 0.0, 1.0);
+    let tokens = s.gpu_lookup_tokens;
+    let query = rng.normal_vec(tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+    let plan = LookupPlan::new(ctx, &cfg, tokens)?;
+    let bufs = LookupBuffers::new(ctx, &plan)?;
+    let keys_buf = storage_init(ctx, "keys", &keys);
+    let query_buf = storage_init(ctx, "query", &query);
+    let kernels = LookupKernels::new(ctx)?;
+    let secs = time_median(s.iters.min(3), || {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        kernels.record(ctx, &mut enc, &keys_buf, &query_buf, &bufs)?;
+        ctx.queue.submit([enc.finish()]);
+        ctx.wait()?;
+        Ok(())
+    })?;
+    Ok(secs * 1e6 / tokens as f64)
+}
+
+/// Microseconds per token of the optimised CPU lookup and of a brute-force
+/// scan over all N = n_keys² rows (same scores, same order, same threads).
+fn cpu_lookup(cpu: &Cpu, s: &Shapes, n_keys: usize) -> Result<(f64, f64)> {
+    let cfg = lookup_cfg(s, n_keys);
+    let mut rng = Rng::new(n_keys as u64);
+    let keys = rng.normal_vec(cfg.heads * 2 * n_keys * cfg.half(), 0.0, 1.0);
+    let query = rng.normal_vec(s.lookup_tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+    let prepared = memlayer_cpu::pkm::PreparedKeys::new(&cfg, &keys)?;
+    let pk = time_median(s.iters.min(5), || {
+        cpu.lookup(&prepared, &query, s.lookup_tokens)?;
+        Ok(())
+    })?;
+    let bt = s.brute_tokens;
+    let brute = time_median(1, || {
+        let found =
+            cpu.install(|| brute_force(&cfg, &keys, &query[..bt * cfg.heads * cfg.k_dim], bt));
+        // the brute force must agree with the product-key search
+        let want =
+            memlayer_core::pkm::lookup(&cfg, &keys, &query[..bt * cfg.heads * cfg.k_dim], bt)?;
+        if found != want.indices {
+            bail!("brute force and product-key search disagree at n_keys = {n_keys}");
+        }
+        Ok(())
+    })?;
+    // the oracle check inside the brute-force timing is small next to the N-row scan
+    Ok((pk * 1e6 / s.lookup_tokens as f64, brute * 1e6 / bt as f64))
+}
+
+/// Top-k over all n_keys² rows of each (token, head), parallel over (token, head).
+fn brute_force(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize) -> Vec<u32> {
+    let (n, half, k) = (cfg.n_keys, cfg.half(), cfg.knn);
+    (0..tokens * cfg.heads)
+        .into_par_iter()
+        .flat_map_iter(|th| {
+            let h = th % cfg.heads;
+            let q = &query[th * cfg.k_dim..(th + 1) * cfg.k_dim];
+            let sub = |side: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| {
+                        let off = ((h * 2 + side) * n + i) * half;
+                        memlayer_core::linalg::dot(
+                            &keys[off..off + half],
+                            &q[side * half..(side + 1) * half],
+                        )
+                    })
+                    .collect()
+            };
+            let (s1, s2) = (sub(0), sub(1));
+            // keep the best k seen so far; scan every row
+            let mut best: Vec<Candidate> = Vec::with_capacity(2 * k);
+            let mut floor: Option<Candidate> = None;
+            for (i, &a) in s1.iter().enumerate() {
+                for (j, &b) in s2.iter().enumerate() {
+                    let c = Candidate {
+                        score: a + b,
+                        s1: a,
+                        s2: b,
+                        row: (i * n + j) as u32,
+                    };
+                    if floor.is_some_and(|f| candidate_order(&c, &f).is_ge()) {
+                        continue;
+                    }
+                    best.push(c);
+                    if best.len() == 2 * k {
+                        select_best(&mut best, k);
+                        floor = best.last().copied();
+                    }
+                }
+            }
+            select_best(&mut best, k);
+            best.into_iter().map(|c| c.row)
+        })
+        .collect()
+}

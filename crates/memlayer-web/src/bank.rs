@@ -3,31 +3,12 @@
 //!
 //! The code lives in the bank crate ([`memlayer_bank::remote`]), next to the
 //! page-in engine that drives it; this module re-exports it under its
-//! browser-runtime path and turns its errors into [`WebError`]s.
+//! browser-runtime path (its errors are [`crate::WebError::Remote`]).
 //! [`PageFetch`] is where bytes come from: in the browser `fetch` with a
 //! `Range` header and a local copy (`web.rs`), natively any
 //! [`memlayer_bank::PageSource`] through [`SourceFetch`].
-
-use crate::WebError;
 
 pub use memlayer_bank::remote::{
     FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, RemoteError, SourceFetch, TABLE_RANGE_BYTES,
     adjacent_runs,
 };
-
-impl From<RemoteError> for WebError {
-    fn from(e: RemoteError) -> Self {
-        match e {
-            RemoteError::Fetch {
-                what,
-                location,
-                message,
-            } => WebError::Fetch {
-                what,
-                location,
-                message,
-            },
-            RemoteError::Bank(e) => WebError::Bank(e),
-        }
-    }
-}

@@ -44,19 +44,10 @@ pub enum WebError {
         /// What is wrong.
         message: String,
     },
-    /// The bank's bytes are invalid (checksum, truncation, table).
+    /// Reading the bank failed: fetching its bytes (HTTP status, network
+    /// error) or the bytes are invalid (checksum, truncation, table).
     #[error(transparent)]
-    Bank(#[from] memlayer_bank::BankError),
-    /// Fetching bank bytes failed.
-    #[error("fetching {what} from {location}: {message}")]
-    Fetch {
-        /// What was fetched (header, table, page id and bytes).
-        what: String,
-        /// The bank's URL or path.
-        location: String,
-        /// The failure (HTTP status, network error).
-        message: String,
-    },
+    Remote(#[from] memlayer_bank::remote::RemoteError),
     /// The GPU refused or failed.
     #[error(transparent)]
     Gpu(#[from] memlayer_wgpu::GpuError),

@@ -35,7 +35,7 @@ pub use memlayer_bank::pagein::MemoryStats;
 impl From<PageInError> for WebError {
     fn from(e: PageInError) -> Self {
         match e {
-            PageInError::Bank(e) => WebError::Bank(e),
+            PageInError::Bank(e) => WebError::Remote(e.into()),
             PageInError::Remote(e) => e.into(),
             e => WebError::Input(e.to_string()),
         }

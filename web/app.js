@@ -54,6 +54,7 @@ const el = {
     bytes: $('stat-bytes'),
     hitrate: $('stat-hitrate'),
     evictions: $('stat-evictions'),
+    blocks: $('stat-blocks'),
     time: $('stat-time'),
     toks: $('stat-toks'),
   },
@@ -111,8 +112,8 @@ function renderDevice(info) {
   const parts = [
     info.adapter || [info.vendor, info.architecture].filter(Boolean).join(' ') || 'WebGPU adapter',
     info.backend,
-    l.maxStorageBufferBindingSize != null && `max storage binding ${mib(l.maxStorageBufferBindingSize)} MiB`,
-    l.maxStorageBuffersPerShaderStage != null && `${l.maxStorageBuffersPerShaderStage} storage buffers/stage`,
+    l.maxStorageBufferBindingSize > 0 && `max storage binding ${mib(l.maxStorageBufferBindingSize)} MiB`,
+    l.maxStorageBuffersPerShaderStage > 0 && `${l.maxStorageBuffersPerShaderStage} storage buffers/stage`,
     (info.features || []).includes('shader-f16') && 'shader-f16',
   ];
   el.device.textContent = parts.filter(Boolean).join(' · ');
@@ -123,8 +124,13 @@ function renderModel(m) {
   const layers = (m.memoryLayers || []).join(', ');
   el.modelInfo.textContent = [
     `dim ${m.dim}, ${m.nLayers} layers, vocab ${m.vocabSize}`,
-    `memory in layer ${layers || '–'}: ${m.valueRows} value rows`,
-    `bank ${m.bankPages} pages, ${mib(m.bankBytes)} MiB; ${m.slots} page slots`,
+    layers ? `product-key memory in layer ${layers}: ${m.valueRows} value rows` : 'no product-key memory',
+    m.blockLevels > 0
+      ? `hierarchical memory: ${m.blockLevels} levels, one block each${m.prefetch ? ' (fetched while you type)' : ''}`
+      : 'no hierarchical memory',
+    layers
+      ? `bank ${mib(m.bankBytes)} MiB as f32, ${m.bankPages} value pages; ${m.slots} page slots`
+      : `bank ${mib(m.bankBytes)} MiB as f32`,
     `dense weights ${mib(m.denseBytes)} MiB`,
     `pages kept in: ${m.localCopy ?? '?'}`,
   ].join('\n');
@@ -153,8 +159,13 @@ function renderStats(s) {
   const local = app.model?.localCopy && app.model.localCopy !== 'none' ? app.model.localCopy : 'browser copy';
   setStat(el.stat.streamed, String(s.pagesStreamed), `(${s.pagesFromCache} from ${local})`);
   setStat(el.stat.bytes, `${mib(s.bytesStreamed)} MiB`);
-  setStat(el.stat.hitrate, s.accesses > 0 ? pct(s.hits / s.accesses) : '–');
+  // value pages and blocks together (the engine's hitRate)
+  setStat(el.stat.hitrate, s.accesses + (s.blockRequests ?? 0) > 0 ? pct(s.hitRate) : '–');
   setStat(el.stat.evictions, String(s.evictions));
+  if (el.stat.blocks) {
+    setStat(el.stat.blocks, s.blockRequests > 0 ? `${s.blockHits} / ${s.blockRequests}` : '–',
+      s.blockRequests > 0 ? 'held when asked' : '');
+  }
   if (el.stat.time) {
     setStat(el.stat.time, `${(s.fetchSeconds ?? 0).toFixed(2)} s / ${(s.deviceSeconds ?? 0).toFixed(2)} s`);
   }
@@ -267,6 +278,22 @@ function failTurn(p, message) {
   renderSpeed(window.memlayerLast?.result);
 }
 
+// ---- Prefetching the question being typed -----------------------------------
+
+/** Asks the worker to fetch the memory blocks of the prompt box's text (a
+ *  hierarchical memory routes each context to one block per level), so the
+ *  answer finds them resident. Debounced; the worker drops stale requests. */
+let prefetchTimer = null;
+let prefetchSeq = 0;
+function schedulePrefetch() {
+  clearTimeout(prefetchTimer);
+  prefetchTimer = setTimeout(() => {
+    const text = el.prompt.value.trim();
+    if (!worker || !app.loaded || app.pending || !app.model?.prefetch || !text) return;
+    worker.postMessage({ type: 'prefetch', seq: ++prefetchSeq, text });
+  }, 300);
+}
+
 // ---- Worker messages -------------------------------------------------------
 
 /** Handles one message from worker.js. */
@@ -296,6 +323,8 @@ function onWorkerMessage({ data: msg }) {
       if (config.autorun && !app.autorunDone) {
         app.autorunDone = true;
         send();
+      } else {
+        schedulePrefetch();
       }
       break;
     case 'piece':
@@ -347,6 +376,7 @@ el.prompt.addEventListener('keydown', (event) => {
     send();
   }
 });
+el.prompt.addEventListener('input', schedulePrefetch);
 el.clearCache.addEventListener('click', () => {
   if (!app.loaded || app.pending) return;
   el.status.textContent = 'Clearing the page cache…';

@@ -5,11 +5,12 @@
 //   main → worker  {type:'load', modelUrl, budgetPercent}
 //                  {type:'generate', id, prompt, maxTokens, temperature, topP, seed}
 //                  {type:'clear-cache'}
+//                  {type:'prefetch', seq, text}   (the question being typed)
 //   worker → main  {type:'progress', message}      {type:'nogpu', message}
 //                  {type:'device', info}           {type:'ready', model, stats}
 //                  {type:'piece', id, piece, stats} {type:'done', id, result, stats}
 //                  {type:'error', id?, message}
-//                  {type:'stats', stats}           (after 'clear-cache')
+//                  {type:'stats', stats}           (after 'clear-cache' or 'prefetch')
 // Messages are handled one at a time, in order; every failure is reported as
 // an 'error' message, never dropped.
 
@@ -119,7 +120,21 @@ async function clearCache() {
   post({ type: 'stats', stats: currentStats() });
 }
 
-const handlers = { load, generate, 'clear-cache': clearCache };
+/** The newest 'prefetch' request: older ones still queued are dropped. */
+let latestPrefetch = 0;
+self.addEventListener('message', (event) => {
+  if (event.data?.type === 'prefetch') latestPrefetch = Math.max(latestPrefetch, event.data.seq | 0);
+});
+
+/** 'prefetch': fetches the memory blocks of `text`'s route ahead of its
+ *  generation (a hierarchical memory; nothing for other models). */
+async function prefetch({ seq, text }) {
+  if (!engine || (seq | 0) !== latestPrefetch) return;
+  const fetched = await engine.prefetch(String(text));
+  if (fetched > 0) post({ type: 'stats', stats: currentStats() });
+}
+
+const handlers = { load, generate, 'clear-cache': clearCache, prefetch };
 
 /** Runs one message; any failure becomes an 'error' message carrying the request id. */
 async function handle(msg) {

@@ -14,9 +14,12 @@
 //   --reload           after the first answer, reload and ask again: the second
 //                      run shows the pages coming from the browser's Cache API
 //   --no-webgpu        launch without --enable-unsafe-webgpu (checks the notice)
+//   --type-pause-ms N  wait N ms between typing the prompt and sending it, as a
+//                      person would (a hierarchical memory prefetches the typed
+//                      question's blocks meanwhile); default 0
 //
 // Prints one JSON line on stdout:
-//   {"adapter", "device", "text", "result", "stats", "loadSeconds", "reload": {...} | null}
+//   {"adapter", "device", "model", "text", "result", "stats", "loadSeconds", "reload": {...} | null}
 // Everything else (browser console, page errors, progress) goes to stderr.
 // Exit status: 0 answered, 1 error / no WebGPU / timeout, 2 bad arguments.
 
@@ -24,7 +27,7 @@ import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
 
 const USAGE = 'usage: node tests/chat.mjs --url URL [--prompt TEXT] [--screenshot PATH] ' +
-  '[--timeout-ms N] [--chromium PATH] [--reload] [--no-webgpu]';
+  '[--timeout-ms N] [--chromium PATH] [--reload] [--no-webgpu] [--type-pause-ms N]';
 
 /** Command-line options, validated. */
 function options() {
@@ -39,6 +42,7 @@ function options() {
         chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' },
         reload: { type: 'boolean', default: false },
         'no-webgpu': { type: 'boolean', default: false },
+        'type-pause-ms': { type: 'string', default: '0' },
       },
     }));
   } catch (err) {
@@ -50,7 +54,9 @@ function options() {
   if (!prompt) usage('--prompt is required (or give ?prompt= in the URL)');
   const timeoutMs = Number(values['timeout-ms']);
   if (!(timeoutMs > 0)) usage('--timeout-ms must be a positive number');
-  return { ...values, prompt, timeoutMs };
+  const typePauseMs = Number(values['type-pause-ms']);
+  if (!(typePauseMs >= 0)) usage('--type-pause-ms must be a number ≥ 0');
+  return { ...values, prompt, timeoutMs, typePauseMs };
 }
 
 function usage(message) {
@@ -116,6 +122,7 @@ async function run(page, opts, deadline, { reload }) {
 
   if (s.state === 'ready' && s.turns === 0) {
     await page.fill('#prompt', opts.prompt);
+    if (opts.typePauseMs > 0) await page.waitForTimeout(opts.typePauseMs);
     await page.click('#send');
   }
   log(`generating for ${JSON.stringify(opts.prompt)}`);
@@ -129,6 +136,7 @@ async function run(page, opts, deadline, { reload }) {
   const out = await page.evaluate(() => ({
     adapter: window.memlayerDevice?.adapter ?? null,
     device: document.querySelector('#device')?.textContent.trim() ?? null,
+    model: window.memlayerModel ?? null,
     text: window.memlayerTurns[0].text,
     result: window.memlayerTurns[0].result,
     stats: window.memlayerTurns[0].stats,

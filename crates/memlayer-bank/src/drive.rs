@@ -10,18 +10,19 @@
 //!   over a [`BankReader`] (file, HTTP Range), the misses of a run read by a
 //!   [`FetchBurst`] — [`Sequential`] here, a bounded thread pool in
 //!   `memlayer-runtime` (the bank crate spawns nothing: it builds for wasm32);
-//! - **async** (browser): [`page_in_async`] over a [`RemoteBank`], every
-//!   miss of a run in flight at once ([`RemoteBank::read_pages`]).
+//! - **async** (browser): [`page_in_async`], [`block_async`] and
+//!   [`prefetch_async`] over a [`RemoteBank`], every miss of a run (every
+//!   level's block) in flight at once ([`RemoteBank::read_pages`]).
 //!
 //! The write closure gets `(slot, values)`: the page's values as f32,
 //! `≤ page_rows × dim` of them (the last page may be short).
 
 use crate::cache::SlotId;
-use crate::pagein::{PageIn, PageInError};
-use crate::remote::{PageFetch, RemoteBank, RemoteError};
+use crate::pagein::{BlockStep, PageIn, PageInError};
+use crate::remote::{FetchedPage, PageFetch, RemoteBank, RemoteError};
 use crate::{BankError, PageId, decode_into};
 #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
-use crate::{BankReader, PageSource, pagein::BlockStep};
+use crate::{BankReader, PageSource};
 
 /// How a blocking driver runs a burst of page reads (the misses of a run).
 pub trait FetchBurst {
@@ -144,7 +145,7 @@ pub fn block_blocking<B: Clone + From<Vec<f32>>, S: PageSource>(
             engine.add_fetch_seconds(t0.elapsed().as_secs_f64());
             let bytes = bank.page(page).map_or(0, |e| e.length);
             let values = data.len();
-            engine.block_arrived(level, row, page, values, bytes, B::from(data))
+            engine.block_arrived(level, row, page, values, bytes, false, B::from(data))
         }
     }
 }
@@ -200,6 +201,139 @@ pub async fn page_in_async<B: Clone, F: PageFetch>(
         settle(engine, (page, slot), outcome, &mut failure);
     }
     failure.map_or(Ok(()), Err)
+}
+
+/// One fetched block page decoded to f32 and checked against its level's
+/// block length, then made into a `B` by `make` (the browser unpacks it into
+/// its dense layers' FFN blocks once, here).
+fn decode_block<B, F: PageFetch>(
+    engine: &PageIn<B>,
+    bank: &RemoteBank<F>,
+    level: usize,
+    page: PageId,
+    fetched: Result<FetchedPage, RemoteError>,
+    make: &mut impl FnMut(usize, &[f32]) -> Result<B, String>,
+) -> Result<(B, usize, u64, bool), PageInError>
+where
+    B: Clone,
+{
+    let f = fetched?;
+    let lv = engine
+        .levels()
+        .get(level)
+        .ok_or(PageInError::NoLevel { level: level + 1 })?;
+    let dtype = lv.section.spec.dtype;
+    let mut values = vec![0.0; f.bytes.len() / dtype.size()];
+    decode_into(dtype, &f.bytes, &mut values)?;
+    if values.len() != lv.len {
+        return Err(PageInError::BlockLength {
+            page,
+            values: values.len(),
+            level: level + 1,
+            want: lv.len,
+        });
+    }
+    let block = make(level, &values).map_err(|message| PageInError::Block {
+        page,
+        location: bank.location().to_string(),
+        message,
+    })?;
+    Ok((block, values.len(), f.bytes.len() as u64, f.from_cache))
+}
+
+/// The blocks of `rows` (one table row per level, the current context's
+/// route) for the forward, as [`block_blocking`] does natively: each level's
+/// current or prefetched block, or its page fetched from `bank` (every
+/// level that misses in flight at once, verified, decoded and turned into a
+/// `B` by `make(level, values)`). One result per level, in order; the first
+/// failure is returned and the levels that failed hold no block.
+pub async fn block_async<B: Clone, F: PageFetch>(
+    engine: &mut PageIn<B>,
+    bank: &RemoteBank<F>,
+    rows: &[usize],
+    mut make: impl FnMut(usize, &[f32]) -> Result<B, String>,
+) -> Result<Vec<B>, PageInError> {
+    let mut out: Vec<Option<B>> = Vec::with_capacity(rows.len());
+    let mut wanted = Vec::new();
+    for (level, &row) in rows.iter().enumerate() {
+        match engine.request_block(level, row)? {
+            BlockStep::Resident(b) => out.push(Some(b)),
+            BlockStep::Fetch(page) => {
+                out.push(None);
+                wanted.push((level, row, page));
+            }
+        }
+    }
+    if !wanted.is_empty() {
+        let ids: Vec<PageId> = wanted.iter().map(|w| w.2).collect();
+        let fetched = bank.read_pages(&ids).await;
+        let mut failure = None;
+        for (&(level, row, page), f) in wanted.iter().zip(fetched) {
+            let arrived = decode_block(engine, bank, level, page, f, &mut make).and_then(
+                |(block, values, bytes, local)| {
+                    engine.block_arrived(level, row, page, values, bytes, local, block)
+                },
+            );
+            match arrived {
+                Ok(b) => out[level] = Some(b),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(level, b)| {
+            b.ok_or_else(|| {
+                PageInError::Remote(RemoteError::Fetch {
+                    what: format!("the level-{} block", level + 1),
+                    location: bank.location().to_string(),
+                    message: "no reply".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// Fetches the blocks of `rows` (one table row per level: the next
+/// context's route) ahead of the forward, every level at once, into the
+/// engine's prefetch slots (see [`PageIn::check_prefetch`]); a level whose
+/// block is already current or prefetched is skipped. Returns the blocks
+/// fetched. A page that fails is not an error: the forward fetches it again
+/// and reports the failure then.
+pub async fn prefetch_async<B: Clone, F: PageFetch>(
+    engine: &mut PageIn<B>,
+    bank: &RemoteBank<F>,
+    rows: &[usize],
+    mut make: impl FnMut(usize, &[f32]) -> Result<B, String>,
+) -> Result<usize, PageInError> {
+    if !engine.check_prefetch(rows)? {
+        return Ok(0);
+    }
+    let wanted: Vec<(usize, usize, PageId)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(level, &row)| engine.prefetch_page(level, row).map(|p| (level, row, p)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<PageId> = wanted.iter().map(|w| w.2).collect();
+    let fetched = bank.read_pages(&ids).await;
+    let mut n = 0;
+    for (&(level, row, page), f) in wanted.iter().zip(fetched) {
+        if let Ok((block, values, bytes, local)) =
+            decode_block(engine, bank, level, page, f, &mut make)
+        {
+            engine.prefetched(level, row, values, (bytes, local), block);
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -62,3 +62,13 @@ pub use reader::BankReader;
 pub use remote::{FetchedPage, PageFetch, RemoteBank, RemoteError, SourceFetch};
 pub use source::{FileSource, MemSource, PageSource, SourceError};
 pub use writer::{BankFileWriter, BankWriter};
+
+/// Bytes of a bank with `sections` held fully resident as f32 (every value
+/// row and every block): what a budget in percent is a percent of, natively
+/// and in the browser.
+pub fn resident_f32_bytes(sections: &[SectionInfo]) -> u64 {
+    sections
+        .iter()
+        .map(|s| s.geometry.rows * u64::from(s.geometry.dim) * 4)
+        .sum()
+}

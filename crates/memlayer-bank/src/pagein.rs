@@ -255,6 +255,16 @@ pub enum PageInError {
         /// The slot pool's error.
         message: String,
     },
+    /// A fetched block page could not be unpacked into the model's blocks.
+    #[error("unpacking block page {page} of {location}: {message}")]
+    Block {
+        /// The page (global id).
+        page: PageId,
+        /// The bank's path or URL.
+        location: String,
+        /// Why.
+        message: String,
+    },
 }
 
 /// How a [`PageIn`] budgets.
@@ -611,13 +621,19 @@ impl<B: Clone> PageIn<B> {
             return false;
         }
         self.page_table[local] = slot;
+        self.count_page(bytes, local_copy);
+        true
+    }
+
+    /// Counts a page brought in: `bytes` from the source, or a page served
+    /// by a local copy.
+    fn count_page(&mut self, bytes: u64, local_copy: bool) {
         self.stats.pages_streamed += 1;
         if local_copy {
             self.stats.pages_from_cache += 1;
         } else {
             self.stats.bytes_streamed += bytes;
         }
-        true
     }
 
     /// Miss `page` (global id) could not be brought into `slot`: the slot
@@ -681,8 +697,10 @@ impl<B: Clone> PageIn<B> {
 
     /// Block page `page` of row `row`, level `level` (0-based), asked for by
     /// [`PageIn::request_block`], arrived: `values` values, `bytes` read from
-    /// the source. Counts the page; makes `block` the level's current block
-    /// and hands it back, or fails if it has the wrong number of values.
+    /// the source (or served by a local copy: `local_copy`). Counts the page;
+    /// makes `block` the level's current block and hands it back, or fails
+    /// if it has the wrong number of values.
+    #[allow(clippy::too_many_arguments)]
     pub fn block_arrived(
         &mut self,
         level: usize,
@@ -690,11 +708,11 @@ impl<B: Clone> PageIn<B> {
         page: PageId,
         values: usize,
         bytes: u64,
+        local_copy: bool,
         block: B,
     ) -> Result<B, PageInError> {
         let lv = self.level(level)?;
-        self.stats.pages_streamed += 1;
-        self.stats.bytes_streamed += bytes;
+        self.count_page(bytes, local_copy);
         if values != lv.len {
             return Err(PageInError::BlockLength {
                 page,
@@ -741,15 +759,22 @@ impl<B: Clone> PageIn<B> {
     }
 
     /// A prefetched block arrived (`values` values, `bytes` from the
-    /// source): counted, and held as the level's next block, replacing any
-    /// earlier one. A block of the wrong size is dropped (the forward
-    /// fetches it again and reports the error then).
-    pub fn prefetched(&mut self, level: usize, row: usize, values: usize, bytes: u64, block: B) {
-        let Some(lv) = self.levels.get(level) else {
+    /// source, or served by a local copy: `local_copy`): counted, and held as
+    /// the level's next block, replacing any earlier one. A block of the
+    /// wrong size is dropped (the forward fetches it again and reports the
+    /// error then).
+    pub fn prefetched(
+        &mut self,
+        level: usize,
+        row: usize,
+        values: usize,
+        (bytes, local_copy): (u64, bool),
+        block: B,
+    ) {
+        let Some(&lv) = self.levels.get(level) else {
             return;
         };
-        self.stats.pages_streamed += 1;
-        self.stats.bytes_streamed += bytes;
+        self.count_page(bytes, local_copy);
         if self.prefetch && values == lv.len {
             self.blocks[level].next = Some((row, block));
         }
@@ -940,24 +965,27 @@ mod tests {
         let l0 = e.levels()[0].section.first_page;
         // first request: fetch; the arrival becomes current
         assert_eq!(e.request_block(0, 1).unwrap(), BlockStep::Fetch(l0 + 1));
-        assert_eq!(e.block_arrived(0, 1, l0 + 1, 12, 48, 101).unwrap(), 101);
+        assert_eq!(
+            e.block_arrived(0, 1, l0 + 1, 12, 48, false, 101).unwrap(),
+            101
+        );
         assert_eq!(e.request_block(0, 1).unwrap(), BlockStep::Resident(101));
         assert_eq!(e.resident_bytes(), 48);
         // prefetch row 2: wanted once, then held as next
         assert!(e.check_prefetch(&[2, 0]).unwrap());
         assert_eq!(e.prefetch_page(0, 1), None, "row 1 is current");
         assert_eq!(e.prefetch_page(0, 2), Some(l0 + 2));
-        e.prefetched(0, 2, 12, 48, 102);
+        e.prefetched(0, 2, 12, (48, false), 102);
         assert_eq!(e.prefetch_page(0, 2), None, "row 2 is prefetched");
         assert_eq!(e.resident_bytes(), 96);
         // the next context asks for row 2: a hit, promoted to current
         assert_eq!(e.request_block(0, 2).unwrap(), BlockStep::Resident(102));
         assert_eq!(e.resident_bytes(), 48);
         // a wrong-size prefetch is dropped; a wrong-size fetch is an error
-        e.prefetched(0, 0, 11, 44, 100);
+        e.prefetched(0, 0, 11, (44, false), 100);
         assert_eq!(e.prefetch_page(0, 0), Some(l0));
         assert_eq!(e.request_block(0, 0).unwrap(), BlockStep::Fetch(l0));
-        let err = e.block_arrived(0, 0, l0, 11, 44, 100).unwrap_err();
+        let err = e.block_arrived(0, 0, l0, 11, 44, false, 100).unwrap_err();
         assert!(
             err.to_string()
                 .contains("holds 11 values, level 1 blocks have 12")

@@ -75,6 +75,62 @@ fn browser_setup() -> Option<(PathBuf, PathBuf)> {
     Some((root, web))
 }
 
+/// `memlayer generate`'s first line after `prompt` (greedy with [`SEED`],
+/// [`BUDGET_PERCENT`] of the bank): what the browser must answer.
+fn native_answer(model: &Path, prompt: &str, max_tokens: &str) -> String {
+    let out = memlayer(&[
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--line",
+        "--max-tokens",
+        max_tokens,
+        "--seed",
+        SEED,
+        "--budget-percent",
+        BUDGET_PERCENT,
+    ]);
+    let stdout = assert_ok(&out);
+    stdout
+        .strip_prefix(prompt)
+        .and_then(|s| s.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("unexpected CLI output {stdout:?}"))
+        .to_string()
+}
+
+/// Runs `web/tests/chat.mjs` on `url` asking `prompt` (with `extra`
+/// options), saving a screenshot to `shot`; its JSON line.
+fn browser_chat(
+    web: &Path,
+    url: &str,
+    prompt: &str,
+    extra: &[&str],
+    shot: &Path,
+) -> serde_json::Value {
+    let run = Command::new("node")
+        .current_dir(web)
+        .args(["tests/chat.mjs", "--url", url, "--prompt", prompt])
+        .args(extra)
+        .arg("--screenshot")
+        .arg(shot)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run node tests/chat.mjs");
+    let stdout = text(&run.stdout);
+    assert!(
+        run.status.success(),
+        "chat.mjs failed ({}): {stdout}",
+        run.status
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line from chat.mjs: {stdout}"));
+    serde_json::from_str(line).expect("chat.mjs JSON")
+}
+
 #[test]
 fn without_webgpu_the_page_says_so() {
     let Some((root, web)) = browser_setup() else {
@@ -116,25 +172,7 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
     let model = root.join("models/demo-pkm");
 
     // the native answer: same prompt, seed, budget and stop (first line)
-    let out = memlayer(&[
-        "generate",
-        model.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--line",
-        "--max-tokens",
-        MAX_TOKENS,
-        "--seed",
-        SEED,
-        "--budget-percent",
-        BUDGET_PERCENT,
-    ]);
-    let stdout = assert_ok(&out);
-    let native = stdout
-        .strip_prefix(PROMPT)
-        .and_then(|s| s.strip_suffix('\n'))
-        .unwrap_or_else(|| panic!("unexpected CLI output {stdout:?}"))
-        .to_string();
+    let native = native_answer(&model, PROMPT, MAX_TOKENS);
     assert!(
         native.trim_start().starts_with(ANSWER),
         "the shipped model should answer {ANSWER:?}: {native:?}"
@@ -150,33 +188,7 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
         served.1
     );
     let t0 = std::time::Instant::now();
-    let run = Command::new("node")
-        .current_dir(&web)
-        .args([
-            "tests/chat.mjs",
-            "--url",
-            &url,
-            "--prompt",
-            PROMPT,
-            "--reload",
-        ])
-        .arg("--screenshot")
-        .arg(&shot)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run node tests/chat.mjs");
-    let stdout = text(&run.stdout);
-    assert!(
-        run.status.success(),
-        "chat.mjs failed ({}): {stdout}",
-        run.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line from chat.mjs: {stdout}"));
-    let r: serde_json::Value = serde_json::from_str(line).expect("chat.mjs JSON");
+    let r = browser_chat(&web, &url, PROMPT, &["--reload"], &shot);
 
     let browser = r["text"].as_str().expect("text");
     assert_eq!(browser, native, "browser vs native CLI for {PROMPT:?}");
@@ -227,5 +239,87 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
         num(again, &["result", "tokensPerSecond"]),
         t0.elapsed().as_secs_f64(),
         shot.display()
+    );
+}
+
+/// A hierarchical-memory model in the browser: routed in wasm, its blocks
+/// fetched by Range under a quarter of the bank (the typed question's blocks
+/// prefetched before it is sent), verified, kept in the browser's copy, and
+/// the answer equal to `memlayer generate`'s; after a reload every block
+/// comes from the copy.
+#[test]
+fn a_hierarchical_model_answers_in_the_browser_like_the_native_cli() {
+    let Some((root, web)) = browser_setup() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-hier");
+    assert_ok(&memlayer(&[
+        "train",
+        "--preset",
+        "tiny-hier",
+        "--out",
+        model.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--quiet",
+    ]));
+    let prompt = "The city where";
+    let native = native_answer(&model, prompt, "12");
+
+    let served = serve(&model, Some(&web));
+    let shot = root.join("target/browser-chat-hier.png");
+    std::fs::create_dir_all(root.join("target")).unwrap();
+    let url = format!(
+        "{}/?budget={BUDGET_PERCENT}&max_tokens=12&seed={SEED}",
+        served.1
+    );
+    let r = browser_chat(
+        &web,
+        &url,
+        prompt,
+        &["--reload", "--type-pause-ms", "1500"],
+        &shot,
+    );
+    assert_eq!(
+        r["text"].as_str(),
+        Some(native.as_str()),
+        "browser vs native CLI for {prompt:?} on a hierarchical model"
+    );
+    assert_eq!(num(&r, &["model", "blockLevels"]), 2.0, "{}", r["model"]);
+    assert_eq!(r["model"]["prefetch"].as_bool(), Some(true));
+    // the typed question's blocks were prefetched: every request a hit
+    let requests = num(&r, &["stats", "blockRequests"]);
+    assert!(requests > 0.0, "{}", r["stats"]);
+    assert_eq!(
+        num(&r, &["stats", "blockHits"]),
+        requests,
+        "every block was prefetched while the question was typed: {}",
+        r["stats"]
+    );
+    let streamed = num(&r, &["stats", "pagesStreamed"]);
+    assert!(streamed >= 2.0, "{}", r["stats"]);
+    assert!(num(&r, &["stats", "residentBytes"]) <= num(&r, &["stats", "budgetBytes"]));
+    // the reload: same answer, the blocks from the browser's copy
+    let again = &r["reload"];
+    assert_eq!(again["text"].as_str(), Some(native.as_str()));
+    assert_eq!(
+        num(again, &["stats", "pagesFromCache"]),
+        num(again, &["stats", "pagesStreamed"]),
+        "after a reload every page comes from the browser's copy: {}",
+        again["stats"]
+    );
+    assert_eq!(num(again, &["stats", "bytesStreamed"]), 0.0);
+    assert!(
+        std::fs::read(&shot)
+            .expect("screenshot")
+            .starts_with(b"\x89PNG")
+    );
+    eprintln!(
+        "browser chat, tiny-hier: {native:?} | device {} | {streamed} pages streamed \
+         ({} blocks asked, all held) | reload: {} from the copy",
+        r["device"].as_str().unwrap_or("?"),
+        requests,
+        num(again, &["stats", "pagesFromCache"]),
     );
 }

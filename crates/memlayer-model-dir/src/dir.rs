@@ -32,30 +32,24 @@
 //! or another source (a URL) — [`check_bank`].
 
 use crate::bank_fit::check_bank_fits;
-use crate::context_index::ContextIndex;
 use crate::error::ModelDirError;
 use crate::files::write_atomic;
 use crate::manifest::{BANK_FILE, CHECKSUMS_FILE, Checksums, ManifestError};
-use crate::retriever::TfIdfRetriever;
-use crate::routing::Routing;
+pub use crate::routing::CONTEXT_INDEX_FILE;
+use crate::routing::{RETRIEVER_FILE, Routing, RoutingFiles, TREE_FILE};
 use crate::tokenizer::Tokenizer;
 use memlayer_bank::{
     BankFileWriter, BankLayout, BankReader, Dtype, FileSource, PageSource, SectionSpec,
 };
-use memlayer_core::hier::cluster::ClusterTree;
 use memlayer_core::model::params::{VALUES, hier_name};
-use memlayer_core::model::{HierRouting, ModelConfig, ParamGroup, ParamStore};
+use memlayer_core::model::{ModelConfig, ParamGroup, ParamStore};
 use std::path::{Path, PathBuf};
-
-/// File of the nearest-training-context index in a model directory
-/// ([`HierRouting::NearestContext`] models only).
-pub const CONTEXT_INDEX_FILE: &str = "context_index.json";
 
 /// Files every model directory has and every load reads (and verifies).
 pub const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 /// Files a load reads when the model needs them (hierarchical memory).
-pub const ROUTING_FILES: [&str; 3] = ["retriever.json", "tree.safetensors", CONTEXT_INDEX_FILE];
+pub const ROUTING_FILES: [&str; 3] = [RETRIEVER_FILE, TREE_FILE, CONTEXT_INDEX_FILE];
 
 /// Target bytes of one value page (rows per page = this / row bytes, at
 /// least one row).
@@ -261,9 +255,9 @@ pub fn export(
     write_bank(cfg, store, &dir.join("memory.bank"), parts.bank_dtype)?;
     parts.tokenizer.save(&dir.join("tokenizer.json"))?;
     if let Some(r) = parts.routing {
-        r.retriever.save(&dir.join("retriever.json"))?;
+        r.retriever.save(&dir.join(RETRIEVER_FILE))?;
         let bytes = r.tree.to_safetensors()?;
-        write_atomic(&dir.join("tree.safetensors"), &bytes)?;
+        write_atomic(&dir.join(TREE_FILE), &bytes)?;
         if let Some(index) = &r.index {
             index.save(&dir.join(CONTEXT_INDEX_FILE))?;
         }
@@ -442,40 +436,17 @@ pub fn load_dense(dir: &Path) -> Result<LoadedModel, ModelDirError> {
     let tok_text = utf8(&tok_path, read_verified(dir, "tokenizer.json", &sums)?)?;
     let tokenizer = Tokenizer::from_json(&tok_text).map_err(|e| io(&tok_path, e))?;
     let routing = if config.hier.is_some() {
-        let rp = dir.join("retriever.json");
-        let retriever =
-            TfIdfRetriever::from_json(&utf8(&rp, read_verified(dir, "retriever.json", &sums)?)?)
-                .map_err(|e| io(&rp, e))?;
-        let tp = dir.join("tree.safetensors");
-        let tb = read_verified(dir, "tree.safetensors", &sums)?;
-        let tree = ClusterTree::from_safetensors(&tb).map_err(|e| io(&tp, e))?;
-        let index = match config.hier.as_ref().map(|h| h.routing) {
-            Some(HierRouting::NearestContext) => {
-                let ip = dir.join(CONTEXT_INDEX_FILE);
-                let index = ContextIndex::from_json(&utf8(
-                    &ip,
-                    read_verified(dir, CONTEXT_INDEX_FILE, &sums)?,
-                )?)
-                .map_err(|e| io(&ip, e))?;
-                if index.len() != tree.num_points() {
-                    return Err(io(
-                        &ip,
-                        format!(
-                            "indexes {} contexts, the tree was built over {}",
-                            index.len(),
-                            tree.num_points()
-                        ),
-                    ));
-                }
-                Some(index)
-            }
-            _ => None,
+        let mut bytes = Vec::new();
+        for name in RoutingFiles::needed(&config) {
+            let path = dir.join(name);
+            bytes.push(std::fs::read(&path).map_err(|e| io(&path, e))?);
+        }
+        let files = RoutingFiles {
+            retriever: &bytes[0],
+            tree: &bytes[1],
+            context_index: bytes.get(2).map(Vec::as_slice),
         };
-        Some(Routing {
-            retriever,
-            tree,
-            index,
-        })
+        Some(Routing::from_files(&config, dir, &files, &sums)?)
     } else {
         None
     };

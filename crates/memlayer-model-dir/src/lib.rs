@@ -36,5 +36,5 @@ pub mod tokenizer;
 pub use bank_fit::{BankFitError, check_bank_fits};
 pub use error::{ModelDirError, Result};
 pub use manifest::{BankIdentity, CHECKSUMS_FILE, Checksums, FileDigest, ManifestError};
-pub use routing::{Routing, route};
+pub use routing::{Routing, RoutingFiles, route};
 pub use tokenizer::Tokenizer;

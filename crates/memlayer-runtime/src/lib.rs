@@ -40,14 +40,3 @@ pub use burn_decoder::{BurnDecoder, open_paged, open_resident};
 pub use generate::{Decoder, GenerateError, Generation, Generator, Sampling};
 #[cfg(feature = "burn")]
 pub use paged::MemoryStats;
-
-use memlayer_bank::{BankReader, PageSource};
-
-/// Bytes of f32 memory a model directory's bank holds when fully resident
-/// (value rows + one block per level): the reference of a budget in percent.
-pub fn resident_bytes(bank: &BankReader<impl PageSource>) -> u64 {
-    bank.sections()
-        .iter()
-        .map(|s| s.geometry.rows * u64::from(s.geometry.dim) * 4)
-        .sum()
-}

@@ -165,7 +165,7 @@ impl PagedMemory {
                 opts.fetch_threads
             )));
         }
-        let bank_bytes = crate::resident_bytes(&bank);
+        let bank_bytes = memlayer_bank::resident_f32_bytes(bank.sections());
         let engine = PageIn::new(
             bank.sections(),
             &PageInOptions {
@@ -231,8 +231,8 @@ impl PagedMemory {
         self.budget_bytes
     }
 
-    /// Bytes of the bank when fully resident (value rows + one block per
-    /// level, f32): what a percent budget is a percent of.
+    /// Bytes of the bank when fully resident (every value row and block,
+    /// f32): what a percent budget is a percent of.
     pub fn bank_bytes(&self) -> u64 {
         self.bank_bytes
     }
@@ -305,9 +305,13 @@ impl PagedMemory {
                 if let Ok(data) = shared.bank.read_page_f32(page) {
                     let bytes = shared.bank.page(page).map_or(0, |e| e.length);
                     let values = data.len();
-                    lock(&shared.state)
-                        .engine
-                        .prefetched(l, row, values, bytes, Arc::new(data));
+                    lock(&shared.state).engine.prefetched(
+                        l,
+                        row,
+                        values,
+                        (bytes, false),
+                        Arc::new(data),
+                    );
                 }
             }
         });

@@ -1,13 +1,14 @@
 //! The browser's decoder: `memlayer-core`'s reference layers (RMSNorm, RoPE
-//! attention with a KV cache, SwiGLU FFN) on the CPU, the memory layers
-//! awaited on the device ([`DeviceMemory`]), as the runtime's
+//! attention with a KV cache, SwiGLU FFN) on the CPU, the product-key memory
+//! layers awaited on the device and the hierarchical memory's blocks awaited
+//! from the bank ([`WebMemory`]), as the runtime's
 //! [`Decoder`](memlayer_runtime::Decoder): one step feeds new tokens and
 //! returns the logits of the last one. A dense model (no memory) needs no
-//! device memory at all.
+//! memory at all.
 
 use crate::WebError;
 use crate::bank::PageFetch;
-use crate::memory::{DeviceMemory, MemoryStats};
+use crate::memory::{MemoryStats, WebMemory};
 use memlayer_core::hier::ffn::{FfnBlock, ffn_forward};
 use memlayer_core::linalg::linear;
 use memlayer_core::model::params::layer_name;
@@ -15,40 +16,34 @@ use memlayer_core::model::reference::{LayerKv, anchor_block, attention, rms_norm
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_runtime::Decoder;
 
-/// Why a hierarchical-memory model is refused here.
-pub(crate) const HIER_REFUSED: &str = "hierarchical-memory models do not run in the browser yet \
-     (the device memory pages product-key values only); use a product-key or dense model";
-
-/// Dense weights, the FFN blocks unpacked once, the KV cache, and the
-/// device memory of a product-key model.
+/// Dense weights, the anchor FFNs unpacked once, the KV cache, the memory
+/// and the context's block rows.
 pub struct WebDecoder<F> {
     cfg: ModelConfig,
     store: ParamStore,
     /// Anchor FFN of each non-memory layer (`None` for memory layers).
     ffn: Vec<Option<FfnBlock>>,
     cache: Vec<LayerKv>,
-    memory: Option<DeviceMemory<F>>,
+    memory: Option<WebMemory<F>>,
+    /// The context's route (one block row per level) since the last reset.
+    block_rows: Option<Vec<usize>>,
 }
 
 impl<F: PageFetch> WebDecoder<F> {
-    /// A decoder over the dense weights `store` of `cfg`, its memory layers
-    /// on `memory`: required for a product-key model, refused for a dense
-    /// one. Hierarchical memories are not supported here (the device memory
-    /// pages product-key values only).
+    /// A decoder over the dense weights `store` of `cfg`, its memory on
+    /// `memory`: required for a model with a product-key or hierarchical
+    /// memory, refused for a dense one.
     pub fn new(
         cfg: ModelConfig,
         store: ParamStore,
-        memory: Option<DeviceMemory<F>>,
+        memory: Option<WebMemory<F>>,
     ) -> Result<Self, WebError> {
         cfg.validate()?;
-        if cfg.hier.is_some() {
-            return Err(WebError::Input(HIER_REFUSED.into()));
-        }
-        match (cfg.pkm.is_some(), memory.is_some()) {
+        match (cfg.pkm.is_some() || cfg.hier.is_some(), memory.is_some()) {
             (true, false) => {
                 return Err(WebError::Input(
-                    "the model has a product-key memory: it needs its device memory \
-                     (memory.bank on a WebGPU device)"
+                    "the model has a memory: it needs its memory.bank (and, for a product-key \
+                     memory, a WebGPU device)"
                         .into(),
                 ));
             }
@@ -74,16 +69,17 @@ impl<F: PageFetch> WebDecoder<F> {
             store,
             ffn,
             memory,
+            block_rows: None,
         })
     }
 
-    /// The device memory (`None` for a dense model).
-    pub fn memory(&self) -> Option<&DeviceMemory<F>> {
+    /// The memory (`None` for a dense model).
+    pub fn memory(&self) -> Option<&WebMemory<F>> {
         self.memory.as_ref()
     }
 
-    /// The device memory, mutably (`None` for a dense model).
-    pub fn memory_mut(&mut self) -> Option<&mut DeviceMemory<F>> {
+    /// The memory, mutably (`None` for a dense model).
+    pub fn memory_mut(&mut self) -> Option<&mut WebMemory<F>> {
         self.memory.as_mut()
     }
 
@@ -94,7 +90,7 @@ impl<F: PageFetch> WebDecoder<F> {
                 hit_rate: 1.0,
                 ..MemoryStats::default()
             },
-            DeviceMemory::stats,
+            WebMemory::stats,
         )
     }
 
@@ -116,14 +112,33 @@ impl<F: PageFetch> Decoder for WebDecoder<F> {
         &self.cfg
     }
 
-    /// Forgets the cached positions (a new sequence); `block_rows` must be
-    /// `None` (no hierarchical memory here).
+    /// Forgets the cached positions (a new sequence); `block_rows` is the
+    /// context's route, one table row per level, for a model with a
+    /// hierarchical memory (its blocks are fetched by the next step), and
+    /// must be `None` for a model without one.
     fn reset(&mut self, block_rows: Option<&[usize]>) -> Result<(), WebError> {
-        if block_rows.is_some() {
-            return Err(WebError::Input(
-                "block rows given to a decoder without a hierarchical memory".into(),
-            ));
+        match (&self.cfg.hier, block_rows) {
+            (Some(h), Some(rows)) if rows.len() == h.levels => {}
+            (Some(h), Some(rows)) => {
+                return Err(WebError::Input(format!(
+                    "{} block rows for a memory of {} levels",
+                    rows.len(),
+                    h.levels
+                )));
+            }
+            (Some(_), None) => {
+                return Err(WebError::Input(
+                    "the model has a hierarchical memory: a sequence needs its block rows".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(WebError::Input(
+                    "block rows given to a model without a hierarchical memory".into(),
+                ));
+            }
+            (None, None) => {}
         }
+        self.block_rows = block_rows.map(<[usize]>::to_vec);
         self.cache.iter_mut().for_each(|c| *c = LayerKv::default());
         Ok(())
     }
@@ -142,6 +157,22 @@ impl<F: PageFetch> Decoder for WebDecoder<F> {
                 self.cfg.max_seq_len
             )));
         }
+        // the context's blocks, (levels) of (dense layers): fetched on the
+        // first step after a reset, resident after
+        let blocks = match (&self.block_rows, self.memory.as_mut()) {
+            (Some(rows), Some(memory)) => memory.blocks(rows).await?,
+            (Some(_), None) => {
+                return Err(WebError::Input("block rows but no memory".into()));
+            }
+            (None, _) if self.cfg.hier.is_some() => {
+                return Err(WebError::Input(
+                    "the model has a hierarchical memory: reset with the context's block rows \
+                     before the first step"
+                        .into(),
+                ));
+            }
+            (None, _) => Vec::new(),
+        };
         let s = &self.store;
         let emb = s.data("tok_embeddings.weight")?;
         // (t, d)
@@ -156,6 +187,7 @@ impl<F: PageFetch> Decoder for WebDecoder<F> {
             }
             x.extend_from_slice(&emb[r * d..(r + 1) * d]);
         }
+        let mut dense_idx = 0;
         for i in 0..self.cfg.n_layers {
             let norm = |name: &str, x: &[f32]| -> Result<Vec<f32>, WebError> {
                 Ok(rms_norm(
@@ -170,7 +202,12 @@ impl<F: PageFetch> Decoder for WebDecoder<F> {
             x.iter_mut().zip(&a).for_each(|(xv, av)| *xv += av);
             let h = norm("ffn_norm.weight", &x)?;
             let y = match &self.ffn[i] {
-                Some(block) => ffn_forward(&h, t, block, &[])?,
+                Some(anchor) => {
+                    // this dense layer's block of each level
+                    let own: Vec<&FfnBlock> = blocks.iter().map(|l| &l[dense_idx]).collect();
+                    dense_idx += 1;
+                    ffn_forward(&h, t, anchor, &own)?
+                }
                 None => {
                     let memory = self.memory.as_mut().ok_or_else(|| {
                         WebError::Input(format!("layer {i} is a memory layer: no device memory"))

@@ -6,17 +6,29 @@
 
 use crate::WebError;
 use crate::bank::{PageFetch, RemoteBank};
-use crate::decoder::{HIER_REFUSED, WebDecoder};
-use crate::memory::{DeviceMemory, MemoryStats};
+use crate::decoder::WebDecoder;
+use crate::memory::{MemoryOptions, MemoryStats, WebMemory};
 use memlayer_core::model::{ModelConfig, ParamStore};
 use memlayer_core::sample::Sampling;
 pub use memlayer_model_dir::tokenizer::EOS_TOKEN;
-use memlayer_model_dir::{Checksums, Tokenizer, check_bank_fits};
+use memlayer_model_dir::{Checksums, Routing, RoutingFiles, Tokenizer, check_bank_fits};
 use memlayer_runtime::{Generation, Generator};
 use memlayer_wgpu::GpuContext;
 
+/// The routing files of a hierarchical-memory model, as fetched.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingBytes {
+    /// `retriever.json`.
+    pub retriever: Vec<u8>,
+    /// `tree.safetensors`.
+    pub tree: Vec<u8>,
+    /// `context_index.json` (nearest-context routing only).
+    pub context_index: Option<Vec<u8>>,
+}
+
 /// The files of a model directory the browser downloads whole (the bank is
-/// paged): `config.json`, `tokenizer.json`, `model.safetensors`.
+/// paged): `config.json`, `tokenizer.json`, `model.safetensors`, and the
+/// routing files of a hierarchical memory.
 pub struct ModelFiles {
     /// Where they came from (a URL or directory), for messages.
     pub location: String,
@@ -26,6 +38,8 @@ pub struct ModelFiles {
     pub tokenizer_json: String,
     /// `model.safetensors` bytes (the dense weights).
     pub safetensors: Vec<u8>,
+    /// The routing files (a model with a hierarchical memory).
+    pub routing: Option<RoutingBytes>,
 }
 
 impl ModelFiles {
@@ -60,6 +74,34 @@ impl ModelFiles {
         Ok(cfg)
     }
 
+    /// The routing of `cfg`'s hierarchical memory from the routing files,
+    /// each verified against `checksums` before it is parsed, the tree
+    /// checked against the config and the retriever
+    /// ([`Routing::from_files`], the native load's checks); `None` for a
+    /// model without one.
+    pub fn routing(
+        &self,
+        cfg: &ModelConfig,
+        checksums: &Checksums,
+    ) -> Result<Option<Routing>, WebError> {
+        if cfg.hier.is_none() {
+            return Ok(None);
+        }
+        let r = self.routing.as_ref().ok_or_else(|| {
+            self.err(
+                "retriever.json",
+                "the model has a hierarchical memory: its routing files were not given",
+            )
+        })?;
+        let files = RoutingFiles {
+            retriever: &r.retriever,
+            tree: &r.tree,
+            context_index: r.context_index.as_deref(),
+        };
+        let dir = std::path::Path::new(&self.location);
+        Ok(Some(Routing::from_files(cfg, dir, &files, checksums)?))
+    }
+
     /// The dense weights of `cfg` (every tensor present, shapes checked).
     pub fn dense_weights(&self, cfg: &ModelConfig) -> Result<ParamStore, WebError> {
         let mut store = ParamStore::dense_zeros(cfg)?;
@@ -92,74 +134,95 @@ pub fn check_bank<F: PageFetch>(
     Ok(())
 }
 
-/// The memory of a product-key model: where its layers run, the bank its
-/// values are paged from, the byte budget of the device's page slots.
+/// The memory of a model with a product-key or hierarchical memory: the
+/// bank it is paged from, where its product-key layers run, its budget.
 pub struct MemorySetup<F> {
-    /// The device (WebGPU in the browser, any wgpu adapter natively).
-    pub ctx: GpuContext,
+    /// The device of the product-key layers (WebGPU in the browser, any
+    /// wgpu adapter natively); `None` for a hierarchical memory alone.
+    pub ctx: Option<GpuContext>,
     /// The bank (header and page table read).
     pub bank: RemoteBank<F>,
-    /// Bytes of f32 page slots on the device.
+    /// Bytes of resident memory: f32 value slots on the device plus the
+    /// blocks held (see [`memlayer_bank::resident_f32_bytes`] for what a
+    /// percent is of).
     pub budget_bytes: u64,
+    /// Reserve a block per level for [`Engine::prefetch`] (hierarchical memory).
+    pub prefetch: bool,
 }
 
 /// A model ready to generate: the runtime's [`Generator`] over the browser
-/// decoder (and its device memory, for a product-key model).
+/// decoder (and its memory, for a model with one).
 pub struct Engine<F> {
     generator: Generator<WebDecoder<F>>,
 }
 
-/// Bytes of the bank's value table held as f32 on the device: the
-/// reference of a budget in percent.
-pub fn value_table_bytes<F: PageFetch>(bank: &RemoteBank<F>) -> u64 {
-    bank.sections()
-        .iter()
-        .map(|s| s.geometry.rows * u64::from(s.geometry.dim) * 4)
-        .sum()
-}
-
 impl<F: PageFetch> Engine<F> {
-    /// The model of `files`; a product-key model's memory paged from
-    /// `memory`'s bank into its budget on its device (the bank's sections
-    /// must fit the config: [`check_bank`]), a dense model (no memory in its
-    /// config) with `memory` `None`. Hierarchical memories are refused. The
-    /// browser verifies the files and the bank's identity against
-    /// `checksums.json` before ([`ModelFiles::verify`], [`check_bank`]).
-    pub fn new(files: &ModelFiles, memory: Option<MemorySetup<F>>) -> Result<Self, WebError> {
+    /// The model of `files`; its memory (product-key values on `memory`'s
+    /// device, hierarchical blocks on the host) paged from `memory`'s bank
+    /// under its budget (the bank's sections must fit the config:
+    /// [`check_bank`]); a dense model (no memory in its config) with
+    /// `memory` `None`. A hierarchical memory routes each prompt with
+    /// `routing` ([`ModelFiles::routing`]). The browser verifies the files
+    /// and the bank's identity against `checksums.json` before
+    /// ([`ModelFiles::verify`], [`check_bank`]).
+    pub fn new(
+        files: &ModelFiles,
+        memory: Option<MemorySetup<F>>,
+        routing: Option<Routing>,
+    ) -> Result<Self, WebError> {
         let cfg = files.config()?;
         // what the config asks for, before anything is parsed or allocated
-        if cfg.hier.is_some() {
-            return Err(files.err("config.json", HIER_REFUSED));
-        }
-        match (&memory, cfg.pkm.is_some()) {
-            (Some(m), true) => check_bank(&cfg, None, &m.bank)?,
+        let has_memory = cfg.pkm.is_some() || cfg.hier.is_some();
+        match (&memory, has_memory) {
+            (Some(m), true) => {
+                check_bank(&cfg, None, &m.bank)?;
+                if cfg.pkm.is_some() && m.ctx.is_none() {
+                    return Err(files.err(
+                        "config.json",
+                        "the model has a product-key memory: it needs a WebGPU device",
+                    ));
+                }
+            }
             (Some(_), false) => {
                 return Err(files.err("config.json", "the model has no memory: it takes no bank"));
             }
             (None, true) => {
                 return Err(files.err(
                     "config.json",
-                    "the model has a product-key memory: it needs its memory.bank on a WebGPU \
-                     device",
+                    "the model has a memory: it needs its memory.bank",
                 ));
             }
             (None, false) => {}
+        }
+        if cfg.hier.is_some() != routing.is_some() {
+            return Err(files.err(
+                "config.json",
+                if routing.is_some() {
+                    "routing given for a model without a hierarchical memory"
+                } else {
+                    "the model has a hierarchical memory: it needs its routing \
+                     (retriever.json, tree.safetensors)"
+                },
+            ));
         }
         let store = files.dense_weights(&cfg)?;
         let tokenizer = Tokenizer::from_json(&files.tokenizer_json)
             .map_err(|e| files.err("tokenizer.json", e))?;
         let memory = match memory {
-            Some(m) => Some(DeviceMemory::new(
-                m.ctx,
+            Some(m) => Some(WebMemory::new(
                 m.bank,
                 &cfg,
                 &store,
-                m.budget_bytes,
+                MemoryOptions {
+                    ctx: m.ctx,
+                    budget_bytes: m.budget_bytes,
+                    prefetch: m.prefetch,
+                },
             )?),
             None => None,
         };
         let decoder = WebDecoder::new(cfg, store, memory)?;
-        let generator = Generator::new(decoder, tokenizer, None).map_err(|e| match e {
+        let generator = Generator::new(decoder, tokenizer, routing).map_err(|e| match e {
             WebError::Generate(e) => files.err("tokenizer.json", e),
             e => e,
         })?;
@@ -176,8 +239,8 @@ impl<F: PageFetch> Engine<F> {
         &self.generator
     }
 
-    /// The device memory (counters, bank, device); `None` for a dense model.
-    pub fn memory(&self) -> Option<&DeviceMemory<F>> {
+    /// The memory (counters, bank, device); `None` for a dense model.
+    pub fn memory(&self) -> Option<&WebMemory<F>> {
         self.generator.decoder().memory()
     }
 
@@ -188,7 +251,7 @@ impl<F: PageFetch> Engine<F> {
         }
     }
 
-    /// Compiles the device kernels before the first token ([`DeviceMemory::warm_up`]).
+    /// Compiles the device kernels before the first token ([`WebMemory::warm_up`]).
     pub async fn warm_up(&mut self) -> Result<(), WebError> {
         match self.generator.decoder_mut().memory_mut() {
             Some(m) => m.warm_up().await,
@@ -204,6 +267,21 @@ impl<F: PageFetch> Engine<F> {
     /// Bytes of the dense weights (held in wasm memory).
     pub fn dense_bytes(&self) -> u64 {
         self.generator.decoder().store().num_elements() as u64 * 4
+    }
+
+    /// Fetches the memory blocks of `text`'s route ahead of a generation
+    /// with that prompt (the chat calls it while the question is typed):
+    /// the blocks land in the prefetch reserve and the generation finds
+    /// them resident. Returns the blocks fetched: 0 for a model without a
+    /// hierarchical memory or prefetch, or when they are already held.
+    pub async fn prefetch(&mut self, text: &str) -> Result<usize, WebError> {
+        let Some(rows) = self.generator.route(text)? else {
+            return Ok(0);
+        };
+        match self.generator.decoder_mut().memory_mut() {
+            Some(m) if m.prefetch_enabled() => m.prefetch(&rows).await,
+            _ => Ok(0),
+        }
     }
 
     /// Generates after `prompt` ([`Generator::generate_async`]), calling
@@ -248,6 +326,7 @@ mod tests {
             config_json: String::from_utf8(read("config.json")).unwrap(),
             tokenizer_json: String::from_utf8(read("tokenizer.json")).unwrap(),
             safetensors: read("model.safetensors"),
+            routing: None,
         }
     }
 

@@ -29,9 +29,9 @@ pub mod memory;
 mod web;
 
 pub use decoder::WebDecoder;
-pub use engine::{Engine, MemorySetup, ModelFiles};
+pub use engine::{Engine, MemorySetup, ModelFiles, RoutingBytes};
 pub use memlayer_runtime::Generation;
-pub use memory::{DeviceMemory, MemoryStats};
+pub use memory::{MemoryOptions, MemoryStats, WebMemory};
 
 /// Errors of the web runtime; every message names what failed and where.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,10 @@ pub enum WebError {
     /// The bank's sections do not fit the model's config.
     #[error(transparent)]
     BankFit(#[from] memlayer_model_dir::BankFitError),
+    /// A file of the model directory (routing files) is invalid; the
+    /// message names it.
+    #[error(transparent)]
+    ModelDir(#[from] memlayer_model_dir::ModelDirError),
     /// Bad input (prompt, budget, model kind).
     #[error("{0}")]
     Input(String),

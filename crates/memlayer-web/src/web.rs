@@ -4,11 +4,12 @@
 
 use crate::WebError;
 use crate::bank::{FetchedPage, MAX_RUN_BYTES, PageFetch, RemoteBank, adjacent_runs};
-use crate::engine::{Engine, MemorySetup, ModelFiles, check_bank, value_table_bytes};
+use crate::engine::{Engine, MemorySetup, ModelFiles, RoutingBytes, check_bank};
 use crate::memory::MemoryStats;
 use js_sys::{Function, Promise, Reflect, Uint8Array};
 use memlayer_bank::{PageEntry, PageId};
 use memlayer_core::sample::Sampling;
+use memlayer_model_dir::RoutingFiles;
 use memlayer_model_dir::manifest::{CHECKSUMS_FILE, Checksums, ManifestError};
 use memlayer_wgpu::{GpuContext, GpuOptions};
 use serde::Serialize;
@@ -508,6 +509,11 @@ struct ModelInfo {
     n_layers: usize,
     vocab_size: usize,
     memory_layers: Vec<usize>,
+    /// Levels of the hierarchical memory (0: none).
+    block_levels: usize,
+    /// Whether a block per level is reserved for prefetching the question
+    /// being typed.
+    prefetch: bool,
     bank_pages: u64,
     bank_bytes: u64,
     value_rows: u64,
@@ -546,6 +552,120 @@ async fn adapter_info() -> (String, String, String) {
     (field("vendor"), field("architecture"), field("description"))
 }
 
+/// A WebGPU device with the adapter's own limits, what the page shows
+/// about it, and the slot keeping the device's first uncaptured error.
+async fn open_gpu() -> Result<(GpuContext, DeviceInfo, Arc<Mutex<Option<String>>>), JsValue> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::BROWSER_WEBGPU,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapter = instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            js_err(format!(
+                "WebGPU gave no adapter ({e}): on Linux start Chromium with \
+                 --enable-unsafe-webgpu"
+            ))
+        })?;
+    let ctx = GpuContext::from_adapter(adapter, &GpuOptions::default())
+        .await
+        .map_err(js_err)?;
+    // WebGPU reports validation errors asynchronously: keep the first
+    // one so a generation that hit it fails with its message
+    let gpu_error = Arc::new(Mutex::new(None::<String>));
+    let slot = gpu_error.clone();
+    ctx.device
+        .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let msg = e.to_string();
+            web_sys::console::error_1(&JsValue::from_str(&format!("WebGPU error: {msg}")));
+            slot.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(msg);
+        }));
+    let (vendor, architecture, description) = adapter_info().await;
+    let l = &ctx.limits;
+    let adapter_name = [description.as_str(), &ctx.info.name]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .map_or_else(
+            || format!("{vendor} {architecture}").trim().to_string(),
+            str::to_string,
+        );
+    let device = DeviceInfo {
+        adapter: adapter_name,
+        vendor,
+        architecture,
+        description,
+        backend: format!("{:?}", ctx.info.backend),
+        limits: Limits {
+            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
+            max_buffer_size: l.max_buffer_size,
+            max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
+            max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        },
+        features: format!("{:?}", ctx.adapter.features())
+            .split(['|', '(', ')'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "Features")
+            .map(str::to_string)
+            .collect(),
+    };
+    Ok((ctx, device, gpu_error))
+}
+
+impl DeviceInfo {
+    /// A model without a product-key memory runs on the CPU (wasm): no
+    /// WebGPU device is opened.
+    fn cpu_only() -> Self {
+        Self {
+            adapter: "CPU (wasm): this model has no product-key memory, no WebGPU device is used"
+                .into(),
+            vendor: String::new(),
+            architecture: String::new(),
+            description: String::new(),
+            backend: "wasm".into(),
+            limits: Limits {
+                max_storage_buffer_binding_size: 0,
+                max_buffer_size: 0,
+                max_storage_buffers_per_shader_stage: 0,
+                max_compute_workgroup_storage_size: 0,
+                max_compute_invocations_per_workgroup: 0,
+            },
+            features: Vec::new(),
+        }
+    }
+}
+
+/// The browser's copy of `bank`'s pages: an OPFS file named after the
+/// bank's table checksum (a rewritten bank never reads pages of an older
+/// one), else the Cache API, else none.
+async fn local_copy(bank: &RemoteBank<HttpFetch>) -> Result<LocalCopy, JsValue> {
+    let h = bank.meta().header;
+    let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
+    Ok(match OpfsMirror::open(&name).await {
+        Ok(m) => LocalCopy::Opfs(m),
+        Err(why) => {
+            web_sys::console::warn_1(&JsValue::from_str(&format!(
+                "OPFS unavailable ({why}); keeping pages in the Cache API"
+            )));
+            let storage = Scope::get().map_err(js_err)?.caches();
+            let cache = match storage {
+                Ok(s) => JsFuture::from(s.open(PAGE_CACHE))
+                    .await
+                    .ok()
+                    .and_then(|c| c.dyn_into::<Cache>().ok()),
+                Err(_) => None,
+            };
+            cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
+        }
+    })
+}
+
 /// The chat model in the browser: load once, generate many times.
 #[wasm_bindgen]
 pub struct ChatEngine {
@@ -562,10 +682,11 @@ pub struct ChatEngine {
 #[wasm_bindgen]
 impl ChatEngine {
     /// Loads the model directory at `model_url` (config, tokenizer, dense
-    /// weights; the bank's header and page table), opens a WebGPU device
-    /// with the adapter's own limits, and sizes the page slots to
-    /// `budget_percent` of the bank's value table. `on_progress(message)`
-    /// is called at each step.
+    /// weights, a hierarchical memory's routing files; the bank's header
+    /// and page table), opens a WebGPU device with the adapter's own limits
+    /// when the model has a product-key memory, and sizes the memory to
+    /// `budget_percent` of the bank held as f32. `on_progress(message)` is
+    /// called at each step.
     pub async fn load(
         model_url: String,
         budget_percent: f64,
@@ -574,9 +695,6 @@ impl ChatEngine {
         let progress = |m: &str| {
             let _ = on_progress.call1(&JsValue::NULL, &JsValue::from_str(m));
         };
-        if let Some(why) = webgpu_support() {
-            return Err(js_err(why));
-        }
         if !(budget_percent > 0.0 && budget_percent <= 100.0) {
             return Err(js_err(format!(
                 "the budget must be in (0, 100] percent of the bank, got {budget_percent}"
@@ -586,67 +704,6 @@ impl ChatEngine {
             model_url
         } else {
             format!("{model_url}/")
-        };
-        progress("requesting a WebGPU adapter");
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends: wgpu::Backends::BROWSER_WEBGPU,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapter = instance
-            .request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::HighPerformance,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                js_err(format!(
-                    "WebGPU gave no adapter ({e}): on Linux start Chromium with \
-                     --enable-unsafe-webgpu"
-                ))
-            })?;
-        let ctx = GpuContext::from_adapter(adapter, &GpuOptions::default())
-            .await
-            .map_err(js_err)?;
-        // WebGPU reports validation errors asynchronously: keep the first
-        // one so a generation that hit it fails with its message
-        let gpu_error = Arc::new(Mutex::new(None::<String>));
-        let slot = gpu_error.clone();
-        ctx.device
-            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                let msg = e.to_string();
-                web_sys::console::error_1(&JsValue::from_str(&format!("WebGPU error: {msg}")));
-                slot.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(msg);
-            }));
-        let (vendor, architecture, description) = adapter_info().await;
-        let l = &ctx.limits;
-        let adapter_name = [description.as_str(), &ctx.info.name]
-            .into_iter()
-            .find(|s| !s.is_empty())
-            .map_or_else(
-                || format!("{vendor} {architecture}").trim().to_string(),
-                str::to_string,
-            );
-        let device = DeviceInfo {
-            adapter: adapter_name,
-            vendor,
-            architecture,
-            description,
-            backend: format!("{:?}", ctx.info.backend),
-            limits: Limits {
-                max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
-                max_buffer_size: l.max_buffer_size,
-                max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
-                max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
-                max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
-            },
-            features: format!("{:?}", ctx.adapter.features())
-                .split(['|', '(', ')'])
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && *s != "Features")
-                .map(str::to_string)
-                .collect(),
         };
         progress("fetching config.json and tokenizer.json");
         let text = |b: Vec<u8>, f: &str| {
@@ -659,8 +716,21 @@ impl ChatEngine {
             "config.json",
         )?;
         // bounds before anything else is fetched or allocated
-        memlayer_core::model::ModelConfig::from_json(&config_json)
+        let cfg = memlayer_core::model::ModelConfig::from_json(&config_json)
             .map_err(|e| js_err(format!("{base}config.json: {e}")))?;
+        // the product-key layers run on WebGPU; dense and hierarchical-memory
+        // layers on the CPU
+        let (mut ctx, device, gpu_error) = if cfg.pkm.is_some() {
+            if let Some(why) = webgpu_support() {
+                return Err(js_err(why));
+            }
+            progress("requesting a WebGPU adapter");
+            let (ctx, device, error) = open_gpu().await?;
+            (Some(ctx), device, error)
+        } else {
+            (None, DeviceInfo::cpu_only(), Arc::new(Mutex::new(None)))
+        };
+        let on_gpu = ctx.is_some();
         let tokenizer_json = text(
             get_file(&format!("{base}tokenizer.json"))
                 .await
@@ -671,19 +741,35 @@ impl ChatEngine {
         let safetensors = get_file(&format!("{base}model.safetensors"))
             .await
             .map_err(js_err)?;
+        let routing = if cfg.hier.is_some() {
+            progress("fetching the memory's routing (retriever, cluster tree)");
+            let mut got = Vec::new();
+            for name in RoutingFiles::needed(&cfg) {
+                got.push(get_file(&format!("{base}{name}")).await.map_err(js_err)?);
+            }
+            let mut got = got.into_iter();
+            Some(RoutingBytes {
+                retriever: got.next().unwrap_or_default(),
+                tree: got.next().unwrap_or_default(),
+                context_index: got.next(),
+            })
+        } else {
+            None
+        };
         let files = ModelFiles {
             location: base.clone(),
             config_json,
             tokenizer_json,
             safetensors,
+            routing,
         };
         progress("verifying the model files (checksums.json)");
         let checksums = get_checksums(&base).await.map_err(js_err)?;
         let cfg = files.verify(&checksums).map_err(js_err)?;
-        // a dense model (no memory in its config) has no bank: nothing is
-        // paged; a hierarchical memory is refused by Engine::new before any
-        // bank is read
-        let (memory, local, table, value_section) = if cfg.pkm.is_some() && cfg.hier.is_none() {
+        let routing = files.routing(&cfg, &checksums).map_err(js_err)?;
+        // a dense model (no memory in its config) has no bank: nothing is paged
+        let has_memory = cfg.pkm.is_some() || cfg.hier.is_some();
+        let (memory, local, bank_bytes, value_section) = if has_memory {
             progress("reading the memory bank's page table");
             let url = format!("{base}memory.bank");
             let bank = RemoteBank::open(HttpFetch {
@@ -694,48 +780,34 @@ impl ChatEngine {
             .map_err(js_err)?;
             // its shapes fit the config, and it is the bank checksums.json records
             check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
-            // the local copy is named after the bank's table checksum: a rewritten
-            // bank never reads pages of an older one
-            let h = bank.meta().header;
-            let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
-            let local = match OpfsMirror::open(&name).await {
-                Ok(m) => LocalCopy::Opfs(m),
-                Err(why) => {
-                    web_sys::console::warn_1(&JsValue::from_str(&format!(
-                        "OPFS unavailable ({why}); keeping pages in the Cache API"
-                    )));
-                    let storage = Scope::get().map_err(js_err)?.caches();
-                    let cache = match storage {
-                        Ok(s) => JsFuture::from(s.open(PAGE_CACHE))
-                            .await
-                            .ok()
-                            .and_then(|c| c.dyn_into::<Cache>().ok()),
-                        Err(_) => None,
-                    };
-                    cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
-                }
-            };
-            let local = Rc::new(local);
+            let local = Rc::new(local_copy(&bank).await?);
             let bank = bank.with_fetcher(HttpFetch {
                 url,
                 local: local.clone(),
             });
-            let table = value_table_bytes(&bank);
-            let budget_bytes = (table as f64 * budget_percent / 100.0) as u64;
-            let value_section = bank.sections().first().map(|s| s.geometry);
+            let bank_bytes = memlayer_bank::resident_f32_bytes(bank.sections());
+            let budget_bytes = (bank_bytes as f64 * budget_percent / 100.0) as u64;
+            let value_section = bank
+                .sections()
+                .iter()
+                .find(|s| matches!(s.spec.kind, memlayer_bank::SectionKind::PkmValues { .. }))
+                .map(|s| s.geometry);
             let memory = MemorySetup {
-                ctx,
+                ctx: ctx.take(),
                 bank,
                 budget_bytes,
+                prefetch: cfg.hier.is_some(),
             };
-            (Some(memory), local, table, value_section)
+            (Some(memory), local, bank_bytes, value_section)
         } else {
             (None, Rc::new(LocalCopy::None), 0, None)
         };
-        progress("building the model and its device memory");
-        let mut engine = Engine::new(&files, memory).map_err(js_err)?;
+        progress("building the model and its memory");
+        let mut engine = Engine::new(&files, memory, routing).map_err(js_err)?;
         engine.set_clock(now_seconds);
-        progress("compiling the WebGPU kernels");
+        if on_gpu {
+            progress("compiling the WebGPU kernels");
+        }
         engine.warm_up().await.map_err(js_err)?;
         let cfg = engine.config();
         let stats = engine.stats();
@@ -744,8 +816,10 @@ impl ChatEngine {
             n_layers: cfg.n_layers,
             vocab_size: cfg.vocab_size,
             memory_layers: (0..cfg.n_layers).filter(|&i| cfg.is_pkm_layer(i)).collect(),
+            block_levels: cfg.hier.as_ref().map_or(0, |h| h.levels),
+            prefetch: engine.memory().is_some_and(|m| m.prefetch_enabled()),
             bank_pages: stats.bank_pages,
-            bank_bytes: table,
+            bank_bytes,
             value_rows: value_section.map_or(0, |g| g.rows),
             page_bytes: value_section.map_or(0, |g| g.page_bytes),
             budget_bytes: stats.budget_bytes,
@@ -760,6 +834,28 @@ impl ChatEngine {
             model,
             local,
             gpu_error,
+        })
+    }
+
+    /// Fetches the memory blocks of `text`'s route ahead of a generation
+    /// (the page calls it while the question is typed); resolves to the
+    /// number of blocks fetched: 0 for a model without a hierarchical
+    /// memory, when they are already held, or while a generation runs (it
+    /// is skipped, never waited for).
+    // The engine stays borrowed across the fetch on purpose: a generation
+    // started meanwhile fails with a message (the page's worker handles one
+    // message at a time, so it never does).
+    #[allow(clippy::await_holding_refcell_ref)]
+    pub fn prefetch(&self, text: String) -> Promise {
+        let engine = self.engine.clone();
+        let last = self.last_stats.clone();
+        future_to_promise(async move {
+            let Ok(mut engine) = engine.try_borrow_mut() else {
+                return Ok(JsValue::from(0));
+            };
+            let n = engine.prefetch(&text).await.map_err(js_err)?;
+            last.set(engine.stats());
+            Ok(JsValue::from(n as u32))
         })
     }
 

@@ -11,7 +11,9 @@ use memlayer_core::sample::Sampling;
 use memlayer_model_dir::Tokenizer;
 use memlayer_runtime::{Decoder, Generator};
 use memlayer_web::bank::{FetchedPage, PageFetch, RemoteBank, SourceFetch};
-use memlayer_web::{DeviceMemory, Engine, Generation, MemorySetup, ModelFiles, WebDecoder};
+use memlayer_web::{
+    Engine, Generation, MemoryOptions, MemorySetup, ModelFiles, WebDecoder, WebMemory,
+};
 use memlayer_wgpu::{GpuContext, GpuOptions, gpu_for_tests};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -85,8 +87,12 @@ fn paged_decoder<F: PageFetch>(
     full: &ParamStore,
     budget_bytes: u64,
 ) -> WebDecoder<F> {
-    let memory =
-        DeviceMemory::new(ctx, bank, cfg, &dense_of(cfg, full), budget_bytes).expect("memory");
+    let opts = MemoryOptions {
+        ctx: Some(ctx),
+        budget_bytes,
+        prefetch: false,
+    };
+    let memory = WebMemory::new(bank, cfg, &dense_of(cfg, full), opts).expect("memory");
     WebDecoder::new(cfg.clone(), dense_of(cfg, full), Some(memory)).expect("decoder")
 }
 
@@ -132,7 +138,7 @@ fn cached_decoding_with_paged_device_memory_equals_the_reference_forward() {
 }
 
 #[test]
-fn budgets_below_one_token_and_non_pkm_models_are_refused() {
+fn budgets_below_one_token_and_product_keys_without_a_device_are_refused() {
     let Some(ctx) = gpu() else { return };
     let cfg = small_config();
     let full = ParamStore::init(&cfg, 3).expect("init");
@@ -142,8 +148,14 @@ fn budgets_below_one_token_and_non_pkm_models_are_refused() {
         ))))
         .expect("open")
     };
+    let opts = |ctx, budget_bytes| MemoryOptions {
+        ctx,
+        budget_bytes,
+        prefetch: false,
+    };
+    let dense = dense_of(&cfg, &full);
     let bank = open(bank_bytes(&cfg, &full, 5));
-    let err = DeviceMemory::new(ctx, bank, &cfg, &dense_of(&cfg, &full), 7 * 5 * 16 * 4)
+    let err = WebMemory::new(bank, &cfg, &dense, opts(Some(ctx), 7 * 5 * 16 * 4))
         .err()
         .expect("7 slots < 8 pages per token")
         .to_string();
@@ -151,24 +163,12 @@ fn budgets_below_one_token_and_non_pkm_models_are_refused() {
         err.contains("raise the budget to at least 2560 bytes"),
         "{err}"
     );
-    let mut hier = cfg.clone();
-    hier.pkm = None;
-    hier.hier = Some(memlayer_core::model::HierSpec {
-        levels: 1,
-        branching: 2,
-        units: vec![4],
-        generic: false,
-        routing: Default::default(),
-    });
-    let store = ParamStore::dense_zeros(&hier).expect("dense");
-    let err = WebDecoder::<SourceFetch<MemSource>>::new(hier, store, None)
+    let bank = open(bank_bytes(&cfg, &full, 5));
+    let err = WebMemory::new(bank, &cfg, &dense, opts(None, 1 << 20))
         .err()
-        .expect("hier")
+        .expect("no device")
         .to_string();
-    assert!(
-        err.contains("hierarchical-memory models do not run in the browser"),
-        "{err}"
-    );
+    assert!(err.contains("needs a WebGPU device"), "{err}");
 }
 
 /// A fetcher with a local copy (like the browser's Cache API) that can be
@@ -348,17 +348,19 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
         config_json: String::from_utf8(read("config.json")).expect("utf8"),
         tokenizer_json: String::from_utf8(read("tokenizer.json")).expect("utf8"),
         safetensors: read("model.safetensors"),
+        routing: None,
     };
     let cfg = files.config().expect("config");
     let source = FileSource::open(dir.join("memory.bank")).expect("bank");
     let bank = pollster::block_on(RemoteBank::open(SourceFetch(source))).expect("open");
-    let table = memlayer_web::engine::value_table_bytes(&bank);
+    let table = memlayer_bank::resident_f32_bytes(bank.sections());
     let memory = MemorySetup {
-        ctx,
+        ctx: Some(ctx),
         bank,
         budget_bytes: table / 4,
+        prefetch: false,
     };
-    let mut engine = Engine::new(&files, Some(memory)).expect("engine");
+    let mut engine = Engine::new(&files, Some(memory), None).expect("engine");
     let t0 = std::time::Instant::now();
     let now = move || t0.elapsed().as_secs_f64();
     let sampling = Sampling {
@@ -447,7 +449,7 @@ fn a_dense_model_decodes_without_device_memory_like_the_reference() {
     assert_eq!(decoder.position(), 0);
     assert!(decoder.reset(Some(&[0])).is_err());
 
-    // a product-key model without its device memory is refused by name
+    // a product-key model without its memory is refused by name
     let err = WebDecoder::<SourceFetch<MemSource>>::new(
         small_config(),
         ParamStore::dense_zeros(&small_config()).expect("dense"),
@@ -456,7 +458,7 @@ fn a_dense_model_decodes_without_device_memory_like_the_reference() {
     .err()
     .expect("pkm without memory")
     .to_string();
-    assert!(err.contains("needs its device memory"), "{err}");
+    assert!(err.contains("needs its memory.bank"), "{err}");
 }
 
 #[test]
@@ -468,8 +470,9 @@ fn a_dense_model_directory_generates_in_the_engine_like_the_reference() {
         config_json: serde_json::to_string(&cfg).expect("config"),
         tokenizer_json: tok.to_json().expect("tokenizer"),
         safetensors: store.to_safetensors(|_| true, None).expect("safetensors"),
+        routing: None,
     };
-    let mut engine = Engine::<SourceFetch<MemSource>>::new(&files, None).expect("engine");
+    let mut engine = Engine::<SourceFetch<MemSource>>::new(&files, None, None).expect("engine");
     assert!(engine.memory().is_none());
     let sampling = Sampling {
         max_tokens: 10,
@@ -509,9 +512,314 @@ fn a_dense_model_directory_generates_in_the_engine_like_the_reference() {
         config_json: serde_json::to_string(&small_config()).expect("config"),
         ..files
     };
-    let err = Engine::<SourceFetch<MemSource>>::new(&pkm_files, None)
+    let err = Engine::<SourceFetch<MemSource>>::new(&pkm_files, None, None)
         .err()
         .expect("no bank")
         .to_string();
     assert!(err.contains("needs its memory.bank"), "{err}");
+}
+
+// ---- hierarchical memory: blocks streamed into the CPU decoder ------------
+
+/// The bank of `store`'s memory (value table, if any, and the block tables,
+/// as `memlayer export` writes it).
+fn model_bank(cfg: &ModelConfig, store: &ParamStore, name: &str) -> Vec<u8> {
+    let path =
+        std::env::temp_dir().join(format!("memlayer-web-{name}-{}.bank", std::process::id()));
+    memlayer_model_dir::dir::write_bank(cfg, store, &path, memlayer_bank::Dtype::F32)
+        .expect("write bank");
+    let bytes = std::fs::read(&path).expect("read bank");
+    let _ = std::fs::remove_file(&path);
+    bytes
+}
+
+fn remote(bytes: Vec<u8>, name: &str) -> RemoteBank<SourceFetch<MemSource>> {
+    pollster::block_on(RemoteBank::open(SourceFetch(MemSource::named(
+        bytes,
+        format!("mem://{name}"),
+    ))))
+    .expect("open")
+}
+
+/// The tiny hierarchical model of the tests (2 levels, branching 2, a
+/// generic block per level: rows 0..=2 and 0..=4), no product-key memory.
+fn hier_config() -> ModelConfig {
+    ModelConfig::tiny_for_tests(false, true)
+}
+
+/// A prefill and decode steps with the blocks of `rows`, each against the
+/// reference forward of the fully resident model.
+fn decode_like_the_reference<F: PageFetch>(
+    decoder: &mut WebDecoder<F>,
+    cfg: &ModelConfig,
+    full: &ParamStore,
+    rows: &[usize],
+    what: &str,
+) {
+    let tokens: Vec<u32> = vec![3, 17, 17, 30, 0, 9, 33, 21];
+    let (prefill, v) = (5, cfg.vocab_size);
+    decoder.reset(Some(rows)).expect("reset");
+    let logits = pollster::block_on(decoder.step(&tokens[..prefill])).expect("prefill");
+    let want = reference::forward(cfg, full, &tokens[..prefill], Some(rows)).expect("reference");
+    assert_close(
+        &logits,
+        &want[(prefill - 1) * v..],
+        &format!("{what}: prefill"),
+    );
+    for t in prefill..tokens.len() {
+        let logits = pollster::block_on(decoder.step(&tokens[t..=t])).expect("step");
+        let want = reference::forward(cfg, full, &tokens[..=t], Some(rows)).expect("reference");
+        assert_close(&logits, &want[t * v..], &format!("{what}: token {t}"));
+    }
+}
+
+#[test]
+fn hierarchical_blocks_stream_into_the_cpu_decoder_like_the_reference() {
+    let cfg = hier_config();
+    let full = ParamStore::init(&cfg, 5).expect("init");
+    let bank = remote(model_bank(&cfg, &full, "hier"), "hier.bank");
+    let sections = bank.sections().to_vec();
+    // f32 bytes of one block per level: 3 dense layers × 3 × units [4, 2] × dim 16
+    let block_bytes: Vec<u64> = sections
+        .iter()
+        .map(|s| s.geometry.page_rows * u64::from(s.geometry.dim) * 4)
+        .collect();
+    assert_eq!(block_bytes, [3 * 3 * 4 * 16 * 4, 3 * 3 * 2 * 16 * 4]);
+    let reserve: u64 = block_bytes.iter().sum::<u64>() * 2;
+    let opts = |budget_bytes| MemoryOptions {
+        ctx: None,
+        budget_bytes,
+        prefetch: true,
+    };
+    // no WebGPU device: a hierarchical memory runs on the CPU
+    let memory = WebMemory::new(bank, &cfg, &dense_of(&cfg, &full), opts(reserve)).expect("memory");
+    assert!(memory.gpu().is_none() && memory.prefetch_enabled());
+    let mut decoder =
+        WebDecoder::new(cfg.clone(), dense_of(&cfg, &full), Some(memory)).expect("decoder");
+
+    // a context's blocks: fetched by the first step, resident after
+    decode_like_the_reference(&mut decoder, &cfg, &full, &[1, 2], "context [1, 2]");
+    let s = decoder.stats();
+    assert_eq!((s.block_requests, s.block_hits), (8, 6), "{s:?}");
+    assert_eq!(s.pages_streamed, 2, "one block page per level: {s:?}");
+    assert_eq!(s.bytes_streamed, block_bytes.iter().sum::<u64>());
+    assert!(s.resident_bytes <= s.budget_bytes, "{s:?}");
+
+    // the next context prefetched: its first step finds both blocks
+    let m = decoder.memory_mut().expect("memory");
+    assert_eq!(
+        pollster::block_on(m.prefetch(&[2, 4])).expect("prefetch"),
+        2
+    );
+    assert_eq!(
+        pollster::block_on(m.prefetch(&[2, 4])).expect("again"),
+        0,
+        "held"
+    );
+    assert_eq!(decoder.stats().pages_streamed, 4);
+    // the generic blocks (last rows) route like any other
+    decode_like_the_reference(&mut decoder, &cfg, &full, &[2, 4], "context [2, 4]");
+    let s = decoder.stats();
+    assert_eq!((s.block_requests, s.block_hits), (16, 14), "{s:?}");
+    assert_eq!(
+        s.pages_streamed, 4,
+        "nothing fetched after the prefetch: {s:?}"
+    );
+    // a change of one level fetches that level only
+    decode_like_the_reference(&mut decoder, &cfg, &full, &[2, 0], "context [2, 0]");
+    assert_eq!(decoder.stats().pages_streamed, 5);
+
+    // refused by name: rows of the wrong count or range, a budget below the blocks
+    assert!(
+        decoder
+            .reset(Some(&[1]))
+            .unwrap_err()
+            .to_string()
+            .contains("1 block rows")
+    );
+    decoder.reset(Some(&[1, 5])).expect("reset");
+    let err = pollster::block_on(decoder.step(&[1]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 5") && err.contains("level 2"), "{err}");
+    assert!(decoder.reset(None).is_err(), "a sequence needs its route");
+    let bank = remote(model_bank(&cfg, &full, "hier2"), "hier.bank");
+    let err = WebMemory::new(bank, &cfg, &dense_of(&cfg, &full), opts(reserve - 1))
+        .err()
+        .expect("budget below the blocks")
+        .to_string();
+    assert!(err.contains(&reserve.to_string()), "{err}");
+
+    // a corrupt block page is named, never used; the good level still is
+    let mut bad = model_bank(&cfg, &full, "hier3");
+    let l2 = sections[1].first_page + 3;
+    assert!(matches!(
+        sections[1].spec.kind,
+        memlayer_bank::SectionKind::FfnBlocks { .. }
+    ));
+    let entry = remote(bad.clone(), "x").entry(l2).expect("entry");
+    bad[entry.offset as usize + 5] ^= 0x40;
+    let memory = WebMemory::new(
+        remote(bad, "corrupt.bank"),
+        &cfg,
+        &dense_of(&cfg, &full),
+        opts(reserve),
+    )
+    .expect("memory");
+    let mut decoder =
+        WebDecoder::new(cfg.clone(), dense_of(&cfg, &full), Some(memory)).expect("decoder");
+    decoder.reset(Some(&[0, 3])).expect("reset");
+    let err = pollster::block_on(decoder.step(&[1, 2]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mem://corrupt.bank") && err.contains(&format!("page {l2}")),
+        "{err}"
+    );
+    decode_like_the_reference(&mut decoder, &cfg, &full, &[0, 2], "after a corrupt page");
+}
+
+#[test]
+fn product_keys_and_blocks_together_on_the_device_equal_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    let cfg = ModelConfig::tiny_for_tests(true, true);
+    let full = ParamStore::init(&cfg, 8).expect("init");
+    let bank = remote(model_bank(&cfg, &full, "both"), "both.bank");
+    let budget = memlayer_bank::resident_f32_bytes(bank.sections()) / 2;
+    let opts = MemoryOptions {
+        ctx: Some(ctx),
+        budget_bytes: budget,
+        prefetch: false,
+    };
+    let memory = WebMemory::new(bank, &cfg, &dense_of(&cfg, &full), opts).expect("memory");
+    let mut decoder =
+        WebDecoder::new(cfg.clone(), dense_of(&cfg, &full), Some(memory)).expect("decoder");
+    decode_like_the_reference(&mut decoder, &cfg, &full, &[0, 3], "pkm + hier");
+    let s = decoder.stats();
+    assert!(s.value_accesses > 0 && s.block_requests > 0, "{s:?}");
+    assert!(s.resident_bytes <= s.budget_bytes, "{s:?}");
+}
+
+/// A routing over `texts` for the tiny hierarchical model (TF-IDF of 32
+/// dims, a 2 × 2 tree), and `checksums.json` of its files.
+fn tiny_routing(texts: &[&str]) -> (memlayer_web::RoutingBytes, memlayer_model_dir::Checksums) {
+    use memlayer_core::hier::cluster::{ClusterConfig, ClusterTree};
+    let retriever = memlayer_model_dir::retriever::TfIdfRetriever::fit(texts, 32).expect("fit");
+    let emb = retriever.embed_all(texts);
+    let tree =
+        ClusterTree::build(&emb, texts.len(), 32, &ClusterConfig::new(2, 2, 1)).expect("tree");
+    let bytes = memlayer_web::RoutingBytes {
+        retriever: retriever.to_json().expect("json").into_bytes(),
+        tree: tree.to_safetensors().expect("tree"),
+        context_index: None,
+    };
+    let mut sums = memlayer_model_dir::Checksums::new();
+    sums.add_file("retriever.json", &bytes.retriever);
+    sums.add_file("tree.safetensors", &bytes.tree);
+    (bytes, sums)
+}
+
+#[test]
+fn the_engine_routes_prompts_and_prefetches_the_typed_question() {
+    let tok = Tokenizer::from_json(include_str!(
+        "../../memlayer-runtime/tests/fixtures/tiny_tokenizer.json"
+    ))
+    .expect("tokenizer");
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        ..hier_config()
+    };
+    let full = ParamStore::init(&cfg, 12).expect("init");
+    let texts = [
+        "The city where the river meets the sea",
+        "A company that builds ships",
+        "The river city was born",
+        "Ships and companies employ people",
+        "Where the sea is",
+    ];
+    let (routing_bytes, sums) = tiny_routing(&texts);
+    let files = ModelFiles {
+        location: "mem://hier".into(),
+        config_json: serde_json::to_string(&cfg).expect("config"),
+        tokenizer_json: tok.to_json().expect("tokenizer"),
+        safetensors: dense_of(&cfg, &full)
+            .to_safetensors(|_| true, None)
+            .expect("safetensors"),
+        routing: Some(routing_bytes.clone()),
+    };
+    let routing = files.routing(&cfg, &sums).expect("routing").expect("hier");
+    let prompt = "The city where";
+    let rows: Vec<usize> = routing
+        .path(prompt)
+        .expect("path")
+        .into_iter()
+        .map(|r| r as usize)
+        .collect();
+    let bank = remote(model_bank(&cfg, &full, "engine"), "engine.bank");
+    let memory = MemorySetup {
+        ctx: None,
+        budget_bytes: memlayer_bank::resident_f32_bytes(bank.sections()),
+        bank,
+        prefetch: true,
+    };
+    let mut engine = Engine::new(&files, Some(memory), Some(routing)).expect("engine");
+    // typing the question fetches its blocks; the answer finds them resident
+    assert_eq!(
+        pollster::block_on(engine.prefetch(prompt)).expect("prefetch"),
+        2
+    );
+    let sampling = Sampling {
+        max_tokens: 8,
+        ..Sampling::default()
+    };
+    let g = pollster::block_on(engine.generate(prompt, &sampling, None, &|| 0.0, |_, _| {}))
+        .expect("generate");
+    let s = engine.stats();
+    assert_eq!(
+        s.block_hits, s.block_requests,
+        "every block was prefetched: {s:?}"
+    );
+    assert_eq!(s.pages_streamed, 2, "{s:?}");
+
+    // the reference: the whole sequence each step with the prompt's route
+    let v = cfg.vocab_size;
+    let mut ids = tok.encode(prompt).expect("encode");
+    let n0 = ids.len();
+    let mut rng = memlayer_core::rng::Rng::new(0);
+    for _ in 0..8 {
+        let logits = reference::forward(&cfg, &full, &ids, Some(&rows)).expect("forward");
+        let next = memlayer_core::sample::pick(&logits[logits.len() - v..], &sampling, &mut rng);
+        if next == tok.eos_id() {
+            break;
+        }
+        ids.push(next);
+    }
+    assert_eq!(g.tokens, ids[n0..], "engine vs resident reference");
+
+    // routing files that do not match the model are refused by name
+    let other = ModelConfig {
+        hier: cfg
+            .hier
+            .clone()
+            .map(|h| memlayer_core::model::HierSpec { branching: 3, ..h }),
+        ..cfg.clone()
+    };
+    let err = files.routing(&other, &sums).unwrap_err().to_string();
+    assert!(
+        err.contains("tree.safetensors") && err.contains("branching 2"),
+        "{err}"
+    );
+    let mut flipped = files.routing.clone().expect("bytes");
+    flipped.tree[40] ^= 1;
+    let err = ModelFiles {
+        routing: Some(flipped),
+        ..files
+    }
+    .routing(&cfg, &sums)
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tree.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
 }

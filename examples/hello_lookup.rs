@@ -37,9 +37,13 @@ fn main() -> Result<(), Error> {
 
 /// What one read did, for printing and for the test that runs this example.
 pub struct MemoryRead {
+    /// Tokens whose queries were looked up.
     pub tokens: usize,
+    /// Memory heads per token.
     pub heads: usize,
+    /// Value rows read per (token, head).
     pub knn: usize,
+    /// Value rows in the memory (`n_keys²`).
     pub rows: usize,
     /// Largest |GPU − oracle| over the read vectors.
     pub max_abs_diff: f32,

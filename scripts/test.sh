@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # memlayer's test command (README.md; `.ci/run` calls exactly this).
-# Works on a fresh Debian 12 machine: installs what it needs, then runs
+# Works on a fresh Debian 12 machine: installs what it needs (Debian
+# packages, Rust components, NVRTC from PyPI, npm packages), then runs
 # formatting, lints, the wasm32 builds (memlayer-core/-cpu/-wgpu checked, the
 # browser chat's bundle built into web/pkg), the fuzz target's build and every
 # test of the workspace in the one build profile (release) — the browser test
@@ -17,6 +18,18 @@ step "rust components"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 rustup target list --installed | grep -q '^wasm32-unknown-unknown$' || rustup target add wasm32-unknown-unknown
+
+step "NVRTC from PyPI (nvidia-cuda-nvrtc-cu12): every CUDA kernel must compile to PTX"
+# No GPU or CUDA toolkit is needed: memlayer-cuda's kernels are compiled by
+# NVRTC alone (tests fail, not skip, with MEMLAYER_REQUIRE_NVRTC=1). Set for
+# every cargo step below, so the builds share one fingerprint.
+nvrtc_dir="${MEMLAYER_NVRTC_DIR:-$HOME/.cache/memlayer/nvrtc}"
+if [ ! -e "$nvrtc_dir/nvidia/cuda_nvrtc/lib/libnvrtc.so.12" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target "$nvrtc_dir" \
+    "nvidia-cuda-nvrtc-cu12==12.8.*"
+fi
+export LD_LIBRARY_PATH="$nvrtc_dir/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MEMLAYER_REQUIRE_NVRTC=1
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

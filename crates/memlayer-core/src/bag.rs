@@ -18,7 +18,9 @@ pub fn uniform_offsets(bags: usize, bag_size: usize) -> Vec<usize> {
     (0..=bags).map(|b| b * bag_size).collect()
 }
 
-fn check_bags(
+/// Checks a CSR batch of bags against a table of `rows` rows (what every
+/// bag op, CPU or GPU, checks before it runs) → the number of bags.
+pub fn check_bags(
     rows: usize,
     indices: &[u32],
     weights: &[f32],

@@ -9,14 +9,23 @@ pub enum OracleError {
     /// A tensor has the wrong number of elements for its documented shape.
     #[error("shape mismatch for `{what}`: expected {expected} elements {shape}, got {got}")]
     Shape {
+        /// Name of the tensor or argument that was checked.
         what: &'static str,
+        /// Its documented shape (dimensions), formatted as text.
         shape: String,
+        /// Number of elements the shape implies.
         expected: usize,
+        /// Number of elements actually given.
         got: usize,
     },
     /// An index addresses a row outside the table.
     #[error("index {index} out of range for a table of {rows} rows")]
-    IndexOutOfRange { index: u64, rows: usize },
+    IndexOutOfRange {
+        /// The offending index (token id, row or node index).
+        index: u64,
+        /// Number of rows in the table; valid indices are `0..rows`.
+        rows: usize,
+    },
 }
 
 /// Checks that `data` has exactly `dims.iter().product()` elements.

@@ -12,16 +12,29 @@ pub enum ModelDirError {
     /// A file could not be read, written or renamed.
     #[error("cannot {op} {}: {source}", path.display())]
     Io {
+        /// The operation that failed, as a verb (`"read"`, `"create"`, `"rename into"`, …).
         op: &'static str,
+        /// The file the operation was applied to.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// A text file is not valid UTF-8.
     #[error("{} is not valid UTF-8 (first invalid byte at offset {offset})", path.display())]
-    NotUtf8 { path: PathBuf, offset: usize },
+    NotUtf8 {
+        /// The file that was read.
+        path: PathBuf,
+        /// Byte offset of the first invalid byte.
+        offset: usize,
+    },
     /// A file was read but its content is not what it should be.
     #[error("{}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file whose content is wrong.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The tokenizer library failed (training, encoding or decoding).
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -47,6 +60,8 @@ pub enum ModelDirError {
 }
 
 impl ModelDirError {
+    /// A [`ModelDirError::Io`] error: `op` (a verb such as `"read"`) failed
+    /// on `path` with `source`.
     pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             op,
@@ -55,6 +70,8 @@ impl ModelDirError {
         }
     }
 
+    /// A [`ModelDirError::Parse`] error: the content of `path` is wrong, for
+    /// the reason `message`.
     pub fn parse(path: &Path, message: impl Into<String>) -> Self {
         Self::Parse {
             path: path.to_path_buf(),

@@ -55,7 +55,9 @@ pub enum PlotError {
         path.display()
     )]
     FontMissing {
+        /// The font file that was read ([`FONT_PATH`]).
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
     /// The font file exists but is not a usable TrueType/OpenType font.
@@ -63,13 +65,26 @@ pub enum PlotError {
         "{} is not a usable TrueType/OpenType font (expected DejaVu Sans from the Debian package `{FONT_PACKAGE}`)",
         path.display()
     )]
-    FontInvalid { path: PathBuf },
+    FontInvalid {
+        /// The font file that was read ([`FONT_PATH`]).
+        path: PathBuf,
+    },
     /// Invalid chart input (empty, non-finite, mismatched lengths, ≤ 0 on a log axis).
     #[error("chart {chart:?}: {message}")]
-    Input { chart: String, message: String },
+    Input {
+        /// Title of the chart whose input is invalid.
+        chart: String,
+        /// What is wrong (which series or point, which index, which value).
+        message: String,
+    },
     /// Drawing or PNG encoding failed.
     #[error("rendering {}: {message}", path.display())]
-    Render { path: PathBuf, message: String },
+    Render {
+        /// The PNG file that was being produced.
+        path: PathBuf,
+        /// The drawing or encoding error.
+        message: String,
+    },
     /// Writing the PNG file failed.
     #[error(transparent)]
     Write(#[from] DataError),
@@ -78,6 +93,7 @@ pub enum PlotError {
 /// One line of a [`line_chart`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
+    /// Legend entry of the line.
     pub name: String,
     /// `(x, y)` points, drawn in the given order.
     pub points: Vec<(f64, f64)>,
@@ -86,6 +102,7 @@ pub struct Series {
 /// One group (one colour, e.g. one model variant) of a [`grouped_bars`] chart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BarGroup {
+    /// Legend entry of the group.
     pub name: String,
     /// One value per category.
     pub values: Vec<f64>,
@@ -96,8 +113,11 @@ pub struct BarGroup {
 /// One labelled point of a [`labeled_scatter`] chart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabeledPoint {
+    /// Text drawn next to the point.
     pub label: String,
+    /// Horizontal position (must be > 0 on a log x axis).
     pub x: f64,
+    /// Vertical position (centre of the error bar).
     pub y: f64,
     /// Half-height of the vertical error bar (≥ 0; 0 draws none).
     pub y_err: f64,

@@ -51,9 +51,13 @@ pub const MAX_HALF: usize = 1024;
 crate::params! {
 /// Uniform of `bag_backward_bag_of.wgsl`. (WGSL layout).
 pub struct BagOfParams {
+    /// Number of bag entries (`offsets[bags]`).
     pub n: u32,
+    /// Number of bags (`offsets` holds `bags + 1` entries, bags >= 1).
     pub bags: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: u32,
 }
 }
@@ -61,9 +65,13 @@ pub struct BagOfParams {
 crate::params! {
 /// Uniform of `bag_backward_table.wgsl`. (WGSL layout).
 pub struct TableParams {
+    /// Elements per gradient row.
     pub dim: u32,
+    /// First row slot of the output shard (its row 0).
     pub slot_base: u32,
+    /// Row slots in the output shard: rows of `out` (slots, dim).
     pub slots: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
 }
 }
@@ -71,12 +79,19 @@ pub struct TableParams {
 crate::params! {
 /// Uniform of `bag_backward_weights.wgsl`. (WGSL layout).
 pub struct WeightsParams {
+    /// Number of bag entries: length of `dw`.
     pub n: u32,
+    /// Elements per table row and per `grad_out` row.
     pub dim: u32,
+    /// u32 words per table row (f32: `dim`; f16: `ceil(dim / 2)`).
     pub row_words: u32,
+    /// First table row held by the bound shard.
     pub first_row: u32,
+    /// Rows held by the bound shard.
     pub shard_rows: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: [u32; 2],
 }
 }
@@ -84,9 +99,13 @@ pub struct WeightsParams {
 crate::params! {
 /// Uniform of `bag_backward_dense.wgsl`. (WGSL layout).
 pub struct DenseParams {
+    /// Elements per row.
     pub dim: u32,
+    /// Row slots of the sparse gradient (rows of `sparse`; only the first `count` are copied).
     pub slots: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: u32,
 }
 }

@@ -39,23 +39,37 @@ const PER_LANE_VEC4: usize = 16;
 crate::params! {
 /// Uniform of `bag_forward.wgsl` / `bag_forward_vec4.wgsl`. (WGSL layout).
 pub struct Params {
+    /// Number of bags: rows of `out` (`offsets` holds `bags + 1` entries).
     pub bags: u32,
+    /// Elements per table row and per output row.
     pub dim: u32,
     /// u32 words per row (bag_forward.wgsl) or vec4s per row (bag_forward_vec4.wgsl)
     pub row_words: u32,
+    /// Shards of the table (1 skips the per-entry shard arithmetic).
     pub n_shards: u32,
+    /// Invocations per bag (a power of two, at most 256).
     pub tpb: u32,
+    /// Bags per workgroup of 256 invocations (`256 / tpb`).
     pub bags_per_wg: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
     /// log2(page_rows) when page_rows is a power of two, else u32::MAX
     pub page_shift: u32,
+    /// Rows of the table (flat: an index is valid if below it).
     pub rows: u32,
+    /// Rows per page (1 for a flat table).
     pub page_rows: u32,
+    /// Entries of the page table (0 for a flat table).
     pub n_pages: u32,
+    /// Page slots in the table's pool, `rows / page_rows` (0 for a flat table).
     pub n_slots: u32,
+    /// Rows of every shard but the last: shard = row / rows_per_shard.
     pub rows_per_shard: u32,
+    /// First shard bound in this pass (a multiple of [`SHARDS_PER_PASS`]).
     pub first_shard: u32,
+    /// 0: the pass writes `out`; 1: it adds to `out` (later passes of a table of many shards).
     pub accumulate: u32,
+    /// 1.0, multiplied into each product so it is rounded before it is added (no FMA contraction).
     pub one: f32,
 }
 }

@@ -11,12 +11,19 @@ pub enum GpuError {
     /// The adapter refused the device request.
     #[error("device request failed on {adapter}: {source}")]
     RequestDevice {
+        /// Name of the adapter that refused.
         adapter: String,
+        /// The error wgpu returned.
         source: wgpu::RequestDeviceError,
     },
     /// A wgpu validation or out-of-memory error, with what was being done.
     #[error("wgpu error while {context}: {message}")]
-    Wgpu { context: String, message: String },
+    Wgpu {
+        /// What was being done when the error was captured.
+        context: String,
+        /// The wgpu error message.
+        message: String,
+    },
     /// Reading a buffer back failed.
     #[error("buffer read-back failed: {0}")]
     ReadBack(String),

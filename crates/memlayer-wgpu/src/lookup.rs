@@ -79,12 +79,19 @@ pub(crate) struct ScoresParams {
 crate::params! {
 /// Uniform of `pk_topk.wgsl`. (WGSL layout).
 pub struct TopkParams {
+    /// Score rows to select from, one (token, head, half) each.
     pub rows: u32,
+    /// Sub-keys per half: the length of a score row.
     pub n_keys: u32,
+    /// Sub-keys kept per row (`knn`, 1 ..= min(n_keys, groups)).
     pub k: u32,
+    /// First output row: row `r` of `scores` is written at row `row0 + r` of the outputs.
     pub row0: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// Invocations that scan the row in strides for the threshold (a power of two >= k, <= 256).
     pub groups: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: [u32; 2],
 }
 }
@@ -92,9 +99,14 @@ pub struct TopkParams {
 crate::params! {
 /// Uniform of `pk_candidates.wgsl`. (WGSL layout).
 pub struct CandidatesParams {
+    /// Tokens × heads: the number of (token, head) selections, one invocation each.
     pub tokens_heads: u32,
+    /// Candidates kept per (token, head) (`knn`, 1 ..= 128); also the length
+    /// of each half's top-k list.
     pub k: u32,
+    /// Sub-keys per half: value row = `i1 * n_keys + i2`.
     pub n_keys: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
 }
 }

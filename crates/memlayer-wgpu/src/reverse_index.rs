@@ -45,11 +45,18 @@ pub const RADIX: usize = 256;
 crate::params! {
 /// Uniform of `reverse_index_hist.wgsl` / `reverse_index_scatter.wgsl`. (WGSL layout).
 pub struct SortParams {
+    /// Number of keys (entries) being sorted.
     pub n: u32,
+    /// Bit position of this pass's 8-bit digit (`8 * pass`).
     pub shift: u32,
+    /// Radix blocks of 256 keys: `ceil(n / 256)`.
     pub n_blocks: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// 1 on the first pass (values are the entry positions `i`), else 0
+    /// (values read from `vals_in`).
     pub first_pass: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: [u32; 3],
 }
 }
@@ -57,8 +64,11 @@ pub struct SortParams {
 crate::params! {
 /// Uniform of the scan, heads and compact passes of the reverse index. (WGSL layout).
 pub struct LenParams {
+    /// Number of words (or sorted positions) processed.
     pub n: u32,
+    /// Workgroups along x of the dispatch grid (workgroup id = `y * x_groups + x`).
     pub x_groups: u32,
+    /// Padding to a multiple of 16 bytes (WGSL uniform layout).
     pub _pad: [u32; 2],
 }
 }

@@ -318,6 +318,7 @@ impl FactsConfig {
 pub struct BucketSpec {
     /// e.g. `"3-7"` or `"32+"`.
     pub name: String,
+    /// Smallest mention count in the bucket (>= 1).
     pub min_mentions: u32,
     /// `u32::MAX` for the open last bucket.
     pub max_mentions: u32,
@@ -333,9 +334,11 @@ impl BucketSpec {
 /// One synthetic person.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entity {
+    /// Index of the entity in [`FactsDataset::entities`].
     pub id: u32,
     /// Unique "First Last".
     pub name: String,
+    /// Topic of the entity (`id % topics`).
     pub topic: u32,
     /// Zipf rank, 1 = most mentioned in expectation.
     pub rank: u32,
@@ -356,6 +359,7 @@ impl Entity {
 /// One evaluation question: continue `prompt` with `" " + answer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FactQuery {
+    /// [`Entity::id`] of the entity asked about.
     pub entity: u32,
     /// Topic of the entity.
     pub topic: u32,
@@ -382,7 +386,9 @@ impl FactQuery {
 /// The generated world, its training contexts and evaluation queries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FactsDataset {
+    /// The configuration the world was generated from.
     pub config: FactsConfig,
+    /// Every entity, indexed by [`Entity::id`].
     pub entities: Vec<Entity>,
     /// Training contexts (shuffled); every one has `topic: Some(_)`.
     pub contexts: Vec<Context>,

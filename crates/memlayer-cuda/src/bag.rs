@@ -1,0 +1,360 @@
+//! The embedding-bag on CUDA (`bag_forward.cu`, `bag_backward.cu`): the
+//! forward over a table in its storage dtype, the table gradient through the
+//! reverse index and the per-sample-weight gradient. Inputs are checked on
+//! the host with the oracle's rules (`memlayer_core::bag::check_bags`) before
+//! anything is uploaded.
+
+use crate::device::{CudaDevice, DeviceTable};
+use crate::{CudaError, kernels};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use memlayer_bank::Dtype;
+use memlayer_core::bag::{SparseRows, check_bags};
+
+/// Threads per block of the bag kernels.
+const BLOCK: u32 = 256;
+
+/// A u32 count for a kernel argument, or the limit named.
+fn u32_of(what: &str, n: usize) -> Result<u32, CudaError> {
+    u32::try_from(n).map_err(|_| {
+        CudaError::Unsupported(format!("{what} = {n}: the CUDA kernels take 32-bit counts"))
+    })
+}
+
+/// Blocks of [`BLOCK`] threads covering `threads`.
+fn grid(threads: u64) -> Result<LaunchConfig, CudaError> {
+    let blocks = u32::try_from(threads.div_ceil(u64::from(BLOCK)))
+        .map_err(|_| CudaError::Unsupported(format!("{threads} threads exceed one launch grid")))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A batch of bags on the device (CSR: indices, weights, offsets), checked
+/// against a table of `rows` rows when uploaded.
+pub struct BagBatch {
+    indices: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    offsets: CudaSlice<u32>,
+    /// Bags.
+    pub bags: usize,
+    /// Entries (all bags).
+    pub nnz: usize,
+}
+
+impl BagBatch {
+    /// Checks the batch (`memlayer_core::bag::check_bags`: lengths, offsets,
+    /// every index below `rows`) and uploads it.
+    pub fn upload(
+        dev: &CudaDevice,
+        rows: usize,
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Self, CudaError> {
+        let bags = check_bags(rows, indices, weights, offsets)?;
+        u32_of("entries", indices.len())?;
+        let off: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+        Ok(Self {
+            indices: dev.upload("bag indices", indices)?,
+            weights: dev.upload("bag weights", weights)?,
+            offsets: dev.upload("bag offsets", &off)?,
+            bags,
+            nnz: indices.len(),
+        })
+    }
+}
+
+/// The forward kernel of a storage dtype.
+fn forward_kernel(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "bag_forward_f32",
+        Dtype::F16 => "bag_forward_f16",
+        Dtype::Bf16 => "bag_forward_bf16",
+    }
+}
+
+/// Enqueues the forward of `batch` over `table` into `out` (bags, dim) f32
+/// (no wait: time it with events, or read `out`).
+pub fn bag_forward_into(
+    dev: &CudaDevice,
+    table: &DeviceTable,
+    batch: &BagBatch,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    if out.len() < batch.bags * table.dim {
+        return Err(CudaError::Unsupported(format!(
+            "output of {} floats for {} bags of {}",
+            out.len(),
+            batch.bags,
+            table.dim
+        )));
+    }
+    if batch.bags == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&kernels::BAG_FORWARD, forward_kernel(table.dtype))?;
+    let (rows, dim, bags) = (
+        u32_of("rows", table.rows)?,
+        u32_of("dim", table.dim)?,
+        u32_of("bags", batch.bags)?,
+    );
+    let cfg = grid(u64::from(bags) * u64::from(dim.div_ceil(4)))?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(&table.data)
+        .arg(&rows)
+        .arg(&dim)
+        .arg(&batch.indices)
+        .arg(&batch.weights)
+        .arg(&batch.offsets)
+        .arg(&bags)
+        .arg(out);
+    // SAFETY: the arguments match bag_forward_*'s signature; every buffer
+    // holds the elements the kernel reads (checked above and at upload).
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaError::driver("launching bag_forward", e))?;
+    Ok(())
+}
+
+/// Forward: `out[b] = Σ_{e in bag b} weights[e] · table[indices[e]]`,
+/// (bags, dim) f32; bit-identical to `memlayer_core::bag::bag_forward` over
+/// the table as stored.
+pub fn bag_forward(
+    dev: &CudaDevice,
+    table: &DeviceTable,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+) -> Result<Vec<f32>, CudaError> {
+    let batch = BagBatch::upload(dev, table.rows, indices, weights, offsets)?;
+    let mut out = dev.zeros::<f32>("bag output", batch.bags * table.dim)?;
+    bag_forward_into(dev, table, &batch, &mut out)?;
+    dev.download("bag output", &out, batch.bags * table.dim)
+}
+
+/// Bag of each entry: (nnz).
+fn bag_of(offsets: &[usize]) -> Vec<u32> {
+    let mut out = vec![0u32; offsets.last().copied().unwrap_or(0)];
+    for (b, w) in offsets.windows(2).enumerate() {
+        out[w[0]..w[1]].fill(b as u32);
+    }
+    out
+}
+
+/// The reverse index of `indices`: entries sorted by (row, position), the
+/// start of each row's segment (segments + 1) and the segments' rows.
+fn reverse_index(indices: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..indices.len() as u32).collect();
+    order.sort_unstable_by_key(|&e| (indices[e as usize], e));
+    let mut starts = Vec::new();
+    let mut rows = Vec::new();
+    for (i, &e) in order.iter().enumerate() {
+        let r = indices[e as usize];
+        if rows.last() != Some(&r) {
+            rows.push(r);
+            starts.push(i as u32);
+        }
+    }
+    starts.push(order.len() as u32);
+    (order, starts, rows)
+}
+
+/// Table gradient `dtable[indices[e]] += weights[e] · grad_out[bag(e)]`,
+/// per row in ascending entry position (the reverse index): the touched
+/// rows and their gradients, bit-identical to
+/// `memlayer_core::bag::bag_backward_table`. grad_out: (bags, dim).
+pub fn bag_backward_table(
+    dev: &CudaDevice,
+    rows: usize,
+    dim: usize,
+    indices: &[u32],
+    weights: &[f32],
+    offsets: &[usize],
+    grad_out: &[f32],
+) -> Result<SparseRows, CudaError> {
+    let bags = check_bags(rows, indices, weights, offsets)?;
+    memlayer_core::error::check_len("grad_out", grad_out, &[bags, dim])?;
+    let (order, starts, seg_rows) = reverse_index(indices);
+    let segments = seg_rows.len();
+    if segments == 0 {
+        return Ok(SparseRows::empty(dim));
+    }
+    let d = u32_of("dim", dim)?;
+    let n_seg = u32_of("segments", segments)?;
+    u32_of("entries", indices.len())?;
+    let f = dev.function(&kernels::BAG_BACKWARD, "bag_backward_table")?;
+    let order = dev.upload("the reverse index", &order)?;
+    let starts = dev.upload("segment starts", &starts)?;
+    let seg_rows_d = dev.upload("segment rows", &seg_rows)?;
+    let bag_of = dev.upload("entry bags", &bag_of(offsets))?;
+    let weights = dev.upload("bag weights", weights)?;
+    let grad = dev.upload("grad_out", grad_out)?;
+    let mut out = dev.zeros::<f32>("table gradient", segments * dim)?;
+    let dense = 0u32;
+    let cfg = grid(u64::from(n_seg) * u64::from(d.div_ceil(4)))?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(&d)
+        .arg(&order)
+        .arg(&starts)
+        .arg(&seg_rows_d)
+        .arg(&n_seg)
+        .arg(&bag_of)
+        .arg(&weights)
+        .arg(&grad)
+        .arg(&dense)
+        .arg(&mut out);
+    // SAFETY: arguments match bag_backward_table; sizes from the reverse index.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| CudaError::driver("launching bag_backward_table", e))?;
+    Ok(SparseRows {
+        dim,
+        rows: seg_rows,
+        grads: dev.download("table gradient", &out, segments * dim)?,
+    })
+}
+
+/// Per-sample-weight gradient `dweights[e] = table[indices[e]] · grad_out[bag(e)]`
+/// (nnz), within f32 rounding of `memlayer_core::bag::bag_backward_weights`
+/// (a warp sums each dot product as a tree).
+pub fn bag_backward_weights(
+    dev: &CudaDevice,
+    table: &DeviceTable,
+    indices: &[u32],
+    offsets: &[usize],
+    grad_out: &[f32],
+) -> Result<Vec<f32>, CudaError> {
+    let zeros = vec![0.0f32; indices.len()];
+    let bags = check_bags(table.rows, indices, &zeros, offsets)?;
+    memlayer_core::error::check_len("grad_out", grad_out, &[bags, table.dim])?;
+    let nnz = u32_of("entries", indices.len())?;
+    if nnz == 0 {
+        return Ok(Vec::new());
+    }
+    let name = match table.dtype {
+        Dtype::F32 => "bag_backward_weights_f32",
+        Dtype::F16 => "bag_backward_weights_f16",
+        Dtype::Bf16 => "bag_backward_weights_bf16",
+    };
+    let f = dev.function(&kernels::BAG_BACKWARD, name)?;
+    let (rows, dim) = (u32_of("rows", table.rows)?, u32_of("dim", table.dim)?);
+    let idx = dev.upload("bag indices", indices)?;
+    let bag_of = dev.upload("entry bags", &bag_of(offsets))?;
+    let grad = dev.upload("grad_out", grad_out)?;
+    let mut out = dev.zeros::<f32>("weight gradient", indices.len())?;
+    let cfg = grid(u64::from(nnz) * 32)?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(&table.data)
+        .arg(&rows)
+        .arg(&dim)
+        .arg(&idx)
+        .arg(&bag_of)
+        .arg(&nnz)
+        .arg(&grad)
+        .arg(&mut out);
+    // SAFETY: arguments match bag_backward_weights_*; one warp per entry.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| CudaError::driver("launching bag_backward_weights", e))?;
+    dev.download("weight gradient", &out, indices.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda_for_tests;
+    use memlayer_core::bag;
+    use memlayer_core::rng::Rng;
+
+    #[test]
+    fn reverse_index_groups_rows_in_entry_order() {
+        let (order, starts, rows) = reverse_index(&[5, 1, 5, 0, 1, 5]);
+        assert_eq!(rows, [0, 1, 5]);
+        assert_eq!(starts, [0, 1, 3, 6]);
+        assert_eq!(order, [3, 1, 4, 0, 2, 5]);
+        assert_eq!(bag_of(&[0, 2, 2, 5]), [0, 0, 2, 2, 2]);
+    }
+
+    /// A random batch: `bags` bags of 0..=max entries (empty bags included),
+    /// indices drawn from a few hot rows and the whole table (repeats).
+    fn batch(rows: usize, bags: usize, max: usize, seed: u64) -> (Vec<u32>, Vec<f32>, Vec<usize>) {
+        let mut rng = Rng::new(seed);
+        let mut offsets = vec![0];
+        let (mut idx, mut w) = (Vec::new(), Vec::new());
+        for b in 0..bags {
+            let n = if b % 5 == 3 {
+                0
+            } else {
+                rng.below(max as u64 + 1) as usize
+            };
+            for _ in 0..n {
+                let r = if rng.below(3) == 0 {
+                    rng.below(4)
+                } else {
+                    rng.below(rows as u64)
+                };
+                idx.push(r as u32);
+                w.push(rng.normal());
+            }
+            offsets.push(idx.len());
+        }
+        (idx, w, offsets)
+    }
+
+    #[test]
+    fn forward_and_backward_equal_the_oracle_for_every_dtype_and_shape() {
+        let Some(dev) = cuda_for_tests() else { return };
+        // dims: not a multiple of 4, small, the runner's; rows with repeats
+        for (rows, dim, bags, max) in [
+            (7, 3, 9, 5),
+            (300, 64, 40, 33),
+            (1000, 257, 17, 64),
+            (4096, 256, 64, 128),
+        ] {
+            let mut rng = Rng::new(rows as u64);
+            let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
+            let (idx, w, off) = batch(rows, bags, max, dim as u64);
+            let grad: Vec<f32> = (0..bags * dim).map(|_| rng.normal()).collect();
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+                let what = format!("{rows}×{dim} {dtype:?}, {bags} bags");
+                let stored: Vec<f32> = table
+                    .iter()
+                    .map(|&v| memlayer_bank::round_trip(dtype, v))
+                    .collect();
+                let dt = DeviceTable::upload(&dev, &table, rows, dim, dtype).expect("upload");
+                let got = bag_forward(&dev, &dt, &idx, &w, &off).expect("forward");
+                let want = bag::bag_forward(&stored, rows, dim, &idx, &w, &off).expect("oracle");
+                assert_eq!(got, want, "{what}: forward not bit-identical");
+                let got = bag_backward_weights(&dev, &dt, &idx, &off, &grad).expect("dw");
+                let want = bag::bag_backward_weights(&stored, rows, dim, &idx, &off, &grad)
+                    .expect("oracle");
+                for (e, (g, o)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (1.0 + o.abs()) * (dim as f32).sqrt();
+                    assert!((g - o).abs() <= tol, "{what}: dweights[{e}] {g} vs {o}");
+                }
+            }
+            let got = bag_backward_table(&dev, rows, dim, &idx, &w, &off, &grad).expect("dtable");
+            let want = bag::bag_backward_table(rows, dim, &idx, &w, &off, &grad).expect("oracle");
+            assert_eq!(got, want, "{rows}×{dim}: table gradient not bit-identical");
+        }
+    }
+
+    #[test]
+    fn empty_batches_and_bad_indices() {
+        let Some(dev) = cuda_for_tests() else { return };
+        let dt = DeviceTable::upload(&dev, &[1.0; 8], 4, 2, Dtype::F32).expect("upload");
+        // only empty bags: zeros
+        assert_eq!(
+            bag_forward(&dev, &dt, &[], &[], &[0, 0, 0]).expect("empty"),
+            vec![0.0; 4]
+        );
+        let g = bag_backward_table(&dev, 4, 2, &[], &[], &[0, 0], &[1.0, 1.0]).expect("empty");
+        assert!(g.rows.is_empty());
+        // a row outside the table is refused before anything is uploaded
+        let err = bag_forward(&dev, &dt, &[4], &[1.0], &[0, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("index 4 out of range"), "{err}");
+    }
+}

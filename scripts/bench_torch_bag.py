@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch CPU reference for memlayer's embedding-bag benchmark (benches/cpu_bag.rs).
+"""PyTorch reference for memlayer's embedding-bag benchmark (CPU, or CUDA with --device cuda).
 
 Times torch.nn.functional.embedding_bag(mode="sum", per_sample_weights, offsets)
 on a (rows, dim) table of the given dtype, `bags` bags of `bag-size` uniform
@@ -22,7 +22,8 @@ Large allocations use torch's allocator; set THP_MEM_ALLOC_ENABLE=1 to give
 torch transparent huge pages (compare with memlayer's --huge option).
 
 If torch is not importable it prints {"gbps": null, "error": "torch not installed"}
-and exits 0.
+and exits 0; with --device cuda and no CUDA in torch, {"gbps": null, "error": "..."}.
+On CUDA every timed call is followed by torch.cuda.synchronize().
 """
 
 import argparse
@@ -44,6 +45,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index-dtype", choices=["int64", "int32"], default="int64")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
 
     try:
@@ -52,6 +54,10 @@ def main() -> int:
         print(json.dumps({"gbps": None, "error": "torch not installed"}))
         return 0
 
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"gbps": None, "error": "torch has no CUDA device",
+                          "torch_version": torch.__version__}))
+        return 0
     torch.set_num_threads(a.threads)
     try:
         torch.set_num_interop_threads(1)
@@ -71,6 +77,14 @@ def main() -> int:
         indices = torch.randint(0, a.rows, (nnz,), generator=g, dtype=torch.int64).to(idt)
         offsets = (torch.arange(a.bags + 1, dtype=torch.int64) * a.bag_size).to(idt)
         weights = torch.randn(nnz, generator=g).to(dt)
+        if a.device == "cuda":
+            table, indices, offsets, weights = (
+                t.to("cuda") for t in (table, indices, offsets, weights)
+            )
+
+        def sync():
+            if a.device == "cuda":
+                torch.cuda.synchronize()
 
         def call():
             return torch.nn.functional.embedding_bag(
@@ -86,10 +100,12 @@ def main() -> int:
         assert out.shape == (a.bags, a.dim), out.shape
         for _ in range(a.warmup):
             call()
+        sync()
         times = []
         for _ in range(max(1, a.iters)):
             t0 = time.perf_counter()
             call()
+            sync()
             times.append(time.perf_counter() - t0)
 
     elem = {"f32": 4, "f16": 2, "bf16": 2}[a.dtype]
@@ -110,6 +126,8 @@ def main() -> int:
                 "bags": a.bags,
                 "bag_size": a.bag_size,
                 "dtype": a.dtype,
+                "device": a.device,
+                "device_name": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                 "index_dtype": a.index_dtype,
                 "iters": len(times),
                 "gathered_bytes_per_call": gathered,

@@ -38,6 +38,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
+step "cargo clippy with the cuda feature (the CLI's --backend cuda, bench kernels' CUDA columns)"
+cargo clippy -p memlayer -p memlayer-cli --features cuda --all-targets --release -- -D warnings
+
 step "memlayer-core, memlayer-cpu and memlayer-wgpu build for wasm32; memlayer-web lints there"
 cargo check -p memlayer-core -p memlayer-cpu -p memlayer-wgpu --release --target wasm32-unknown-unknown
 cargo clippy -p memlayer-web --release --target wasm32-unknown-unknown -- -D warnings
@@ -51,3 +54,6 @@ cargo check --release --manifest-path fuzz/Cargo.toml
 
 step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
 cargo test --workspace --release
+
+step "the CLI built with the cuda feature: --backend cuda on a GPU or a named error without one"
+cargo test --release -p memlayer-cli --features cuda --test cli_cuda

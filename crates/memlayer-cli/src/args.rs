@@ -18,6 +18,11 @@ pub enum Backend {
     Cpu,
     /// burn-wgpu (Vulkan/Metal/DX12; lavapipe on a machine without GPU).
     Wgpu,
+    /// An NVIDIA GPU through CUDA (feature `cuda`): the value page slots
+    /// and the embedding-bag on the GPU in the bank's dtype; the dense part
+    /// runs on burn's CPU backend (inference only).
+    #[cfg(feature = "cuda")]
+    Cuda,
 }
 
 /// Memory-op implementation.

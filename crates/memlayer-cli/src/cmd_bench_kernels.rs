@@ -7,8 +7,14 @@
 //! missing) and every wgpu adapter present (f32 and f16 storage); the physical
 //! limits in the same run (the CPU's copy bandwidth, a WGSL copy kernel's
 //! bandwidth on each adapter); and product-key lookup time per token for
-//! N = 2^16 … 2^24 against a brute-force scan of all N rows. Timings are
+//! N = 2^16 … 2^24 against a brute-force scan of all N rows. Built with the
+//! `cuda` feature it adds the first NVIDIA GPU ([`cuda`]: copy bandwidth, bag
+//! forward f32/f16/bf16, PyTorch CUDA as the peer, lookup per N), each bag
+//! figure also as a fraction of its device's copy bandwidth. Timings are
 //! medians after a warm-up. Nothing here asserts a number: it reports.
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -331,6 +337,12 @@ pub fn run(args: KernelsArgs) -> Result<()> {
             .map(|o| o.insert("lookup_us_per_token".into(), Value::Object(per_n)));
     }
 
+    // The first NVIDIA GPU (feature `cuda`)
+    #[cfg(feature = "cuda")]
+    let cuda_json = cuda::measure(&args, &s, &data, &mut bag, &mut copy, &mut errors);
+    #[cfg(not(feature = "cuda"))]
+    let cuda_json: Option<Value> = None;
+
     // Product-key lookup vs brute force on the CPU
     let mut lookup = Map::new();
     let mut brute = Map::new();
@@ -353,6 +365,8 @@ pub fn run(args: KernelsArgs) -> Result<()> {
             let limit = if k.starts_with("wgpu_") {
                 let adapter = k.trim_end_matches("_f16");
                 copy.get(adapter)?.as_f64()?
+            } else if k.starts_with("cuda") || k.starts_with("torch_cuda") {
+                copy.get("cuda")?.as_f64()?
             } else {
                 cpu_copy.gbps
             };
@@ -371,6 +385,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
         "lookup_us_per_token": lookup,
         "lookup_bruteforce_us_per_token": brute,
         "adapters": adapters_json,
+        "cuda": cuda_json,
         "torch": torch_info,
         "errors": errors,
     });
@@ -425,6 +440,17 @@ fn torch_bag(
     threads: usize,
     dtype: &str,
 ) -> Result<(Option<f64>, Value)> {
+    torch_bag_on(args, s, threads, dtype, "cpu")
+}
+
+/// [`torch_bag`] on `device` (`cpu` or `cuda`).
+fn torch_bag_on(
+    args: &KernelsArgs,
+    s: &Shapes,
+    threads: usize,
+    dtype: &str,
+    device: &str,
+) -> Result<(Option<f64>, Value)> {
     // torch gets transparent huge pages for its tensors, as memlayer's tables have
     let out = Command::new(&args.python)
         .env("THP_MEM_ALLOC_ENABLE", "1")
@@ -438,6 +464,7 @@ fn torch_bag(
         ])
         .args(["--threads", &threads.to_string(), "--dtype", dtype])
         .args(["--iters", &s.iters.to_string(), "--seed", "2024"])
+        .args(["--device", device])
         .output()
         .with_context(|| format!("running {} {}", args.python, args.torch_script.display()))?;
     if !out.status.success() {

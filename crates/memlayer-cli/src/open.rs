@@ -19,6 +19,12 @@ pub fn device_for(backend: Backend, ops: OpsChoice) -> Result<(Device, MemoryOps
     let device = match backend {
         Backend::Cpu => Device::flex(),
         Backend::Wgpu => Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => bail!(
+            "training on CUDA is not built yet: memlayer-cuda has the memory ops' kernels \
+             (forward and backward), but no burn backend drives them in training; use --backend \
+             cpu or wgpu (--backend cuda runs generate, chat, demo and bench paged)"
+        ),
     };
     let ops = match ops {
         OpsChoice::Auto => MemoryOps::best_for(&device),
@@ -50,6 +56,13 @@ pub fn runtime_device(backend: Backend) -> Result<(Device, MemoryOps, PoolDevice
             let device = memlayer_model::gpu::burn_device(&ctx).map_err(anyhow::Error::msg)?;
             let ops = MemoryOps::best_for(&device);
             Ok((device, ops, PoolDevice::Wgpu(Arc::new(ctx))))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => {
+            let dev = memlayer_cuda::CudaDevice::new(0).context("--backend cuda")?;
+            let device = Device::flex();
+            let ops = MemoryOps::best_for(&device);
+            Ok((device, ops, PoolDevice::Cuda(Arc::new(dev))))
         }
     }
 }

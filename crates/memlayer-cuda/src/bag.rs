@@ -75,6 +75,63 @@ fn forward_kernel(dtype: Dtype) -> &'static str {
     }
 }
 
+/// Rows resolved through a page table: (the page table on the device, its
+/// entries, rows per page).
+type Paging<'a> = Option<(&'a CudaSlice<u32>, u32, u32)>;
+
+/// Enqueues `bag_forward_*` of `batch` over `data` (rows × dim of `dtype`,
+/// or slots through `paging`) into `out`.
+#[allow(clippy::too_many_arguments)]
+fn launch_bag(
+    dev: &CudaDevice,
+    data: &CudaSlice<u8>,
+    dtype: Dtype,
+    rows: usize,
+    dim: usize,
+    paging: Paging<'_>,
+    batch: &BagBatch,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    if out.len() < batch.bags * dim {
+        return Err(CudaError::Unsupported(format!(
+            "output of {} floats for {} bags of {dim}",
+            out.len(),
+            batch.bags
+        )));
+    }
+    if batch.bags == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&kernels::BAG_FORWARD, forward_kernel(dtype))?;
+    let (rows, dim, bags) = (
+        u32_of("rows", rows)?,
+        u32_of("dim", dim)?,
+        u32_of("bags", batch.bags)?,
+    );
+    let cfg = grid(u64::from(bags) * u64::from(dim.div_ceil(4)))?;
+    let null = 0u64;
+    let (pages, page_rows) = paging.map_or((0, 1), |p| (p.1, p.2));
+    let mut launch = dev.stream().launch_builder(&f);
+    launch.arg(data).arg(&rows).arg(&dim);
+    match paging {
+        Some((table, _, _)) => launch.arg(table),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&pages)
+        .arg(&page_rows)
+        .arg(&batch.indices)
+        .arg(&batch.weights)
+        .arg(&batch.offsets)
+        .arg(&bags)
+        .arg(out);
+    // SAFETY: the arguments match bag_forward_*'s signature; every buffer
+    // holds the elements the kernel reads (checked at upload), and the
+    // kernel skips rows outside the table or its resident pages.
+    unsafe { launch.launch(cfg) }.map_err(|e| CudaError::driver("launching bag_forward", e))?;
+    Ok(())
+}
+
 /// Enqueues the forward of `batch` over `table` into `out` (bags, dim) f32
 /// (no wait: time it with events, or read `out`).
 pub fn bag_forward_into(
@@ -83,38 +140,113 @@ pub fn bag_forward_into(
     batch: &BagBatch,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
-    if out.len() < batch.bags * table.dim {
-        return Err(CudaError::Unsupported(format!(
-            "output of {} floats for {} bags of {}",
-            out.len(),
-            batch.bags,
-            table.dim
-        )));
+    launch_bag(
+        dev,
+        &table.data,
+        table.dtype,
+        table.rows,
+        table.dim,
+        None,
+        batch,
+        out,
+    )
+}
+
+/// Value pages resident on the device in their storage dtype: `slots`
+/// slots of `page_rows` rows of a table of `rows × dim`, and the bag
+/// through a page table (the paged memory's device pool).
+pub struct PagedSlots {
+    data: CudaSlice<u8>,
+    /// Rows of the whole table.
+    pub rows: usize,
+    /// Values per row.
+    pub dim: usize,
+    /// Rows per page (and per slot).
+    pub page_rows: usize,
+    /// Slots.
+    pub slots: usize,
+    /// Storage dtype of the slots (the bank's).
+    pub dtype: Dtype,
+}
+
+impl PagedSlots {
+    /// `slots` zeroed slots of `page_rows × dim` values of `dtype`.
+    pub fn new(
+        dev: &CudaDevice,
+        rows: usize,
+        dim: usize,
+        page_rows: usize,
+        slots: usize,
+        dtype: Dtype,
+    ) -> Result<Self, CudaError> {
+        let bytes = slots
+            .checked_mul(page_rows)
+            .and_then(|n| n.checked_mul(dim))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| {
+                CudaError::Unsupported(format!("{slots} slots of {page_rows} × {dim} overflow"))
+            })?;
+        Ok(Self {
+            data: dev.zeros("page slots", bytes)?,
+            rows,
+            dim,
+            page_rows,
+            slots,
+            dtype,
+        })
     }
-    if batch.bags == 0 {
-        return Ok(());
+
+    /// Bytes on the device.
+    pub fn bytes(&self) -> usize {
+        self.slots * self.page_rows * self.dim * self.dtype.size()
     }
-    let f = dev.function(&kernels::BAG_FORWARD, forward_kernel(table.dtype))?;
-    let (rows, dim, bags) = (
-        u32_of("rows", table.rows)?,
-        u32_of("dim", table.dim)?,
-        u32_of("bags", batch.bags)?,
-    );
-    let cfg = grid(u64::from(bags) * u64::from(dim.div_ceil(4)))?;
-    let mut launch = dev.stream().launch_builder(&f);
-    launch
-        .arg(&table.data)
-        .arg(&rows)
-        .arg(&dim)
-        .arg(&batch.indices)
-        .arg(&batch.weights)
-        .arg(&batch.offsets)
-        .arg(&bags)
-        .arg(out);
-    // SAFETY: the arguments match bag_forward_*'s signature; every buffer
-    // holds the elements the kernel reads (checked above and at upload).
-    unsafe { launch.launch(cfg) }.map_err(|e| CudaError::driver("launching bag_forward", e))?;
-    Ok(())
+
+    /// Writes a page's values (`≤ page_rows × dim`, f32 as decoded from the
+    /// bank; stored back in the slots' dtype, exactly for values that came
+    /// from it) into `slot`.
+    pub fn write(
+        &mut self,
+        dev: &CudaDevice,
+        slot: usize,
+        values: &[f32],
+    ) -> Result<(), CudaError> {
+        let slot_len = self.page_rows * self.dim;
+        if slot >= self.slots || values.len() > slot_len {
+            return Err(CudaError::Unsupported(format!(
+                "slot {slot} / {} values do not fit {} slots of {slot_len}",
+                values.len(),
+                self.slots
+            )));
+        }
+        let bytes = memlayer_bank::encode(self.dtype, values);
+        let start = slot * slot_len * self.dtype.size();
+        let mut dst = self.data.slice_mut(start..start + bytes.len());
+        dev.stream()
+            .memcpy_htod(&bytes, &mut dst)
+            .map_err(|e| CudaError::driver(format!("writing slot {slot}"), e))
+    }
+
+    /// `out[b] = Σ_{e in bag b} weights[e] · row(indices[e])`, row `r` read
+    /// from slot `page_table[r / page_rows]` → (bags, dim); bit-identical to
+    /// the bag over the whole table when every page read is resident.
+    pub fn bag(
+        &self,
+        dev: &CudaDevice,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, CudaError> {
+        let batch = BagBatch::upload(dev, self.rows, indices, weights, offsets)?;
+        let pages = u32_of("pages", page_table.len())?;
+        let table = dev.upload("the page table", page_table)?;
+        let mut out = dev.zeros::<f32>("bag output", batch.bags * self.dim)?;
+        let paging = Some((&table, pages, u32_of("page rows", self.page_rows)?));
+        launch_bag(
+            dev, &self.data, self.dtype, self.rows, self.dim, paging, &batch, &mut out,
+        )?;
+        dev.download("bag output", &out, batch.bags * self.dim)
+    }
 }
 
 /// Forward: `out[b] = Σ_{e in bag b} weights[e] · table[indices[e]]`,
@@ -337,6 +469,38 @@ mod tests {
             let got = bag_backward_table(&dev, rows, dim, &idx, &w, &off, &grad).expect("dtable");
             let want = bag::bag_backward_table(rows, dim, &idx, &w, &off, &grad).expect("oracle");
             assert_eq!(got, want, "{rows}×{dim}: table gradient not bit-identical");
+        }
+    }
+
+    #[test]
+    fn the_paged_bag_through_slots_equals_the_bag_over_the_whole_table() {
+        let Some(dev) = cuda_for_tests() else { return };
+        let (rows, dim, page_rows): (usize, usize, usize) = (103, 12, 8);
+        let pages = rows.div_ceil(page_rows);
+        let mut rng = Rng::new(5);
+        let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
+        let (idx, w, off) = batch(rows, 20, 9, 3);
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            let stored: Vec<f32> = table
+                .iter()
+                .map(|&v| memlayer_bank::round_trip(dtype, v))
+                .collect();
+            // every page resident, in reversed slots
+            let mut slots =
+                PagedSlots::new(&dev, rows, dim, page_rows, pages, dtype).expect("slots");
+            let mut page_table = vec![0u32; pages];
+            for p in 0..pages {
+                let slot = pages - 1 - p;
+                let end = ((p + 1) * page_rows).min(rows);
+                slots
+                    .write(&dev, slot, &stored[p * page_rows * dim..end * dim])
+                    .expect("write");
+                page_table[p] = slot as u32;
+            }
+            let got = slots.bag(&dev, &page_table, &idx, &w, &off).expect("bag");
+            let want = bag::bag_forward(&stored, rows, dim, &idx, &w, &off).expect("oracle");
+            assert_eq!(got, want, "{dtype:?}: paged bag not bit-identical");
+            assert_eq!(slots.bytes(), pages * page_rows * dim * dtype.size());
         }
     }
 

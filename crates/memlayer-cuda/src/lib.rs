@@ -29,5 +29,6 @@ mod error;
 pub mod kernels;
 pub mod lookup;
 
+pub use bag::{BagBatch, PagedSlots};
 pub use device::{CudaDevice, DeviceTable, cuda_for_tests};
 pub use error::CudaError;

@@ -48,6 +48,9 @@ pub enum PoolDevice {
     /// Device buffers on a wgpu adapter.
     #[cfg(feature = "wgpu")]
     Wgpu(Arc<memlayer_wgpu::GpuContext>),
+    /// Device memory on an NVIDIA GPU, in the bank's dtype.
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<memlayer_cuda::CudaDevice>),
 }
 
 /// Most pages a [`PagedMemory`] fetches at once (`PagedOptions::fetch_threads`):
@@ -186,6 +189,18 @@ impl PagedMemory {
                 PoolDevice::Wgpu(ctx) => Box::new(
                     crate::pool::DevicePool::new(ctx.clone(), v.dim, v.page_rows, slots)
                         .map_err(err)?,
+                ),
+                #[cfg(feature = "cuda")]
+                PoolDevice::Cuda(dev) => Box::new(
+                    crate::pool::CudaPool::new(
+                        dev.clone(),
+                        v.rows,
+                        v.dim,
+                        v.page_rows,
+                        slots,
+                        v.section.spec.dtype,
+                    )
+                    .map_err(err)?,
                 ),
             }),
             None => None,

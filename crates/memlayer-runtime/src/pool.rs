@@ -185,5 +185,61 @@ impl SlotPool for DevicePool {
     }
 }
 
+/// Slots on an NVIDIA GPU in the bank's dtype (f16/bf16 banks stay 16-bit
+/// on the device), summed by `memlayer-cuda`'s bag kernel through the page
+/// table (bit-identical to the host pool).
+#[cfg(feature = "cuda")]
+pub struct CudaPool {
+    dev: std::sync::Arc<memlayer_cuda::CudaDevice>,
+    slots: memlayer_cuda::PagedSlots,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaPool {
+    /// A pool of `slots` slots of `page_rows × dim` values of `dtype` for a
+    /// table of `rows` rows on `dev`.
+    pub fn new(
+        dev: std::sync::Arc<memlayer_cuda::CudaDevice>,
+        rows: usize,
+        dim: usize,
+        page_rows: usize,
+        slots: usize,
+        dtype: memlayer_bank::Dtype,
+    ) -> Result<Self, PoolError> {
+        let slots = memlayer_cuda::PagedSlots::new(&dev, rows, dim, page_rows, slots, dtype)
+            .map_err(|e| e.to_string())?;
+        Ok(Self { dev, slots })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl SlotPool for CudaPool {
+    fn write_slot(&mut self, slot: u32, data: &[f32]) -> Result<(), PoolError> {
+        self.slots
+            .write(&self.dev, slot as usize, data)
+            .map_err(|e| e.to_string())
+    }
+
+    fn bag(
+        &mut self,
+        page_table: &[u32],
+        indices: &[u32],
+        weights: &[f32],
+        offsets: &[usize],
+    ) -> Result<Vec<f32>, PoolError> {
+        self.slots
+            .bag(&self.dev, page_table, indices, weights, offsets)
+            .map_err(|e| e.to_string())
+    }
+
+    fn bytes(&self) -> u64 {
+        self.slots.bytes() as u64
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (CUDA, {:?} slots)", self.dev.name(), self.slots.dtype)
+    }
+}
+
 /// Marks a non-resident page in a page table.
 pub const MISSING: u32 = NO_SLOT;

@@ -18,6 +18,24 @@ pub fn uniform_offsets(bags: usize, bag_size: usize) -> Vec<usize> {
     (0..=bags).map(|b| b * bag_size).collect()
 }
 
+/// A CSR batch of bags (see the module docs): what every bag op takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Bags<'a> {
+    /// Table rows of all bags' entries, back to back.
+    pub indices: &'a [u32],
+    /// Weight of each entry.
+    pub weights: &'a [f32],
+    /// Start of each bag in `indices` (bags + 1).
+    pub offsets: &'a [usize],
+}
+
+impl Bags<'_> {
+    /// [`check_bags`] against a table of `rows` rows → the number of bags.
+    pub fn check(&self, rows: usize) -> Result<usize, OracleError> {
+        check_bags(rows, self.indices, self.weights, self.offsets)
+    }
+}
+
 /// Checks a CSR batch of bags against a table of `rows` rows (what every
 /// bag op, CPU or GPU, checks before it runs) → the number of bags.
 pub fn check_bags(

@@ -8,7 +8,7 @@ use crate::device::{CudaDevice, DeviceTable};
 use crate::{CudaError, kernels};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use memlayer_bank::Dtype;
-use memlayer_core::bag::{SparseRows, check_bags};
+use memlayer_core::bag::{Bags, SparseRows, check_bags};
 
 /// Threads per block of the bag kernels.
 const BLOCK: u32 = 256;
@@ -44,24 +44,18 @@ pub struct BagBatch {
 }
 
 impl BagBatch {
-    /// Checks the batch (`memlayer_core::bag::check_bags`: lengths, offsets,
-    /// every index below `rows`) and uploads it.
-    pub fn upload(
-        dev: &CudaDevice,
-        rows: usize,
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<Self, CudaError> {
-        let bags = check_bags(rows, indices, weights, offsets)?;
-        u32_of("entries", indices.len())?;
-        let off: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    /// Checks the batch ([`Bags::check`]: lengths, offsets, every index
+    /// below `rows`) and uploads it.
+    pub fn upload(dev: &CudaDevice, rows: usize, b: &Bags<'_>) -> Result<Self, CudaError> {
+        let bags = b.check(rows)?;
+        u32_of("entries", b.indices.len())?;
+        let off: Vec<u32> = b.offsets.iter().map(|&o| o as u32).collect();
         Ok(Self {
-            indices: dev.upload("bag indices", indices)?,
-            weights: dev.upload("bag weights", weights)?,
+            indices: dev.upload("bag indices", b.indices)?,
+            weights: dev.upload("bag weights", b.weights)?,
             offsets: dev.upload("bag offsets", &off)?,
             bags,
-            nnz: indices.len(),
+            nnz: b.indices.len(),
         })
     }
 }
@@ -233,11 +227,9 @@ impl PagedSlots {
         &self,
         dev: &CudaDevice,
         page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
+        bags: &Bags<'_>,
     ) -> Result<Vec<f32>, CudaError> {
-        let batch = BagBatch::upload(dev, self.rows, indices, weights, offsets)?;
+        let batch = BagBatch::upload(dev, self.rows, bags)?;
         let pages = u32_of("pages", page_table.len())?;
         let table = dev.upload("the page table", page_table)?;
         let mut out = dev.zeros::<f32>("bag output", batch.bags * self.dim)?;
@@ -255,11 +247,9 @@ impl PagedSlots {
 pub fn bag_forward(
     dev: &CudaDevice,
     table: &DeviceTable,
-    indices: &[u32],
-    weights: &[f32],
-    offsets: &[usize],
+    bags: &Bags<'_>,
 ) -> Result<Vec<f32>, CudaError> {
-    let batch = BagBatch::upload(dev, table.rows, indices, weights, offsets)?;
+    let batch = BagBatch::upload(dev, table.rows, bags)?;
     let mut out = dev.zeros::<f32>("bag output", batch.bags * table.dim)?;
     bag_forward_into(dev, table, &batch, &mut out)?;
     dev.download("bag output", &out, batch.bags * table.dim)
@@ -298,15 +288,17 @@ fn reverse_index(indices: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
 /// `memlayer_core::bag::bag_backward_table`. grad_out: (bags, dim).
 pub fn bag_backward_table(
     dev: &CudaDevice,
-    rows: usize,
-    dim: usize,
-    indices: &[u32],
-    weights: &[f32],
-    offsets: &[usize],
+    (rows, dim): (usize, usize),
+    b: &Bags<'_>,
     grad_out: &[f32],
 ) -> Result<SparseRows, CudaError> {
-    let bags = check_bags(rows, indices, weights, offsets)?;
+    let bags = b.check(rows)?;
     memlayer_core::error::check_len("grad_out", grad_out, &[bags, dim])?;
+    let Bags {
+        indices,
+        weights,
+        offsets,
+    } = *b;
     let (order, starts, seg_rows) = reverse_index(indices);
     let segments = seg_rows.len();
     if segments == 0 {
@@ -399,6 +391,14 @@ mod tests {
     use memlayer_core::bag;
     use memlayer_core::rng::Rng;
 
+    fn bags_of<'a>(indices: &'a [u32], weights: &'a [f32], offsets: &'a [usize]) -> Bags<'a> {
+        Bags {
+            indices,
+            weights,
+            offsets,
+        }
+    }
+
     #[test]
     fn reverse_index_groups_rows_in_entry_order() {
         let (order, starts, rows) = reverse_index(&[5, 1, 5, 0, 1, 5]);
@@ -438,7 +438,7 @@ mod tests {
     fn forward_and_backward_equal_the_oracle_for_every_dtype_and_shape() {
         let Some(dev) = cuda_for_tests() else { return };
         // dims: not a multiple of 4, small, the runner's; rows with repeats
-        for (rows, dim, bags, max) in [
+        for (rows, dim, n_bags, max) in [
             (7, 3, 9, 5),
             (300, 64, 40, 33),
             (1000, 257, 17, 64),
@@ -446,16 +446,17 @@ mod tests {
         ] {
             let mut rng = Rng::new(rows as u64);
             let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
-            let (idx, w, off) = batch(rows, bags, max, dim as u64);
-            let grad: Vec<f32> = (0..bags * dim).map(|_| rng.normal()).collect();
+            let (idx, w, off) = batch(rows, n_bags, max, dim as u64);
+            let bags = bags_of(&idx, &w, &off);
+            let grad: Vec<f32> = (0..n_bags * dim).map(|_| rng.normal()).collect();
             for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
-                let what = format!("{rows}×{dim} {dtype:?}, {bags} bags");
+                let what = format!("{rows}×{dim} {dtype:?}, {n_bags} bags");
                 let stored: Vec<f32> = table
                     .iter()
                     .map(|&v| memlayer_bank::round_trip(dtype, v))
                     .collect();
                 let dt = DeviceTable::upload(&dev, &table, rows, dim, dtype).expect("upload");
-                let got = bag_forward(&dev, &dt, &idx, &w, &off).expect("forward");
+                let got = bag_forward(&dev, &dt, &bags).expect("forward");
                 let want = bag::bag_forward(&stored, rows, dim, &idx, &w, &off).expect("oracle");
                 assert_eq!(got, want, "{what}: forward not bit-identical");
                 let got = bag_backward_weights(&dev, &dt, &idx, &off, &grad).expect("dw");
@@ -466,7 +467,7 @@ mod tests {
                     assert!((g - o).abs() <= tol, "{what}: dweights[{e}] {g} vs {o}");
                 }
             }
-            let got = bag_backward_table(&dev, rows, dim, &idx, &w, &off, &grad).expect("dtable");
+            let got = bag_backward_table(&dev, (rows, dim), &bags, &grad).expect("dtable");
             let want = bag::bag_backward_table(rows, dim, &idx, &w, &off, &grad).expect("oracle");
             assert_eq!(got, want, "{rows}×{dim}: table gradient not bit-identical");
         }
@@ -480,6 +481,7 @@ mod tests {
         let mut rng = Rng::new(5);
         let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
         let (idx, w, off) = batch(rows, 20, 9, 3);
+        let bags = bags_of(&idx, &w, &off);
         for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
             let stored: Vec<f32> = table
                 .iter()
@@ -497,7 +499,7 @@ mod tests {
                     .expect("write");
                 page_table[p] = slot as u32;
             }
-            let got = slots.bag(&dev, &page_table, &idx, &w, &off).expect("bag");
+            let got = slots.bag(&dev, &page_table, &bags).expect("bag");
             let want = bag::bag_forward(&stored, rows, dim, &idx, &w, &off).expect("oracle");
             assert_eq!(got, want, "{dtype:?}: paged bag not bit-identical");
             assert_eq!(slots.bytes(), pages * page_rows * dim * dtype.size());
@@ -510,13 +512,14 @@ mod tests {
         let dt = DeviceTable::upload(&dev, &[1.0; 8], 4, 2, Dtype::F32).expect("upload");
         // only empty bags: zeros
         assert_eq!(
-            bag_forward(&dev, &dt, &[], &[], &[0, 0, 0]).expect("empty"),
+            bag_forward(&dev, &dt, &bags_of(&[], &[], &[0, 0, 0])).expect("empty"),
             vec![0.0; 4]
         );
-        let g = bag_backward_table(&dev, 4, 2, &[], &[], &[0, 0], &[1.0, 1.0]).expect("empty");
+        let g = bag_backward_table(&dev, (4, 2), &bags_of(&[], &[], &[0, 0]), &[1.0, 1.0])
+            .expect("empty");
         assert!(g.rows.is_empty());
         // a row outside the table is refused before anything is uploaded
-        let err = bag_forward(&dev, &dt, &[4], &[1.0], &[0, 1])
+        let err = bag_forward(&dev, &dt, &bags_of(&[4], &[1.0], &[0, 1]))
             .unwrap_err()
             .to_string();
         assert!(err.contains("index 4 out of range"), "{err}");

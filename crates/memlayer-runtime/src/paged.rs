@@ -25,7 +25,7 @@
 //! prefetch thread and the model's [`MemorySource`] contract.
 
 use crate::budget::Budget;
-use crate::pool::{HostPool, SlotPool};
+use crate::pool::{HostPool, PagedBag, SlotPool};
 use burn::tensor::{Device, Tensor, TensorData};
 use memlayer_bank::cache::CacheStats;
 use memlayer_bank::drive::{FetchBurst, block_blocking, page_in_blocking};
@@ -384,12 +384,12 @@ impl MemorySource for PagedMemory {
             .map_err(err)?;
             let offsets = memlayer_core::bag::uniform_offsets(end - start, bag);
             let part = pool
-                .bag(
-                    engine.page_table(),
-                    &rows[start * bag..end * bag],
-                    &w[start * bag..end * bag],
-                    &offsets,
-                )
+                .bag(&PagedBag {
+                    page_table: engine.page_table(),
+                    indices: &rows[start * bag..end * bag],
+                    weights: &w[start * bag..end * bag],
+                    offsets: &offsets,
+                })
                 .map_err(err)?;
             out.extend(part);
         }

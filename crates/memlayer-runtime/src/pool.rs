@@ -11,6 +11,19 @@ use memlayer_bank::cache::NO_SLOT;
 /// Errors of a pool.
 pub type PoolError = String;
 
+/// One bag call through a page table (CSR bags, as `memlayer_core::bag`).
+#[derive(Clone, Copy, Debug)]
+pub struct PagedBag<'a> {
+    /// Slot of each value page (`NO_SLOT`: not resident).
+    pub page_table: &'a [u32],
+    /// Value rows of all bags' entries.
+    pub indices: &'a [u32],
+    /// Weight of each entry.
+    pub weights: &'a [f32],
+    /// Start of each bag in `indices` (bags + 1).
+    pub offsets: &'a [usize],
+}
+
 /// Resident value pages and the bag over them.
 pub trait SlotPool: Send {
     /// Writes page data (`≤ page_rows × dim` values; a short last page
@@ -20,13 +33,7 @@ pub trait SlotPool: Send {
     /// `out[b] = Σ_{e in offsets[b]..offsets[b+1]} weights[e] · row(indices[e])`
     /// where row `r` is row `r % page_rows` of slot `page_table[r / page_rows]`.
     /// Every page an entry needs must be resident. → (bags, dim)
-    fn bag(
-        &mut self,
-        page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<Vec<f32>, PoolError>;
+    fn bag(&mut self, bag: &PagedBag<'_>) -> Result<Vec<f32>, PoolError>;
 
     /// Bytes the pool holds.
     fn bytes(&self) -> u64;
@@ -71,27 +78,21 @@ impl SlotPool for HostPool {
         Ok(())
     }
 
-    fn bag(
-        &mut self,
-        page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<Vec<f32>, PoolError> {
-        let bags = offsets.len().saturating_sub(1);
+    fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {
+        let bags = b.offsets.len().saturating_sub(1);
         let buffers = [self.data.as_slice()];
         let table = memlayer_cpu::PagedTable::new(
             self.rows,
             self.dim,
             self.page_rows,
-            page_table,
+            b.page_table,
             self.slots.max(1),
             &buffers,
         )
         .map_err(|e| e.to_string())?;
         let mut out = vec![0.0f32; bags * self.dim];
         // on the ambient rayon pool (burn's, when called from the model)
-        memlayer_cpu::bag::bag_forward(&table, indices, weights, offsets, &mut out)
+        memlayer_cpu::bag::bag_forward(&table, b.indices, b.weights, b.offsets, &mut out)
             .map_err(|e| e.to_string())?;
         Ok(out)
     }
@@ -156,22 +157,16 @@ impl SlotPool for DevicePool {
             .map_err(|e| e.to_string())
     }
 
-    fn bag(
-        &mut self,
-        page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<Vec<f32>, PoolError> {
+    fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {
         self.kernels
             .run_paged(
                 &self.ctx,
                 &self.slots,
                 self.page_rows,
-                page_table,
-                indices,
-                weights,
-                offsets,
+                b.page_table,
+                b.indices,
+                b.weights,
+                b.offsets,
             )
             .map_err(|e| e.to_string())
     }
@@ -220,15 +215,17 @@ impl SlotPool for CudaPool {
             .map_err(|e| e.to_string())
     }
 
-    fn bag(
-        &mut self,
-        page_table: &[u32],
-        indices: &[u32],
-        weights: &[f32],
-        offsets: &[usize],
-    ) -> Result<Vec<f32>, PoolError> {
+    fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {
         self.slots
-            .bag(&self.dev, page_table, indices, weights, offsets)
+            .bag(
+                &self.dev,
+                b.page_table,
+                &memlayer_core::bag::Bags {
+                    indices: b.indices,
+                    weights: b.weights,
+                    offsets: b.offsets,
+                },
+            )
             .map_err(|e| e.to_string())
     }
 

@@ -87,7 +87,12 @@ pub fn measure(
 /// Median seconds of one bag forward call on `dev` (table stored as `dtype`).
 fn cuda_bag(dev: &CudaDevice, s: &Shapes, data: &BagData, dtype: Dtype) -> Result<f64> {
     let table = DeviceTable::upload(dev, &data.table, s.rows, s.dim, dtype)?;
-    let batch = BagBatch::upload(dev, s.rows, &data.indices, &data.weights, &data.offsets)?;
+    let bags = memlayer_core::bag::Bags {
+        indices: &data.indices,
+        weights: &data.weights,
+        offsets: &data.offsets,
+    };
+    let batch = BagBatch::upload(dev, s.rows, &bags)?;
     let mut out = dev.stream().alloc_zeros::<f32>(s.bags * s.dim)?;
     time_median(s.iters, || {
         bag_forward_into(dev, &table, &batch, &mut out)?;

@@ -53,6 +53,9 @@ step "fuzz target builds"
 cargo check --release --manifest-path fuzz/Cargo.toml
 
 step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
+# the C ABI's shared library (cargo test builds no cdylib): its C and Python
+# examples link it
+cargo build --workspace --release --lib
 cargo test --workspace --release
 
 step "the CLI built with the cuda feature: --backend cuda on a GPU or a named error without one"

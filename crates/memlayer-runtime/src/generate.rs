@@ -18,6 +18,7 @@ use memlayer_core::rng::Rng;
 pub use memlayer_core::sample::{Sampling, new_token_budget, pick};
 use memlayer_model_dir::{ModelDirError, Routing, Tokenizer};
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
@@ -81,6 +82,8 @@ pub struct Generation {
     pub first_token_seconds: f64,
     /// Seconds of the whole call.
     pub seconds: f64,
+    /// The caller stopped it ([`Generator::generate_async_until`]).
+    pub stopped_by_caller: bool,
 }
 
 impl Generation {
@@ -187,6 +190,25 @@ impl<D: Decoder> Generator<D> {
         clock: &dyn Fn() -> f64,
         mut on_text: impl FnMut(&str, &D),
     ) -> Result<Generation, D::Error> {
+        self.generate_async_until(prompt, sampling, stop, clock, |piece, d| {
+            on_text(piece, d);
+            ControlFlow::Continue(())
+        })
+        .await
+    }
+
+    /// [`Self::generate_async`] whose caller may stop it: `on_text` returns
+    /// [`ControlFlow::Break`] to end the generation after that piece
+    /// ([`Generation::stopped_by_caller`] is then set; the text so far is
+    /// kept). The C ABI's cancellation and per-token callbacks use it.
+    pub async fn generate_async_until(
+        &mut self,
+        prompt: &str,
+        sampling: &Sampling,
+        stop: Option<&str>,
+        clock: &dyn Fn() -> f64,
+        mut on_text: impl FnMut(&str, &D) -> ControlFlow<()>,
+    ) -> Result<Generation, D::Error> {
         let t0 = clock();
         sampling.validate().map_err(GenerateError::Input)?;
         let ids = self.tokenizer.encode(prompt).map_err(GenerateError::from)?;
@@ -231,10 +253,15 @@ impl<D: Decoder> Generator<D> {
                 .tokenizer
                 .decode(&out.tokens)
                 .map_err(GenerateError::from)?;
-            if let Some(piece) = text.get(out.text.len()..) {
-                on_text(piece, &self.decoder);
-            }
+            let flow = match text.get(out.text.len()..) {
+                Some(piece) => on_text(piece, &self.decoder),
+                None => ControlFlow::Continue(()),
+            };
             out.text = text;
+            if flow.is_break() {
+                out.stopped_by_caller = true;
+                break;
+            }
             if stop.is_some_and(|s| out.text.contains(s)) {
                 break;
             }
@@ -258,11 +285,27 @@ impl<D: Decoder> Generator<D> {
         prompt: &str,
         sampling: &Sampling,
         stop: Option<&str>,
-        on_text: impl FnMut(&str, &D),
+        mut on_text: impl FnMut(&str, &D),
+    ) -> Result<Generation, D::Error> {
+        self.generate_until(prompt, sampling, stop, |piece, d| {
+            on_text(piece, d);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Self::generate_async_until`] run to completion on the calling
+    /// thread (see [`Self::generate`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn generate_until(
+        &mut self,
+        prompt: &str,
+        sampling: &Sampling,
+        stop: Option<&str>,
+        on_text: impl FnMut(&str, &D) -> ControlFlow<()>,
     ) -> Result<Generation, D::Error> {
         let t0 = std::time::Instant::now();
         let clock = move || t0.elapsed().as_secs_f64();
-        poll_ready(self.generate_async(prompt, sampling, stop, &clock, on_text))
+        poll_ready(self.generate_async_until(prompt, sampling, stop, &clock, on_text))
             .unwrap_or_else(|| Err(GenerateError::Pending.into()))
     }
 }
@@ -398,6 +441,31 @@ mod tests {
             assert_eq!(t, want);
         }
         assert!(out.seconds >= out.first_token_seconds);
+    }
+
+    #[test]
+    fn the_caller_stops_the_generation_after_a_piece() {
+        let mut g = generator(64);
+        let s = Sampling {
+            max_tokens: 10,
+            ..Sampling::default()
+        };
+        let mut pieces = 0;
+        let out = g
+            .generate_until("ab", &s, None, |_, _| {
+                pieces += 1;
+                if pieces == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        assert_eq!((out.tokens.len(), pieces), (3, 3));
+        assert!(out.stopped_by_caller);
+        let full = g.generate("ab", &s, None, |_, _| {}).unwrap();
+        assert!(!full.stopped_by_caller);
+        assert!(full.text.starts_with(&out.text) && full.tokens.len() == 10);
     }
 
     #[test]

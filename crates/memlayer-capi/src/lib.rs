@@ -276,7 +276,7 @@ pub extern "C" fn memlayer_sampling_default() -> MemlayerSampling {
 }
 
 /// The bank's page source: the directory's file, a path or a URL.
-fn bank_source(dir: &Path, bank: Option<&str>) -> Result<Option<Box<dyn PageSource>>, Failure> {
+fn bank_source(bank: Option<&str>) -> Result<Option<Box<dyn PageSource>>, Failure> {
     let model_err = |e: &dyn std::fmt::Display| (MemlayerStatus::Model, e.to_string());
     let Some(bank) = bank else {
         return Ok(None);
@@ -293,7 +293,6 @@ fn bank_source(dir: &Path, bank: Option<&str>) -> Result<Option<Box<dyn PageSour
             format!("{bank}: this build reads no URLs (built without the `http` feature)"),
         ));
     }
-    let _ = dir;
     let s = FileSource::open(bank).map_err(|e| model_err(&e))?;
     Ok(Some(Box::new(s)))
 }
@@ -388,7 +387,7 @@ pub unsafe extern "C" fn memlayer_open(
             n => n as usize,
         };
         let dir = Path::new(dir);
-        let source = bank_source(dir, bank)?;
+        let source = bank_source(bank)?;
         let (device, ops, pool) = backend_device(opts.backend)?;
         let paged = PagedOptions {
             budget,

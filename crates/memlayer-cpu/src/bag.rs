@@ -16,13 +16,10 @@
 //! rayon pool (use [`crate::Cpu`] to pick the thread count).
 
 use crate::error::{CpuError, check_len};
-use crate::simd::{Kernel, kernel};
+use crate::simd::{Lanes, dispatch_lanes, kernel, prefetch_row};
 use crate::storage::{AnyDtype, Rows, Storage, Table};
 use memlayer_core::bag::SparseRows;
 use rayon::prelude::*;
-
-#[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::*;
 
 /// Checks CSR offsets against `nnz` entries and returns the number of bags.
 pub fn check_offsets(nnz: usize, offsets: &[usize]) -> Result<usize, CpuError> {
@@ -94,7 +91,7 @@ pub fn bag_forward<R: Rows>(
             let b1 = (b0 + chunk).min(bags);
             // SAFETY: indices were checked against the table; offsets are valid CSR
             // offsets into indices/weights; o holds (b1 - b0) rows of dim.
-            unsafe { forward_range(table, k, indices, weights, &offsets[b0..=b1], o) }
+            unsafe { forward_range(k, table, indices, weights, &offsets[b0..=b1], o) }
         });
     Ok(())
 }
@@ -115,98 +112,32 @@ pub fn bag_forward_any<A: Rows, B: Rows, C: Rows>(
     }
 }
 
-/// Sums the bags delimited by `offs` (absolute positions into `indices`) into `out`.
-///
-/// # Safety
-/// Every index in `indices[offs[0]..offs[last]]` passed `table.check_indices`,
-/// `offs` is non-decreasing within `indices.len() == weights.len()`, and
-/// `out.len() == (offs.len() - 1) * dim`.
-unsafe fn forward_range<R: Rows>(
-    table: &R,
-    k: Kernel,
-    indices: &[u32],
-    weights: &[f32],
-    offs: &[usize],
-    out: &mut [f32],
-) {
-    match k {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
-        Kernel::Avx2 => unsafe { forward_range_avx2(table, indices, weights, offs, out) },
-        // SAFETY: forwarded caller contract.
-        _ => unsafe { forward_range_portable(table, indices, weights, offs, out) },
-    }
+dispatch_lanes! {
+    /// Sums the bags delimited by `offs` (absolute positions into `indices`) into `out`.
+    ///
+    /// # Safety
+    /// Every index in `indices[offs[0]..offs[last]]` passed `table.check_indices`,
+    /// `offs` is non-decreasing within `indices.len() == weights.len()`, and
+    /// `out.len() == (offs.len() - 1) * dim`.
+    unsafe fn forward_range[R: Rows](
+        table: &R,
+        indices: &[u32],
+        weights: &[f32],
+        offs: &[usize],
+        out: &mut [f32],
+    ) => forward_range_lanes
 }
 
-/// Portable forward: four rows per pass over the accumulator, order kept per element.
+/// The forward, written once for every kernel family: `S::LANES` lanes of dim
+/// at a time, four rows per accumulator pass, software prefetch of the rows
+/// [`crate::simd::prefetch_bytes`] ahead (where `S` prefetches); `acc + w * x`
+/// with a separate multiply and add per element, in entry order, so the
+/// result equals the oracle's.
 ///
 /// # Safety
-/// As [`forward_range`].
-unsafe fn forward_range_portable<R: Rows>(
-    table: &R,
-    indices: &[u32],
-    weights: &[f32],
-    offs: &[usize],
-    out: &mut [f32],
-) {
-    let dim = table.dim();
-    // SAFETY (closure): checked index, row of dim elements.
-    let row = |e: usize| unsafe { std::slice::from_raw_parts(table.row_ptr(indices[e]), dim) };
-    for (b, acc) in out.chunks_exact_mut(dim).enumerate() {
-        acc.fill(0.0);
-        let (mut e, end) = (offs[b], offs[b + 1]);
-        while e + 4 <= end {
-            let (r0, r1, r2, r3) = (row(e), row(e + 1), row(e + 2), row(e + 3));
-            let (w0, w1, w2, w3) = (weights[e], weights[e + 1], weights[e + 2], weights[e + 3]);
-            for ((((a, &x0), &x1), &x2), &x3) in acc.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
-                let mut v = *a;
-                v += w0 * x0.to_f32();
-                v += w1 * x1.to_f32();
-                v += w2 * x2.to_f32();
-                v += w3 * x3.to_f32();
-                *a = v;
-            }
-            e += 4;
-        }
-        while e < end {
-            let (r0, w0) = (row(e), weights[e]);
-            for (a, &x0) in acc.iter_mut().zip(r0) {
-                *a += w0 * x0.to_f32();
-            }
-            e += 1;
-        }
-    }
-}
-
-/// Prefetches every cache line of `bytes` bytes from `p` (all cache levels, or L2 with `l2`).
-#[cfg(target_arch = "x86_64")]
+/// As [`forward_range`], inside `S`'s `#[target_feature]` wrapper.
 #[inline(always)]
-fn prefetch_row(p: *const u8, bytes: usize, l2: bool) {
-    let start = p as usize & !63;
-    let end = p as usize + bytes;
-    let mut a = start;
-    while a < end {
-        // SAFETY: prefetch never faults, whatever the address.
-        unsafe {
-            if l2 {
-                _mm_prefetch::<_MM_HINT_T1>(a as *const i8)
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(a as *const i8)
-            }
-        };
-        a += 64;
-    }
-}
-
-/// AVX2 forward: 8 lanes of dim at a time, four rows per accumulator pass,
-/// software prefetch of the rows [`crate::simd::prefetch_bytes`] ahead; `acc + w * x`
-/// with separate multiply and add so the result equals the oracle's.
-///
-/// # Safety
-/// As [`forward_range`], and the CPU has AVX2, FMA and F16C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn forward_range_avx2<R: Rows>(
+unsafe fn forward_range_lanes<S: Lanes, R: Rows>(
     table: &R,
     indices: &[u32],
     weights: &[f32],
@@ -214,9 +145,13 @@ unsafe fn forward_range_avx2<R: Rows>(
     out: &mut [f32],
 ) {
     let dim = table.dim();
-    let d8 = dim & !7;
+    let dv = dim - dim % S::LANES;
     let row_bytes = dim * std::mem::size_of::<R::Elem>();
-    let ahead = prefetch_ahead(row_bytes);
+    let ahead = if S::PREFETCH {
+        prefetch_ahead(row_bytes)
+    } else {
+        0
+    };
     let l2 = crate::simd::prefetch_l2();
     let last = offs[offs.len() - 1];
     let mut pf = offs[0];
@@ -235,26 +170,24 @@ unsafe fn forward_range_avx2<R: Rows>(
             while e < end {
                 // wrapping: all positions are < indices.len(), no overflow checks needed
                 let n = end.wrapping_sub(e).min(4);
-                let target = if ahead == 0 {
-                    0
-                } else {
-                    e.wrapping_add(n).wrapping_add(ahead).min(last)
-                };
-                if early && ahead > 0 {
-                    let target2 = e.wrapping_add(n).wrapping_add(2 * ahead).min(last);
-                    while pf2 < target2 {
-                        let p = table.row_ptr(*indices.get_unchecked(pf2)) as *const i8;
-                        _mm_prefetch::<_MM_HINT_T1>(p);
-                        pf2 = pf2.wrapping_add(1);
+                if ahead > 0 {
+                    let target = e.wrapping_add(n).wrapping_add(ahead).min(last);
+                    if early {
+                        let target2 = e.wrapping_add(n).wrapping_add(2 * ahead).min(last);
+                        while pf2 < target2 {
+                            let p = table.row_ptr(*indices.get_unchecked(pf2));
+                            S::prefetch(p.cast(), true);
+                            pf2 = pf2.wrapping_add(1);
+                        }
                     }
-                }
-                while pf < target {
-                    prefetch_row(
-                        table.row_ptr(*indices.get_unchecked(pf)) as *const u8,
-                        if first_only { 1 } else { row_bytes },
-                        l2,
-                    );
-                    pf = pf.wrapping_add(1);
+                    while pf < target {
+                        prefetch_row::<S>(
+                            table.row_ptr(*indices.get_unchecked(pf)).cast(),
+                            if first_only { 1 } else { row_bytes },
+                            l2,
+                        );
+                        pf = pf.wrapping_add(1);
+                    }
                 }
                 if n == 4 {
                     let p0 = table.row_ptr(*indices.get_unchecked(e));
@@ -267,21 +200,16 @@ unsafe fn forward_range_avx2<R: Rows>(
                         *weights.get_unchecked(e + 2),
                         *weights.get_unchecked(e + 3),
                     );
-                    let (w0, w1, w2, w3) = (
-                        _mm256_set1_ps(s0),
-                        _mm256_set1_ps(s1),
-                        _mm256_set1_ps(s2),
-                        _mm256_set1_ps(s3),
-                    );
+                    let (w0, w1, w2, w3) = (S::splat(s0), S::splat(s1), S::splat(s2), S::splat(s3));
                     let mut d = 0;
-                    while d < d8 {
-                        let mut a = _mm256_loadu_ps(acc.add(d));
-                        a = _mm256_add_ps(a, _mm256_mul_ps(w0, R::Elem::load8_avx2(p0.add(d))));
-                        a = _mm256_add_ps(a, _mm256_mul_ps(w1, R::Elem::load8_avx2(p1.add(d))));
-                        a = _mm256_add_ps(a, _mm256_mul_ps(w2, R::Elem::load8_avx2(p2.add(d))));
-                        a = _mm256_add_ps(a, _mm256_mul_ps(w3, R::Elem::load8_avx2(p3.add(d))));
-                        _mm256_storeu_ps(acc.add(d), a);
-                        d += 8;
+                    while d < dv {
+                        let mut a = S::load(acc.add(d));
+                        a = S::add(a, S::mul(w0, S::widen(p0.add(d))));
+                        a = S::add(a, S::mul(w1, S::widen(p1.add(d))));
+                        a = S::add(a, S::mul(w2, S::widen(p2.add(d))));
+                        a = S::add(a, S::mul(w3, S::widen(p3.add(d))));
+                        S::store(acc.add(d), a);
+                        d += S::LANES;
                     }
                     while d < dim {
                         let mut v = *acc.add(d);
@@ -296,14 +224,12 @@ unsafe fn forward_range_avx2<R: Rows>(
                     for e in e..e + n {
                         let p0 = table.row_ptr(*indices.get_unchecked(e));
                         let s0 = *weights.get_unchecked(e);
-                        let w0 = _mm256_set1_ps(s0);
+                        let w0 = S::splat(s0);
                         let mut d = 0;
-                        while d < d8 {
-                            let a = _mm256_loadu_ps(acc.add(d));
-                            let a =
-                                _mm256_add_ps(a, _mm256_mul_ps(w0, R::Elem::load8_avx2(p0.add(d))));
-                            _mm256_storeu_ps(acc.add(d), a);
-                            d += 8;
+                        while d < dv {
+                            let a = S::add(S::load(acc.add(d)), S::mul(w0, S::widen(p0.add(d))));
+                            S::store(acc.add(d), a);
+                            d += S::LANES;
                         }
                         while d < dim {
                             *acc.add(d) += s0 * (*p0.add(d)).to_f32();
@@ -475,11 +401,21 @@ pub fn bag_backward_table_dense(
     bag_forward(&g, &seg_idx, &seg_w, &row_offsets, out)
 }
 
+/// Rows to prefetch ahead for rows of `row_bytes` (0: prefetch off).
+fn prefetch_ahead(row_bytes: usize) -> usize {
+    let pf_bytes = crate::simd::prefetch_bytes();
+    if pf_bytes == 0 {
+        0
+    } else {
+        (pf_bytes / row_bytes.max(1)).clamp(2, 64)
+    }
+}
+
 /// Per-sample-weight gradient: `dw[e] = dot(table[indices[e]], grad_out[bag(e)])`.
 ///
 /// table: (rows, dim); indices: (nnz); offsets: (bags + 1); grad_out: (bags, dim);
 /// dw: (nnz), overwritten. The dot uses lane-parallel partial sums (FMA on
-/// AVX2), so it matches the oracle to rounding, not bit for bit.
+/// AVX2 and NEON), so it matches the oracle to rounding, not bit for bit.
 pub fn bag_backward_weights<R: Rows>(
     table: &R,
     indices: &[u32],
@@ -496,56 +432,77 @@ pub fn bag_backward_weights<R: Rows>(
         return Ok(());
     }
     let k = kernel();
-    let ahead = prefetch_ahead(dim * std::mem::size_of::<R::Elem>());
     let parts = split_by_bag_chunks(dw, offsets, bags);
     parts.into_par_iter().for_each(|(b0, b1, part)| {
-        let (base, last) = (offsets[b0], offsets[b1]);
-        let mut pf = base;
-        for b in b0..b1 {
-            let g = &grad_out[b * dim..(b + 1) * dim];
-            for e in offsets[b]..offsets[b + 1] {
-                if k == Kernel::Avx2 && ahead > 0 {
-                    // SAFETY: positions below `last` hold checked indices.
-                    unsafe { prefetch_rows(table, indices, &mut pf, (e + 1 + ahead).min(last)) };
-                }
-                // SAFETY: index checked; the row has dim elements.
-                let row = unsafe { std::slice::from_raw_parts(table.row_ptr(indices[e]), dim) };
-                part[e - base] = dot_row(k, row, g);
-            }
+        // SAFETY: indices checked against the table, valid CSR offsets, grad_out of
+        // bags rows of dim, part holds the entries of bags b0..b1.
+        unsafe {
+            let g = &grad_out[b0 * dim..b1 * dim];
+            weights_range(k, table, indices, &offsets[b0..=b1], g, part)
         }
     });
     Ok(())
 }
 
-/// Rows to prefetch ahead for rows of `row_bytes` (0: prefetch off).
-fn prefetch_ahead(row_bytes: usize) -> usize {
-    let pf_bytes = crate::simd::prefetch_bytes();
-    if pf_bytes == 0 {
-        0
-    } else {
-        (pf_bytes / row_bytes.max(1)).clamp(2, 64)
-    }
+dispatch_lanes! {
+    /// Dots of the bags delimited by `offs` (absolute positions) into `dw`
+    /// (their entries, from `offs[0]`).
+    ///
+    /// # Safety
+    /// Every index in `indices[offs[0]..offs[last]]` passed `table.check_indices`;
+    /// `offs` is non-decreasing; `grad_out` holds `offs.len() - 1` rows of dim
+    /// from bag `offs`'s first; `dw.len() == offs[last] - offs[0]`.
+    unsafe fn weights_range[R: Rows](
+        table: &R,
+        indices: &[u32],
+        offs: &[usize],
+        grad_out: &[f32],
+        dw: &mut [f32],
+    ) => weights_range_lanes
 }
 
-/// Prefetches the rows of `indices[*pf..target]` and advances `pf` (no-op off x86-64).
+/// The per-sample-weight dots, written once for every kernel family, with
+/// the rows prefetched ahead (where `S` prefetches).
 ///
 /// # Safety
-/// Every index in `indices[*pf..target]` passed `table.check_indices`.
+/// As [`weights_range`], inside `S`'s `#[target_feature]` wrapper.
 #[inline(always)]
-unsafe fn prefetch_rows<R: Rows>(table: &R, indices: &[u32], pf: &mut usize, target: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let row_bytes = table.dim() * std::mem::size_of::<R::Elem>();
-        let l2 = crate::simd::prefetch_l2();
-        while *pf < target {
-            // SAFETY: checked index (caller); prefetching never faults.
-            let p = unsafe { table.row_ptr(*indices.get_unchecked(*pf)) };
-            prefetch_row(p as *const u8, row_bytes, l2);
-            *pf += 1;
+unsafe fn weights_range_lanes<S: Lanes, R: Rows>(
+    table: &R,
+    indices: &[u32],
+    offs: &[usize],
+    grad_out: &[f32],
+    dw: &mut [f32],
+) {
+    let dim = table.dim();
+    let row_bytes = dim * std::mem::size_of::<R::Elem>();
+    let ahead = if S::PREFETCH {
+        prefetch_ahead(row_bytes)
+    } else {
+        0
+    };
+    let l2 = crate::simd::prefetch_l2();
+    let (base, last) = (offs[0], offs[offs.len() - 1]);
+    let mut pf = base;
+    for b in 0..offs.len() - 1 {
+        let g = grad_out[b * dim..(b + 1) * dim].as_ptr();
+        for e in offs[b]..offs[b + 1] {
+            // SAFETY: positions below `last` hold checked indices; prefetch never faults;
+            // the row and g hold dim elements.
+            unsafe {
+                let target = (e + 1 + ahead).min(last);
+                while ahead > 0 && pf < target {
+                    prefetch_row::<S>(
+                        table.row_ptr(*indices.get_unchecked(pf)).cast(),
+                        row_bytes,
+                        l2,
+                    );
+                    pf += 1;
+                }
+                dw[e - base] = dot_lanes::<S, R::Elem>(table.row_ptr(indices[e]), g, dim);
+            }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (table, indices, pf, target);
 }
 
 /// [`bag_backward_weights`] on a table of runtime dtype, dense
@@ -564,64 +521,44 @@ pub fn bag_backward_weights_any<A: Rows, B: Rows, C: Rows>(
     }
 }
 
-#[inline]
-fn dot_row<T: Storage>(k: Kernel, row: &[T], g: &[f32]) -> f32 {
-    match k {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
-        Kernel::Avx2 => unsafe { dot_row_avx2(row, g) },
-        _ => dot_row_portable(row, g),
-    }
-}
+/// Elements per step of [`dot_lanes`]: 16 / `S::LANES` accumulators (2 on
+/// AVX2, 4 on NEON, 16 portable scalars that LLVM vectorises).
+const DOT_STEP: usize = 16;
 
-fn dot_row_portable<T: Storage>(row: &[T], g: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let mut rc = row.chunks_exact(8);
-    let mut gc = g.chunks_exact(8);
-    for (r, gg) in (&mut rc).zip(&mut gc) {
-        for l in 0..8 {
-            lanes[l] += r[l].to_f32() * gg[l];
-        }
-    }
-    let mut s = lanes.iter().sum::<f32>();
-    for (r, gg) in rc.remainder().iter().zip(gc.remainder()) {
-        s += r.to_f32() * gg;
-    }
-    s
-}
-
+/// `dot(row, g)` over `dim` elements: `DOT_STEP / S::LANES` accumulators
+/// (fused multiply-add where `S` has it), summed pairwise, then the tail in order.
+///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C; `row.len() == g.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_row_avx2<T: Storage>(row: &[T], g: &[f32]) -> f32 {
-    let dim = row.len().min(g.len());
-    let (rp, gp) = (row.as_ptr(), g.as_ptr());
-    // SAFETY: all reads are below dim in both slices.
+/// `row` and `g` hold `dim` elements; inside `S`'s wrapper; `S::LANES` divides `DOT_STEP`.
+#[inline(always)]
+unsafe fn dot_lanes<S: Lanes, T: Storage>(row: *const T, g: *const f32, dim: usize) -> f32 {
+    let l = S::LANES;
+    let n = DOT_STEP / l;
+    // SAFETY: all reads are below dim in both.
     unsafe {
-        let mut a0 = _mm256_setzero_ps();
-        let mut a1 = _mm256_setzero_ps();
+        let mut acc = [S::zero(); DOT_STEP];
         let mut d = 0;
-        while d + 16 <= dim {
-            a0 = _mm256_fmadd_ps(T::load8_avx2(rp.add(d)), _mm256_loadu_ps(gp.add(d)), a0);
-            a1 = _mm256_fmadd_ps(
-                T::load8_avx2(rp.add(d + 8)),
-                _mm256_loadu_ps(gp.add(d + 8)),
-                a1,
-            );
-            d += 16;
+        while d + DOT_STEP <= dim {
+            for (i, a) in acc.iter_mut().enumerate().take(n) {
+                let o = d + i * l;
+                *a = S::mul_add(S::widen(row.add(o)), S::load(g.add(o)), *a);
+            }
+            d += DOT_STEP;
         }
-        if d + 8 <= dim {
-            a0 = _mm256_fmadd_ps(T::load8_avx2(rp.add(d)), _mm256_loadu_ps(gp.add(d)), a0);
-            d += 8;
+        while d + l <= dim {
+            acc[0] = S::mul_add(S::widen(row.add(d)), S::load(g.add(d)), acc[0]);
+            d += l;
         }
-        let a = _mm256_add_ps(a0, a1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
-        let mut s = _mm_cvtss_f32(h);
+        let mut m = n;
+        while m > 1 {
+            m /= 2;
+            for i in 0..m {
+                acc[i] = S::add(acc[i], acc[i + m]);
+            }
+        }
+        let mut s = S::hsum(acc[0]);
         while d < dim {
-            s += (*rp.add(d)).to_f32() * *gp.add(d);
+            s += (*row.add(d)).to_f32() * *g.add(d);
             d += 1;
         }
         s

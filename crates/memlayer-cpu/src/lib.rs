@@ -4,8 +4,9 @@
 //! memory-bandwidth probe.
 //!
 //! Every op runs on the *current* rayon pool; [`Cpu`] owns a pool with an
-//! explicit thread count and runs ops inside it. Kernels pick AVX2 + FMA +
-//! F16C at run time ([`simd::kernel`]) and fall back to portable loops.
+//! explicit thread count and runs ops inside it. Each kernel is written once
+//! over [`simd`]'s lanes and runs as AVX2 + FMA + F16C on x86-64, NEON on
+//! aarch64 or portable code elsewhere, picked at run time ([`simd::kernel`]).
 //!
 //! Results do not depend on the thread count: the embedding-bag forward, the
 //! table gradient and the lookup are bit-identical to the oracle; the

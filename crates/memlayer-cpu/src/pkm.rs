@@ -23,7 +23,9 @@
 
 use crate::bag::bag_forward;
 use crate::error::{CpuError, check_len};
-use crate::simd::{Kernel, kernel};
+#[cfg(test)]
+use crate::simd::Portable;
+use crate::simd::{Lanes, dispatch_lanes, kernel};
 use crate::storage::Table;
 use memlayer_core::linalg::{dot, softmax_backward, softmax_in_place};
 use memlayer_core::pkm::{Lookup, PkmConfig, QK_NORM_EPS};
@@ -123,37 +125,38 @@ impl PreparedKeys {
     }
 }
 
-/// One register tile: `out[t][j] = Σ_d qt[d][t] * panel[d][j]`, sequential in d.
-/// panel: (half, PANEL); qt: (half, TILE) → out (TILE, PANEL).
+/// Most vectors of a tile row (`PANEL` keys, one lane each for the portable family).
+const TILE_VECS: usize = PANEL;
+
+/// One register tile: `out[t][j] = Σ_d qt[d][t] * panel[d][j]`, sequential in d
+/// with a separate multiply and add (the oracle's `dot`), `PANEL / S::LANES`
+/// vectors per query. panel: (half, PANEL); qt: (half, TILE) → out (TILE, PANEL).
+///
+/// # Safety
+/// Inside `S`'s `#[target_feature]` wrapper; `S::LANES` divides `PANEL`.
 #[inline(always)]
-fn tile_body(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
-    let mut acc = [[0.0f32; PANEL]; TILE];
-    for (kv, q) in panel.chunks_exact(PANEL).zip(qt.chunks_exact(TILE)) {
-        for t in 0..TILE {
-            let qd = q[t];
-            for j in 0..PANEL {
-                acc[t][j] += kv[j] * qd;
+unsafe fn tile_lanes<S: Lanes>(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
+    let nv = PANEL / S::LANES;
+    // SAFETY: every vector lies within a PANEL-wide row of the panel or of out.
+    unsafe {
+        let mut acc = [[S::zero(); TILE_VECS]; TILE];
+        for (kv, q) in panel.chunks_exact(PANEL).zip(qt.chunks_exact(TILE)) {
+            let mut k = [S::zero(); TILE_VECS];
+            for (v, kv_v) in k.iter_mut().enumerate().take(nv) {
+                *kv_v = S::load(kv.as_ptr().add(v * S::LANES));
+            }
+            for (t, row) in acc.iter_mut().enumerate() {
+                let qd = S::splat(q[t]);
+                for v in 0..nv {
+                    row[v] = S::add(row[v], S::mul(k[v], qd));
+                }
             }
         }
-    }
-    *out = acc;
-}
-
-/// # Safety
-/// The CPU has AVX2 and FMA (LLVM never contracts the separate mul/add into FMA).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
-    tile_body(panel, qt, out)
-}
-
-#[inline]
-fn tile(k: Kernel, panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
-    match k {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
-        Kernel::Avx2 => unsafe { tile_avx2(panel, qt, out) },
-        _ => tile_body(panel, qt, out),
+        for (o, row) in out.iter_mut().zip(&acc) {
+            for (v, &a) in row.iter().enumerate().take(nv) {
+                S::store(o.as_mut_ptr().add(v * S::LANES), a);
+            }
+        }
     }
 }
 
@@ -199,7 +202,11 @@ fn rank_u64(s: f32, id: u32) -> u64 {
 ///
 /// Threshold scan: 16 scores at a time are compared with the current k-th
 /// score (vectorised), and only the few that beat it are inserted.
-fn topk_into(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
+///
+/// # Safety
+/// Inside `S`'s `#[target_feature]` wrapper (always safe for [`Portable`]).
+#[inline(always)]
+unsafe fn topk_into<S: Lanes>(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
     keys.clear();
     let k = k.min(scores.len());
     if k == 0 {
@@ -234,8 +241,19 @@ fn topk_into(scores: &[f32], k: usize, keys: &mut Vec<u64>) {
     let mut base = k;
     for chunk in scores[k..].chunks(BLOCK) {
         let mut mask = 0u32;
-        for (j, &s) in chunk.iter().enumerate() {
-            mask |= ((s > thr) as u32) << j;
+        if chunk.len() == BLOCK {
+            // SAFETY: BLOCK is a multiple of S::LANES; every load is within the chunk.
+            unsafe {
+                let t = S::splat(thr);
+                for v in 0..BLOCK / S::LANES {
+                    let x = S::load(chunk.as_ptr().add(v * S::LANES));
+                    mask |= S::gt_mask(x, t) << (v * S::LANES);
+                }
+            }
+        } else {
+            for (j, &s) in chunk.iter().enumerate() {
+                mask |= ((s > thr) as u32) << j;
+            }
         }
         while mask != 0 {
             let j = mask.trailing_zeros() as usize;
@@ -289,16 +307,9 @@ pub fn lookup(keys: &PreparedKeys, query: &[f32], tokens: usize) -> Result<Looku
         .for_each_init(Scratch::default, |scratch, (c, ((idx, sc), w))| {
             let t0 = c * TOKEN_CHUNK;
             let nt = idx.len() / hk;
-            lookup_chunk(
-                keys,
-                kern,
-                &query[t0 * heads * cfg.k_dim..(t0 + nt) * heads * cfg.k_dim],
-                nt,
-                scratch,
-                idx,
-                sc,
-                w,
-            );
+            let q = &query[t0 * heads * cfg.k_dim..(t0 + nt) * heads * cfg.k_dim];
+            // SAFETY: `kern` comes from `kernel()`; the slices hold nt tokens.
+            unsafe { lookup_chunk(kern, keys, q, nt, scratch, idx, sc, w) };
         });
     Ok(out)
 }
@@ -313,10 +324,31 @@ pub fn lookup_keys(
     lookup(&PreparedKeys::new(cfg, keys)?, query, tokens)
 }
 
+dispatch_lanes! {
+    /// One chunk of `nt` tokens. query: (nt, heads, k_dim); idx, sc, w: (nt, heads, knn).
+    ///
+    /// # Safety
+    /// None beyond the kernel family's (the slices are checked).
+    unsafe fn lookup_chunk[](
+        keys: &PreparedKeys,
+        query: &[f32],
+        nt: usize,
+        s: &mut Scratch,
+        idx: &mut [u32],
+        sc: &mut [f32],
+        w: &mut [f32],
+    ) => lookup_chunk_lanes
+}
+
+/// The lookup of one chunk, written once for every kernel family: score
+/// tiles and the top-k scan in `S`'s lanes, candidates and softmax scalar.
+///
+/// # Safety
+/// Inside `S`'s `#[target_feature]` wrapper.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn lookup_chunk(
+unsafe fn lookup_chunk_lanes<S: Lanes>(
     keys: &PreparedKeys,
-    kern: Kernel,
     query: &[f32],
     nt: usize,
     s: &mut Scratch,
@@ -353,12 +385,10 @@ fn lookup_chunk(
             for p in 0..keys.n_panels {
                 let panel = keys.panel(h, side, p);
                 for tl in 0..tiles {
-                    tile(
-                        kern,
-                        panel,
-                        &s.qt[tl * half * TILE..][..half * TILE],
-                        &mut acc,
-                    );
+                    // SAFETY: inside S's wrapper (caller).
+                    unsafe {
+                        tile_lanes::<S>(panel, &s.qt[tl * half * TILE..][..half * TILE], &mut acc)
+                    };
                     for (t, row) in acc.iter().enumerate() {
                         let dst = &mut s.scores[(tl * TILE + t) * width + p * PANEL..][..PANEL];
                         for (o, &v) in dst.iter_mut().zip(row) {
@@ -369,7 +399,8 @@ fn lookup_chunk(
             }
             for t in 0..nt {
                 let row = &s.scores[t * width..t * width + n];
-                topk_into(row, k, &mut s.sel);
+                // SAFETY: inside S's wrapper (caller).
+                unsafe { topk_into::<S>(row, k, &mut s.sel) };
                 for (j, &key) in s.sel.iter().enumerate() {
                     let id = key_id(key);
                     s.top_s[side][t * k + j] = row[id as usize];
@@ -610,7 +641,8 @@ mod tests {
                     _ => (rng.below(5) as f32) * 0.5,
                 })
                 .collect();
-            topk_into(&s, k, &mut keys);
+            // SAFETY: the portable lanes need no ISA.
+            unsafe { topk_into::<Portable>(&s, k, &mut keys) };
             let ids: Vec<u32> = keys.iter().map(|&x| key_id(x)).collect();
             let (_, want) = memlayer_core::topk::topk(&s, k);
             assert_eq!(ids, want, "trial {trial} n {n} k {k}");

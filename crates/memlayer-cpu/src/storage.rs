@@ -5,9 +5,6 @@
 use crate::error::CpuError;
 use half::{bf16, f16};
 
-#[cfg(target_arch = "x86_64")]
-use core::arch::x86_64::*;
-
 /// Element type of a stored table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -53,13 +50,6 @@ pub trait Storage: bytemuck::Pod + Send + Sync + sealed::Sealed + 'static {
     fn to_f32(self) -> f32;
     /// Rounds an f32 to this type (round to nearest even).
     fn from_f32(x: f32) -> Self;
-    /// Loads 8 consecutive elements widened to f32.
-    ///
-    /// # Safety
-    /// `p..p+8` must be readable, and the CPU must support AVX2, FMA and F16C.
-    #[cfg(target_arch = "x86_64")]
-    #[doc(hidden)]
-    unsafe fn load8_avx2(p: *const Self) -> __m256;
 }
 
 impl Storage for f32 {
@@ -71,13 +61,6 @@ impl Storage for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_avx2(p: *const Self) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable elements.
-        unsafe { _mm256_loadu_ps(p) }
     }
 }
 
@@ -91,13 +74,6 @@ impl Storage for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_avx2(p: *const Self) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable elements (16 bytes); F16C is enabled.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
 }
 
 impl Storage for bf16 {
@@ -109,17 +85,6 @@ impl Storage for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_avx2(p: *const Self) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable elements (16 bytes); bf16 -> f32 is a
-        // zero-extension to 32 bits and a shift into the upper half.
-        unsafe {
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        }
     }
 }
 
@@ -371,19 +336,4 @@ pub fn narrow<T: Storage>(x: &[f32]) -> Vec<T> {
 /// Widens `T` values to f32.
 pub fn widen<T: Storage>(x: &[T]) -> Vec<f32> {
     x.iter().map(|&v| v.to_f32()).collect()
-}
-
-/// Whether the AVX2 + FMA + F16C kernels run on this CPU (runtime detection).
-#[inline]
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }

@@ -1,13 +1,29 @@
 //! Parity of the optimised CPU path with the oracle (`memlayer_core`):
 //! embedding-bag forward (dense and paged, f32/f16/bf16), table and weight
-//! gradients, product-key lookup and score backward, at 1 and 2 threads.
+//! gradients, product-key lookup and score backward, at 1 and 2 threads and
+//! with every kernel family this CPU runs (AVX2 or NEON, and portable).
 
 use half::{bf16, f16};
 use memlayer_core::bag as obag;
 use memlayer_core::pkm::{self as opkm, PkmConfig};
 use memlayer_core::rng::Rng;
+use memlayer_cpu::simd::{self, Kernel};
 use memlayer_cpu::storage::{narrow, widen};
 use memlayer_cpu::{Cpu, CpuError, PagedTable, Storage, Table, bag, pkm};
+use std::sync::Mutex;
+
+/// Serialises the tests that force a kernel family (a process-wide setting).
+static KERNEL: Mutex<()> = Mutex::new(());
+
+/// Runs `f` once with each kernel family this CPU runs, forced.
+fn each_kernel(mut f: impl FnMut(Kernel)) {
+    let _guard = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    for k in simd::available() {
+        simd::force_kernel(Some(k)).unwrap();
+        f(k);
+    }
+    simd::force_kernel(None).unwrap();
+}
 
 fn pools() -> Vec<Cpu> {
     vec![Cpu::new(1).unwrap(), Cpu::new(2).unwrap()]
@@ -63,20 +79,18 @@ fn check_forward<T: Storage>(seed: u64) {
         let want = obag::bag_forward(&wide, rows, dim, &indices, &weights, &offsets).unwrap();
         let table = Table::new(&stored, rows, dim).unwrap();
         for cpu in pools() {
-            for portable in [false, true] {
-                memlayer_cpu::simd::force_portable(portable);
+            each_kernel(|k| {
                 let mut out = vec![f32::NAN; bags * dim];
                 cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
                     .unwrap();
-                memlayer_cpu::simd::force_portable(false);
                 assert_eq!(
                     bits(&out),
                     bits(&want),
-                    "{:?} rows {rows} dim {dim} threads {} portable {portable}",
+                    "{:?} rows {rows} dim {dim} threads {} kernel {k}",
                     T::DTYPE,
                     cpu.threads()
                 );
-            }
+            });
         }
     }
 }
@@ -140,16 +154,18 @@ fn check_paged<T: Storage>(seed: u64, rows: usize, dim: usize, page_rows: usize,
     let (indices, weights, offsets) = random_bags(&mut rng, rows, 40, 30);
     let want = obag::bag_forward(&widen(&stored), rows, dim, &indices, &weights, &offsets).unwrap();
     for cpu in pools() {
-        let mut out = vec![0.0; 40 * dim];
-        cpu.bag_forward(&paged, &indices, &weights, &offsets, &mut out)
-            .unwrap();
-        assert_eq!(
-            bits(&out),
-            bits(&want),
-            "{:?} threads {}",
-            T::DTYPE,
-            cpu.threads()
-        );
+        each_kernel(|k| {
+            let mut out = vec![0.0; 40 * dim];
+            cpu.bag_forward(&paged, &indices, &weights, &offsets, &mut out)
+                .unwrap();
+            assert_eq!(
+                bits(&out),
+                bits(&want),
+                "{:?} threads {} kernel {k}",
+                T::DTYPE,
+                cpu.threads()
+            );
+        });
     }
     // a page that is not resident fails loudly
     let mut holes = page_to_slot.to_vec();
@@ -229,14 +245,12 @@ fn check_backward_weights<T: Storage>(seed: u64) {
         let want = obag::bag_backward_weights(&wide, rows, dim, &indices, &offsets, &grad).unwrap();
         let table = Table::new(&stored, rows, dim).unwrap();
         for cpu in pools() {
-            for portable in [false, true] {
-                memlayer_cpu::simd::force_portable(portable);
+            each_kernel(|_| {
                 let mut dw = vec![f32::NAN; indices.len()];
                 cpu.install(|| {
                     bag::bag_backward_weights(&table, &indices, &offsets, &grad, &mut dw)
                 })
                 .unwrap();
-                memlayer_cpu::simd::force_portable(false);
                 let mut bag_of = vec![0; indices.len()];
                 for b in 0..bags {
                     bag_of[offsets[b]..offsets[b + 1]].fill(b);
@@ -254,7 +268,7 @@ fn check_backward_weights<T: Storage>(seed: u64) {
                         want[e]
                     );
                 }
-            }
+            });
         }
     }
 }
@@ -342,20 +356,18 @@ fn lookup_is_bit_identical() {
                 let want = opkm::lookup(&c, &keys, &query, tokens).unwrap();
                 let prepared = pkm::PreparedKeys::new(&c, &keys).unwrap();
                 for cpu in pools() {
-                    let got = cpu.lookup(&prepared, &query, tokens).unwrap();
-                    assert_lookup_eq(
-                        &got,
-                        &want,
-                        &format!(
-                            "{c:?} tokens {tokens} ties {ties} threads {}",
-                            cpu.threads()
-                        ),
-                    );
+                    each_kernel(|k| {
+                        let got = cpu.lookup(&prepared, &query, tokens).unwrap();
+                        assert_lookup_eq(
+                            &got,
+                            &want,
+                            &format!(
+                                "{c:?} tokens {tokens} ties {ties} threads {} kernel {k}",
+                                cpu.threads()
+                            ),
+                        );
+                    });
                 }
-                memlayer_cpu::simd::force_portable(true);
-                let got = pkm::lookup_keys(&c, &keys, &query, tokens).unwrap();
-                memlayer_cpu::simd::force_portable(false);
-                assert_lookup_eq(&got, &want, &format!("portable {c:?}"));
             }
         }
     }
@@ -370,8 +382,10 @@ fn lookup_with_non_finite_scores() {
     query[5] = f32::NEG_INFINITY;
     query[9] = f32::NAN;
     let want = opkm::lookup(&c, &keys, &query, 5).unwrap();
-    let got = pkm::lookup_keys(&c, &keys, &query, 5).unwrap();
-    assert_lookup_eq(&got, &want, "non-finite");
+    each_kernel(|k| {
+        let got = pkm::lookup_keys(&c, &keys, &query, 5).unwrap();
+        assert_lookup_eq(&got, &want, &format!("non-finite, kernel {k}"));
+    });
 }
 
 #[test]
@@ -421,6 +435,43 @@ fn scores_backward_is_bit_identical() {
             );
         }
     }
+}
+
+#[test]
+fn kernel_families_are_detected_and_forced_by_name() {
+    let _guard = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    let avail = simd::available();
+    assert_eq!(avail[0], simd::detected());
+    assert_eq!(*avail.last().unwrap(), Kernel::Portable);
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(
+        simd::detected(),
+        Kernel::Neon,
+        "every aarch64 Linux CPU has NEON"
+    );
+    #[cfg(target_arch = "x86_64")]
+    assert_ne!(simd::detected(), Kernel::Neon);
+    for k in Kernel::ALL {
+        assert_eq!(Kernel::from_name(k.name()), Some(k));
+        let forced = simd::force_kernel(Some(k));
+        if avail.contains(&k) {
+            forced.unwrap();
+            assert_eq!(simd::kernel(), k);
+        } else {
+            let err = forced.unwrap_err().to_string();
+            assert!(
+                err.contains(k.name()) && err.contains("do not run"),
+                "{err}"
+            );
+            assert_eq!(
+                simd::kernel(),
+                simd::detected(),
+                "a refused family changes nothing"
+            );
+        }
+        simd::force_kernel(None).unwrap();
+    }
+    assert_eq!(simd::kernel(), simd::detected());
 }
 
 #[test]

@@ -216,7 +216,9 @@ impl Model {
     }
 
     /// Gradients of every parameter after `loss.backward()`, in store order
-    /// (`None` for parameters the loss did not reach).
+    /// (`None` for parameters the loss did not reach). With the `autodiff`
+    /// feature only.
+    #[cfg(feature = "autodiff")]
     pub fn grads(&self, grads: &burn::tensor::Gradients) -> Vec<Option<Vec<f32>>> {
         self.tensors
             .iter()
@@ -226,7 +228,9 @@ impl Model {
 
     /// [`Self::grads`], taking the gradients out of `grads`: a gradient no
     /// longer shared with `grads` moves to the host without a copy where the
-    /// backend allows it (burn's CPU backend).
+    /// backend allows it (burn's CPU backend). With the `autodiff` feature
+    /// only.
+    #[cfg(feature = "autodiff")]
     pub fn take_grads(&self, grads: &mut burn::tensor::Gradients) -> Vec<Option<Vec<f32>>> {
         self.tensors
             .iter()
@@ -594,6 +598,7 @@ impl Model {
 
 /// The values of `t` as a host f32 vector, reusing the tensor's buffer when
 /// it is an f32 buffer of its own (else a copy).
+#[cfg(feature = "autodiff")]
 fn host_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .try_into_vec_as::<f32>()

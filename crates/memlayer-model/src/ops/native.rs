@@ -5,9 +5,12 @@
 //! (the optimised CPU path: bit-identical to the oracle for the forward and
 //! the table gradient); `Autodiff<B>` gets a hand-written backward:
 //! `dV[idx] += w · dm` (rows touched by the batch only, scattered into the
-//! dense gradient burn expects) and `dw = V[idx] · dm`.
+//! dense gradient burn expects) and `dw = V[idx] · dm`. The `Autodiff<B>`
+//! implementation (training) is compiled with the `autodiff` feature only.
 
+#[cfg(feature = "autodiff")]
 use burn::backend::AutodiffBackend;
+#[cfg(feature = "autodiff")]
 use burn::backend::autodiff::{
     Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -22,7 +25,7 @@ use memlayer_core::pkm;
 use super::OpsError;
 
 /// Memory ops added to a burn backend.
-#[backend_extension(Autodiff, Flex, Cube: cfg(feature = "wgpu"))]
+#[backend_extension(Autodiff: cfg(feature = "autodiff"), Flex, Cube: cfg(feature = "wgpu"))]
 pub trait MemoryBackend: burn::backend::Backend {
     /// Weighted embedding-bag. values: (rows, v_dim); indices, weights:
     /// (bags, bag) → (bags, v_dim).
@@ -61,6 +64,9 @@ pub fn supported(device: &Device) -> bool {
         DispatchDevice::Flex(_) => true,
         #[cfg(feature = "wgpu")]
         DispatchDevice::Cube(cubecl::Device::Wgpu(_)) => true,
+        // unreachable when burn is built with Flex alone (no wgpu, no
+        // autodiff: the runtime and the C ABI on a phone)
+        #[allow(unreachable_patterns)]
         _ => false,
     }
 }
@@ -298,6 +304,7 @@ impl MemoryBackend for Flex {
     }
 }
 
+#[cfg(feature = "autodiff")]
 impl<B: MemoryBackend, C: CheckpointStrategy> MemoryBackend for Autodiff<B, C> {
     fn memory_bag(
         values: FloatTensor<Self>,

@@ -4,7 +4,9 @@
 #   - a Vulkan driver that runs on the CPU (lavapipe), for the GPU kernels' tests;
 #   - DejaVu Sans, the font of the PNG plots (plotters draws text with ab_glyph);
 #   - Chromium (headless, WebGPU on SwiftShader) for the browser test;
-#   - Node.js and npm for the browser test's driver (playwright-core).
+#   - Node.js and npm for the browser test's driver (playwright-core);
+#   - Debian's aarch64 cross gcc and libc, and qemu-user, for the aarch64
+#     tests run under emulation (scripts/test-aarch64.sh).
 # Each piece is checked on its own and only the missing ones are asked of apt.
 # A machine may ship Node.js from another apt source (NodeSource's `nodejs`
 # bundles npm and conflicts with Debian's `npm`): when `node` and `npm` are
@@ -22,12 +24,18 @@ have_font() { [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; }
 have_chromium() { [ -x /usr/bin/chromium ]; }
 have_node() { command -v node >/dev/null 2>&1; }
 have_npm() { command -v npm >/dev/null 2>&1; }
+have_aarch64_gcc() { command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; }
+have_aarch64_libc_dev() { [ -e /usr/aarch64-linux-gnu/include/stdio.h ] && [ -e /usr/aarch64-linux-gnu/lib/libc.so ]; }
+have_qemu_aarch64() { command -v qemu-aarch64 >/dev/null 2>&1; }
 
 missing=()
 have_lavapipe || missing+=(mesa-vulkan-drivers)
 have_vulkan_loader || missing+=(libvulkan1)
 have_font || missing+=(fonts-dejavu-core)
 have_chromium || missing+=(chromium)
+have_aarch64_gcc || missing+=(gcc-aarch64-linux-gnu)
+have_aarch64_libc_dev || missing+=(libc6-dev-arm64-cross)
+have_qemu_aarch64 || missing+=(qemu-user)
 if ! have_node; then
   # No Node.js at all: Debian's, with its npm.
   missing+=(nodejs)
@@ -73,5 +81,8 @@ need "DejaVu Sans (/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf)" have_font "
 need "Chromium (/usr/bin/chromium)" have_chromium "apt-get install chromium"
 need "node" have_node "apt-get install nodejs, or Node.js 18+ from its vendor"
 need "npm" have_npm "the npm of the installed Node.js"
+need "the aarch64 cross gcc (aarch64-linux-gnu-gcc)" have_aarch64_gcc "apt-get install gcc-aarch64-linux-gnu"
+need "the aarch64 libc headers and libraries (/usr/aarch64-linux-gnu)" have_aarch64_libc_dev "apt-get install libc6-dev-arm64-cross"
+need "qemu-aarch64 (user-mode emulation)" have_qemu_aarch64 "apt-get install qemu-user"
 [ "$fail" = 0 ] || exit 1
 echo "node $(node --version), npm $(npm --version), $(/usr/bin/chromium --version 2>/dev/null || echo chromium)"

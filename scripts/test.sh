@@ -5,7 +5,9 @@
 # formatting, lints, the wasm32 builds (memlayer-core/-cpu/-wgpu checked, the
 # browser chat's bundle built into web/pkg), the fuzz target's build and every
 # test of the workspace in the one build profile (release) — the browser test
-# among them, in headless Chromium with WebGPU (SwiftShader).
+# among them, in headless Chromium with WebGPU (SwiftShader) — then the
+# aarch64 tests under qemu-user and the phone targets' check
+# (scripts/test-aarch64.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,7 +19,9 @@ bash scripts/system-deps.sh
 step "rust components"
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
-rustup target list --installed | grep -q '^wasm32-unknown-unknown$' || rustup target add wasm32-unknown-unknown
+for t in wasm32-unknown-unknown aarch64-unknown-linux-gnu aarch64-linux-android aarch64-apple-ios; do
+  rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+done
 
 step "NVRTC from PyPI (nvidia-cuda-nvrtc-cu12): every CUDA kernel must compile to PTX"
 # No GPU or CUDA toolkit is needed: memlayer-cuda's kernels are compiled by
@@ -57,6 +61,9 @@ step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
 # examples link it
 cargo build --workspace --release --lib
 cargo test --workspace --release
+
+step "aarch64 under qemu-user: CPU kernels (NEON) and the C ABI with its C example; phone targets checked"
+bash scripts/test-aarch64.sh
 
 step "the CLI built with the cuda feature: --backend cuda on a GPU or a named error without one"
 cargo test --release -p memlayer-cli --features cuda --test cli_cuda

@@ -300,10 +300,9 @@ fn lib_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).unwrap().to_path_buf()
 }
 
-#[test]
-fn the_c_and_python_examples_answer_like_memlayer_generate() {
-    let dir = lib_dir();
-    let so = dir.join(format!(
+/// The built shared library (`cargo test` builds no cdylib; scripts/test.sh does).
+fn built_library() -> PathBuf {
+    let so = lib_dir().join(format!(
         "{}memlayer_capi{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
@@ -314,11 +313,37 @@ fn the_c_and_python_examples_answer_like_memlayer_generate() {
          --lib` first (scripts/test.sh does)",
         so.display()
     );
+    so
+}
+
+/// A command for `program`, run through `MEMLAYER_EXAMPLE_RUNNER` when set
+/// (`qemu-aarch64` when these tests run under emulation: the example is
+/// built for the tests' target, not for the machine).
+fn example_command(program: &Path) -> Command {
+    match std::env::var("MEMLAYER_EXAMPLE_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut cmd = Command::new(words.next().unwrap_or_default());
+            cmd.args(words).arg(program);
+            cmd
+        }
+        _ => Command::new(program),
+    }
+}
+
+#[test]
+fn the_c_example_answers_like_memlayer_generate() {
+    built_library();
+    let dir = lib_dir();
     let want = native_answer();
     let tmp = std::env::temp_dir().join(format!("memlayer-capi-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let exe = tmp.join("chat");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    // MEMLAYER_EXAMPLE_CC: the C compiler for the tests' target (a cross gcc
+    // under emulation); CC is left to build scripts
+    let cc = std::env::var("MEMLAYER_EXAMPLE_CC")
+        .or_else(|_| std::env::var("CC"))
+        .unwrap_or_else(|_| "cc".into());
     let built = Command::new(&cc)
         .arg("-Wall")
         .arg("-Werror")
@@ -332,13 +357,13 @@ fn the_c_and_python_examples_answer_like_memlayer_generate() {
         .arg("-o")
         .arg(&exe)
         .output()
-        .expect("run cc");
+        .unwrap_or_else(|e| panic!("run {cc}: {e}"));
     assert!(
         built.status.success(),
-        "cc: {}",
+        "{cc}: {}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let run = Command::new(&exe)
+    let run = example_command(&exe)
         .arg(demo())
         .arg("25")
         .arg(PROMPT)
@@ -351,7 +376,15 @@ fn the_c_and_python_examples_answer_like_memlayer_generate() {
     );
     assert_eq!(String::from_utf8_lossy(&run.stdout), want, "the C example");
     assert!(String::from_utf8_lossy(&run.stderr).contains("hit rate"));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
 
+/// Host only: the interpreter loads the library, so it must be the host's
+/// (scripts/test-aarch64.sh skips this test under emulation, by name).
+#[test]
+fn the_python_example_answers_like_memlayer_generate() {
+    let so = built_library();
+    let want = native_answer();
     let py = Command::new("python3")
         .arg(repo().join("examples/python/chat.py"))
         .arg("--lib")
@@ -371,5 +404,96 @@ fn the_c_and_python_examples_answer_like_memlayer_generate() {
         want,
         "the Python example"
     );
+}
+
+/// A bank page that fails its checksum, a budget too small for one page and
+/// an unreachable URL: each an error code and a message naming it, never a
+/// crash; after the corrupt page the handle still answers and closes.
+#[test]
+fn a_corrupt_page_a_tiny_budget_and_an_unreachable_url_are_named() {
+    let tmp = std::env::temp_dir().join(format!("memlayer-capi-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // a byte flipped every 4 KiB in the last three quarters: the header and
+    // page table (at the front) stay intact, the pages fail their checksum
+    let mut bytes = std::fs::read(demo().join("memory.bank")).unwrap();
+    let n = bytes.len();
+    for i in (n / 4..n).step_by(4096) {
+        bytes[i] ^= 0x5a;
+    }
+    let bad = tmp.join("corrupt.bank");
+    std::fs::write(&bad, &bytes).unwrap();
+    let bad_c = c(bad.to_str().unwrap());
+    let mut opts = memlayer_open_options_default();
+    opts.bank = bad_c.as_ptr();
+    opts.budget_percent = 25.0;
+    let model = open(&opts);
+    let prompt = c(PROMPT);
+    let mut sampling = memlayer_sampling_default();
+    sampling.max_tokens = 8;
+    for attempt in 0..2 {
+        let mut text = String::new();
+        let mut out = null_mut();
+        // SAFETY: valid handle, strings and out pointers.
+        let s = unsafe {
+            memlayer_generate(
+                model,
+                prompt.as_ptr(),
+                &sampling,
+                Some(collect),
+                (&mut text as *mut String).cast(),
+                &mut out,
+                null_mut(),
+            )
+        };
+        assert_eq!(s, MemlayerStatus::Generate, "attempt {attempt}");
+        let msg = last_error();
+        assert!(
+            msg.contains("checksum") && msg.contains("page"),
+            "attempt {attempt}: {msg}"
+        );
+        assert!(out.is_null(), "no text is returned with an error");
+        let mut stats = MemlayerStats::default();
+        // SAFETY: valid handle and out pointer.
+        assert_eq!(
+            unsafe { memlayer_stats(model, &mut stats) },
+            MemlayerStatus::Ok
+        );
+    }
+    // SAFETY: the handle, once.
+    unsafe { memlayer_close(model) };
+
+    // budget_bytes 0 means "use budget_percent" (a zeroed struct is the
+    // default); the smallest explicit budget, 1 byte, cannot hold a page
+    let dir = c(demo().to_str().unwrap());
+    let mut opts = memlayer_open_options_default();
+    opts.budget_bytes = 1;
+    let mut m = null_mut();
+    // SAFETY: valid strings and out pointer.
+    let s = unsafe { memlayer_open(dir.as_ptr(), &opts, &mut m) };
+    assert_ne!(s, MemlayerStatus::Ok);
+    assert!(m.is_null());
+    assert!(last_error().contains("budget"), "{}", last_error());
+
+    // a URL nobody listens on (a port just released on 127.0.0.1)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/memory.bank");
+    let url_c = c(&url);
+    let mut opts = memlayer_open_options_default();
+    opts.bank = url_c.as_ptr();
+    // SAFETY: valid strings and out pointer.
+    let s = unsafe { memlayer_open(dir.as_ptr(), &opts, &mut m) };
+    assert!(m.is_null());
+    assert!(last_error().contains(&url), "{}", last_error());
+    if cfg!(feature = "http") {
+        assert_eq!(s, MemlayerStatus::Model);
+    } else {
+        // a build without `http` (the phone build) names that instead
+        assert_eq!(s, MemlayerStatus::Backend);
+        assert!(last_error().contains("without the `http` feature"));
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }

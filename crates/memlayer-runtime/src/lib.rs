@@ -39,4 +39,4 @@ pub use budget::Budget;
 pub use burn_decoder::{BurnDecoder, open_paged, open_resident};
 pub use generate::{Decoder, GenerateError, Generation, Generator, Sampling};
 #[cfg(feature = "burn")]
-pub use paged::MemoryStats;
+pub use paged::{MemoryAccess, MemoryStats};

@@ -105,6 +105,36 @@ impl FetchBurst for FetchPool {
     }
 }
 
+/// What one read of the memory touched, recorded while tracing is on
+/// ([`PagedMemory::set_trace`]): what the desktop demo draws as the memory
+/// map, token by token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryAccess {
+    /// One product-key read (one memory layer's forward; layers share the
+    /// values, so the reads of a token come in layer order).
+    Values {
+        /// The value rows summed: (bags, bag), bag = heads × knn, each bag
+        /// one token's rows (heads, knn).
+        rows: Vec<u32>,
+        /// Rows per bag.
+        bag: usize,
+        /// Value pages (ids within the value section, sorted) that were
+        /// resident when the read began.
+        hit_pages: Vec<u32>,
+        /// Value pages (sorted) this read brought in.
+        fetched_pages: Vec<u32>,
+    },
+    /// One hierarchical block read: one level's block of one context.
+    Block {
+        /// Level, from 1.
+        level: usize,
+        /// The block's row in that level's table.
+        row: usize,
+        /// Whether it was fetched (else resident: the same block as before, or prefetched).
+        fetched: bool,
+    },
+}
+
 /// The engine and the slots its page table points into, under one lock.
 struct State {
     engine: PageIn<Arc<Vec<f32>>>,
@@ -133,6 +163,8 @@ pub struct PagedMemory {
     /// The running prefetch: its block rows and thread.
     prefetch: Mutex<Option<(Vec<usize>, std::thread::JoinHandle<()>)>>,
     pool_name: String,
+    /// The accesses since the last `take_trace`, while tracing is on.
+    trace: Mutex<Option<Vec<MemoryAccess>>>,
 }
 
 impl std::fmt::Debug for PagedMemory {
@@ -233,6 +265,7 @@ impl PagedMemory {
             }),
             prefetch: Mutex::new(None),
             pool_name,
+            trace: Mutex::new(None),
         })
     }
 
@@ -285,6 +318,31 @@ impl PagedMemory {
     /// The LRU policy's own counters (value pages).
     pub fn cache_stats(&self) -> Option<CacheStats> {
         lock(&self.shared.state).engine.cache_stats()
+    }
+
+    /// Starts (`true`) or stops recording every read as a [`MemoryAccess`];
+    /// stopping drops what was recorded. Off by default (it costs a copy of
+    /// the rows per read).
+    pub fn set_trace(&self, on: bool) {
+        *lock(&self.trace) = on.then(Vec::new);
+    }
+
+    /// The reads recorded since the last call, oldest first (empty when tracing is off).
+    pub fn take_trace(&self) -> Vec<MemoryAccess> {
+        lock(&self.trace)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn record(&self, access: impl FnOnce() -> MemoryAccess) {
+        if let Some(t) = lock(&self.trace).as_mut() {
+            t.push(access());
+        }
+    }
+
+    fn tracing(&self) -> bool {
+        lock(&self.trace).is_some()
     }
 
     /// Zeroes the counters (resident pages stay).
@@ -368,12 +426,23 @@ impl MemorySource for PagedMemory {
         }
         let w: Vec<f32> = weights.into_data().iter::<f32>().collect();
         let mut out = Vec::with_capacity(bags * v.dim);
+        let tracing = self.tracing();
+        let (mut hit_pages, mut fetched_pages) = (Vec::new(), Vec::new());
         let mut guard = lock(&self.shared.state);
         let State { engine, pool } = &mut *guard;
         let pool = pool.as_mut().ok_or_else(|| err("no slot pool"))?;
         // runs of tokens whose pages fit the slots together
         for run in engine.value_runs(rows, bag).map_err(err)? {
             let (start, end) = (run.bags.start, run.bags.end);
+            if tracing {
+                let table = engine.page_table();
+                for &p in &run.pages {
+                    match table.get(p as usize) {
+                        Some(&slot) if slot != memlayer_bank::cache::NO_SLOT => hit_pages.push(p),
+                        _ => fetched_pages.push(p),
+                    }
+                }
+            }
             page_in_blocking(
                 engine,
                 &self.shared.bank,
@@ -394,6 +463,20 @@ impl MemorySource for PagedMemory {
             out.extend(part);
         }
         drop(guard);
+        if tracing {
+            // a page fetched by one run and read again by a later run is a fetch
+            fetched_pages.sort_unstable();
+            fetched_pages.dedup();
+            hit_pages.sort_unstable();
+            hit_pages.dedup();
+            hit_pages.retain(|p| fetched_pages.binary_search(p).is_err());
+            self.record(|| MemoryAccess::Values {
+                rows: rows.to_vec(),
+                bag,
+                hit_pages,
+                fetched_pages,
+            });
+        }
         Ok(Tensor::from_data(
             TensorData::new(out, [bags, v.dim]),
             device,
@@ -426,10 +509,17 @@ impl MemorySource for PagedMemory {
         };
         // a prefetch of another context runs on while this one computes
         self.wait_prefetch_of(i, row);
-        let block = {
+        let (block, fetched) = {
             let mut st = lock(&self.shared.state);
-            block_blocking(&mut st.engine, &self.shared.bank, i, row).map_err(err)?
+            let hits = st.engine.stats().block_hits;
+            let block = block_blocking(&mut st.engine, &self.shared.bank, i, row).map_err(err)?;
+            (block, st.engine.stats().block_hits == hits)
         };
+        self.record(|| MemoryAccess::Block {
+            level,
+            row,
+            fetched,
+        });
         let mut data = Vec::with_capacity(rows.len() * len);
         for _ in rows {
             data.extend_from_slice(&block);

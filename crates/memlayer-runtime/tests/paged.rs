@@ -427,3 +427,108 @@ fn a_budget_below_one_page_is_refused_with_the_minimum() {
     let msg = err.to_string();
     assert!(msg.contains("at least"), "{msg}");
 }
+
+/// Tracing records every read in order: each product-key read's rows (the
+/// rows the model reports), its pages split into hits and fetches (the
+/// fetches are the counters' misses), and each block read with whether it
+/// was fetched; off, nothing is recorded.
+#[test]
+fn the_trace_names_every_row_read_and_which_pages_were_fetched() {
+    use memlayer_runtime::MemoryAccess;
+    let fx = fixture(true, "trace");
+    let (slot, blocks) = sizes(&fx.cfg);
+    let v = fx.cfg.pkm.clone().unwrap();
+    let opts = PagedOptions {
+        budget: Budget::bytes(blocks + 64 * slot),
+        fetch_threads: 1,
+        prefetch: false,
+        device: PoolDevice::Host,
+    };
+    let (m, mem) = paged_model(&fx, open(&fx.bank), opts);
+    assert!(
+        mem.value_pages() <= u64::from(mem.value_slots()),
+        "the fixture's values fit the slots"
+    );
+    let toks = tokens(6, 5);
+    let fwd = |rows: &[usize]| {
+        m.forward(m.tokens(&toks, 1).unwrap(), Some(rows), None)
+            .unwrap()
+    };
+    fwd(&[0, 0]);
+    assert!(mem.take_trace().is_empty(), "off by default");
+
+    mem.set_trace(true);
+    for (step, (rows, fetched_blocks)) in [
+        (vec![1usize, 3], [true, true]),
+        (vec![1, 2], [false, true]),
+        (vec![1, 2], [false, false]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s0 = mem.stats();
+        let f = fwd(&rows);
+        let s1 = mem.stats();
+        let trace = mem.take_trace();
+        let blocks: Vec<(usize, usize, bool)> = trace
+            .iter()
+            .filter_map(|a| match a {
+                MemoryAccess::Block {
+                    level,
+                    row,
+                    fetched,
+                } => Some((*level, *row, *fetched)),
+                MemoryAccess::Values { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![
+                (1, rows[0], fetched_blocks[0]),
+                (2, rows[1], fetched_blocks[1])
+            ],
+            "step {step}"
+        );
+        let values: Vec<&MemoryAccess> = trace
+            .iter()
+            .filter(|a| matches!(a, MemoryAccess::Values { .. }))
+            .collect();
+        assert_eq!(
+            values.len(),
+            f.reads.value_rows.len(),
+            "one per memory layer"
+        );
+        let mut fetched_total = 0u64;
+        for (a, want) in values.into_iter().zip(&f.reads.value_rows) {
+            let MemoryAccess::Values {
+                rows,
+                bag,
+                hit_pages,
+                fetched_pages,
+            } = a
+            else {
+                unreachable!()
+            };
+            assert_eq!(rows, want, "step {step}: the rows the model read");
+            assert_eq!(*bag, v.heads * v.knn);
+            let mut pages: Vec<u32> = rows.iter().map(|r| r / PAGE_ROWS).collect();
+            pages.sort_unstable();
+            pages.dedup();
+            let mut both: Vec<u32> = hit_pages.iter().chain(fetched_pages).copied().collect();
+            both.sort_unstable();
+            assert_eq!(both, pages, "step {step}: every page once, hit or fetched");
+            fetched_total += fetched_pages.len() as u64;
+        }
+        assert_eq!(
+            fetched_total,
+            s1.value_misses - s0.value_misses,
+            "step {step}: the fetched pages are the misses"
+        );
+        if step == 2 {
+            assert_eq!(fetched_total, 0, "everything resident the third time");
+        }
+    }
+    mem.set_trace(false);
+    fwd(&[0, 1]);
+    assert!(mem.take_trace().is_empty());
+}

@@ -26,10 +26,11 @@
 //!   a new minor version only adds functions, a new major one may change
 //!   them. Structs passed by pointer start from their `*_default()` values.
 
-use burn::tensor::Device;
-use memlayer_bank::{FileSource, PageSource};
-use memlayer_model::MemoryOps;
-use memlayer_runtime::paged::{PagedMemory, PagedOptions, PoolDevice};
+use memlayer_bank::PageSource;
+use memlayer_runtime::open::{
+    BackendError, BankLocation, OpenSourceError, RuntimeBackend, RuntimeDevice,
+};
+use memlayer_runtime::paged::{PagedMemory, PagedOptions};
 use memlayer_runtime::{Budget, BurnDecoder, Generator, Sampling};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -275,70 +276,35 @@ pub extern "C" fn memlayer_sampling_default() -> MemlayerSampling {
     }
 }
 
-/// The bank's page source: the directory's file, a path or a URL.
-fn bank_source(bank: Option<&str>) -> Result<Option<Box<dyn PageSource>>, Failure> {
-    let model_err = |e: &dyn std::fmt::Display| (MemlayerStatus::Model, e.to_string());
+/// The bank's page source: the directory's file (`bank` NULL), a path or a URL.
+fn bank_source(dir: &Path, bank: Option<&str>) -> Result<Option<Box<dyn PageSource>>, Failure> {
     let Some(bank) = bank else {
         return Ok(None);
     };
-    if bank.starts_with("http://") || bank.starts_with("https://") {
-        #[cfg(feature = "http")]
-        {
-            let s = memlayer_http::HttpSource::open(bank).map_err(|e| model_err(&e))?;
-            return Ok(Some(Box::new(s)));
-        }
-        #[cfg(not(feature = "http"))]
-        return Err((
-            MemlayerStatus::Backend,
-            format!("{bank}: this build reads no URLs (built without the `http` feature)"),
-        ));
-    }
-    let s = FileSource::open(bank).map_err(|e| model_err(&e))?;
-    Ok(Some(Box::new(s)))
+    let location: BankLocation = bank.parse().map_err(|e| invalid(format!("bank: {e}")))?;
+    location.open(dir).map(Some).map_err(|e| match e {
+        OpenSourceError::NoHttp(_) => (MemlayerStatus::Backend, e.to_string()),
+        OpenSourceError::Open(_) => (MemlayerStatus::Model, e.to_string()),
+    })
 }
 
 /// The burn device, memory ops and slot placement of `backend`.
-fn backend_device(backend: u32) -> Result<(Device, MemoryOps, PoolDevice), Failure> {
-    match backend {
-        MEMLAYER_BACKEND_CPU => {
-            let device = Device::flex();
-            let ops = MemoryOps::best_for(&device);
-            Ok((device, ops, PoolDevice::Host))
+fn backend_device(backend: u32) -> Result<RuntimeDevice, Failure> {
+    let backend = match backend {
+        MEMLAYER_BACKEND_CPU => RuntimeBackend::Cpu,
+        MEMLAYER_BACKEND_WGPU => RuntimeBackend::Wgpu,
+        other => {
+            return Err(invalid(format!(
+                "backend {other}: use MEMLAYER_BACKEND_CPU (0) or MEMLAYER_BACKEND_WGPU (1)"
+            )));
         }
-        MEMLAYER_BACKEND_WGPU => {
-            #[cfg(feature = "wgpu")]
-            {
-                let ctx = memlayer_wgpu_context()?;
-                let device = memlayer_model::gpu::burn_device(&ctx)
-                    .map_err(|e| (MemlayerStatus::Backend, e.to_string()))?;
-                let ops = MemoryOps::best_for(&device);
-                Ok((device, ops, PoolDevice::Wgpu(Arc::new(ctx))))
-            }
-            #[cfg(not(feature = "wgpu"))]
-            Err((
-                MemlayerStatus::Backend,
-                "MEMLAYER_BACKEND_WGPU: this build has no wgpu backend (built without the `wgpu` \
-                 feature)"
-                    .into(),
-            ))
-        }
-        other => Err(invalid(format!(
-            "backend {other}: use MEMLAYER_BACKEND_CPU (0) or MEMLAYER_BACKEND_WGPU (1)"
-        ))),
-    }
-}
-
-#[cfg(feature = "wgpu")]
-fn memlayer_wgpu_context() -> Result<memlayer_wgpu::GpuContext, Failure> {
-    let opts = memlayer_wgpu::GpuOptions {
-        adapter_features: true,
-        ..Default::default()
     };
-    memlayer_wgpu::GpuContext::new(&opts).map_err(|e| {
-        (
-            MemlayerStatus::Backend,
-            format!("no wgpu adapter ({e}): install a Vulkan/Metal/DX12 driver"),
-        )
+    RuntimeDevice::open(backend).map_err(|e| {
+        let e = match e {
+            BackendError::NotBuilt(m) => format!("MEMLAYER_BACKEND_WGPU: {m}"),
+            BackendError::Unavailable(m) => m,
+        };
+        (MemlayerStatus::Backend, e)
     })
 }
 
@@ -387,16 +353,17 @@ pub unsafe extern "C" fn memlayer_open(
             n => n as usize,
         };
         let dir = Path::new(dir);
-        let source = bank_source(bank)?;
-        let (device, ops, pool) = backend_device(opts.backend)?;
+        let source = bank_source(dir, bank)?;
+        let rt = backend_device(opts.backend)?;
         let paged = PagedOptions {
             budget,
             fetch_threads,
             prefetch: false,
-            device: pool,
+            device: rt.pool,
         };
-        let (generator, memory) = memlayer_runtime::open_paged(dir, source, paged, &device, ops)
-            .map_err(|e| (MemlayerStatus::Model, format!("{}: {e}", dir.display())))?;
+        let (generator, memory) =
+            memlayer_runtime::open_paged(dir, source, paged, &rt.device, rt.ops)
+                .map_err(|e| (MemlayerStatus::Model, format!("{}: {e}", dir.display())))?;
         let model = Box::new(MemlayerModel {
             generator: Mutex::new(generator),
             memory,

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use memlayer_core::model::ModelConfig;
 use memlayer_model::MemoryOps;
+use memlayer_runtime::open::{RuntimeBackend, RuntimeDevice};
 use memlayer_runtime::paged::{PagedMemory, PagedOptions, PoolDevice};
 use memlayer_runtime::{BurnDecoder, Generator};
 use std::path::Path;
@@ -39,32 +40,17 @@ pub fn device_for(backend: Backend, ops: OpsChoice) -> Result<(Device, MemoryOps
     Ok((device, ops))
 }
 
-/// Device, ops and page-pool placement of a backend (wgpu: one shared device).
+/// Device, ops and page-pool placement of a backend (wgpu: one shared
+/// device): the runtime's [`RuntimeDevice`].
 pub fn runtime_device(backend: Backend) -> Result<(Device, MemoryOps, PoolDevice)> {
-    match backend {
-        Backend::Cpu => {
-            let device = Device::flex();
-            let ops = MemoryOps::best_for(&device);
-            Ok((device, ops, PoolDevice::Host))
-        }
-        Backend::Wgpu => {
-            let ctx = memlayer_wgpu::GpuContext::new(&memlayer_wgpu::GpuOptions {
-                adapter_features: true,
-                ..Default::default()
-            })
-            .context("no wgpu adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers)")?;
-            let device = memlayer_model::gpu::burn_device(&ctx).map_err(anyhow::Error::msg)?;
-            let ops = MemoryOps::best_for(&device);
-            Ok((device, ops, PoolDevice::Wgpu(Arc::new(ctx))))
-        }
+    let backend = match backend {
+        Backend::Cpu => RuntimeBackend::Cpu,
+        Backend::Wgpu => RuntimeBackend::Wgpu,
         #[cfg(feature = "cuda")]
-        Backend::Cuda => {
-            let dev = memlayer_cuda::CudaDevice::new(0).context("--backend cuda")?;
-            let device = Device::flex();
-            let ops = MemoryOps::best_for(&device);
-            Ok((device, ops, PoolDevice::Cuda(Arc::new(dev))))
-        }
-    }
+        Backend::Cuda => RuntimeBackend::Cuda,
+    };
+    let rt = RuntimeDevice::open(backend)?;
+    Ok((rt.device, rt.ops, rt.pool))
 }
 
 /// A model directory opened for generation.

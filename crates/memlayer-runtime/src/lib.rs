@@ -17,11 +17,14 @@
 //! - `paged`: the paged memory (the model's `MemorySource`), its counters;
 //! - `pool`: where resident pages live (host, device) and the bag over them;
 //! - `burn_decoder`: the native decoder (the burn model + KV cache) and
-//!   `open_resident`, `open_paged`: a model directory ready to generate.
+//!   `open_resident`, `open_paged`: a model directory ready to generate;
+//! - `open`: where the bank is read from (`BankLocation`: file, path, URL)
+//!   and which device runs the model (`RuntimeBackend` → `RuntimeDevice`),
+//!   for every front-end.
 //!
 //! Features: `burn` (default) builds the native decoder, the paged memory
 //! and the pools on burn (CPU); `wgpu` (default) adds wgpu device pools and
-//! burn's wgpu backend. Without default features only [`generate`] is left
+//! burn's wgpu backend; `http` (default) banks read from URLs. Without default features only [`generate`] is left
 //! (no burn, no threads): the browser runtime (`memlayer-web`, wasm32)
 //! drives its own decoder with it.
 
@@ -29,6 +32,8 @@ pub mod budget;
 #[cfg(feature = "burn")]
 pub mod burn_decoder;
 pub mod generate;
+#[cfg(feature = "burn")]
+pub mod open;
 #[cfg(feature = "burn")]
 pub mod paged;
 #[cfg(feature = "burn")]

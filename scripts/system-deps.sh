@@ -6,7 +6,8 @@
 #   - Chromium (headless, WebGPU on SwiftShader) for the browser test;
 #   - Node.js and npm for the browser test's driver (playwright-core);
 #   - Debian's aarch64 cross gcc and libc, and qemu-user, for the aarch64
-#     tests run under emulation (scripts/test-aarch64.sh).
+#     tests run under emulation (scripts/test-aarch64.sh);
+#   - Xvfb (with xvfb-run and xauth) for the desktop app's window tests.
 # Each piece is checked on its own and only the missing ones are asked of apt.
 # A machine may ship Node.js from another apt source (NodeSource's `nodejs`
 # bundles npm and conflicts with Debian's `npm`): when `node` and `npm` are
@@ -27,6 +28,8 @@ have_npm() { command -v npm >/dev/null 2>&1; }
 have_aarch64_gcc() { command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; }
 have_aarch64_libc_dev() { [ -e /usr/aarch64-linux-gnu/include/stdio.h ] && [ -e /usr/aarch64-linux-gnu/lib/libc.so ]; }
 have_qemu_aarch64() { command -v qemu-aarch64 >/dev/null 2>&1; }
+have_xvfb() { command -v xvfb-run >/dev/null 2>&1 && command -v Xvfb >/dev/null 2>&1; }
+have_xauth() { command -v xauth >/dev/null 2>&1; }
 
 missing=()
 have_lavapipe || missing+=(mesa-vulkan-drivers)
@@ -36,6 +39,8 @@ have_chromium || missing+=(chromium)
 have_aarch64_gcc || missing+=(gcc-aarch64-linux-gnu)
 have_aarch64_libc_dev || missing+=(libc6-dev-arm64-cross)
 have_qemu_aarch64 || missing+=(qemu-user)
+have_xvfb || missing+=(xvfb)
+have_xauth || missing+=(xauth)
 if ! have_node; then
   # No Node.js at all: Debian's, with its npm.
   missing+=(nodejs)
@@ -84,5 +89,7 @@ need "npm" have_npm "the npm of the installed Node.js"
 need "the aarch64 cross gcc (aarch64-linux-gnu-gcc)" have_aarch64_gcc "apt-get install gcc-aarch64-linux-gnu"
 need "the aarch64 libc headers and libraries (/usr/aarch64-linux-gnu)" have_aarch64_libc_dev "apt-get install libc6-dev-arm64-cross"
 need "qemu-aarch64 (user-mode emulation)" have_qemu_aarch64 "apt-get install qemu-user"
+need "Xvfb and xvfb-run" have_xvfb "apt-get install xvfb"
+need "xauth (xvfb-run needs it)" have_xauth "apt-get install xauth"
 [ "$fail" = 0 ] || exit 1
 echo "node $(node --version), npm $(npm --version), $(/usr/bin/chromium --version 2>/dev/null || echo chromium)"

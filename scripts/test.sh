@@ -58,8 +58,9 @@ cargo check --release --manifest-path fuzz/Cargo.toml
 
 step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
 # the C ABI's shared library (cargo test builds no cdylib): its C and Python
-# examples link it
-cargo build --workspace --release --lib
+# examples link it; and every binary: the CLI's tests run the desktop app
+# (cargo test builds only the tested package's binaries)
+cargo build --workspace --release --lib --bins
 cargo test --workspace --release
 
 step "aarch64 under qemu-user: CPU kernels (NEON) and the C ABI with its C example; phone targets checked"

@@ -254,16 +254,7 @@ fn a_hierarchical_model_answers_in_the_browser_like_the_native_cli() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny-hier");
-    assert_ok(&memlayer(&[
-        "train",
-        "--preset",
-        "tiny-hier",
-        "--out",
-        model.to_str().unwrap(),
-        "--steps",
-        "30",
-        "--quiet",
-    ]));
+    train_tiny_hier(&model);
     let prompt = "The city where";
     let native = native_answer(&model, prompt, "12");
 

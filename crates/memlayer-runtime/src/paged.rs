@@ -305,6 +305,23 @@ impl PagedMemory {
         lock(&self.shared.state).engine.resident_bytes()
     }
 
+    /// The value table's geometry (rows, width, rows per page), if the bank has one.
+    pub fn value_geometry(&self) -> Option<ValueGeometry> {
+        self.values
+    }
+
+    /// The value pages resident now (ids within the value section, ascending).
+    pub fn resident_value_pages(&self) -> Vec<u32> {
+        let st = lock(&self.shared.state);
+        st.engine
+            .page_table()
+            .iter()
+            .enumerate()
+            .filter(|&(_, &slot)| slot != memlayer_bank::cache::NO_SLOT)
+            .map(|(p, _)| p as u32)
+            .collect()
+    }
+
     /// Value pages resident now.
     pub fn resident_pages(&self) -> usize {
         lock(&self.shared.state).engine.resident_pages()

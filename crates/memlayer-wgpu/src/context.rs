@@ -56,6 +56,7 @@ pub struct GpuOptions {
 }
 
 /// An adapter, its device and queue, and the limits kernels size themselves by.
+#[derive(Clone)]
 pub struct GpuContext {
     /// The adapter the device was created on.
     pub adapter: wgpu::Adapter,
@@ -171,6 +172,20 @@ impl GpuContext {
             info,
             limits,
         })
+    }
+
+    /// The context of a device opened elsewhere (a window's, so that the
+    /// memory kernels and the UI share it): its limits are the device's.
+    pub fn from_parts(adapter: wgpu::Adapter, device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = adapter.get_info();
+        let limits = device.limits();
+        Self {
+            adapter,
+            device,
+            queue,
+            info,
+            limits,
+        }
     }
 
     /// A short stable name for reports, e.g. `wgpu_vulkan_llvmpipe`.

@@ -219,3 +219,18 @@ pub fn chat(args: &[&str], input: &[u8]) -> Output {
     }
     child.wait_with_output().unwrap()
 }
+
+/// `memlayer train --preset tiny-hier --steps 30` into `out`: a small
+/// hierarchical-memory model for the front-end tests (seconds to train).
+pub fn train_tiny_hier(out: &Path) {
+    assert_ok(&memlayer(&[
+        "train",
+        "--preset",
+        "tiny-hier",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--quiet",
+    ]));
+}

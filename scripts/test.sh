@@ -67,4 +67,7 @@ step "aarch64 under qemu-user: CPU kernels (NEON) and the C ABI with its C examp
 bash scripts/test-aarch64.sh
 
 step "the CLI built with the cuda feature: --backend cuda on a GPU or a named error without one"
-cargo test --release -p memlayer-cli --features cuda --test cli_cuda
+# --workspace: the same feature unification as the builds above, so only the
+# crates under the cuda feature rebuild (a `-p memlayer-cli` build alone would
+# resolve wgpu's features differently and rebuild burn and wgpu)
+cargo test --release --workspace --features memlayer-cli/cuda --test cli_cuda

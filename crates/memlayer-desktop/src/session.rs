@@ -221,10 +221,7 @@ impl Engine {
             (_, false) => RuntimeDevice::open(memlayer_runtime::open::RuntimeBackend::Cpu),
         }
         .map_err(|e| e.to_string())?;
-        let device = match &rt.pool {
-            memlayer_runtime::paged::PoolDevice::Host => "CPU (burn Flex, host page slots)".into(),
-            other => format!("GPU, shared with the window ({})", pool_name(other)),
-        };
+        let on_gpu = !matches!(rt.pool, memlayer_runtime::paged::PoolDevice::Host);
         let source = match &req.bank {
             BankLocation::ModelDir => None,
             other => Some(other.open(&req.dir).map_err(|e| e.to_string())?),
@@ -241,6 +238,15 @@ impl Engine {
             m.set_trace(true);
         }
         let config = generator.config().clone();
+        // where the pages live: the pool's own description (the runtime's)
+        let pages = memory
+            .as_ref()
+            .map_or("no memory".into(), |m| m.pool_name().to_owned());
+        let device = if on_gpu {
+            format!("GPU, shared with the window; pages in {pages}")
+        } else {
+            format!("CPU (burn Flex); pages in {pages}")
+        };
         let info = ModelInfo {
             dir: req.dir.clone(),
             bank: req.bank.to_string(),
@@ -309,15 +315,5 @@ impl Engine {
             text: out.text,
         }));
         Ok(())
-    }
-}
-
-fn pool_name(pool: &memlayer_runtime::paged::PoolDevice) -> String {
-    match pool {
-        memlayer_runtime::paged::PoolDevice::Host => "host".into(),
-        #[allow(unreachable_patterns)]
-        memlayer_runtime::paged::PoolDevice::Wgpu(ctx) => ctx.info.name.clone(),
-        #[allow(unreachable_patterns)]
-        _ => "device".into(),
     }
 }

@@ -123,6 +123,17 @@ pub struct Access {
     pub evicted: Option<PageId>,
 }
 
+/// A resident page that [`PageCache::resize`] moved to another slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relocation {
+    /// The page.
+    pub page: PageId,
+    /// The slot it was in (gone after the resize).
+    pub from: SlotId,
+    /// The slot it is in now.
+    pub to: SlotId,
+}
+
 /// What [`PageCache::admit`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Admission {
@@ -221,6 +232,23 @@ impl PageCache {
     /// Fails if `slot_bytes` is 0, the budget cannot hold one slot, or the
     /// slot count exceeds [`MAX_SLOTS`].
     pub fn new(budget_bytes: u64, slot_bytes: u64) -> Result<Self, CacheError> {
+        Ok(Self {
+            budget_bytes,
+            slot_bytes,
+            slot_count: Self::slots_for(budget_bytes, slot_bytes)?,
+            slot_page: Vec::new(),
+            prev: Vec::new(),
+            next: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            free: Vec::new(),
+            map: HashMap::new(),
+            stats: CacheStats::default(),
+        })
+    }
+
+    /// `floor(budget_bytes / slot_bytes)`, checked as [`PageCache::new`] does.
+    fn slots_for(budget_bytes: u64, slot_bytes: u64) -> Result<u32, CacheError> {
         if slot_bytes == 0 {
             return Err(CacheError::ZeroSlotBytes);
         }
@@ -238,19 +266,66 @@ impl PageCache {
                 slots,
             });
         }
-        Ok(Self {
-            budget_bytes,
-            slot_bytes,
-            slot_count: slots as u32,
-            slot_page: Vec::new(),
-            prev: Vec::new(),
-            next: Vec::new(),
-            head: NIL,
-            tail: NIL,
-            free: Vec::new(),
-            map: HashMap::new(),
-            stats: CacheStats::default(),
-        })
+        Ok(slots as u32)
+    }
+
+    /// Changes the budget in place, keeping the most recently used pages
+    /// that fit the new slot count (the others are evicted, counted as
+    /// evictions) in their recency order. A kept page whose slot no longer
+    /// exists moves to a free slot below the new count: the returned
+    /// relocations `(page, from slot, to slot)` say which slot contents the
+    /// caller must copy (old slot contents, before any is overwritten) for
+    /// its slots to match. Growing moves nothing. Fails, changing nothing,
+    /// as [`PageCache::new`] does for the new budget.
+    pub fn resize(&mut self, budget_bytes: u64) -> Result<Vec<Relocation>, CacheError> {
+        let slots = Self::slots_for(budget_bytes, self.slot_bytes)?;
+        let order = self.lru_order(); // least → most recently used
+        let keep = order.len().min(slots as usize);
+        let (dropped, kept) = order.split_at(order.len() - keep);
+        // slots allocated after the resize: kept pages fit (kept ≤ both)
+        let allocated = self.slot_page.len().min(slots as usize);
+        let mut used = vec![false; allocated];
+        for p in kept {
+            let s = self.map[p] as usize;
+            if s < allocated {
+                used[s] = true;
+            }
+        }
+        let mut free_below = (0..allocated as u32).filter(|&s| !used[s as usize]);
+        let mut relocations = Vec::new();
+        let mut placed = Vec::with_capacity(kept.len());
+        for &page in kept {
+            let from = self.map[&page];
+            let to = if (from as usize) < allocated {
+                from
+            } else {
+                // kept ≤ allocated, so a free slot below is left for each mover
+                free_below.next().unwrap_or(from)
+            };
+            if to != from {
+                relocations.push(Relocation { page, from, to });
+            }
+            placed.push((page, to));
+        }
+        self.stats.evictions += dropped.len() as u64;
+        self.budget_bytes = budget_bytes;
+        self.slot_count = slots;
+        self.slot_page = vec![None; allocated];
+        self.prev = vec![NIL; allocated];
+        self.next = vec![NIL; allocated];
+        self.head = NIL;
+        self.tail = NIL;
+        self.map.clear();
+        for &(page, slot) in &placed {
+            self.slot_page[slot as usize] = Some(page);
+            self.map.insert(page, slot);
+            self.push_front(slot);
+        }
+        self.free = (0..allocated as u32)
+            .rev()
+            .filter(|&s| self.slot_page[s as usize].is_none())
+            .collect();
+        Ok(relocations)
     }
 
     /// The byte budget.
@@ -319,9 +394,19 @@ impl PageCache {
     /// Writes the dense page table for pages `0..table.len()`: the slot of
     /// each resident page, [`NO_SLOT`] for the others. O(len + resident).
     pub fn fill_page_table(&self, table: &mut [SlotId]) {
+        self.fill_page_table_from(0, table);
+    }
+
+    /// [`PageCache::fill_page_table`] for a section whose pages start at
+    /// global id `first`: `table[page - first]` is each resident page's slot.
+    pub fn fill_page_table_from(&self, first: PageId, table: &mut [SlotId]) {
         table.fill(NO_SLOT);
         for (&page, &slot) in &self.map {
-            if let Some(t) = usize::try_from(page).ok().and_then(|i| table.get_mut(i)) {
+            if let Some(t) = page
+                .checked_sub(first)
+                .and_then(|l| usize::try_from(l).ok())
+                .and_then(|i| table.get_mut(i))
+            {
                 *t = slot;
             }
         }
@@ -633,6 +718,13 @@ mod tests {
         fn remove(&mut self, p: PageId) {
             self.order.retain(|&x| x != p);
         }
+        /// Keeps the `cap` most recently used pages; returns how many went.
+        fn resize(&mut self, cap: usize) -> usize {
+            self.cap = cap;
+            let gone = self.order.len().saturating_sub(cap);
+            self.order.drain(..gone);
+            gone
+        }
     }
 
     #[derive(Clone, Debug)]
@@ -640,6 +732,8 @@ mod tests {
         One(PageId),
         Batch(Vec<PageId>),
         Remove(PageId),
+        /// Resize to this many slots.
+        Resize(u64),
     }
 
     fn op(pages: u64) -> impl Strategy<Value = Op> {
@@ -647,6 +741,7 @@ mod tests {
             6 => (0..pages).prop_map(Op::One),
             3 => prop::collection::vec(0..pages, 0..8).prop_map(Op::Batch),
             1 => (0..pages).prop_map(Op::Remove),
+            1 => (1u64..9).prop_map(Op::Resize),
         ]
     }
 
@@ -665,7 +760,8 @@ mod tests {
             pages in 1u64..20,
             ops in prop::collection::vec(op(20), 0..200),
         ) {
-            let budget = slots * slot_bytes + extra % slot_bytes;
+            let mut budget = slots * slot_bytes + extra % slot_bytes;
+            let mut slots = slots;
             let mut c = PageCache::new(budget, slot_bytes).unwrap();
             prop_assert_eq!(u64::from(c.slot_count()), slots);
             let mut model = Model { order: VecDeque::new(), cap: slots as usize };
@@ -730,6 +826,35 @@ mod tests {
                         }
                         model.remove(p);
                     }
+                    Op::Resize(n) => {
+                        let before: HashMap<PageId, SlotId> =
+                            shadow.iter().map(|(&s, &p)| (p, s)).collect();
+                        budget = n * slot_bytes + extra % slot_bytes;
+                        slots = n;
+                        let moved = c.resize(budget).unwrap();
+                        prop_assert_eq!(u64::from(c.slot_count()), n);
+                        model.resize(n as usize);
+                        // every kept page is where it was or where a
+                        // relocation says, and each relocation's source held it
+                        let mut now = HashMap::new();
+                        for &p in &model.order {
+                            let old = before[&p];
+                            let slot = match moved.iter().find(|r| r.page == p) {
+                                Some(r) => {
+                                    prop_assert_eq!(r.from, old);
+                                    prop_assert!(r.to != old);
+                                    r.to
+                                }
+                                None => old,
+                            };
+                            prop_assert!(slot < c.slot_count());
+                            prop_assert_eq!(c.slot_of(p), Some(slot));
+                            now.insert(slot, p);
+                        }
+                        prop_assert_eq!(now.len(), model.order.len());
+                        prop_assert!(moved.iter().all(|r| model.order.contains(&r.page)));
+                        shadow = now;
+                    }
                 }
                 prop_assert!(c.resident_bytes() <= budget);
                 prop_assert_eq!(c.resident_pages(), model.order.len());
@@ -741,6 +866,44 @@ mod tests {
                 prop_assert_eq!(s.misses, s.evictions + removed + c.resident_pages() as u64);
             }
         }
+    }
+
+    #[test]
+    fn resize_keeps_the_most_recent_pages_and_moves_them_below_the_new_count() {
+        let mut c = PageCache::new(400, 100).unwrap();
+        for p in [10, 11, 12, 13] {
+            c.access(p); // slots 0..4 in order
+        }
+        c.access(10); // recency 11, 12, 13, 10
+        let moved = c.resize(200).unwrap();
+        assert_eq!(c.lru_order(), vec![13, 10]);
+        assert_eq!(c.slot_of(10), Some(0), "page 10 stays in slot 0");
+        // page 13 was in slot 3, gone: it moves to the free slot 1
+        assert_eq!(
+            moved,
+            vec![Relocation {
+                page: 13,
+                from: 3,
+                to: 1
+            }]
+        );
+        assert_eq!(c.stats().evictions, 2);
+        assert!(c.resident_bytes() <= c.budget_bytes());
+        // full: the next miss evicts the least recently used kept page
+        assert_eq!(c.access(14).evicted, Some(13));
+        // growing moves nothing and the new slots fill before evicting
+        assert!(c.resize(450).unwrap().is_empty());
+        assert_eq!(c.slot_count(), 4);
+        assert_eq!(c.access(15).evicted, None);
+        assert_eq!(c.access(16).evicted, None);
+        assert_eq!(c.access(17).evicted, Some(10));
+        // a budget below one slot changes nothing
+        let before = c.lru_order();
+        assert!(matches!(
+            c.resize(99),
+            Err(CacheError::BudgetTooSmall { .. })
+        ));
+        assert_eq!((c.lru_order(), c.slot_count()), (before, 4));
     }
 
     #[test]

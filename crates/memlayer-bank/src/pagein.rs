@@ -234,6 +234,9 @@ pub enum PageInError {
     /// A prefetch while the budget reserves no prefetch blocks.
     #[error("prefetch is off: open the memory with PagedOptions::prefetch")]
     PrefetchOff,
+    /// The slot pool could not resize to a new budget (nothing changed).
+    #[error("resizing the page slots: {0}")]
+    Resize(String),
     /// The page-cache policy refused (budget, slots, table).
     #[error(transparent)]
     Cache(#[from] CacheError),
@@ -390,6 +393,8 @@ pub struct PageIn<B = Arc<Vec<f32>>> {
     budget_bytes: u64,
     block_bytes: u64,
     prefetch: bool,
+    /// Value pages one token may read, checked against every budget.
+    token_pages: Option<u32>,
     /// Counters (the gauges are filled in by `stats`).
     stats: MemoryStats,
 }
@@ -411,40 +416,13 @@ impl<B: Clone> PageIn<B> {
         let budget_bytes = opts.budget_bytes;
         let (cache, value_slots, pages) = match values {
             Some(v) => {
-                let slot_bytes = v.slot_bytes();
-                let pages = v.pages();
-                let slots =
-                    (budget_bytes.saturating_sub(block_bytes) / slot_bytes.max(1)).min(pages);
-                if let Some(token_pages) = opts.token_pages
-                    && slots < u64::from(token_pages).min(pages)
-                {
-                    return Err(PageInError::BudgetBelowOneToken {
-                        budget_bytes,
-                        slots: slots as u32,
-                        slot_bytes,
-                        token_pages,
-                        at_least: block_bytes
-                            .saturating_add(u64::from(token_pages).saturating_mul(slot_bytes)),
-                    });
-                }
-                if slots == 0 {
-                    return Err(PageInError::BudgetBelowOnePage {
-                        budget_bytes,
-                        block_bytes,
-                        slot_bytes,
-                    });
-                }
-                let cache = PageCache::new(slots * slot_bytes, slot_bytes)?;
+                let slots = Self::slots_for(&v, budget_bytes, block_bytes, opts.token_pages)?;
+                let cache = PageCache::new(slots * v.slot_bytes(), v.slot_bytes())?;
                 let slots = cache.slot_count();
-                (Some(cache), slots, pages as usize)
+                (Some(cache), slots, v.pages() as usize)
             }
             None => {
-                if budget_bytes < block_bytes {
-                    return Err(PageInError::BudgetBelowBlocks {
-                        budget_bytes,
-                        block_bytes,
-                    });
-                }
+                Self::check_blocks_fit(budget_bytes, block_bytes)?;
                 (None, 0, 0)
             }
         };
@@ -465,8 +443,111 @@ impl<B: Clone> PageIn<B> {
             budget_bytes,
             block_bytes,
             prefetch: opts.prefetch,
+            token_pages: opts.token_pages,
             stats: MemoryStats::default(),
         })
+    }
+
+    /// Value slots a budget holds after the blocks' reserve (at most one
+    /// per page), refused below one page (or one token's pages).
+    fn slots_for(
+        v: &ValueGeometry,
+        budget_bytes: u64,
+        block_bytes: u64,
+        token_pages: Option<u32>,
+    ) -> Result<u64, PageInError> {
+        let slot_bytes = v.slot_bytes();
+        let pages = v.pages();
+        let slots = (budget_bytes.saturating_sub(block_bytes) / slot_bytes.max(1)).min(pages);
+        if let Some(token_pages) = token_pages
+            && slots < u64::from(token_pages).min(pages)
+        {
+            return Err(PageInError::BudgetBelowOneToken {
+                budget_bytes,
+                slots: slots as u32,
+                slot_bytes,
+                token_pages,
+                at_least: block_bytes
+                    .saturating_add(u64::from(token_pages).saturating_mul(slot_bytes)),
+            });
+        }
+        if slots == 0 {
+            return Err(PageInError::BudgetBelowOnePage {
+                budget_bytes,
+                block_bytes,
+                slot_bytes,
+            });
+        }
+        Ok(slots)
+    }
+
+    /// A bank without values: the budget must hold the blocks' reserve.
+    fn check_blocks_fit(budget_bytes: u64, block_bytes: u64) -> Result<(), PageInError> {
+        if budget_bytes < block_bytes {
+            return Err(PageInError::BudgetBelowBlocks {
+                budget_bytes,
+                block_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Changes the budget in place: the blocks' reserve stays, the value
+    /// slots become what `budget_bytes` holds (refused, changing nothing, as
+    /// [`PageIn::new`] refuses a budget). The most recently used value pages
+    /// that fit stay resident ([`PageCache::resize`]); the rest leave the
+    /// page table. Pages admitted but not yet arrived are dropped (their
+    /// late report is stale and ignored).
+    ///
+    /// `relocate(slots, kept)` is called before anything changes, with the
+    /// new slot count and every kept page's `(old slot, new slot)`: the slot
+    /// pool resizes itself there (new slot `to` must hold what old slot
+    /// `from` holds). If it fails, nothing changes and its error is returned.
+    pub fn resize<E: std::fmt::Display>(
+        &mut self,
+        budget_bytes: u64,
+        relocate: impl FnOnce(u32, &[(SlotId, SlotId)]) -> Result<(), E>,
+    ) -> Result<(), PageInError> {
+        let Some(v) = self.values else {
+            Self::check_blocks_fit(budget_bytes, self.block_bytes)?;
+            relocate(0, &[]).map_err(|e| PageInError::Resize(e.to_string()))?;
+            self.budget_bytes = budget_bytes;
+            return Ok(());
+        };
+        let slots = Self::slots_for(&v, budget_bytes, self.block_bytes, self.token_pages)?;
+        let mut cache = self.cache.clone().ok_or(PageInError::NoValues)?;
+        let first = v.section.first_page;
+        // pending misses (admitted, not arrived): dropped
+        let pending: Vec<PageId> = cache
+            .lru_order()
+            .into_iter()
+            .filter(|&p| {
+                p.checked_sub(first)
+                    .and_then(|l| self.page_table.get(l as usize))
+                    .is_none_or(|&t| t == NO_SLOT)
+            })
+            .collect();
+        for p in pending {
+            cache.remove(p);
+        }
+        let before: Vec<(PageId, SlotId)> = cache
+            .lru_order()
+            .into_iter()
+            .filter_map(|p| cache.slot_of(p).map(|s| (p, s)))
+            .collect();
+        cache.resize(slots * v.slot_bytes())?;
+        let kept: Vec<(SlotId, SlotId)> = before
+            .iter()
+            .filter_map(|&(p, from)| cache.slot_of(p).map(|to| (from, to)))
+            .collect();
+        relocate(cache.slot_count(), &kept).map_err(|e| PageInError::Resize(e.to_string()))?;
+        let evicted = before.len() - kept.len();
+        self.stats.evictions += evicted as u64;
+        self.value_slots = cache.slot_count();
+        cache.fill_page_table_from(first, &mut self.page_table);
+        self.cache = Some(cache);
+        self.budget_bytes = budget_bytes;
+        Ok(())
     }
 
     /// The value section's geometry (none: the bank has no product-key values).
@@ -850,6 +931,78 @@ mod tests {
             (0, 0, 3)
         );
         assert_eq!(s.hit_rate(), 1.0);
+    }
+
+    #[test]
+    fn resize_keeps_recent_pages_moves_their_slots_and_refuses_what_new_refuses() {
+        let mut e = engine(4 * 32);
+        let first = e.values().unwrap().section.first_page;
+        page_in(&mut e, &[0, 1, 2, 3]);
+        page_in(&mut e, &[0]); // recency 1, 2, 3, 0
+        // a slot pool that mirrors the engine: slot → page it holds
+        let mut pool: Vec<Option<u32>> = vec![None; 4];
+        for (p, &s) in e.page_table().iter().enumerate() {
+            if s != NO_SLOT {
+                pool[s as usize] = Some(p as u32);
+            }
+        }
+        // a failing pool changes nothing
+        let table = e.page_table().to_vec();
+        let err = e
+            .resize(2 * 32, |_, _| Err("out of device memory"))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "resizing the page slots: out of device memory"
+        );
+        assert_eq!((e.page_table(), e.value_slots()), (&table[..], 4));
+        // shrink to 2 slots: pages 3 and 0 stay
+        e.resize(2 * 32, |slots, kept| {
+            assert_eq!((slots, kept.len()), (2, 2));
+            let old = pool.clone();
+            pool = vec![None; slots as usize];
+            for &(from, to) in kept {
+                pool[to as usize] = old[from as usize];
+            }
+            Ok::<_, String>(())
+        })
+        .unwrap();
+        assert_eq!(e.value_slots(), 2);
+        for (p, &s) in e.page_table().iter().enumerate() {
+            let want = matches!(p, 0 | 3);
+            assert_eq!(s != NO_SLOT, want, "page {p}");
+            if want {
+                assert_eq!(pool[s as usize], Some(p as u32), "slot {s} holds page {p}");
+            }
+        }
+        let s = e.stats();
+        assert_eq!(
+            (s.budget_bytes, s.slots, s.resident_pages, s.evictions),
+            (64, 2, 2, 2)
+        );
+        // the next miss evicts page 3 (least recent of the kept)
+        page_in(&mut e, &[7]);
+        assert_eq!(e.page_table()[3], NO_SLOT);
+        // grow: nothing moves, a pending miss is dropped and its report is stale
+        let pending = e.admit(&[8]).unwrap();
+        e.resize(10 * 32, |slots, kept| {
+            assert_eq!(slots, 10);
+            assert!(kept.iter().all(|&(from, to)| from == to));
+            // 8 evicted 0; 7 stays, the pending 8 does not
+            assert_eq!(kept.len(), 1);
+            Ok::<_, String>(())
+        })
+        .unwrap();
+        assert!(!e.arrived(pending[0].0, pending[0].1, 16, false));
+        assert_eq!(e.page_table()[8], NO_SLOT);
+        assert_eq!(e.admit(&[8]).unwrap()[0].0, first + 8, "fetched again");
+        // below one page: refused as at open, nothing changes
+        let err = e.resize(31, |_, _| Ok::<_, String>(())).unwrap_err();
+        assert!(
+            matches!(err, PageInError::BudgetBelowOnePage { .. }),
+            "{err}"
+        );
+        assert_eq!(e.value_slots(), 10);
     }
 
     #[test]

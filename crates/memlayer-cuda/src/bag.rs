@@ -195,6 +195,34 @@ impl PagedSlots {
         self.slots * self.page_rows * self.dim * self.dtype.size()
     }
 
+    /// `slots` slots (a new allocation) where slot `to` holds what slot
+    /// `from` of `self` holds, for each `(from, to)` of `kept` (device to
+    /// device copies; the others zeroed): the paged memory's live resize.
+    pub fn resized(
+        &self,
+        dev: &CudaDevice,
+        slots: usize,
+        kept: &[(u32, u32)],
+    ) -> Result<Self, CudaError> {
+        let slot_bytes = self.page_rows * self.dim * self.dtype.size();
+        let mut out = Self::new(dev, self.rows, self.dim, self.page_rows, slots, self.dtype)?;
+        for &(from, to) in kept {
+            let (from, to) = (from as usize, to as usize);
+            if from >= self.slots || to >= slots {
+                return Err(CudaError::Unsupported(format!(
+                    "moving slot {from} of {} to slot {to} of {slots}",
+                    self.slots
+                )));
+            }
+            let src = self.data.slice(from * slot_bytes..(from + 1) * slot_bytes);
+            let mut dst = out.data.slice_mut(to * slot_bytes..(to + 1) * slot_bytes);
+            dev.stream()
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| CudaError::driver(format!("moving slot {from} to {to}"), e))?;
+        }
+        Ok(out)
+    }
+
     /// Writes a page's values (`≤ page_rows × dim`, f32 as decoded from the
     /// bank; stored back in the slots' dtype, exactly for values that came
     /// from it) into `slot`.
@@ -503,6 +531,19 @@ mod tests {
             let want = bag::bag_forward(&stored, rows, dim, &idx, &w, &off).expect("oracle");
             assert_eq!(got, want, "{dtype:?}: paged bag not bit-identical");
             assert_eq!(slots.bytes(), pages * page_rows * dim * dtype.size());
+            // a live resize: every page moves to slot p (device copies), in
+            // a pool one slot larger; the bag reads the same
+            let kept: Vec<(u32, u32)> = (0..pages as u32)
+                .map(|p| (pages as u32 - 1 - p, p))
+                .collect();
+            let grown = slots.resized(&dev, pages + 1, &kept).expect("resize");
+            let identity: Vec<u32> = (0..pages as u32).collect();
+            let got = grown.bag(&dev, &identity, &bags).expect("bag");
+            assert_eq!(got, want, "{dtype:?}: paged bag after a resize");
+            assert!(
+                slots.resized(&dev, 1, &kept).is_err(),
+                "slot outside the new pool"
+            );
         }
     }
 

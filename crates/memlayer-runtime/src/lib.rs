@@ -44,4 +44,4 @@ pub use budget::Budget;
 pub use burn_decoder::{BurnDecoder, open_paged, open_resident};
 pub use generate::{Decoder, GenerateError, Generation, Generator, Sampling};
 #[cfg(feature = "burn")]
-pub use paged::{MemoryAccess, MemoryStats};
+pub use paged::{BudgetChange, MemoryAccess, MemoryStats};

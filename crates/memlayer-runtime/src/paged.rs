@@ -135,6 +135,21 @@ pub enum MemoryAccess {
     },
 }
 
+/// What [`PagedMemory::set_budget`] did: (before, after) pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetChange {
+    /// The budget in bytes.
+    pub budget_bytes: (u64, u64),
+    /// Value-page slots.
+    pub value_slots: (u32, u32),
+    /// Value pages still resident (none fetched again).
+    pub kept_pages: usize,
+    /// Of the kept pages, those moved to another slot (their slot is gone).
+    pub moved_pages: usize,
+    /// Value pages dropped (the least recently used that no longer fit).
+    pub dropped_pages: usize,
+}
+
 /// The engine and the slots its page table points into, under one lock.
 struct State {
     engine: PageIn<Arc<Vec<f32>>>,
@@ -155,11 +170,9 @@ pub struct PagedMemory {
     values: Option<ValueGeometry>,
     /// Values of one block per level (index 0 = level 1).
     block_lens: Vec<usize>,
-    budget_bytes: u64,
     /// The bank's f32 size fully resident (what a percent budget is of).
     bank_bytes: u64,
     block_bytes: u64,
-    value_slots: u32,
     /// The running prefetch: its block rows and thread.
     prefetch: Mutex<Option<(Vec<usize>, std::thread::JoinHandle<()>)>>,
     pool_name: String,
@@ -171,8 +184,8 @@ impl std::fmt::Debug for PagedMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PagedMemory")
             .field("source", &self.shared.bank.location())
-            .field("budget_bytes", &self.budget_bytes)
-            .field("value_slots", &self.value_slots)
+            .field("budget_bytes", &self.budget_bytes())
+            .field("value_slots", &self.value_slots())
             .finish()
     }
 }
@@ -254,10 +267,8 @@ impl PagedMemory {
         Ok(Self {
             values,
             block_lens: engine.levels().iter().map(|l| l.len).collect(),
-            budget_bytes: engine.budget_bytes(),
             bank_bytes,
             block_bytes: engine.block_bytes(),
-            value_slots: engine.value_slots(),
             shared: Arc::new(Shared {
                 bank,
                 fetchers,
@@ -276,7 +287,38 @@ impl PagedMemory {
 
     /// The budget in bytes.
     pub fn budget_bytes(&self) -> u64 {
-        self.budget_bytes
+        lock(&self.shared.state).engine.budget_bytes()
+    }
+
+    /// Changes the budget while the model is open: the next read runs under
+    /// it. The most recently used value pages that fit stay resident (moved
+    /// within the slot pool on its device; none is fetched again), the rest
+    /// are dropped; growing keeps every page and adds empty slots. The
+    /// blocks' reserve stays. A budget [`PagedMemory::new`] would refuse is
+    /// refused here, changing nothing; so is a pool that cannot reallocate.
+    pub fn set_budget(&self, budget: Budget) -> Result<BudgetChange, ModelError> {
+        let budget_bytes = budget.resolve(self.bank_bytes);
+        let mut guard = lock(&self.shared.state);
+        let State { engine, pool } = &mut *guard;
+        let (before_bytes, before_slots) = (engine.budget_bytes(), engine.value_slots());
+        let before_pages = engine.resident_pages();
+        let mut moved = 0;
+        engine
+            .resize(budget_bytes, |slots, kept| {
+                moved = kept.iter().filter(|(from, to)| from != to).count();
+                match pool.as_mut() {
+                    Some(p) => p.resize(slots as usize, kept),
+                    None => Ok(()),
+                }
+            })
+            .map_err(err)?;
+        Ok(BudgetChange {
+            budget_bytes: (before_bytes, engine.budget_bytes()),
+            value_slots: (before_slots, engine.value_slots()),
+            kept_pages: engine.resident_pages(),
+            moved_pages: moved,
+            dropped_pages: before_pages.saturating_sub(engine.resident_pages()),
+        })
     }
 
     /// Bytes of the bank when fully resident (every value row and block,
@@ -287,7 +329,7 @@ impl PagedMemory {
 
     /// Value-page slots the budget holds (after the blocks' reserve).
     pub fn value_slots(&self) -> u32 {
-        self.value_slots
+        lock(&self.shared.state).engine.value_slots()
     }
 
     /// Pages of the value table in the bank.

@@ -35,6 +35,13 @@ pub trait SlotPool: Send {
     /// Every page an entry needs must be resident. → (bags, dim)
     fn bag(&mut self, bag: &PagedBag<'_>) -> Result<Vec<f32>, PoolError>;
 
+    /// Becomes a pool of `slots` slots in which new slot `to` holds what
+    /// slot `from` holds now, for each `(from, to)` of `kept` (every page
+    /// that stays resident; `from == to` for those that do not move): the
+    /// live budget change ([`memlayer_bank::pagein::PageIn::resize`]).
+    /// On an error the pool is unchanged.
+    fn resize(&mut self, slots: usize, kept: &[(u32, u32)]) -> Result<(), PoolError>;
+
     /// Bytes the pool holds.
     fn bytes(&self) -> u64;
 
@@ -75,6 +82,31 @@ impl SlotPool for HostPool {
             ));
         }
         self.data[slot as usize * slot_len..][..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn resize(&mut self, slots: usize, kept: &[(u32, u32)]) -> Result<(), PoolError> {
+        let slot_len = self.page_rows * self.dim;
+        if let Some(&(from, to)) = kept
+            .iter()
+            .find(|&&(from, to)| from as usize >= self.slots || to as usize >= slots)
+        {
+            return Err(format!(
+                "moving slot {from} of {} to slot {to} of {slots}",
+                self.slots
+            ));
+        }
+        // a slot a page moves to is free after the resize, never another's source
+        for &(from, to) in kept {
+            if from != to {
+                let src = from as usize * slot_len;
+                self.data
+                    .copy_within(src..src + slot_len, to as usize * slot_len);
+            }
+        }
+        self.data.resize(slots * slot_len, 0.0);
+        self.data.shrink_to_fit();
+        self.slots = slots;
         Ok(())
     }
 
@@ -157,6 +189,27 @@ impl SlotPool for DevicePool {
             .map_err(|e| e.to_string())
     }
 
+    fn resize(&mut self, slots: usize, kept: &[(u32, u32)]) -> Result<(), PoolError> {
+        let table = memlayer_wgpu::ShardedTable::zeroed(
+            &self.ctx,
+            "page slots",
+            slots * self.page_rows,
+            self.dim,
+            memlayer_wgpu::GpuDtype::F32,
+            self.page_rows,
+        )
+        .map_err(|e| e.to_string())?;
+        let pairs: Vec<(usize, usize)> = kept
+            .iter()
+            .map(|&(from, to)| (from as usize, to as usize))
+            .collect();
+        table
+            .copy_units_from(&self.ctx, &self.slots, self.page_rows, &pairs)
+            .map_err(|e| e.to_string())?;
+        self.slots = table;
+        Ok(())
+    }
+
     fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {
         self.kernels
             .run_paged(
@@ -213,6 +266,14 @@ impl SlotPool for CudaPool {
         self.slots
             .write(&self.dev, slot as usize, data)
             .map_err(|e| e.to_string())
+    }
+
+    fn resize(&mut self, slots: usize, kept: &[(u32, u32)]) -> Result<(), PoolError> {
+        self.slots = self
+            .slots
+            .resized(&self.dev, slots, kept)
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {

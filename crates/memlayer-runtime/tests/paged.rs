@@ -223,6 +223,109 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
     );
 }
 
+/// Decodes token by token while the budget changes between tokens (the
+/// desktop's budget slider): every token's logits stay bit-identical to the
+/// resident model's; kept pages are not fetched again (a shrink moves them
+/// within the pool, on its device); the budget is never exceeded; a budget
+/// below the minimum is refused and the memory keeps working.
+fn check_live_budget(name: &str, device_for: impl Fn() -> (Device, PoolDevice)) {
+    let fx = fixture(false, name);
+    let (device, pool) = device_for();
+    let resident = Model::new(&fx.cfg, &fx.store, &device, MemoryOps::Portable, false).unwrap();
+    let toks = tokens(24, 3);
+    let (want, want_reads) = run(&resident, &toks, 1, None);
+    let (slot, _) = sizes(&fx.cfg);
+    let pages = open(&fx.bank).sections()[0].page_count();
+    let min = pages_per_token(&fx.cfg, &want_reads) * slot;
+    let full = pages * slot;
+    let opts = PagedOptions {
+        budget: Budget::bytes(full / 4),
+        fetch_threads: 1,
+        prefetch: false,
+        device: pool,
+    };
+    // the pages live on the pool device; the dense part on burn Flex
+    let (paged, mem) = paged_model(&fx, open(&fx.bank), opts);
+    // the prompt's forward, then one token at a time
+    let f = paged
+        .forward(paged.tokens(&toks, 1).unwrap(), None, None)
+        .unwrap();
+    let mut got: Vec<u32> = f
+        .logits
+        .into_data()
+        .iter::<f32>()
+        .map(f32::to_bits)
+        .collect();
+    let (mut moved, mut kept_total) = (0, 0);
+    let budgets = [full, min, full / 2, min + slot, full / 4, full];
+    let mut cache = KvCache::new();
+    for (i, &t) in toks.iter().enumerate() {
+        if i % 4 == 3 {
+            let budget = budgets[(i / 4) % budgets.len()];
+            let resident_before = mem.resident_pages();
+            let streamed = mem.stats().pages_streamed;
+            let change = mem.set_budget(Budget::bytes(budget)).unwrap();
+            assert_eq!(change.budget_bytes.1, budget);
+            assert_eq!(change.value_slots.1 as u64, (budget / slot).min(pages));
+            assert_eq!(
+                change.kept_pages,
+                resident_before.min(change.value_slots.1 as usize)
+            );
+            assert_eq!(change.kept_pages + change.dropped_pages, resident_before);
+            assert_eq!(
+                mem.stats().pages_streamed,
+                streamed,
+                "a resize fetches nothing"
+            );
+            assert_eq!(
+                (mem.budget_bytes(), mem.value_slots()),
+                (budget, change.value_slots.1)
+            );
+            assert!(mem.resident_bytes() <= budget);
+            moved += change.moved_pages;
+            kept_total += change.kept_pages;
+            // refused below the minimum page: nothing changes
+            assert!(mem.set_budget(Budget::bytes(slot - 1)).is_err());
+            assert_eq!(mem.budget_bytes(), budget);
+        }
+        let f = paged
+            .forward(paged.tokens(&[t], 1).unwrap(), None, Some(&mut cache))
+            .unwrap();
+        got.extend(f.logits.into_data().iter::<f32>().map(f32::to_bits));
+        assert!(
+            mem.resident_bytes() <= mem.budget_bytes(),
+            "token {i}: over budget"
+        );
+    }
+    assert!(
+        got == want,
+        "logits are bit-identical under a changing budget"
+    );
+    assert!(
+        moved > 0,
+        "some shrink moved pages within the pool (the copy is exercised)"
+    );
+    assert!(kept_total > 0);
+    let s = mem.stats();
+    assert!(s.value_hits > 0, "kept pages are read again as hits");
+}
+
+#[test]
+fn the_budget_changes_live_on_host_slots() {
+    check_live_budget("live-host", || (Device::flex(), PoolDevice::Host));
+}
+
+#[test]
+fn the_budget_changes_live_on_a_wgpu_page_pool() {
+    let Some(ctx) = memlayer_wgpu::gpu_for_tests(memlayer_wgpu::GpuOptions::default()) else {
+        return;
+    };
+    let ctx = Arc::new(ctx);
+    check_live_budget("live-wgpu", || {
+        (Device::flex(), PoolDevice::Wgpu(ctx.clone()))
+    });
+}
+
 #[test]
 fn fetch_threads_outside_1_to_max_are_refused() {
     let fx = fixture(false, "fetch-threads");

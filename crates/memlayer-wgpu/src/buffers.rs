@@ -474,6 +474,64 @@ impl ShardedTable {
         Ok(())
     }
 
+    /// Copies runs of `unit_rows` rows from `src` (same dim and dtype, both
+    /// sharded with units of `unit_rows`, so a unit lies in one shard of
+    /// each): for each `(from, to)`, unit `from` of `src` into unit `to` of
+    /// `self`, on the device (one submission; no read-back).
+    pub fn copy_units_from(
+        &self,
+        ctx: &GpuContext,
+        src: &ShardedTable,
+        unit_rows: usize,
+        pairs: &[(usize, usize)],
+    ) -> Result<(), GpuError> {
+        let rw = self.row_words();
+        let fits = |t: &ShardedTable, unit: usize| {
+            (unit + 1) * unit_rows <= t.rows && t.rows_per_shard.is_multiple_of(unit_rows.max(1))
+        };
+        if src.dim != self.dim || src.dtype != self.dtype || unit_rows == 0 {
+            return Err(GpuError::Invalid(format!(
+                "copying units of {unit_rows} rows between tables of {} and {} values per row",
+                src.dim, self.dim
+            )));
+        }
+        if let Some(&(from, to)) = pairs
+            .iter()
+            .find(|&&(from, to)| !fits(src, from) || !fits(self, to))
+        {
+            return Err(GpuError::Invalid(format!(
+                "unit {from} of {} rows → unit {to} of {} rows (units of {unit_rows})",
+                src.rows, self.rows
+            )));
+        }
+        let at = |t: &ShardedTable, unit: usize| {
+            let row = unit * unit_rows;
+            (
+                row / t.rows_per_shard,
+                ((row % t.rows_per_shard) * rw * 4) as u64,
+            )
+        };
+        let bytes = (unit_rows * rw * 4) as u64;
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("copy table units"),
+            });
+        for &(from, to) in pairs {
+            let (s_shard, s_off) = at(src, from);
+            let (d_shard, d_off) = at(self, to);
+            enc.copy_buffer_to_buffer(
+                &src.shards[s_shard],
+                s_off,
+                &self.shards[d_shard],
+                d_off,
+                bytes,
+            );
+        }
+        ctx.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
     /// Reads the whole table back as f32 `(rows, dim)`.
     pub fn download(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
         let rw = self.row_words();

@@ -42,8 +42,8 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
-step "cargo clippy with the cuda feature (the CLI's --backend cuda, bench kernels' CUDA columns)"
-cargo clippy -p memlayer -p memlayer-cli --features cuda --all-targets --release -- -D warnings
+step "cargo clippy with the cuda feature (the CLI's and the desktop's --backend cuda, bench kernels' CUDA columns)"
+cargo clippy -p memlayer -p memlayer-cli -p memlayer-desktop --features memlayer/cuda,memlayer-cli/cuda,memlayer-desktop/cuda --all-targets --release -- -D warnings
 
 step "memlayer-core, memlayer-cpu and memlayer-wgpu build for wasm32; memlayer-web lints there"
 cargo check -p memlayer-core -p memlayer-cpu -p memlayer-wgpu --release --target wasm32-unknown-unknown

@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{assert_ok, copy_demo_model, memlayer, shipped_demo_dir, text, train_tiny_hier};
+use common::{
+    assert_ok, copy_demo_model, memlayer, serve, shipped_demo_dir, text, train_tiny_hier,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -58,8 +60,12 @@ fn have_xvfb() -> bool {
     ok
 }
 
-/// Runs the app in a 1280×800 Xvfb screen, killed after 5 minutes.
+/// Runs the app in a 1280×800 Xvfb screen, killed after 5 minutes. One at
+/// a time: `xvfb-run -a` picks a free display by trying, and two starting
+/// together can race for the same one (then Xvfb fails to start).
 fn desktop(args: &[&str]) -> Output {
+    static ONE_SCREEN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _screen = ONE_SCREEN.lock().unwrap_or_else(|e| e.into_inner());
     Command::new("timeout")
         .args(["300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24"])
         .arg(desktop_binary())
@@ -125,22 +131,32 @@ fn count_colour(rgba: &[u8], c: [u8; 3]) -> usize {
         .count()
 }
 
-fn ask(model: &Path, prompt: &str, max_tokens: &str, shot: &Path) -> Output {
-    desktop(&[
+/// Runs the app by itself: opens `model`, asks `prompt`, saves the window
+/// to `shot`, exits; `extra` adds options (bank, budget, backend, …).
+fn scripted(model: &Path, prompt: &str, shot: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
         "--model",
         model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--screenshot",
+        shot.to_str().unwrap(),
+        "--exit",
+    ];
+    args.extend_from_slice(extra);
+    desktop(&args)
+}
+
+fn ask(model: &Path, prompt: &str, max_tokens: &str, shot: &Path) -> Output {
+    let extra = [
         "--budget-percent",
         "25",
         "--backend",
         "wgpu",
         "--max-tokens",
         max_tokens,
-        "--prompt",
-        prompt,
-        "--screenshot",
-        shot.to_str().unwrap(),
-        "--exit",
-    ])
+    ];
+    scripted(model, prompt, shot, &extra)
 }
 
 /// Asks in the app and checks the answer line and the screenshot.
@@ -186,6 +202,63 @@ fn a_hierarchical_model_answers_in_the_app_with_its_tree() {
     check_answer(&model, "The city where", "12", "desktop-hier.png");
 }
 
+/// The success path over HTTP and the budget slider at work: the app reads
+/// the demo's bank from `memlayer serve` (Range requests on 127.0.0.1),
+/// and after the answer's first piece its budget moves from 25 % to 2 %
+/// while it decodes — the page cache shrinks in place (no reopen, kept
+/// pages not fetched again) — and the answer is still what `memlayer
+/// generate` answers from the file.
+#[test]
+fn a_served_bank_answers_and_the_budget_slider_resizes_the_cache_while_decoding() {
+    if !have_xvfb() {
+        return;
+    }
+    let demo = shipped_demo_dir();
+    let want = native_answer(&demo, PROMPT, "24");
+    let served = serve(&demo, None);
+    let url = format!("{}/model/memory.bank", served.1);
+    let shot = repo().join("target/desktop-served-resized.png");
+    let _ = std::fs::remove_file(&shot);
+    let extra = [
+        "--bank",
+        &url,
+        "--budget-percent",
+        "25",
+        "--resize-percent",
+        "2",
+        "--max-tokens",
+        "24",
+    ];
+    let out = scripted(&demo, PROMPT, &shot, &extra);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "status {:?}\n{stderr}", out.status);
+    assert_eq!(
+        text(&out.stdout),
+        want,
+        "served + resized vs `memlayer generate`\n{stderr}"
+    );
+    // "budget 2.0 MiB -> 163.8 KiB (4096 -> 327 value slots) in place while decoding: 327 pages kept (…""
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("in place while decoding"))
+        .unwrap_or_else(|| panic!("no live resize reported\n{stderr}"));
+    let slots: Vec<u64> = line
+        .split_once('(')
+        .and_then(|(_, r)| r.split_once(" value slots"))
+        .map(|(pair, _)| pair.split(" -> ").filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert!(
+        slots.len() == 2 && slots[1].abs_diff(slots[0] * 2 / 25) <= 1,
+        "25 % → 2 % is 2/25 of the slots: {line}"
+    );
+    // the prompt alone read more pages than 2 % holds: some are dropped
+    assert!(!line.contains(", 0 dropped"), "{line}");
+    assert!(line.contains("none fetched again"), "{line}");
+    let rgba = assert_real_screenshot(&shot);
+    assert!(count_colour(&rgba, FETCHED) + count_colour(&rgba, HIT) > 0);
+    eprintln!("{}", stderr.trim());
+}
+
 #[test]
 fn bad_input_is_named_in_the_window_and_the_app_keeps_running() {
     if !have_xvfb() {
@@ -222,17 +295,7 @@ fn bad_input_is_named_in_the_window_and_the_app_keeps_running() {
     ] {
         let shot = repo().join(format!("target/desktop-error-{name}.png"));
         let _ = std::fs::remove_file(&shot);
-        let out = desktop(&[
-            "--model",
-            model.to_str().unwrap(),
-            "--bank",
-            bank,
-            "--prompt",
-            PROMPT,
-            "--screenshot",
-            shot.to_str().unwrap(),
-            "--exit",
-        ]);
+        let out = scripted(model, PROMPT, &shot, &["--bank", bank]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
         assert!(!stderr.contains("panicked"), "{name}: {stderr}");

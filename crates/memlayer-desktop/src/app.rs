@@ -3,7 +3,9 @@
 //! this side only sends commands and draws what comes back.
 
 use crate::map::{self, MemoryMap};
-use crate::session::{Command, Done, Event, ModelInfo, OpenRequest, Piece, Session};
+use crate::session::{
+    Backend, Command, Done, Event, ModelInfo, OpenRequest, Piece, Resized, Session,
+};
 use eframe::egui::{self, Color32, RichText};
 use egui_plot::{Line, Plot, PlotPoints};
 use memlayer_runtime::Budget;
@@ -21,6 +23,9 @@ pub struct Script {
     pub screenshot: Option<PathBuf>,
     /// Close the window after that.
     pub exit: bool,
+    /// Move the budget slider to this percent after the answer's first
+    /// piece (applied while it decodes, without reopening the model).
+    pub resize_percent: Option<f64>,
 }
 
 /// The settings the window starts with.
@@ -32,8 +37,8 @@ pub struct Start {
     pub bank: String,
     /// Budget, percent of the bank held as f32.
     pub budget_percent: f64,
-    /// Run on the window's GPU (else the CPU).
-    pub gpu: bool,
+    /// Where the model runs.
+    pub backend: Backend,
     /// Most tokens per answer.
     pub max_tokens: usize,
     /// The scripted run.
@@ -75,8 +80,10 @@ pub struct DesktopApp {
     model: String,
     bank: String,
     budget_percent: f64,
-    gpu: bool,
+    backend: Backend,
     has_gpu: bool,
+    /// The last budget change, as the top bar says it.
+    resized: Option<String>,
     max_tokens: usize,
     error: Option<String>,
     samples: Vec<Sample>,
@@ -115,8 +122,13 @@ impl DesktopApp {
             model: start.model,
             bank: start.bank,
             budget_percent: start.budget_percent,
-            gpu: start.gpu && has_gpu,
+            backend: if start.backend == Backend::Wgpu && !has_gpu {
+                Backend::Cpu
+            } else {
+                start.backend
+            },
             has_gpu,
+            resized: None,
             max_tokens: start.max_tokens,
             error: None,
             samples: Vec::new(),
@@ -130,7 +142,7 @@ impl DesktopApp {
             shot: Arc::new(Mutex::new(None)),
             exit,
         };
-        if start.gpu && !has_gpu {
+        if start.backend == Backend::Wgpu && !has_gpu {
             app.error = Some("no wgpu device behind the window: running on the CPU".into());
         }
         if !app.model.is_empty() {
@@ -159,8 +171,45 @@ impl DesktopApp {
             dir: PathBuf::from(self.model.trim()),
             bank,
             budget,
-            gpu: self.gpu,
+            backend: self.backend,
         }));
+    }
+
+    /// The slider moved while a model is open: its budget changes in place.
+    fn resize_live(&mut self) {
+        match Budget::percent(self.budget_percent) {
+            Ok(b) => self.session.set_budget(b),
+            Err(e) => self.error = Some(format!("budget: {e}")),
+        }
+    }
+
+    fn resized(&mut self, r: &Resized) {
+        let c = &r.change;
+        let text = format!(
+            // "->": egui's default fonts have no arrow glyph
+            "budget {} -> {} ({} -> {} value slots) in place{}: {} pages kept ({} moved within the slots), {} dropped, none fetched again",
+            bytes(c.budget_bytes.0),
+            bytes(c.budget_bytes.1),
+            c.value_slots.0,
+            c.value_slots.1,
+            if r.while_decoding {
+                " while decoding"
+            } else {
+                ""
+            },
+            c.kept_pages,
+            c.moved_pages,
+            c.dropped_pages
+        );
+        if self.script.prompt.is_some() {
+            eprintln!("{text}");
+        }
+        if let Some(info) = &mut self.info {
+            info.budget_bytes = c.budget_bytes.1;
+            info.value_slots = c.value_slots.1;
+        }
+        self.map.set_resident(&r.resident_pages);
+        self.resized = Some(text);
     }
 
     fn ask(&mut self) {
@@ -187,12 +236,21 @@ impl DesktopApp {
         while let Ok(event) = self.session.events.try_recv() {
             match event {
                 Event::Opened(info) => {
+                    self.resized = None;
                     self.map.clear(&info);
                     self.samples.clear();
                     self.last_stats = None;
                     self.info = Some(*info);
                 }
-                Event::Piece(p) => self.piece(&p),
+                Event::Piece(p) => {
+                    self.piece(&p);
+                    // the scripted slider move: after the answer's first piece
+                    if let Some(percent) = self.script.resize_percent.take() {
+                        self.budget_percent = percent;
+                        self.resize_live();
+                    }
+                }
+                Event::Resized(r) => self.resized(&r),
                 Event::Done(d) => {
                     if let Some(t) = self.turns.last_mut() {
                         t.done = Some(d);
@@ -319,21 +377,46 @@ impl DesktopApp {
             ui.heading("memlayer");
             ui.separator();
             ui.label("model");
-            ui.add(egui::TextEdit::singleline(&mut self.model).desired_width(260.0).hint_text("a model directory"));
+            ui.add(
+                egui::TextEdit::singleline(&mut self.model)
+                    .desired_width(260.0)
+                    .hint_text("a model directory"),
+            );
             ui.label("bank");
-            ui.add(egui::TextEdit::singleline(&mut self.bank).desired_width(200.0).hint_text("file, a path or an http(s):// URL"));
+            ui.add(
+                egui::TextEdit::singleline(&mut self.bank)
+                    .desired_width(200.0)
+                    .hint_text("file, a path or an http(s):// URL"),
+            );
             ui.label("budget %");
-            ui.add(egui::Slider::new(&mut self.budget_percent, 1.0..=100.0).logarithmic(true));
-            ui.add_enabled_ui(self.has_gpu, |ui| {
-                egui::ComboBox::from_id_salt("backend")
-                    .selected_text(if self.gpu { "GPU (wgpu)" } else { "CPU" })
-                    .show_ui(ui, |ui| {
-                        ui.selectable_value(&mut self.gpu, true, "GPU (wgpu, the window's device)");
-                        ui.selectable_value(&mut self.gpu, false, "CPU");
-                    });
-            });
+            let slider = ui
+                .add(egui::Slider::new(&mut self.budget_percent, 1.0..=100.0).logarithmic(true))
+                .on_hover_text(
+                    "the page cache of the open model resizes in place: the most recent pages stay",
+                );
+            // applied once the drag ends (or on a click / typed value)
+            if self.info.is_some()
+                && (slider.drag_stopped() || (slider.changed() && !slider.dragged()))
+            {
+                self.resize_live();
+            }
+            egui::ComboBox::from_id_salt("backend")
+                .selected_text(self.backend.label())
+                .show_ui(ui, |ui| {
+                    for &b in Backend::all() {
+                        ui.add_enabled_ui(b != Backend::Wgpu || self.has_gpu, |ui| {
+                            ui.selectable_value(&mut self.backend, b, b.label());
+                        });
+                    }
+                });
             let busy = self.session.busy();
-            if ui.add_enabled(!busy, egui::Button::new("Open")).on_hover_text("open the model (again) with this bank, budget and backend; its pages stream anew").clicked() {
+            if ui
+                .add_enabled(!busy, egui::Button::new("Open"))
+                .on_hover_text(
+                    "open the model (again) with this bank and backend; its pages stream anew",
+                )
+                .clicked()
+            {
                 self.open();
             }
         });
@@ -351,6 +434,9 @@ impl DesktopApp {
                 ))
                 .small(),
             );
+        }
+        if let Some(r) = &self.resized {
+            ui.label(RichText::new(r).small().weak());
         }
     }
 

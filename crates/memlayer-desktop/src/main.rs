@@ -32,9 +32,10 @@ struct Args {
     /// Resident-page budget, percent of the bank held as f32.
     #[arg(long, default_value_t = 25.0)]
     budget_percent: f64,
-    /// `wgpu` (the window's device) or `cpu`.
-    #[arg(long, default_value = "wgpu", value_parser = ["wgpu", "cpu"])]
-    backend: String,
+    /// `wgpu` (the window's device), `cpu`, or `cuda` (a build with the
+    /// `cuda` feature: page slots on an NVIDIA GPU).
+    #[arg(long, value_enum, default_value = "wgpu")]
+    backend: session::Backend,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 24)]
     max_tokens: usize,
@@ -47,6 +48,10 @@ struct Args {
     /// With --prompt: close the window when done.
     #[arg(long)]
     exit: bool,
+    /// With --prompt: move the budget slider to this percent after the
+    /// answer's first piece (the page cache resizes while it decodes).
+    #[arg(long)]
+    resize_percent: Option<f64>,
     /// Window size, `WIDTHxHEIGHT` in points.
     #[arg(long, default_value = "1280x800")]
     size: String,
@@ -69,12 +74,13 @@ fn main() -> std::process::ExitCode {
         model: args.model,
         bank: args.bank,
         budget_percent: args.budget_percent,
-        gpu: args.backend == "wgpu",
+        backend: args.backend,
         max_tokens: args.max_tokens,
         script: app::Script {
             prompt: args.prompt,
             screenshot: args.screenshot,
             exit: args.exit,
+            resize_percent: args.resize_percent,
         },
     };
     let options = eframe::NativeOptions {

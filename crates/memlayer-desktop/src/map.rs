@@ -56,6 +56,12 @@ impl MemoryMap {
         };
     }
 
+    /// The value pages resident now (after a budget change, between pieces).
+    pub fn set_resident(&mut self, pages: &[u32]) {
+        self.resident = pages.iter().copied().collect();
+        self.dirty = true;
+    }
+
     /// Takes in the reads of a piece.
     pub fn update(&mut self, info: &ModelInfo, piece: &Piece) {
         let knn = info.config.pkm.as_ref().map_or(1, |p| p.knn.max(1));

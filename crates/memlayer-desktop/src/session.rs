@@ -5,17 +5,53 @@
 //! did for it (the trace of [`PagedMemory::take_trace`]).
 
 use memlayer_core::model::ModelConfig;
-use memlayer_runtime::open::{BankLocation, RuntimeDevice};
+use memlayer_runtime::open::{BankLocation, RuntimeBackend, RuntimeDevice};
 use memlayer_runtime::paged::{PagedMemory, PagedOptions};
 use memlayer_runtime::{
-    Budget, BurnDecoder, Generator, MemoryAccess, MemoryStats, Sampling, open_paged,
+    Budget, BudgetChange, BurnDecoder, Generator, MemoryAccess, MemoryStats, Sampling, open_paged,
 };
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The window's wgpu device: burn's dense part and the page slots share it.
+    Wgpu,
+    /// The CPU: burn Flex, pages in host memory (memlayer-cpu's kernels).
+    Cpu,
+    /// An NVIDIA GPU through CUDA (feature `cuda`): the page slots on the
+    /// GPU in the bank's dtype, the dense part on the CPU.
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl Backend {
+    /// Every backend this build has.
+    pub fn all() -> &'static [Backend] {
+        &[
+            Backend::Wgpu,
+            Backend::Cpu,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda,
+        ]
+    }
+
+    /// Its name in the picker.
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::Wgpu => "GPU (wgpu, the window's device)",
+            Backend::Cpu => "CPU",
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => "NVIDIA GPU (CUDA)",
+        }
+    }
+}
 
 /// How to open a model.
 #[derive(Clone, Debug)]
@@ -26,8 +62,8 @@ pub struct OpenRequest {
     pub bank: BankLocation,
     /// The resident-page budget.
     pub budget: Budget,
-    /// Run on the window's wgpu device (else the CPU).
-    pub gpu: bool,
+    /// Where it runs.
+    pub backend: Backend,
 }
 
 /// What the UI asks of the engine thread.
@@ -35,6 +71,9 @@ pub struct OpenRequest {
 pub enum Command {
     /// Open a model (the one open before is dropped first).
     Open(OpenRequest),
+    /// Apply the budget [`Session::set_budget`] left (if a generation did
+    /// not already apply it between two pieces).
+    Resize,
     /// Generate after a prompt.
     Generate {
         /// The prompt.
@@ -55,6 +94,8 @@ pub enum Event {
     Piece(Box<Piece>),
     /// A generation ended (or was stopped).
     Done(Done),
+    /// The open model's budget changed in place (no reopen, no refetch).
+    Resized(Box<Resized>),
     /// Something failed; the message names it. The app keeps running.
     Error(String),
 }
@@ -99,6 +140,17 @@ pub struct Piece {
     pub at_seconds: f64,
 }
 
+/// A budget change applied to the open model.
+#[derive(Clone, Debug)]
+pub struct Resized {
+    /// What the paged memory did.
+    pub change: BudgetChange,
+    /// The value pages resident after it.
+    pub resident_pages: Vec<u32>,
+    /// Whether it was applied between two pieces of a running generation.
+    pub while_decoding: bool,
+}
+
 /// The end of a generation.
 #[derive(Clone, Debug)]
 pub struct Done {
@@ -121,7 +173,10 @@ pub struct Session {
     pub events: Receiver<Event>,
     /// Set by the stop button; the engine checks it after every piece.
     pub stop: Arc<AtomicBool>,
-    busy: Arc<AtomicBool>,
+    /// Open and Generate commands sent and not finished.
+    busy: Arc<AtomicUsize>,
+    /// The latest budget asked for and not applied yet.
+    budget: Arc<Mutex<Option<Budget>>>,
 }
 
 impl Session {
@@ -132,8 +187,10 @@ impl Session {
         let (commands, rx) = channel();
         let (tx, events) = channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let busy = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let budget = Arc::new(Mutex::new(None));
         let engine = Engine {
+            budget: budget.clone(),
             gpu,
             opened: None,
             events: tx,
@@ -150,13 +207,24 @@ impl Session {
             events,
             stop,
             busy,
+            budget,
         }
+    }
+
+    /// Changes the open model's budget in place: applied between the next
+    /// two pieces of a running generation, or at once when idle. Only the
+    /// latest of several quick calls is applied (the slider while dragged).
+    pub fn set_budget(&self, budget: Budget) {
+        if let Ok(mut b) = self.budget.lock() {
+            *b = Some(budget);
+        }
+        let _ = self.commands.send(Command::Resize);
     }
 
     /// Sends a command (ignored once the engine thread is gone).
     pub fn send(&self, command: Command) {
         if matches!(command, Command::Generate { .. } | Command::Open(_)) {
-            self.busy.store(true, Ordering::SeqCst);
+            self.busy.fetch_add(1, Ordering::SeqCst);
         }
         self.stop.store(false, Ordering::SeqCst);
         let _ = self.commands.send(command);
@@ -164,7 +232,7 @@ impl Session {
 
     /// Whether a command is running.
     pub fn busy(&self) -> bool {
-        self.busy.load(Ordering::SeqCst)
+        self.busy.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -174,19 +242,30 @@ struct Opened {
 }
 
 struct Engine {
+    budget: Arc<Mutex<Option<Budget>>>,
     gpu: Option<memlayer_wgpu::GpuContext>,
     opened: Option<Opened>,
     events: Sender<Event>,
     wake: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
-    busy: Arc<AtomicBool>,
+    busy: Arc<AtomicUsize>,
 }
 
 impl Engine {
     fn run(mut self, rx: Receiver<Command>) {
         while let Ok(command) = rx.recv() {
+            let counted = matches!(command, Command::Generate { .. } | Command::Open(_));
             let result = match command {
                 Command::Open(req) => self.open(req),
+                Command::Resize => match self.opened.as_ref().map(|o| o.memory.clone()) {
+                    Some(memory) => apply_budget(&self.budget, memory.as_deref(), false)
+                        .map(|r| r.map_or((), |r| self.emit(Event::Resized(r)))),
+                    // the slider is read again by the next Open
+                    None => {
+                        take_budget(&self.budget);
+                        Ok(())
+                    }
+                },
                 Command::Generate {
                     prompt,
                     max_tokens,
@@ -196,7 +275,9 @@ impl Engine {
             if let Err(e) = result {
                 self.emit(Event::Error(e));
             }
-            self.busy.store(false, Ordering::SeqCst);
+            if counted {
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+            }
             (self.wake)();
         }
     }
@@ -209,19 +290,22 @@ impl Engine {
     fn open(&mut self, req: OpenRequest) -> Result<(), String> {
         // the old model's pages and slots go first: the budget is for one model
         self.opened = None;
-        let rt = match (&self.gpu, req.gpu) {
-            (Some(ctx), true) => RuntimeDevice::on_wgpu(ctx.clone()),
-            (None, true) => {
+        // the open request carries the slider's budget
+        take_budget(&self.budget);
+        let rt = match (&self.gpu, req.backend) {
+            (Some(ctx), Backend::Wgpu) => RuntimeDevice::on_wgpu(ctx.clone()),
+            (None, Backend::Wgpu) => {
                 return Err(
                     "the window has no wgpu device to share (it runs on another renderer): \
                      choose the CPU backend"
                         .into(),
                 );
             }
-            (_, false) => RuntimeDevice::open(memlayer_runtime::open::RuntimeBackend::Cpu),
+            (_, Backend::Cpu) => RuntimeDevice::open(RuntimeBackend::Cpu),
+            #[cfg(feature = "cuda")]
+            (_, Backend::Cuda) => RuntimeDevice::open(RuntimeBackend::Cuda),
         }
         .map_err(|e| e.to_string())?;
-        let on_gpu = !matches!(rt.pool, memlayer_runtime::paged::PoolDevice::Host);
         let source = match &req.bank {
             BankLocation::ModelDir => None,
             other => Some(other.open(&req.dir).map_err(|e| e.to_string())?),
@@ -242,10 +326,11 @@ impl Engine {
         let pages = memory
             .as_ref()
             .map_or("no memory".into(), |m| m.pool_name().to_owned());
-        let device = if on_gpu {
-            format!("GPU, shared with the window; pages in {pages}")
-        } else {
-            format!("CPU (burn Flex); pages in {pages}")
+        let device = match req.backend {
+            Backend::Wgpu => format!("GPU, shared with the window; pages in {pages}"),
+            Backend::Cpu => format!("CPU (burn Flex); pages in {pages}"),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => format!("CPU (burn Flex) + CUDA; pages in {pages}"),
         };
         let info = ModelInfo {
             dir: req.dir.clone(),
@@ -285,9 +370,19 @@ impl Engine {
         };
         let t0 = Instant::now();
         let (events, wake, stop) = (&self.events, &self.wake, &self.stop);
+        let budget = &self.budget;
+        let mut resize_error = None;
         let out = opened
             .generator
             .generate_until(prompt, &sampling, line.then_some("\n"), |text, _| {
+                // the slider moved while decoding: the next token runs under it
+                match apply_budget(budget, memory.as_deref(), true) {
+                    Ok(Some(r)) => {
+                        let _ = events.send(Event::Resized(r));
+                    }
+                    Ok(None) => {}
+                    Err(e) => resize_error = Some(e),
+                }
                 let (accesses, resident_pages, stats) = match &memory {
                     Some(m) => (m.take_trace(), m.resident_value_pages(), m.stats()),
                     None => (Vec::new(), Vec::new(), MemoryStats::default()),
@@ -307,6 +402,10 @@ impl Engine {
                 }
             })
             .map_err(|e| e.to_string())?;
+        if let Some(e) = resize_error {
+            // the budget stayed what it was; the answer is whole
+            self.emit(Event::Error(e));
+        }
         self.emit(Event::Done(Done {
             tokens_per_second: out.decode_tokens_per_second(),
             first_token_seconds: out.first_token_seconds,
@@ -316,4 +415,30 @@ impl Engine {
         }));
         Ok(())
     }
+}
+
+/// Takes the budget [`Session::set_budget`] left, if any.
+fn take_budget(budget: &Mutex<Option<Budget>>) -> Option<Budget> {
+    budget.lock().ok().and_then(|mut b| b.take())
+}
+
+/// Applies a budget left by the slider to `memory` (none: a dense model,
+/// nothing to resize). A refused budget (below one token's pages) is an
+/// error naming the minimum; the memory keeps the budget it had.
+fn apply_budget(
+    budget: &Mutex<Option<Budget>>,
+    memory: Option<&PagedMemory>,
+    while_decoding: bool,
+) -> Result<Option<Box<Resized>>, String> {
+    let (Some(budget), Some(memory)) = (take_budget(budget), memory) else {
+        return Ok(None);
+    };
+    let change = memory
+        .set_budget(budget)
+        .map_err(|e| format!("budget {budget}: {e}"))?;
+    Ok(Some(Box::new(Resized {
+        change,
+        resident_pages: memory.resident_value_pages(),
+        while_decoding,
+    })))
 }

@@ -52,8 +52,9 @@ typedef struct MemlayerOpenOptions {
   const char *bank;
   // Resident memory for the bank's pages in bytes; 0: use `budget_percent`.
   uint64_t budget_bytes;
-  // Resident memory as a percent (0, 100] of the bank held as f32; used
-  // when `budget_bytes` is 0 (0 here too: 100 %).
+  // Resident memory as a percent (0, 100] of the bank as held (values in
+  // the bank's dtype, blocks as f32); used when `budget_bytes` is 0 (0
+  // here too: 100 %).
   double budget_percent;
   // [`MEMLAYER_BACKEND_CPU`] or [`MEMLAYER_BACKEND_WGPU`].
   uint32_t backend;
@@ -96,7 +97,7 @@ typedef struct MemlayerResult {
 
 // The paging counters of a model's memory (zeros for a model without one).
 typedef struct MemlayerStats {
-  // The byte budget (value slots + blocks, f32 as held).
+  // The byte budget (value slots in the bank's dtype + blocks as f32).
   uint64_t budget_bytes;
   // Bytes resident now (never above the budget).
   uint64_t resident_bytes;

@@ -18,10 +18,10 @@
 //   A bag with any invalid entry is written as NaN (all of its elements),
 //   never as a sum of garbage; the host-level API validates before dispatch
 //   and reports such entries as errors.
-// Storage (override constant F16): f32 (one element per u32 word) or f16
-// (two per word, low half first, unpacked with unpack2x16float; rows of odd
-// width carry one padding half). row_words = words per row. The host builds
-// the four (F16, PAGED) pipelines once.
+// Storage (override constants F16, BF16): f32 (one element per u32 word), f16
+// or bf16 (two per word, low half first, widened exactly by `halves`; rows of
+// odd width carry one padding half). row_words = words per row. The host
+// builds the six (storage, PAGED) pipelines once.
 //
 // Sharding: the shader has 3 shard bindings and picks one per entry with a
 // switch. 3 because WebGPU's default maxStorageBuffersPerShaderStage is 8 and
@@ -61,18 +61,18 @@ alias Out = f32;
 
 const PER_LANE: u32 = 4u;
 
-// acc + w * value(word), value = the f32 (x) or the two f16 halves (x, y);
+// acc + w * value(word), value = the f32 (x) or the two 16-bit halves (x, y);
 // the product is rounded before it is added (`one`, see above).
 fn add(acc: vec2<f32>, word: u32, w: f32) -> vec2<f32> {
-    if !F16 {
+    if !packed() {
         return vec2<f32>(acc.x + (w * bitcast<f32>(word)) * params.one, 0.0);
     }
-    return acc + (w * unpack2x16float(word)) * params.one;
+    return acc + (w * halves(word)) * params.one;
 }
 
 // Writes (or with `accumulate` adds) the value of word wi of a bag's row.
 fn store(bag: u32, wi: u32, v: vec2<f32>) {
-    if !F16 {
+    if !packed() {
         let o = bag * params.dim + wi;
         var x = v.x;
         if params.accumulate != 0u {

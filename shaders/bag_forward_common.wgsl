@@ -6,9 +6,12 @@
 // `Out` (the output element type: f32 or vec4<f32>) and PER_LANE.
 // row_words = shard elements (`Word`s) per row.
 
-// Pipeline constants: storage type and addressing (4 pipelines).
+// Pipeline constants: storage type and addressing. Storage is f32 (neither
+// F16 nor BF16), f16 (F16) or bf16 (BF16; takes precedence if both are set,
+// a combination the host never builds): 6 pipelines per file.
 override F16: bool = false;
 override PAGED: bool = false;
+override BF16: bool = false;
 
 // `struct Params` is generated from the host struct (src/shaders.rs of
 // memlayer-wgpu) and prepended to this file.
@@ -30,6 +33,21 @@ const INVALID: u32 = 0xffffffffu;
 // evaluates to inf or NaN a shader-creation error (Tint, i.e. Chrome's
 // WebGPU, enforces it; naga does not), so the bits live in private variables.
 var<private> NAN_BITS: u32 = 0x7fc00000u;
+
+// Storage of two 16-bit elements per u32 word (f16 or bf16).
+fn packed() -> bool {
+    return F16 || BF16;
+}
+
+// The two elements of a word of 16-bit storage, low half first, widened to
+// f32 exactly: f16 by unpack2x16float, bf16 by moving its bits into the top
+// half of an f32 (a bf16 is the top 16 bits of the f32 it rounds).
+fn halves(word: u32) -> vec2<f32> {
+    if BF16 {
+        return vec2<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+    }
+    return unpack2x16float(word);
+}
 
 fn load(s: u32, i: u32) -> Word {
     switch s {

@@ -1,6 +1,6 @@
 // bag_forward_vec4.wgsl — embedding-bag forward (as bag_forward.wgsl) for
-// rows whose width allows 16-byte loads: f32 rows with dim % 4 == 0, f16 rows
-// with dim % 8 == 0. Same results, bit for bit; wider loads.
+// rows whose width allows 16-byte loads: f32 rows with dim % 4 == 0, f16 and
+// bf16 rows with dim % 8 == 0. Same results, bit for bit; wider loads.
 //
 // Computes, for every bag b (CSR: entries offsets[b] .. offsets[b+1]):
 //   out[b, :] = Σ_e weights[e] * table[indices[e], :]      (f32 accumulation)
@@ -17,9 +17,10 @@
 //          page); table row = slot * page_rows + indices[e] % page_rows.
 //   Then shard = row / rows_per_shard, local row = row % rows_per_shard.
 //   A bag with any invalid entry is written as NaN (all of its elements).
-// Storage (override constant F16): a vec4<u32> of a row is 4 f32 elements,
-// or 8 f16 halves (low half first, unpack2x16float). row_words = vec4s per row.
-// The host builds the four (F16, PAGED) pipelines once.
+// Storage (override constants F16, BF16): a vec4<u32> of a row is 4 f32
+// elements, or 8 f16 / bf16 halves (low half first, widened exactly by
+// `halves`). row_words = vec4s per row. The host builds the six (storage,
+// PAGED) pipelines once.
 //
 // Sharding: as bag_forward.wgsl — 3 shard bindings picked per entry with a
 // switch (WebGPU's default 8 storage buffers per stage minus the other 5),
@@ -61,14 +62,14 @@ alias Out = vec4<f32>;
 
 const PER_LANE: u32 = 16u;
 
-// (lo, hi) += w * value(x): f32 → lo gets 4 elements (hi unused); f16 → lo
-// gets halves 0..3 and hi halves 4..7. Products are rounded before the add.
+// (lo, hi) += w * value(x): f32 → lo gets 4 elements (hi unused); f16 / bf16
+// → lo gets halves 0..3 and hi halves 4..7. Products are rounded before the add.
 fn add(lo: ptr<function, vec4<f32>>, hi: ptr<function, vec4<f32>>, x: vec4<u32>, w: f32) {
-    if !F16 {
+    if !packed() {
         *lo = *lo + (w * bitcast<vec4<f32>>(x)) * params.one;
     } else {
-        let a = vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));
-        let b = vec4<f32>(unpack2x16float(x.z), unpack2x16float(x.w));
+        let a = vec4<f32>(halves(x.x), halves(x.y));
+        let b = vec4<f32>(halves(x.z), halves(x.w));
         *lo = *lo + (w * a) * params.one;
         *hi = *hi + (w * b) * params.one;
     }
@@ -85,7 +86,7 @@ fn put(o: u32, v: vec4<f32>) {
 // Writes (or with `accumulate` adds) the values of row vec4 i of a bag.
 fn store(bag: u32, i: u32, lo: vec4<f32>, hi: vec4<f32>) {
     let row = bag * (params.dim / 4u);
-    if !F16 {
+    if !packed() {
         put(row + i, lo);
     } else {
         put(row + 2u * i, lo);

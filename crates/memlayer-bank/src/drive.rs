@@ -9,7 +9,9 @@
 //! - **blocking** (native): [`page_in_blocking`] and [`block_blocking`]
 //!   over a [`BankReader`] (file, HTTP Range), the misses of a run read by a
 //!   [`FetchBurst`] — [`Sequential`] here, a bounded thread pool in
-//!   `memlayer-runtime` (the bank crate spawns nothing: it builds for wasm32);
+//!   `memlayer-runtime` (the bank crate spawns nothing: it builds for wasm32)
+//!   — or, when the source batches ([`PageSource::batches_reads`]: HTTP),
+//!   handed to it whole ([`BankReader::read_pages`]);
 //! - **async** (browser): [`page_in_async`], [`block_async`] and
 //!   [`prefetch_async`] over a [`RemoteBank`], every miss of a run (every
 //!   level's block) in flight at once ([`RemoteBank::read_pages`]).
@@ -103,6 +105,12 @@ pub fn page_in_blocking<B: Clone, S: PageSource>(
     let t0 = std::time::Instant::now();
     let fetched = match misses.as_slice() {
         [(page, _)] => vec![bank.read_page_f32(*page)],
+        // one batch for the whole burst: an HTTP source asks for all of it
+        // in as few requests as it can (multi-range, coalesced)
+        _ if bank.source().batches_reads() => {
+            let pages: Vec<PageId> = misses.iter().map(|&(p, _)| p).collect();
+            bank.read_pages_f32(&pages)
+        }
         _ => burst.run(misses.len(), &|i| bank.read_page_f32(misses[i].0)),
     };
     engine.add_fetch_seconds(t0.elapsed().as_secs_f64());

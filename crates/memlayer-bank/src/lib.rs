@@ -39,6 +39,7 @@ pub mod codec;
 pub mod drive;
 pub mod error;
 pub mod format;
+pub mod multipart;
 pub mod pagein;
 pub mod reader;
 pub mod remote;
@@ -63,12 +64,22 @@ pub use remote::{FetchedPage, PageFetch, RemoteBank, RemoteError, SourceFetch};
 pub use source::{FileSource, MemSource, PageSource, SourceError};
 pub use writer::{BankFileWriter, BankWriter};
 
-/// Bytes of a bank with `sections` held fully resident as f32 (every value
-/// row and every block): what a budget in percent is a percent of, natively
-/// and in the browser.
-pub fn resident_f32_bytes(sections: &[SectionInfo]) -> u64 {
+/// Bytes of a bank with `sections` held fully resident, as the runtimes
+/// hold it: product-key values in their stored dtype (every slot pool keeps
+/// an f16/bf16 bank 16-bit: [`pagein::ValueGeometry::slot_bytes`]) and FFN
+/// blocks as f32 (unpacked into the model's blocks when fetched). What a
+/// budget in percent is a percent of, natively and in the browser: a 25 %
+/// budget of an f16 bank holds the same fraction of its value pages as 25 %
+/// of the same bank stored as f32, in half the bytes.
+pub fn resident_bytes(sections: &[SectionInfo]) -> u64 {
     sections
         .iter()
-        .map(|s| s.geometry.rows * u64::from(s.geometry.dim) * 4)
+        .map(|s| {
+            let elem = match s.spec.kind {
+                SectionKind::PkmValues { .. } => s.spec.dtype.size() as u64,
+                SectionKind::FfnBlocks { .. } => 4,
+            };
+            s.geometry.rows * u64::from(s.geometry.dim) * elem
+        })
         .sum()
 }

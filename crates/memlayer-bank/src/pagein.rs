@@ -62,7 +62,7 @@ pub struct MemoryStats {
     pub pages_from_cache: u64,
     /// Seconds of lookups and bags on the device, read-backs included (browser).
     pub device_seconds: f64,
-    /// The byte budget (value slots + blocks, f32 as held).
+    /// The byte budget (value slots in the bank's dtype + blocks as f32).
     pub budget_bytes: u64,
     /// Value-page slots the budget holds after the blocks' reserve.
     pub slots: u32,
@@ -273,7 +273,8 @@ pub enum PageInError {
 /// How a [`PageIn`] budgets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageInOptions {
-    /// Bytes of resident memory (value slots + blocks), f32 as held.
+    /// Bytes of resident memory: value slots in the bank's dtype, blocks as
+    /// f32 (as held; [`crate::resident_bytes`]).
     pub budget_bytes: u64,
     /// Reserve one extra block per level for prefetch.
     pub prefetch: bool,
@@ -326,9 +327,10 @@ impl ValueGeometry {
         }
     }
 
-    /// Bytes of one slot: a full page as f32 (`page_rows × dim × 4`).
+    /// Bytes of one slot: a full page in the bank's dtype (`page_rows ×
+    /// dim × dtype size`; every slot pool stores values as the bank does).
     pub fn slot_bytes(&self) -> u64 {
-        self.page_rows as u64 * self.dim as u64 * 4
+        self.page_rows as u64 * self.dim as u64 * self.section.spec.dtype.size() as u64
     }
 
     /// Pages of the section.
@@ -867,16 +869,53 @@ mod tests {
     use super::*;
     use crate::{BankLayout, Dtype, SectionSpec};
 
-    /// Values: 40 rows × 2 in pages of 4 rows (10 pages, 32-byte slots);
+    /// Values: 40 rows × 2 f32 in pages of 4 rows (10 pages, 32-byte slots);
     /// optionally two levels of 3 blocks (1 layer, 2 units, dim 2: 12 values).
     fn sections(blocks: bool) -> Vec<SectionInfo> {
-        let mut specs = vec![SectionSpec::pkm_values(40, 2, 4, Dtype::F16)];
+        let mut specs = vec![SectionSpec::pkm_values(40, 2, 4, Dtype::F32)];
         if blocks {
             for level in 0..2 {
                 specs.push(SectionSpec::ffn_blocks(level, 3, 1, 2, 2, Dtype::F32));
             }
         }
         BankLayout::new(specs).plan().expect("plan").sections
+    }
+
+    /// Slots hold pages in the bank's dtype: an f16 or bf16 bank's slot is
+    /// half an f32 bank's, so the same fraction of the bank as held
+    /// ([`crate::resident_bytes`]; blocks as f32) gives the same slots.
+    #[test]
+    fn slots_are_counted_in_the_banks_dtype() {
+        let of = |dtype: Dtype| {
+            let mut specs = vec![SectionSpec::pkm_values(40, 2, 4, dtype)];
+            specs.push(SectionSpec::ffn_blocks(0, 3, 1, 2, 2, dtype));
+            BankLayout::new(specs).plan().expect("plan").sections
+        };
+        let f32_bank = of(Dtype::F32);
+        // values 40 × 2 × 4 bytes + blocks 3 × 12 values as f32
+        assert_eq!(crate::resident_bytes(&f32_bank), 320 + 144);
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let bank = of(dtype);
+            assert_eq!(crate::resident_bytes(&bank), 160 + 144, "{dtype}");
+            let v = bank.iter().find_map(ValueGeometry::of).expect("values");
+            assert_eq!(v.slot_bytes(), 16, "{dtype}: half the f32 slot");
+            // the blocks' reserve (one block, 48 bytes) stays f32
+            let at = |sections: &[SectionInfo], budget| {
+                PageIn::<u32>::new(sections, &PageInOptions::budget(budget))
+                    .expect("engine")
+                    .value_slots()
+            };
+            assert_eq!(at(&bank, 48 + 3 * 16), 3);
+            assert_eq!(at(&f32_bank, 48 + 3 * 32), 3);
+            assert_eq!(at(&bank, 48 + 10 * 16), 10);
+            let mut e = PageIn::<u32>::new(&bank, &PageInOptions::budget(48 + 2 * 16)).unwrap();
+            e.resize(48 + 5 * 16, |_, _| Ok::<(), String>(())).unwrap();
+            assert_eq!(e.value_slots(), 5);
+            assert!(matches!(
+                PageIn::<u32>::new(&bank, &PageInOptions::budget(48 + 15)),
+                Err(PageInError::BudgetBelowOnePage { slot_bytes: 16, .. })
+            ));
+        }
     }
 
     fn engine(budget_bytes: u64) -> PageIn<u32> {

@@ -181,6 +181,79 @@ impl<S: PageSource> BankReader<S> {
         e.verify(page, buf, &self.location)
     }
 
+    /// Reads several pages with one [`PageSource::read_ranges`] call (an
+    /// HTTP source sends them as few requests as it can) and verifies each
+    /// against its checksum: one result per page, in order, each error
+    /// naming its page (out of range, truncated, a failed read, a checksum).
+    pub fn read_pages(&self, pages: &[PageId]) -> Vec<Result<Vec<u8>, BankError>> {
+        let mut out: Vec<Option<Result<Vec<u8>, BankError>>> = Vec::with_capacity(pages.len());
+        let mut asked = Vec::new(); // (index in pages, entry)
+        for (i, &page) in pages.iter().enumerate() {
+            let e = match self.page(page) {
+                Ok(e) => *e,
+                Err(err) => {
+                    out.push(Some(Err(err)));
+                    continue;
+                }
+            };
+            if e.end() > self.source_len {
+                out.push(Some(Err(BankError::Truncated {
+                    location: self.location.clone(),
+                    region: Region::Page(page),
+                    offset: e.offset,
+                    end: e.end(),
+                    source_len: self.source_len,
+                })));
+                continue;
+            }
+            out.push(None);
+            asked.push((i, e));
+        }
+        let ranges: Vec<(u64, u64)> = asked.iter().map(|(_, e)| (e.offset, e.length)).collect();
+        let read = self.source.read_ranges(&ranges);
+        for ((i, e), r) in asked.into_iter().zip(read) {
+            let page = pages[i];
+            out[i] = Some(
+                r.map_err(|source| BankError::Source {
+                    location: self.location.clone(),
+                    region: Region::Page(page),
+                    offset: e.offset,
+                    length: e.length,
+                    source,
+                })
+                .and_then(|bytes| {
+                    // a source that returns the wrong length is caught by the checksum too
+                    e.verify(page, &bytes, &self.location).map(|()| bytes)
+                }),
+            );
+        }
+        out.into_iter()
+            .zip(pages)
+            .map(|(r, &page)| {
+                // every page got a result above; this is never reached
+                r.unwrap_or_else(|| {
+                    Err(BankError::PageOutOfRange {
+                        location: self.location.clone(),
+                        page,
+                        page_count: self.page_count(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// [`BankReader::read_pages`] decoded to f32.
+    pub fn read_pages_f32(&self, pages: &[PageId]) -> Vec<Result<Vec<f32>, BankError>> {
+        self.read_pages(pages)
+            .into_iter()
+            .zip(pages)
+            .map(|(r, &page)| {
+                let bytes = r?;
+                self.decode_page(page, &bytes)
+            })
+            .collect()
+    }
+
     /// Reads `page` and verifies its checksum; returns its raw bytes
     /// (the section's dtype, little-endian, `rows × dim` elements).
     pub fn read_page(&self, page: PageId) -> Result<Vec<u8>, BankError> {
@@ -191,11 +264,15 @@ impl<S: PageSource> BankReader<S> {
 
     /// Reads `page`, verifies it, and decodes it to f32: `rows × dim` values, row-major.
     pub fn read_page_f32(&self, page: PageId) -> Result<Vec<f32>, BankError> {
-        let (section, _) = self.section_of_page(page)?;
-        let dtype = section.spec.dtype;
         let bytes = self.read_page(page)?;
+        self.decode_page(page, &bytes)
+    }
+
+    /// A verified page's bytes decoded from its section's dtype to f32.
+    fn decode_page(&self, page: PageId, bytes: &[u8]) -> Result<Vec<f32>, BankError> {
+        let dtype = self.section_of_page(page)?.0.spec.dtype;
         let mut out = vec![0.0; bytes.len() / dtype.size()];
-        decode_into(dtype, &bytes, &mut out)?;
+        decode_into(dtype, bytes, &mut out)?;
         Ok(out)
     }
 

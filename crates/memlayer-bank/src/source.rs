@@ -66,6 +66,38 @@ pub trait PageSource: Send + Sync {
 
     /// The path or URL, for error messages.
     fn describe(&self) -> String;
+
+    /// Reads several ranges `(offset, length)`: one result per range, in
+    /// order. The default reads them one after the other with
+    /// [`PageSource::read_at`]; a source where every request costs a round
+    /// trip (HTTP) batches them ([`PageSource::batches_reads`]).
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Vec<Result<Vec<u8>, SourceError>> {
+        ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let size = self.len()?;
+                let length = usize::try_from(len)
+                    .ok()
+                    .filter(|_| offset.checked_add(len).is_some_and(|end| end <= size))
+                    .ok_or(SourceError::OutOfBounds {
+                        offset,
+                        length: len,
+                        size,
+                    })?;
+                let mut buf = vec![0u8; length];
+                self.read_at(offset, &mut buf)?;
+                Ok(buf)
+            })
+            .collect()
+    }
+
+    /// Whether [`PageSource::read_ranges`] costs less than as many
+    /// [`PageSource::read_at`] calls (it batches or overlaps them): a
+    /// driver then hands it a whole burst of misses at once instead of
+    /// reading page by page on its own threads.
+    fn batches_reads(&self) -> bool {
+        false
+    }
 }
 
 /// Any pointer to a source is a source (`&S`, `Box<S>`, `Arc<S>`, and
@@ -83,6 +115,12 @@ where
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Vec<Result<Vec<u8>, SourceError>> {
+        (**self).read_ranges(ranges)
+    }
+    fn batches_reads(&self) -> bool {
+        (**self).batches_reads()
     }
 }
 

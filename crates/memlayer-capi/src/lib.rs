@@ -81,8 +81,9 @@ pub struct MemlayerOpenOptions {
     pub bank: *const c_char,
     /// Resident memory for the bank's pages in bytes; 0: use `budget_percent`.
     pub budget_bytes: u64,
-    /// Resident memory as a percent (0, 100] of the bank held as f32; used
-    /// when `budget_bytes` is 0 (0 here too: 100 %).
+    /// Resident memory as a percent (0, 100] of the bank as held (values in
+    /// the bank's dtype, blocks as f32); used when `budget_bytes` is 0 (0
+    /// here too: 100 %).
     pub budget_percent: f64,
     /// [`MEMLAYER_BACKEND_CPU`] or [`MEMLAYER_BACKEND_WGPU`].
     pub backend: u32,
@@ -126,7 +127,7 @@ pub struct MemlayerResult {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemlayerStats {
-    /// The byte budget (value slots + blocks, f32 as held).
+    /// The byte budget (value slots in the bank's dtype + blocks as f32).
     pub budget_bytes: u64,
     /// Bytes resident now (never above the budget).
     pub resident_bytes: u64,

@@ -113,8 +113,8 @@ impl Args for BudgetArg {
                 .value_parser(parse_budget_mb)
                 .conflicts_with(BUDGET_PERCENT)
                 .help(
-                    "Resident memory budget in MiB (value pages + blocks, f32; \
-                     unused by a model without memory layers)",
+                    "Resident memory budget in MiB (value pages in the bank's dtype + \
+                     blocks as f32; unused by a model without memory layers)",
                 ),
         )
         .arg(
@@ -124,8 +124,9 @@ impl Args for BudgetArg {
                 .action(clap::ArgAction::Set)
                 .value_parser(parse_budget_percent)
                 .help(
-                    "Resident memory budget in percent of the bank's f32 size (default 100; \
-                     unused by a model without memory layers)",
+                    "Resident memory budget in percent of the bank as held: values in its \
+                     dtype, blocks as f32 (default 100; unused by a model without memory \
+                     layers)",
                 ),
         )
     }

@@ -35,7 +35,7 @@ pub struct Start {
     pub model: String,
     /// `file`, a bank path or a URL.
     pub bank: String,
-    /// Budget, percent of the bank held as f32.
+    /// Budget, percent of the bank as held (values in its dtype, blocks f32).
     pub budget_percent: f64,
     /// Where the model runs.
     pub backend: Backend,

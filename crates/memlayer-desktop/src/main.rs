@@ -29,7 +29,7 @@ struct Args {
     /// path, or an http(s):// URL (e.g. from `memlayer serve`).
     #[arg(long, default_value = "file")]
     bank: String,
-    /// Resident-page budget, percent of the bank held as f32.
+    /// Resident-page budget, percent of the bank as held (values in its dtype, blocks f32).
     #[arg(long, default_value_t = 25.0)]
     budget_percent: f64,
     /// `wgpu` (the window's device), `cpu`, or `cuda` (a build with the

@@ -113,7 +113,8 @@ pub struct ModelInfo {
     pub device: String,
     /// The budget in bytes.
     pub budget_bytes: u64,
-    /// The bank's f32 size.
+    /// The bank fully resident (values in its dtype, blocks as f32): what
+    /// a percent budget is of.
     pub bank_bytes: u64,
     /// Value pages in the bank, value slots the budget holds.
     pub value_pages: u64,

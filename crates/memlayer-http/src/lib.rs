@@ -120,7 +120,7 @@ pub use serve::{
     BODY_CHUNK_BYTES, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_WRITE_TIMEOUT, Mount, ServeConfig, ServeError, Server, ServerHandle, content_type,
 };
-pub use source::{HttpOptions, HttpSource, HttpStats};
+pub use source::{COALESCE_GAP, HttpOptions, HttpSource, HttpStats, MAX_RANGES_PER_REQUEST};
 
 #[doc(no_inline)]
 pub use memlayer_bank::SourceError;

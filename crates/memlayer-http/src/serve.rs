@@ -49,7 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::range::{RangeReply, resolve};
+use crate::range::{RangeReply, resolve_multi};
 
 /// Default of [`ServeConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
@@ -131,6 +131,14 @@ pub struct ServeConfig {
     /// `Content-Range`, `Content-Length` and `Accept-Ranges`; every reply
     /// then carries `Vary: Origin`.
     pub cors_origins: Vec<String>,
+    /// Answer a `Range` of several ranges with one `206
+    /// multipart/byteranges` reply (default). Off, such a request gets the
+    /// whole file (`200`), as from a server or CDN without multi-range
+    /// support — what clients must also cope with.
+    pub multi_range: bool,
+    /// Every reply waits this long before it is sent: a link's round trip
+    /// on 127.0.0.1, for latency-shaped benchmarks. Default zero.
+    pub delay: Duration,
 }
 
 impl ServeConfig {
@@ -146,6 +154,8 @@ impl ServeConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             cors_origins: Vec::new(),
+            multi_range: true,
+            delay: Duration::ZERO,
         }
     }
 
@@ -266,6 +276,8 @@ struct Shared {
     http: hyper::server::conn::http1::Builder,
     write_timeout: Duration,
     max_connections: usize,
+    multi_range: bool,
+    delay: Duration,
     /// Connections being served now.
     open: AtomicUsize,
 }
@@ -341,6 +353,8 @@ impl Server {
             http,
             write_timeout: config.write_timeout,
             max_connections,
+            multi_range: config.multi_range,
+            delay: config.delay,
             open: AtomicUsize::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -1028,6 +1042,7 @@ pub fn content_type(path: &Path) -> &'static str {
 enum ReplyBody {
     Bytes(Option<Bytes>),
     File(FileChunks),
+    Parts(PartChunks),
 }
 
 impl ReplyBody {
@@ -1105,6 +1120,7 @@ impl Body for ReplyBody {
         match self.get_mut() {
             Self::Bytes(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::File(f) => f.poll_chunk(cx),
+            Self::Parts(p) => p.poll_chunk(cx),
         }
     }
 
@@ -1112,6 +1128,7 @@ impl Body for ReplyBody {
         match self {
             Self::Bytes(b) => b.as_ref().is_none_or(Bytes::is_empty),
             Self::File(f) => f.remaining == 0,
+            Self::Parts(p) => p.remaining == 0,
         }
     }
 
@@ -1119,6 +1136,7 @@ impl Body for ReplyBody {
         match self {
             Self::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Self::File(f) => SizeHint::with_exact(f.remaining),
+            Self::Parts(p) => SizeHint::with_exact(p.remaining),
         }
     }
 }
@@ -1199,15 +1217,19 @@ async fn respond(
         .filter(|o| shared.cors.iter().any(|c| c.as_bytes() == o.as_bytes()))
         .cloned();
     drop(req);
+    if !shared.delay.is_zero() {
+        tokio::time::sleep(shared.delay).await;
+    }
     let for_task = Arc::clone(shared);
     let (m, p, r) = (method.clone(), path.clone(), range.clone());
-    let mut reply =
-        match tokio::task::spawn_blocking(move || reply_to(&for_task.roots, &m, &p, r.as_deref()))
-            .await
-        {
-            Ok(reply) => reply,
-            Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
-        };
+    let mut reply = match tokio::task::spawn_blocking(move || {
+        reply_to(&for_task.roots, &m, &p, r.as_deref(), for_task.multi_range)
+    })
+    .await
+    {
+        Ok(reply) => reply,
+        Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+    };
     let h = &mut reply.headers;
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if !shared.cors.is_empty() {
@@ -1250,7 +1272,13 @@ async fn respond(
 }
 
 /// The reply to `method` on `path` (blocking file system work).
-fn reply_to(roots: &[Root], method: &Method, path: &str, range: Option<&str>) -> Reply {
+fn reply_to(
+    roots: &[Root],
+    method: &Method,
+    path: &str,
+    range: Option<&str>,
+    multi_range: bool,
+) -> Reply {
     if *method == Method::OPTIONS {
         return Reply::empty(StatusCode::NO_CONTENT).with(header::ALLOW, ALLOW);
     }
@@ -1273,7 +1301,7 @@ fn reply_to(roots: &[Root], method: &Method, path: &str, range: Option<&str>) ->
             return Reply::text(StatusCode::BAD_REQUEST, &format!("Bad Request: {why}"));
         }
     };
-    match file_reply(&file, *method == Method::HEAD, range) {
+    match file_reply(&file, *method == Method::HEAD, range, multi_range) {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             Reply::text(StatusCode::NOT_FOUND, "Not Found")
@@ -1303,7 +1331,7 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     }
 }
 
-fn file_reply(path: &Path, head: bool, range: Option<&str>) -> io::Result<Reply> {
+fn file_reply(path: &Path, head: bool, range: Option<&str>, multi: bool) -> io::Result<Reply> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut headers = HeaderMap::new();
@@ -1312,7 +1340,10 @@ fn file_reply(path: &Path, head: bool, range: Option<&str>) -> io::Result<Reply>
         header::CONTENT_TYPE,
         HeaderValue::from_static(content_type(path)),
     );
-    let (status, start, length) = match resolve(range, len) {
+    let (status, start, length) = match resolve_multi(range, len, multi) {
+        RangeReply::Multi(ranges) => {
+            return multipart_reply(path, file, len, head, &ranges, headers);
+        }
         RangeReply::Full => (StatusCode::OK, 0, len),
         RangeReply::Partial { start, end } => {
             headers.insert(
@@ -1340,6 +1371,13 @@ fn file_reply(path: &Path, head: bool, range: Option<&str>) -> io::Result<Reply>
     };
     let body = if head || length == 0 {
         ReplyBody::empty()
+    } else if length <= BODY_CHUNK_BYTES as u64 {
+        // one chunk (a page): read now, on this blocking thread, instead of
+        // another hop to the blocking pool when hyper polls the body
+        let mut buf = vec![0u8; length as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        ReplyBody::Bytes(Some(Bytes::from(buf)))
     } else {
         // Stream the range straight from the file: no whole-file buffer.
         file.seek(SeekFrom::Start(start))?;
@@ -1356,6 +1394,149 @@ fn file_reply(path: &Path, head: bool, range: Option<&str>) -> io::Result<Reply>
         body,
         length,
     })
+}
+
+/// A `206 multipart/byteranges` reply of `ranges` (inclusive, sorted,
+/// disjoint) of `file`: each part's delimiter and headers, then its bytes
+/// streamed from the file like a single range's.
+fn multipart_reply(
+    path: &Path,
+    file: File,
+    len: u64,
+    head: bool,
+    ranges: &[(u64, u64)],
+    mut headers: HeaderMap,
+) -> io::Result<Reply> {
+    use memlayer_bank::multipart::{closing, part_head};
+    // not in any file's bytes with near certainty; parts are read by their
+    // Content-Range length anyway
+    let boundary = format!(
+        "memlayer-{len:x}-{:x}",
+        ranges.len() as u64 ^ 0x6d656d6c61796572
+    );
+    let part_type = content_type(path);
+    let mut segments = std::collections::VecDeque::new();
+    let mut length = 0u64;
+    for &(start, end) in ranges {
+        let head_text = part_head(&boundary, part_type, start, end - start + 1, len);
+        length += head_text.len() as u64 + (end - start + 1);
+        segments.push_back(Segment::Bytes(Bytes::from(head_text)));
+        segments.push_back(Segment::Range {
+            start,
+            len: end - start + 1,
+        });
+    }
+    let tail = closing(&boundary);
+    length += tail.len() as u64;
+    segments.push_back(Segment::Bytes(Bytes::from(tail)));
+    headers.insert(
+        header::CONTENT_TYPE,
+        format!("multipart/byteranges; boundary={boundary}")
+            .parse::<HeaderValue>()
+            .map_err(io::Error::other)?,
+    );
+    let body = if head {
+        ReplyBody::empty()
+    } else if length <= MULTIPART_IN_MEMORY {
+        // a token's pages: read them all now (this runs on the blocking
+        // pool already) rather than one pool hop per part
+        let mut buf = Vec::with_capacity(length as usize);
+        let mut file = file;
+        for seg in segments {
+            match seg {
+                Segment::Bytes(b) => buf.extend_from_slice(&b),
+                Segment::Range { start, len } => {
+                    let at = buf.len();
+                    buf.resize(at + len as usize, 0);
+                    file.seek(SeekFrom::Start(start))?;
+                    file.read_exact(&mut buf[at..])?;
+                }
+            }
+        }
+        ReplyBody::Bytes(Some(Bytes::from(buf)))
+    } else {
+        ReplyBody::Parts(PartChunks {
+            path: path.to_path_buf(),
+            file: Some(file),
+            segments,
+            current: None,
+            remaining: length,
+        })
+    };
+    Ok(Reply {
+        status: StatusCode::PARTIAL_CONTENT,
+        headers,
+        body,
+        length,
+    })
+}
+
+/// Multipart replies up to this size are read into memory at once; larger
+/// ones stream part by part.
+const MULTIPART_IN_MEMORY: u64 = 1 << 20;
+
+/// A piece of a multipart body: text, or a range of the file.
+enum Segment {
+    Bytes(Bytes),
+    Range { start: u64, len: u64 },
+}
+
+/// A multipart body: its segments in order, each file range read in
+/// chunks as [`FileChunks`] reads one.
+struct PartChunks {
+    path: PathBuf,
+    file: Option<File>,
+    segments: std::collections::VecDeque<Segment>,
+    current: Option<FileChunks>,
+    /// Bytes not yet handed to hyper.
+    remaining: u64,
+}
+
+impl PartChunks {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            if let Some(cur) = &mut self.current {
+                match cur.poll_chunk(cx) {
+                    Poll::Ready(None) => {
+                        self.file = cur.file.take();
+                        self.current = None;
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        self.remaining = self.remaining.saturating_sub(n);
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    other => return other,
+                }
+            }
+            match self.segments.pop_front() {
+                None => return Poll::Ready(None),
+                Some(Segment::Bytes(b)) => {
+                    self.remaining = self.remaining.saturating_sub(b.len() as u64);
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Some(Segment::Range { start, len }) => {
+                    let Some(mut file) = self.file.take() else {
+                        return Poll::Ready(Some(Err(io::Error::other(format!(
+                            "reading {}: polled after an error",
+                            self.path.display()
+                        )))));
+                    };
+                    // lseek: no I/O wait
+                    if let Err(e) = file.seek(SeekFrom::Start(start)) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    self.current = Some(FileChunks {
+                        path: self.path.clone(),
+                        file: Some(file),
+                        remaining: len,
+                        reading: None,
+                    });
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! [`HttpSource`]: a [`PageSource`] over HTTP `Range` requests.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use memlayer_bank::{PageSource, SourceError};
@@ -23,7 +23,28 @@ pub struct HttpOptions {
     /// Wait before the first retry; doubled before each further one
     /// (100 ms, 200 ms, 400 ms with the defaults). Default 100 ms.
     pub backoff: Duration,
+    /// Send a batch of ranges ([`PageSource::read_ranges`]: a token's
+    /// missed pages) as multi-range requests when the server supports them.
+    /// The first batch finds out: a server that answers it with the whole
+    /// file (`200`, its body left unread) gets single-range requests from
+    /// then on. Default on.
+    pub multi_range: bool,
+    /// Requests in flight at once for one batch (multi-range requests of
+    /// [`MAX_RANGES_PER_REQUEST`] ranges, or single ranges where the server
+    /// has no multi-range support). Default 8.
+    pub parallel: usize,
 }
+
+/// Most ranges one multi-range request asks for (servers cap them; this
+/// keeps the header a few KiB).
+pub const MAX_RANGES_PER_REQUEST: usize = 64;
+
+/// Ranges at most this many bytes apart are fetched as one. Zero: only
+/// ranges that touch or overlap (adjacent pages) merge, so a batch never
+/// asks for bytes it does not need — a failure in bytes no page of the
+/// batch reads cannot fail it. (A multi-range server merges near parts by
+/// itself.)
+pub const COALESCE_GAP: u64 = 0;
 
 impl Default for HttpOptions {
     fn default() -> Self {
@@ -31,6 +52,8 @@ impl Default for HttpOptions {
             timeout: Duration::from_secs(10),
             retries: 3,
             backoff: Duration::from_millis(100),
+            multi_range: true,
+            parallel: 8,
         }
     }
 }
@@ -44,6 +67,9 @@ pub struct HttpStats {
     pub bytes: u64,
     /// Attempts that failed with a retryable error and were repeated.
     pub retries: u64,
+    /// Ranges delivered by [`PageSource::read_ranges`] (each page of a
+    /// batch counts once, however many requests carried them).
+    pub ranges: u64,
 }
 
 /// A bank file read with HTTP `Range` requests: one `GET` with
@@ -65,9 +91,13 @@ pub struct HttpSource {
     agent: ureq::Agent,
     options: HttpOptions,
     len: u64,
+    /// Whether the server answers several ranges with one multipart reply:
+    /// [`MULTI_UNKNOWN`] until the first batch, then [`MULTI_YES`] or [`MULTI_NO`].
+    multi: AtomicU8,
     requests: AtomicU64,
     bytes: AtomicU64,
     retries: AtomicU64,
+    ranges: AtomicU64,
 }
 
 /// Why one attempt failed, and whether another attempt may help.
@@ -216,12 +246,24 @@ impl HttpSource {
             agent: config.into(),
             options,
             len: 0,
+            multi: AtomicU8::new(MULTI_UNKNOWN),
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            ranges: AtomicU64::new(0),
         };
         source.len = source.probe()?;
         Ok(source)
+    }
+
+    /// Whether the server answers multi-range requests: `None` before the
+    /// first batch asked ([`PageSource::read_ranges`]), then what it did.
+    pub fn multi_range(&self) -> Option<bool> {
+        match self.multi.load(Relaxed) {
+            MULTI_YES => Some(true),
+            MULTI_NO => Some(false),
+            _ => None,
+        }
     }
 
     /// The URL.
@@ -240,6 +282,7 @@ impl HttpSource {
             requests: self.requests.load(Relaxed),
             bytes: self.bytes.load(Relaxed),
             retries: self.retries.load(Relaxed),
+            ranges: self.ranges.load(Relaxed),
         }
     }
 
@@ -439,6 +482,149 @@ impl HttpSource {
     }
 }
 
+impl HttpSource {
+    /// One multi-range `GET` of `spans` (`(offset, length)`, sorted, in
+    /// bounds, not empty): the bytes of each span, or `None` if the server
+    /// answered with the whole file (it has no multi-range support; the
+    /// body is not read). A reply that is not a usable 206 — a malformed
+    /// multipart body, a part missing, another file length — is an error
+    /// naming it.
+    fn read_multi_once(&self, spans: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>, Failure> {
+        use memlayer_bank::multipart::{boundary, parse_byteranges, range_header, slice_spans};
+        let (resp, content_range) = self.get_range(&range_header(spans))?;
+        let status = resp.status();
+        match status.as_u16() {
+            206 => {}
+            s if (200..300).contains(&s) => return Ok(None),
+            416 => {
+                return Err(Failure::fatal(format!(
+                    "HTTP 416 Range Not Satisfiable for {} ranges of a file of {} bytes",
+                    spans.len(),
+                    self.len
+                )));
+            }
+            _ => return Err(Failure::status(status)),
+        }
+        let h = resp.headers();
+        check_identity(h)?;
+        let wanted: u64 = spans.iter().map(|s| s.1).sum();
+        // the parts' headers are small: a body far larger is refused unread
+        let limit = wanted + 512 * spans.len() as u64 + 4096;
+        let content_type = header(h, "content-type").unwrap_or("").to_string();
+        let parts = match boundary(&content_type) {
+            Some(b) => {
+                let body = read_body_bounded(resp.into_body(), limit, self.options.timeout)?;
+                self.bytes.fetch_add(body.len() as u64, Relaxed);
+                parse_byteranges(&body, &b).map_err(|e| Failure::fatal(e.to_string()))?
+            }
+            // one part: the server merged the ranges into one
+            None => {
+                let cr = parse_content_range(&content_range).ok_or_else(|| {
+                    Failure::fatal(format!(
+                        "206 reply to {} ranges, neither multipart/byteranges (Content-Type {content_type:?}) nor with a valid Content-Range ({content_range:?})",
+                        spans.len()
+                    ))
+                })?;
+                let n = cr.last - cr.first + 1;
+                if n > limit {
+                    return Err(Failure::fatal(format!(
+                        "206 reply of bytes {}-{} to ranges totalling {wanted} bytes",
+                        cr.first, cr.last
+                    )));
+                }
+                let mut buf = vec![0u8; n as usize];
+                read_body(resp.into_body(), &mut buf, self.options.timeout)?;
+                self.bytes.fetch_add(n, Relaxed);
+                vec![memlayer_bank::multipart::BytePart {
+                    first: cr.first,
+                    last: cr.last,
+                    complete: cr.complete,
+                    bytes: buf,
+                }]
+            }
+        };
+        if let Some(p) = parts
+            .iter()
+            .find(|p| p.complete.is_some_and(|c| c != self.len))
+        {
+            return Err(Failure::fatal(format!(
+                "the file changed on the server: a part says it is {} bytes long, it was {} bytes when opened",
+                p.complete.unwrap_or(0),
+                self.len
+            )));
+        }
+        slice_spans(&parts, spans)
+            .map(Some)
+            .map_err(|e| Failure::fatal(e.to_string()))
+    }
+
+    /// Reads one group of spans: one multi-range request (falling back to
+    /// single ranges if the server turns out not to support them), or one
+    /// request per span.
+    fn read_group(&self, spans: &[(u64, u64)], multi: bool) -> Vec<SpanResult> {
+        if multi && spans.len() > 1 {
+            let what = format!("GET {} ({} ranges)", self.url, spans.len());
+            match self.with_retries(&what, || self.read_multi_once(spans)) {
+                Ok(Some(bytes)) => {
+                    self.multi.store(MULTI_YES, Relaxed);
+                    return bytes.into_iter().map(Ok).collect();
+                }
+                // answered with the whole file: no multi-range support
+                Ok(None) => self.multi.store(MULTI_NO, Relaxed),
+                Err((msg, kind)) => {
+                    return spans
+                        .iter()
+                        .map(|_| Err((msg.clone(), kind, true)))
+                        .collect();
+                }
+            }
+        }
+        spans
+            .iter()
+            .map(|&(offset, len)| {
+                let mut buf = vec![0u8; len as usize];
+                let what = format!("GET {} bytes={offset}-{}", self.url, offset + len - 1);
+                self.with_retries(&what, || self.read_once(offset, &mut buf))
+                    .map(|()| buf)
+                    .map_err(|(msg, kind)| (msg, kind, false))
+            })
+            .collect()
+    }
+}
+
+/// A span's bytes, or (the message, the error kind, whether the request
+/// carried other spans too).
+type SpanResult = Result<Vec<u8>, (String, io::ErrorKind, bool)>;
+
+/// Reads a whole body of at most `limit` bytes (more is an error).
+fn read_body_bounded(body: ureq::Body, limit: u64, timeout: Duration) -> Result<Vec<u8>, Failure> {
+    let mut reader = body.into_reader().take(limit + 1);
+    let mut out = Vec::new();
+    loop {
+        let mut chunk = [0u8; 16 * 1024];
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let mut f = io_failure(&e, timeout);
+                f.cause = format!("{} after {} body bytes", f.cause, out.len());
+                return Err(f);
+            }
+        }
+    }
+    if out.len() as u64 > limit {
+        return Err(Failure::fatal(format!(
+            "the multipart body is longer than the {limit} bytes its ranges need"
+        )));
+    }
+    Ok(out)
+}
+
+const MULTI_UNKNOWN: u8 = 0;
+const MULTI_YES: u8 = 1;
+const MULTI_NO: u8 = 2;
+
 /// Fills `buf` from the body, which must hold exactly `buf.len()` bytes.
 fn read_body(body: ureq::Body, buf: &mut [u8], timeout: Duration) -> Result<(), Failure> {
     let mut reader = body.into_reader();
@@ -518,5 +704,150 @@ impl PageSource for HttpSource {
 
     fn describe(&self) -> String {
         self.url.clone()
+    }
+
+    /// A batch as few round trips as it can: ranges closer than
+    /// [`COALESCE_GAP`] merged, then multi-range requests of up to
+    /// [`MAX_RANGES_PER_REQUEST`] ranges when the server supports them,
+    /// else one request per merged range; up to [`HttpOptions::parallel`]
+    /// requests in flight. Each range's result names the URL and cause.
+    fn read_ranges(&self, ranges: &[(u64, u64)]) -> Vec<Result<Vec<u8>, SourceError>> {
+        let in_bounds = |&(offset, len): &(u64, u64)| {
+            offset.checked_add(len).is_some_and(|end| end <= self.len)
+        };
+        let valid: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|r| if in_bounds(r) { *r } else { (0, 0) })
+            .collect();
+        let (spans, span_of) = memlayer_bank::multipart::coalesce(&valid, COALESCE_GAP);
+        let asked: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 > 0).collect();
+        let multi = self.options.multi_range && self.multi_range() != Some(false);
+        let groups: Vec<&[usize]> = if multi {
+            asked.chunks(MAX_RANGES_PER_REQUEST).collect()
+        } else {
+            asked.chunks(1).collect()
+        };
+        let results: Vec<Vec<SpanResult>> = {
+            let next = AtomicUsize::new(0);
+            let done = std::sync::Mutex::new(vec![Vec::new(); groups.len()]);
+            let workers = self.options.parallel.clamp(1, 64).min(groups.len());
+            if workers == 1 {
+                // one request (a token's misses): no thread to start
+                let d = groups
+                    .iter()
+                    .map(|group| {
+                        let group_spans: Vec<(u64, u64)> =
+                            group.iter().map(|&i| spans[i]).collect();
+                        self.read_group(&group_spans, multi)
+                    })
+                    .collect();
+                return self.finish_ranges(ranges, &spans, &span_of, &groups, d);
+            }
+            std::thread::scope(|scope| {
+                for _ in 0..workers {
+                    scope.spawn(|| {
+                        loop {
+                            let g = next.fetch_add(1, Relaxed);
+                            let Some(group) = groups.get(g) else { break };
+                            let group_spans: Vec<(u64, u64)> =
+                                group.iter().map(|&i| spans[i]).collect();
+                            let got = self.read_group(&group_spans, multi);
+                            if let Ok(mut d) = done.lock() {
+                                d[g] = got;
+                            }
+                        }
+                    });
+                }
+            });
+            done.into_inner().unwrap_or_else(|e| e.into_inner())
+        };
+        self.finish_ranges(ranges, &spans, &span_of, &groups, results)
+    }
+
+    fn batches_reads(&self) -> bool {
+        true
+    }
+}
+
+impl HttpSource {
+    /// Cuts each range of a batch out of its span's bytes (or its error).
+    fn finish_ranges(
+        &self,
+        ranges: &[(u64, u64)],
+        spans: &[(u64, u64)],
+        span_of: &[usize],
+        groups: &[&[usize]],
+        results: Vec<Vec<SpanResult>>,
+    ) -> Vec<Result<Vec<u8>, SourceError>> {
+        let in_bounds = |&(offset, len): &(u64, u64)| {
+            offset.checked_add(len).is_some_and(|end| end <= self.len)
+        };
+        let mut span_bytes: Vec<Option<SpanResult>> = vec![None; spans.len()];
+        let mut members = vec![0usize; spans.len()];
+        for &s in span_of {
+            members[s] += 1;
+        }
+        for (group, got) in groups.iter().zip(results) {
+            for (&i, r) in group.iter().zip(got) {
+                span_bytes[i] = Some(r);
+            }
+        }
+        ranges
+            .iter()
+            .enumerate()
+            .map(|(i, &(offset, len))| {
+                if !in_bounds(&(offset, len)) {
+                    return Err(SourceError::OutOfBounds {
+                        offset,
+                        length: len,
+                        size: self.len,
+                    });
+                }
+                if len == 0 {
+                    return Ok(Vec::new());
+                }
+                let (span_off, _) = spans[span_of[i]];
+                match &span_bytes[span_of[i]] {
+                    Some(Ok(bytes)) => {
+                        self.ranges.fetch_add(1, Relaxed);
+                        let at = (offset - span_off) as usize;
+                        Ok(bytes[at..at + len as usize].to_vec())
+                    }
+                    // the server answered, but not for this request of
+                    // several ranges (a status, a bad reply): this range
+                    // alone, so the error names what failed, and the
+                    // healthy ranges beside it are read. A timeout or a
+                    // refused connection is not repeated range by range.
+                    Some(Err((msg, kind, shared)))
+                        if (*shared || members[span_of[i]] > 1)
+                            && !matches!(
+                                kind,
+                                io::ErrorKind::TimedOut
+                                    | io::ErrorKind::ConnectionRefused
+                                    | io::ErrorKind::ConnectionReset
+                            ) =>
+                    {
+                        let mut buf = vec![0u8; len as usize];
+                        self.read_at(offset, &mut buf)
+                            .map(|()| {
+                                self.ranges.fetch_add(1, Relaxed);
+                                buf
+                            })
+                            .map_err(|e| match e {
+                                SourceError::Other(m) => {
+                                    SourceError::Other(format!("{m}; with other ranges: {msg}"))
+                                }
+                                e => e,
+                            })
+                    }
+                    Some(Err((msg, _, _))) => Err(SourceError::Other(msg.clone())),
+                    None => Err(SourceError::Other(format!(
+                        "GET {} bytes={offset}-{}: not read",
+                        self.url,
+                        offset + len - 1
+                    ))),
+                }
+            })
+            .collect()
     }
 }

@@ -177,6 +177,7 @@ fn options() -> HttpOptions {
         timeout: Duration::from_secs(5),
         retries: 0,
         backoff: Duration::from_millis(10),
+        ..HttpOptions::default()
     }
 }
 

@@ -218,6 +218,7 @@ fn stalled_readers_neither_block_others_nor_stay_open() {
             timeout: Duration::from_secs(5),
             retries: 0,
             backoff: Duration::from_millis(10),
+            ..HttpOptions::default()
         },
     )
     .expect("open while readers stall");
@@ -529,6 +530,7 @@ fn fresh_server_read_in_parallel_needs_no_retries() {
                     timeout: Duration::from_secs(3),
                     retries: 3,
                     backoff: Duration::from_millis(10),
+                    ..HttpOptions::default()
                 },
             )
             .expect("open"),

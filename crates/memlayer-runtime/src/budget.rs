@@ -1,8 +1,10 @@
 //! How much of a model's memory may be resident at once: a [`Budget`].
 //!
 //! A budget is either a number of bytes or a percentage of the bank's
-//! resident f32 size (every value row and one block per level, 4 bytes per
-//! element: [`crate::resident_bytes`]). A percentage needs the bank to become
+//! resident size (every value row in the bank's dtype, as the slot pools
+//! hold it, and every block as f32: [`memlayer_bank::resident_bytes`]; a
+//! 25 % budget of an f16 bank holds as many value pages as 25 % of the same
+//! bank in f32, in half the bytes). A percentage needs the bank to become
 //! bytes, so a front-end (the CLI's `--budget-mb` / `--budget-percent`, the C
 //! ABI, the desktop app) keeps the [`Budget`] it was given and the runtime
 //! [`Budget::resolve`]s it once the bank is open.
@@ -32,7 +34,7 @@ use std::str::FromStr;
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// A resident-memory budget: bytes, or a percentage of the bank's resident
-/// f32 size. Built only through its constructors and parsers, so a percent
+/// size ([`memlayer_bank::resident_bytes`]). Built only through its constructors and parsers, so a percent
 /// budget is always in (0, 100]; the default is 100 % (the whole bank).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Budget(Kind);
@@ -99,7 +101,7 @@ impl Budget {
         Ok(Self::bytes((mib * MIB) as u64))
     }
 
-    /// A budget of `percent` % of the bank's resident f32 size; `percent`
+    /// A budget of `percent` % of the bank's resident size; `percent`
     /// must be in (0, 100].
     pub fn percent(percent: f64) -> Result<Self, BudgetError> {
         if !(percent > 0.0 && percent <= 100.0) {
@@ -135,8 +137,8 @@ impl Budget {
         }
     }
 
-    /// The budget in bytes for a bank of `resident_bytes` (its resident f32
-    /// size, [`crate::resident_bytes`]): a byte budget as it is (it may
+    /// The budget in bytes for a bank of `resident_bytes` (its resident
+    /// size, [`memlayer_bank::resident_bytes`]): a byte budget as it is (it may
     /// exceed the bank), a percentage of `resident_bytes` rounded down (100 %
     /// is exactly `resident_bytes`).
     pub fn resolve(&self, resident_bytes: u64) -> u64 {

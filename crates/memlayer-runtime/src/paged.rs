@@ -60,8 +60,9 @@ pub const MAX_FETCH_THREADS: usize = 64;
 /// How a [`PagedMemory`] pages.
 #[derive(Clone)]
 pub struct PagedOptions {
-    /// Resident memory (value slots + blocks, f32 as held): bytes, or a
-    /// percent of the bank's f32 size, resolved against the bank when it
+    /// Resident memory (value slots in the bank's dtype + blocks as f32):
+    /// bytes, or a percent of the bank's resident size
+    /// ([`memlayer_bank::resident_bytes`]), resolved against the bank when it
     /// is opened (the bank is read once).
     pub budget: Budget,
     /// Pages fetched concurrently on a miss burst (1: on the calling thread,
@@ -170,7 +171,8 @@ pub struct PagedMemory {
     values: Option<ValueGeometry>,
     /// Values of one block per level (index 0 = level 1).
     block_lens: Vec<usize>,
-    /// The bank's f32 size fully resident (what a percent budget is of).
+    /// The bank's size fully resident, values in its dtype and blocks as
+    /// f32 ([`memlayer_bank::resident_bytes`]: what a percent budget is of).
     bank_bytes: u64,
     block_bytes: u64,
     /// The running prefetch: its block rows and thread.
@@ -213,7 +215,7 @@ impl PagedMemory {
                 opts.fetch_threads
             )));
         }
-        let bank_bytes = memlayer_bank::resident_f32_bytes(bank.sections());
+        let bank_bytes = memlayer_bank::resident_bytes(bank.sections());
         let engine = PageIn::new(
             bank.sections(),
             &PageInOptions {
@@ -227,13 +229,20 @@ impl PagedMemory {
         let slots = engine.value_slots() as usize;
         let pool: Option<Box<dyn SlotPool>> = match values {
             Some(v) => Some(match &opts.device {
-                PoolDevice::Host => {
-                    Box::new(HostPool::new(v.rows, v.dim, v.page_rows, slots).map_err(err)?)
-                }
+                PoolDevice::Host => Box::new(
+                    HostPool::new(v.rows, v.dim, v.page_rows, slots, v.section.spec.dtype)
+                        .map_err(err)?,
+                ),
                 #[cfg(feature = "wgpu")]
                 PoolDevice::Wgpu(ctx) => Box::new(
-                    crate::pool::DevicePool::new(ctx.clone(), v.dim, v.page_rows, slots)
-                        .map_err(err)?,
+                    crate::pool::DevicePool::new(
+                        ctx.clone(),
+                        v.dim,
+                        v.page_rows,
+                        slots,
+                        v.section.spec.dtype,
+                    )
+                    .map_err(err)?,
                 ),
                 #[cfg(feature = "cuda")]
                 PoolDevice::Cuda(dev) => Box::new(
@@ -321,8 +330,9 @@ impl PagedMemory {
         })
     }
 
-    /// Bytes of the bank when fully resident (every value row and block,
-    /// f32): what a percent budget is a percent of.
+    /// Bytes of the bank when fully resident (every value row in the bank's
+    /// dtype, every block as f32: [`memlayer_bank::resident_bytes`]): what
+    /// a percent budget is a percent of.
     pub fn bank_bytes(&self) -> u64 {
         self.bank_bytes
     }
@@ -340,6 +350,16 @@ impl PagedMemory {
     /// Where the value slots live.
     pub fn pool_name(&self) -> &str {
         &self.pool_name
+    }
+
+    /// Bytes the value slots take in their pool, allocated (every slot, in
+    /// the bank's dtype; 0 without a value section): `value_slots ×
+    /// slot_bytes`, padding of odd-width 16-bit rows on a wgpu device aside.
+    pub fn pool_bytes(&self) -> u64 {
+        lock(&self.shared.state)
+            .pool
+            .as_ref()
+            .map_or(0, |p| p.bytes())
     }
 
     /// Bytes resident now (value slots in use + blocks held): never above the budget.

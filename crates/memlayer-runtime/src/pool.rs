@@ -1,10 +1,13 @@
 //! Slot pools: where resident value pages live (host memory or device
 //! buffers), and the embedding-bag that reads them through a page table.
 //!
-//! A pool has `slots` slots of `page_rows × dim` f32; page `p` of the value
-//! table is resident in slot `page_table[p]` ([`NO_SLOT`] otherwise). Both
-//! pools sum in the oracle's order, so a bag through a pool is bit-identical
-//! to the bag over the full table (`memlayer_core::bag::bag_forward`).
+//! A pool has `slots` slots of `page_rows × dim` values in the bank's dtype
+//! (f32, f16 or bf16: a 16-bit bank stays 16-bit in every pool, so a slot
+//! takes [`memlayer_bank::pagein::ValueGeometry::slot_bytes`]); page `p` of
+//! the value table is resident in slot `page_table[p]` ([`NO_SLOT`]
+//! otherwise). Every pool widens the stored values exactly and sums in the
+//! oracle's order, so a bag through a pool is bit-identical to the bag over
+//! the full table decoded to f32 (`memlayer_core::bag::bag_forward`).
 
 use memlayer_bank::cache::NO_SLOT;
 
@@ -49,26 +52,114 @@ pub trait SlotPool: Send {
     fn describe(&self) -> String;
 }
 
-/// Slots in host memory, summed by `memlayer-cpu`'s paged gather.
+/// Slots in host memory in the bank's dtype (an f16/bf16 bank stays
+/// 16-bit), summed by `memlayer-cpu`'s paged gather, which widens each
+/// element exactly and accumulates in f32 (bit-identical to the oracle over
+/// the bank's values).
 pub struct HostPool {
     rows: usize,
     dim: usize,
     page_rows: usize,
     slots: usize,
-    data: Vec<f32>,
+    data: HostSlots,
+}
+
+/// The slots' elements, in the bank's dtype.
+enum HostSlots {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+/// `$body` with `$v` bound to the slot vector, whatever its element type.
+macro_rules! with_slots {
+    ($slots:expr, $v:ident => $body:expr) => {
+        match $slots {
+            HostSlots::F32($v) => $body,
+            HostSlots::F16($v) => $body,
+            HostSlots::Bf16($v) => $body,
+        }
+    };
 }
 
 impl HostPool {
-    /// A pool of `slots` slots for a table of `rows × dim` in pages of `page_rows`.
-    pub fn new(rows: usize, dim: usize, page_rows: usize, slots: usize) -> Result<Self, PoolError> {
+    /// A pool of `slots` slots for a table of `rows × dim` in pages of
+    /// `page_rows`, holding values of `dtype` (the bank's).
+    pub fn new(
+        rows: usize,
+        dim: usize,
+        page_rows: usize,
+        slots: usize,
+        dtype: memlayer_bank::Dtype,
+    ) -> Result<Self, PoolError> {
+        let len = slots * page_rows * dim;
+        let data = match dtype {
+            memlayer_bank::Dtype::F32 => HostSlots::F32(vec![0.0; len]),
+            memlayer_bank::Dtype::F16 => HostSlots::F16(vec![half::f16::ZERO; len]),
+            memlayer_bank::Dtype::Bf16 => HostSlots::Bf16(vec![half::bf16::ZERO; len]),
+        };
         Ok(Self {
             rows,
             dim,
             page_rows,
             slots,
-            data: vec![0.0; slots * page_rows * dim],
+            data,
         })
     }
+}
+
+/// Narrows `src` into `dst` (same length). The drivers hand a page over
+/// decoded to f32 (`memlayer_bank::drive`'s `write(slot, &[f32])`, one
+/// callback for every pool and the browser); a value decoded from an f16 or
+/// bf16 bank is exactly representable in it, so rounding it back gives the
+/// stored bits (round to nearest even of an exact value is the value). That
+/// keeps the drivers and the `SlotPool` trait dtype-free, at the cost of one
+/// widening and narrowing per element of a fetched page: nothing beside the
+/// checksum and the fetch.
+fn narrow_into<T: memlayer_cpu::Storage>(dst: &mut [T], src: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = T::from_f32(x);
+    }
+}
+
+fn bag_over<T: memlayer_cpu::Storage>(
+    pool: &HostPool,
+    data: &[T],
+    b: &PagedBag<'_>,
+) -> Result<Vec<f32>, PoolError> {
+    let bags = b.offsets.len().saturating_sub(1);
+    let buffers = [data];
+    let table = memlayer_cpu::PagedTable::new(
+        pool.rows,
+        pool.dim,
+        pool.page_rows,
+        b.page_table,
+        pool.slots.max(1),
+        &buffers,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = vec![0.0f32; bags * pool.dim];
+    // on the ambient rayon pool (burn's, when called from the model)
+    memlayer_cpu::bag::bag_forward(&table, b.indices, b.weights, b.offsets, &mut out)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+fn resize_slots<T: memlayer_cpu::Storage>(
+    data: &mut Vec<T>,
+    slot_len: usize,
+    slots: usize,
+    kept: &[(u32, u32)],
+) {
+    // a slot a page moves to is free after the resize, never another's source
+    for &(from, to) in kept {
+        if from != to {
+            let src = from as usize * slot_len;
+            data.copy_within(src..src + slot_len, to as usize * slot_len);
+        }
+    }
+    data.resize(slots * slot_len, T::zeroed());
+    data.shrink_to_fit();
 }
 
 impl SlotPool for HostPool {
@@ -81,7 +172,8 @@ impl SlotPool for HostPool {
                 self.slots
             ));
         }
-        self.data[slot as usize * slot_len..][..data.len()].copy_from_slice(data);
+        let at = slot as usize * slot_len;
+        with_slots!(&mut self.data, v => narrow_into(&mut v[at..][..data.len()], data));
         Ok(())
     }
 
@@ -96,45 +188,26 @@ impl SlotPool for HostPool {
                 self.slots
             ));
         }
-        // a slot a page moves to is free after the resize, never another's source
-        for &(from, to) in kept {
-            if from != to {
-                let src = from as usize * slot_len;
-                self.data
-                    .copy_within(src..src + slot_len, to as usize * slot_len);
-            }
-        }
-        self.data.resize(slots * slot_len, 0.0);
-        self.data.shrink_to_fit();
+        with_slots!(&mut self.data, v => resize_slots(v, slot_len, slots, kept));
         self.slots = slots;
         Ok(())
     }
 
     fn bag(&mut self, b: &PagedBag<'_>) -> Result<Vec<f32>, PoolError> {
-        let bags = b.offsets.len().saturating_sub(1);
-        let buffers = [self.data.as_slice()];
-        let table = memlayer_cpu::PagedTable::new(
-            self.rows,
-            self.dim,
-            self.page_rows,
-            b.page_table,
-            self.slots.max(1),
-            &buffers,
-        )
-        .map_err(|e| e.to_string())?;
-        let mut out = vec![0.0f32; bags * self.dim];
-        // on the ambient rayon pool (burn's, when called from the model)
-        memlayer_cpu::bag::bag_forward(&table, b.indices, b.weights, b.offsets, &mut out)
-            .map_err(|e| e.to_string())?;
-        Ok(out)
+        with_slots!(&self.data, v => bag_over(self, v, b))
     }
 
     fn bytes(&self) -> u64 {
-        (self.data.len() * 4) as u64
+        with_slots!(&self.data, v => std::mem::size_of_val(v.as_slice()) as u64)
     }
 
     fn describe(&self) -> String {
-        "host memory".into()
+        let dtype = match self.data {
+            HostSlots::F32(_) => "f32",
+            HostSlots::F16(_) => "f16",
+            HostSlots::Bf16(_) => "bf16",
+        };
+        format!("host memory ({dtype} slots)")
     }
 }
 
@@ -149,14 +222,27 @@ pub struct DevicePool {
     dim: usize,
 }
 
+/// The device storage of a bank's dtype: f32, or f16 / bf16 packed two per
+/// u32 word and widened exactly in `bag_forward.wgsl`.
+#[cfg(feature = "wgpu")]
+pub fn gpu_dtype(dtype: memlayer_bank::Dtype) -> memlayer_wgpu::GpuDtype {
+    match dtype {
+        memlayer_bank::Dtype::F32 => memlayer_wgpu::GpuDtype::F32,
+        memlayer_bank::Dtype::F16 => memlayer_wgpu::GpuDtype::F16,
+        memlayer_bank::Dtype::Bf16 => memlayer_wgpu::GpuDtype::Bf16,
+    }
+}
+
 #[cfg(feature = "wgpu")]
 impl DevicePool {
-    /// A pool of `slots` slots of `page_rows × dim` f32 on `ctx`'s device.
+    /// A pool of `slots` slots of `page_rows × dim` values of `dtype` (the
+    /// bank's) on `ctx`'s device.
     pub fn new(
         ctx: std::sync::Arc<memlayer_wgpu::GpuContext>,
         dim: usize,
         page_rows: usize,
         slots: usize,
+        dtype: memlayer_bank::Dtype,
     ) -> Result<Self, PoolError> {
         let kernels =
             memlayer_wgpu::bag_forward::BagForward::new(&ctx).map_err(|e| e.to_string())?;
@@ -165,7 +251,7 @@ impl DevicePool {
             "page slots",
             slots * page_rows,
             dim,
-            memlayer_wgpu::GpuDtype::F32,
+            gpu_dtype(dtype),
             page_rows,
         )
         .map_err(|e| e.to_string())?;
@@ -182,8 +268,9 @@ impl DevicePool {
 #[cfg(feature = "wgpu")]
 impl SlotPool for DevicePool {
     fn write_slot(&mut self, slot: u32, data: &[f32]) -> Result<(), PoolError> {
-        let words =
-            memlayer_wgpu::buffers::encode_rows(data, self.dim, memlayer_wgpu::GpuDtype::F32);
+        // values decoded from a 16-bit bank round back to their own bits
+        // (see `narrow_into`)
+        let words = memlayer_wgpu::buffers::encode_rows(data, self.dim, self.slots.dtype);
         self.slots
             .write_rows(&self.ctx, slot as usize * self.page_rows, &words)
             .map_err(|e| e.to_string())
@@ -195,7 +282,7 @@ impl SlotPool for DevicePool {
             "page slots",
             slots * self.page_rows,
             self.dim,
-            memlayer_wgpu::GpuDtype::F32,
+            self.slots.dtype,
             self.page_rows,
         )
         .map_err(|e| e.to_string())?;
@@ -225,11 +312,14 @@ impl SlotPool for DevicePool {
     }
 
     fn bytes(&self) -> u64 {
-        (self.slots.rows * self.dim * 4) as u64
+        (self.slots.rows * self.slots.row_words() * 4) as u64
     }
 
     fn describe(&self) -> String {
-        format!("{} ({:?})", self.ctx.info.name, self.ctx.info.backend)
+        format!(
+            "{} ({:?}, {:?} slots)",
+            self.ctx.info.name, self.ctx.info.backend, self.slots.dtype
+        )
     }
 }
 

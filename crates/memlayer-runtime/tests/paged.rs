@@ -1,7 +1,9 @@
 //! Paged memory == resident memory: same rows selected, same logits (bit
 //! for bit: the bag sums in the oracle's order either way), under budgets of
 //! 100 %, 25 % and the minimum that holds one token's pages; the budget is
-//! never exceeded; corrupt pages and failing sources are named.
+//! never exceeded; corrupt pages and failing sources are named. f16 and
+//! bf16 banks stay 16-bit in every pool (half the slot bytes) and equal the
+//! resident model over the bank's own (rounded) values.
 
 mod common;
 use common::{cfg, dense_of};
@@ -20,6 +22,8 @@ const PAGE_ROWS: u32 = 4;
 
 struct Fixture {
     cfg: ModelConfig,
+    /// The bank's dtype.
+    dtype: Dtype,
     store: ParamStore,
     dense: ParamStore,
     bank: PathBuf,
@@ -35,6 +39,13 @@ impl Drop for TempDir {
 }
 
 fn fixture(hier: bool, name: &str) -> Fixture {
+    fixture_with(hier, name, Dtype::F32)
+}
+
+/// The fixture with its bank stored as `dtype`; `store` then holds the
+/// memory as the bank does (rounded to `dtype`, read back from the bank), so
+/// the resident model is the reference of the paged one.
+fn fixture_with(hier: bool, name: &str, dtype: Dtype) -> Fixture {
     let cfg = cfg(hier);
     let mut store = ParamStore::init(&cfg, 3).unwrap();
     // non-trivial blocks (new blocks start with down = 0)
@@ -48,9 +59,11 @@ fn fixture(hier: bool, name: &str) -> Fixture {
     let dir = std::env::temp_dir().join(format!("memlayer-paged-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bank = dir.join("memory.bank");
-    memlayer_model_dir::dir::write_bank_with(&cfg, &store, &bank, Dtype::F32, PAGE_ROWS).unwrap();
+    memlayer_model_dir::dir::write_bank_with(&cfg, &store, &bank, dtype, PAGE_ROWS).unwrap();
+    memlayer_model_dir::dir::read_bank(&cfg, &mut store, &open(&bank)).unwrap();
     Fixture {
         cfg,
+        dtype,
         store,
         dense,
         bank,
@@ -110,10 +123,11 @@ fn run(m: &Model, toks: &[u32], batch: usize, rows: Option<&[usize]>) -> (Vec<u3
     (bits, reads)
 }
 
-/// Value slot bytes and the bytes the blocks reserve.
-fn sizes(cfg: &ModelConfig) -> (u64, u64) {
+/// Value slot bytes (the bank's dtype) and the bytes the blocks reserve (f32).
+fn sizes(fx: &Fixture) -> (u64, u64) {
+    let cfg = &fx.cfg;
     let v = cfg.pkm.as_ref().unwrap();
-    let slot = u64::from(PAGE_ROWS) * v.v_dim as u64 * 4;
+    let slot = u64::from(PAGE_ROWS) * v.v_dim as u64 * fx.dtype.size() as u64;
     let blocks = cfg.hier.as_ref().map_or(0, |h| {
         (1..=h.levels)
             .map(|l| (cfg.dense_layers().len() * 3 * h.units[l - 1] * cfg.dim * 4) as u64)
@@ -140,8 +154,13 @@ fn pages_per_token(cfg: &ModelConfig, reads: &MemoryReads) -> u64 {
         .unwrap()
 }
 
-fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolDevice)) {
-    let fx = fixture(hier, name);
+fn check_budgets(
+    hier: bool,
+    name: &str,
+    dtype: Dtype,
+    device_for: impl Fn() -> (Device, PoolDevice),
+) {
+    let fx = fixture_with(hier, name, dtype);
     let (device, pool) = device_for();
     let rows_a: Vec<usize> = if hier { vec![1, 3] } else { vec![] };
     let rows_a = hier.then_some(rows_a.as_slice());
@@ -152,7 +171,7 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
     let rows_b: Option<Vec<usize>> = hier.then(|| vec![0, 2, 0, 2]);
     let (want2, _) = run(&resident, &toks2, 2, rows_b.as_deref());
 
-    let (slot, blocks) = sizes(&fx.cfg);
+    let (slot, blocks) = sizes(&fx);
     let pages = open(&fx.bank).sections()[0].page_count();
     let min = blocks + pages_per_token(&fx.cfg, &want_reads) * slot;
     for (what, budget) in [
@@ -175,6 +194,9 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
             mem.clone(),
         )
         .unwrap();
+        let what = format!("{dtype} {what}");
+        let what = what.as_str();
+        assert_eq!(mem.pool_bytes(), u64::from(mem.value_slots()) * slot);
         let (got, got_reads) = run(&paged, &toks, 1, rows_a);
         assert_eq!(got_reads, want_reads, "{what}: the same rows are selected");
         assert!(got == want, "{what}: logits are bit-identical");
@@ -192,7 +214,7 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
             st.value_accesses,
             "{what}: counters add up"
         );
-        if what == "100%" {
+        if what.ends_with("100%") {
             assert_eq!(st.evictions, 0, "everything fits: nothing is evicted");
             assert!(st.value_misses <= pages, "each page streamed at most once");
         } else {
@@ -228,13 +250,13 @@ fn check_budgets(hier: bool, name: &str, device_for: impl Fn() -> (Device, PoolD
 /// resident model's; kept pages are not fetched again (a shrink moves them
 /// within the pool, on its device); the budget is never exceeded; a budget
 /// below the minimum is refused and the memory keeps working.
-fn check_live_budget(name: &str, device_for: impl Fn() -> (Device, PoolDevice)) {
-    let fx = fixture(false, name);
+fn check_live_budget(name: &str, dtype: Dtype, device_for: impl Fn() -> (Device, PoolDevice)) {
+    let fx = fixture_with(false, name, dtype);
     let (device, pool) = device_for();
     let resident = Model::new(&fx.cfg, &fx.store, &device, MemoryOps::Portable, false).unwrap();
     let toks = tokens(24, 3);
     let (want, want_reads) = run(&resident, &toks, 1, None);
-    let (slot, _) = sizes(&fx.cfg);
+    let (slot, _) = sizes(&fx);
     let pages = open(&fx.bank).sections()[0].page_count();
     let min = pages_per_token(&fx.cfg, &want_reads) * slot;
     let full = pages * slot;
@@ -282,6 +304,11 @@ fn check_live_budget(name: &str, device_for: impl Fn() -> (Device, PoolDevice)) 
                 (budget, change.value_slots.1)
             );
             assert!(mem.resident_bytes() <= budget);
+            assert_eq!(
+                mem.pool_bytes(),
+                u64::from(mem.value_slots()) * slot,
+                "the pool reallocates in the bank's dtype"
+            );
             moved += change.moved_pages;
             kept_total += change.kept_pages;
             // refused below the minimum page: nothing changes
@@ -312,7 +339,11 @@ fn check_live_budget(name: &str, device_for: impl Fn() -> (Device, PoolDevice)) 
 
 #[test]
 fn the_budget_changes_live_on_host_slots() {
-    check_live_budget("live-host", || (Device::flex(), PoolDevice::Host));
+    for dtype in Dtype::ALL {
+        check_live_budget(&format!("live-host-{dtype}"), dtype, || {
+            (Device::flex(), PoolDevice::Host)
+        });
+    }
 }
 
 #[test]
@@ -321,9 +352,11 @@ fn the_budget_changes_live_on_a_wgpu_page_pool() {
         return;
     };
     let ctx = Arc::new(ctx);
-    check_live_budget("live-wgpu", || {
-        (Device::flex(), PoolDevice::Wgpu(ctx.clone()))
-    });
+    for dtype in Dtype::ALL {
+        check_live_budget(&format!("live-wgpu-{dtype}"), dtype, || {
+            (Device::flex(), PoolDevice::Wgpu(ctx.clone()))
+        });
+    }
 }
 
 #[test]
@@ -349,8 +382,14 @@ fn fetch_threads_outside_1_to_max_are_refused() {
 
 #[test]
 fn paged_equals_resident_on_host_under_every_budget() {
-    check_budgets(false, "host-pkm", || (Device::flex(), PoolDevice::Host));
-    check_budgets(true, "host-hier", || (Device::flex(), PoolDevice::Host));
+    for dtype in Dtype::ALL {
+        check_budgets(false, &format!("host-pkm-{dtype}"), dtype, || {
+            (Device::flex(), PoolDevice::Host)
+        });
+        check_budgets(true, &format!("host-hier-{dtype}"), dtype, || {
+            (Device::flex(), PoolDevice::Host)
+        });
+    }
 }
 
 #[test]
@@ -359,15 +398,78 @@ fn paged_equals_resident_on_a_wgpu_page_pool() {
         return;
     };
     let ctx = Arc::new(ctx);
-    check_budgets(false, "wgpu-pkm", || {
-        (Device::flex(), PoolDevice::Wgpu(ctx.clone()))
-    });
+    for dtype in Dtype::ALL {
+        check_budgets(false, &format!("wgpu-pkm-{dtype}"), dtype, || {
+            (Device::flex(), PoolDevice::Wgpu(ctx.clone()))
+        });
+    }
+}
+
+/// The pools hold a bank in its dtype: at the same percent budget an f16 or
+/// bf16 bank gets as many slots as the f32 bank, in half the bytes (budget,
+/// pool and resident bytes), on host slots and on a wgpu pool.
+#[test]
+fn a_16_bit_bank_takes_half_the_bytes_of_f32_at_the_same_percent() {
+    let ctx = memlayer_wgpu::gpu_for_tests(memlayer_wgpu::GpuOptions::default()).map(Arc::new);
+    let mut devices = vec![PoolDevice::Host];
+    devices.extend(ctx.map(PoolDevice::Wgpu));
+    let fxs: Vec<Fixture> = Dtype::ALL
+        .iter()
+        .map(|&d| fixture_with(false, &format!("half-{d}"), d))
+        .collect();
+    let toks = tokens(12, 1);
+    for device in devices {
+        for percent in [100.0, 25.0] {
+            let mut seen = Vec::new();
+            for fx in &fxs {
+                let opts = PagedOptions {
+                    budget: Budget::percent(percent).unwrap(),
+                    fetch_threads: 1,
+                    prefetch: false,
+                    device: device.clone(),
+                };
+                let (m, mem) = paged_model(fx, open(&fx.bank), opts);
+                m.forward(m.tokens(&toks, 1).unwrap(), None, None).unwrap();
+                let (slot, _) = sizes(fx);
+                assert_eq!(mem.pool_bytes(), u64::from(mem.value_slots()) * slot);
+                assert!(mem.resident_bytes() <= mem.budget_bytes());
+                seen.push((
+                    mem.value_slots(),
+                    mem.resident_pages(),
+                    mem.bank_bytes(),
+                    mem.budget_bytes(),
+                    mem.pool_bytes(),
+                    mem.resident_bytes(),
+                ));
+            }
+            let f32_ = seen[0];
+            assert!(f32_.1 > 0);
+            for (fx, s) in fxs.iter().zip(&seen).skip(1) {
+                let what = format!("{} at {percent} % on {}", fx.dtype, device_name(&device));
+                assert_eq!((s.0, s.1), (f32_.0, f32_.1), "{what}: same slots and pages");
+                assert_eq!(2 * s.2, f32_.2, "{what}: half the bank bytes");
+                assert!(
+                    2 * s.3 <= f32_.3 && f32_.3 <= 2 * s.3 + 1,
+                    "{what}: half the budget"
+                );
+                assert_eq!(2 * s.4, f32_.4, "{what}: half the pool bytes");
+                assert_eq!(2 * s.5, f32_.5, "{what}: half the resident bytes");
+            }
+        }
+    }
+}
+
+fn device_name(d: &PoolDevice) -> &'static str {
+    match d {
+        PoolDevice::Host => "host",
+        _ => "wgpu",
+    }
 }
 
 #[test]
 fn a_context_change_fetches_only_the_levels_that_changed_and_prefetch_hides_it() {
     let fx = fixture(true, "levels");
-    let (slot, blocks) = sizes(&fx.cfg);
+    let (slot, blocks) = sizes(&fx);
     let opts = PagedOptions {
         budget: Budget::bytes(2 * blocks + 64 * slot),
         fetch_threads: 2,
@@ -425,7 +527,7 @@ fn a_corrupt_page_fails_naming_the_page_and_the_file() {
     let mut bytes = std::fs::read(&fx.bank).unwrap();
     bytes[entry.offset as usize + 3] ^= 0x40;
     std::fs::write(&fx.bank, &bytes).unwrap();
-    let (slot, _) = sizes(&fx.cfg);
+    let (slot, _) = sizes(&fx);
     let (m, mem) = paged_model(
         &fx,
         open(&fx.bank),
@@ -475,7 +577,7 @@ fn a_failing_source_names_the_page_and_never_answers_wrong() {
     let bytes = std::fs::read(&fx.bank).unwrap();
     let reader = open(&fx.bank);
     let pages = reader.sections()[0].page_ids();
-    let (slot, _) = sizes(&fx.cfg);
+    let (slot, _) = sizes(&fx);
     let device = Device::flex();
     let resident = Model::new(&fx.cfg, &fx.store, &device, MemoryOps::Portable, false).unwrap();
     let mut failures = 0;
@@ -539,7 +641,7 @@ fn a_budget_below_one_page_is_refused_with_the_minimum() {
 fn the_trace_names_every_row_read_and_which_pages_were_fetched() {
     use memlayer_runtime::MemoryAccess;
     let fx = fixture(true, "trace");
-    let (slot, blocks) = sizes(&fx.cfg);
+    let (slot, blocks) = sizes(&fx);
     let v = fx.cfg.pkm.clone().unwrap();
     let opts = PagedOptions {
         budget: Budget::bytes(blocks + 64 * slot),

@@ -142,9 +142,9 @@ pub struct MemorySetup<F> {
     pub ctx: Option<GpuContext>,
     /// The bank (header and page table read).
     pub bank: RemoteBank<F>,
-    /// Bytes of resident memory: f32 value slots on the device plus the
-    /// blocks held (see [`memlayer_bank::resident_f32_bytes`] for what a
-    /// percent is of).
+    /// Bytes of resident memory: value slots on the device in the bank's
+    /// dtype plus the blocks held as f32 (see [`memlayer_bank::resident_bytes`]
+    /// for what a percent is of).
     pub budget_bytes: u64,
     /// Reserve a block per level for [`Engine::prefetch`] (hierarchical memory).
     pub prefetch: bool,

@@ -60,8 +60,8 @@ pub struct MemoryOptions {
     /// when the model has one, unused otherwise (a hierarchical memory runs
     /// on the CPU).
     pub ctx: Option<GpuContext>,
-    /// Bytes of resident memory: f32 value slots on the device plus the
-    /// blocks (one per level, two with `prefetch`).
+    /// Bytes of resident memory: value slots on the device in the bank's
+    /// dtype plus the blocks as f32 (one per level, two with `prefetch`).
     pub budget_bytes: u64,
     /// Reserve one extra block per level for [`WebMemory::prefetch`].
     pub prefetch: bool,
@@ -90,7 +90,8 @@ struct DeviceValues {
     ctx: GpuContext,
     cfg: PkmConfig,
     layers: Vec<MemoryLayer>,
-    /// (slots × page_rows, dim) f32 on the device
+    /// (slots × page_rows, dim) in the bank's dtype on the device (f16 and
+    /// bf16 packed two per u32, widened exactly by `bag_forward.wgsl`)
     slots: ShardedTable,
     lookup: LookupKernels,
     bag: BagForward,
@@ -302,7 +303,9 @@ impl<F: PageFetch> WebMemory<F> {
             let t0 = now();
             let (ctx, slots) = (&v.ctx, &v.slots);
             page_in_async(engine, bank, &run.pages, &mut v.decoded, |slot, data| {
-                let words = memlayer_wgpu::buffers::encode_rows(data, g.dim, GpuDtype::F32);
+                // the page decoded to f32 by the driver; values of a 16-bit
+                // bank round back to their own bits (exact)
+                let words = memlayer_wgpu::buffers::encode_rows(data, g.dim, slots.dtype);
                 slots
                     .write_rows(ctx, slot as usize * g.page_rows, &words)
                     .map_err(|e| e.to_string())
@@ -392,9 +395,19 @@ impl Hier {
     }
 }
 
+/// The device storage of a bank's dtype (as the native runtime's
+/// `DevicePool`): f32, or f16 / bf16 two per u32 word.
+fn gpu_dtype(dtype: memlayer_bank::Dtype) -> GpuDtype {
+    match dtype {
+        memlayer_bank::Dtype::F32 => GpuDtype::F32,
+        memlayer_bank::Dtype::F16 => GpuDtype::F16,
+        memlayer_bank::Dtype::Bf16 => GpuDtype::Bf16,
+    }
+}
+
 impl DeviceValues {
     /// The product-key layers of `cfg` on `ctx`, `engine.value_slots()`
-    /// slots of f32 values.
+    /// slots of values in the bank's dtype.
     fn new(
         ctx: GpuContext,
         cfg: &ModelConfig,
@@ -410,7 +423,7 @@ impl DeviceValues {
             "value page slots",
             engine.value_slots() as usize * g.page_rows,
             g.dim,
-            GpuDtype::F32,
+            gpu_dtype(g.section.spec.dtype),
             g.page_rows,
         )?;
         let mut layers = Vec::new();

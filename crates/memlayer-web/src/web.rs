@@ -685,8 +685,8 @@ impl ChatEngine {
     /// weights, a hierarchical memory's routing files; the bank's header
     /// and page table), opens a WebGPU device with the adapter's own limits
     /// when the model has a product-key memory, and sizes the memory to
-    /// `budget_percent` of the bank held as f32. `on_progress(message)` is
-    /// called at each step.
+    /// `budget_percent` of the bank as held (values in its dtype, blocks as
+    /// f32). `on_progress(message)` is called at each step.
     pub async fn load(
         model_url: String,
         budget_percent: f64,
@@ -785,7 +785,7 @@ impl ChatEngine {
                 url,
                 local: local.clone(),
             });
-            let bank_bytes = memlayer_bank::resident_f32_bytes(bank.sections());
+            let bank_bytes = memlayer_bank::resident_bytes(bank.sections());
             let budget_bytes = (bank_bytes as f64 * budget_percent / 100.0) as u64;
             let value_section = bank
                 .sections()

@@ -41,12 +41,17 @@ fn small_config() -> ModelConfig {
 
 /// The bank of `store`'s value table in pages of `page_rows`.
 fn bank_bytes(cfg: &ModelConfig, store: &ParamStore, page_rows: u32) -> Vec<u8> {
+    bank_bytes_as(cfg, store, page_rows, Dtype::F32)
+}
+
+/// The bank of `store`'s value table in pages of `page_rows`, stored as `dtype`.
+fn bank_bytes_as(cfg: &ModelConfig, store: &ParamStore, page_rows: u32, dtype: Dtype) -> Vec<u8> {
     let p = cfg.pkm_config().expect("pkm");
     let layout = BankLayout::new(vec![SectionSpec::pkm_values(
         p.n_rows() as u64,
         p.v_dim as u32,
         page_rows,
-        Dtype::F32,
+        dtype,
     )]);
     let mut w = BankWriter::new(std::io::Cursor::new(Vec::new()), &layout).expect("writer");
     w.write_rows(
@@ -135,6 +140,56 @@ fn cached_decoding_with_paged_device_memory_equals_the_reference_forward() {
     );
     assert_eq!(s.pages_from_cache, 0);
     assert_eq!(decoder.position(), tokens.len());
+}
+
+/// An f16 or bf16 bank stays 16-bit in the device slots (a slot is half an
+/// f32 one: the same 8 slots in half the budget) and the decoder equals the
+/// reference forward over the bank's own (rounded) values.
+#[test]
+fn a_16_bit_bank_pages_into_16_bit_device_slots_like_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    let cfg = small_config();
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        let mut full = ParamStore::init(&cfg, 11).expect("init");
+        let bank = bank_bytes_as(&cfg, &full, 5, dtype);
+        // the reference reads what the bank holds
+        for p in full.params_mut() {
+            if p.name == memlayer_core::model::params::VALUES {
+                p.data
+                    .iter_mut()
+                    .for_each(|v| *v = memlayer_bank::round_trip(dtype, *v));
+            }
+        }
+        let bank = pollster::block_on(RemoteBank::open(SourceFetch(MemSource::named(
+            bank,
+            "mem://small-16.bank",
+        ))))
+        .expect("open");
+        // one token's 2 × 4 rows → 8 slots of 5 rows × 16 values of 2 bytes
+        let slot_bytes = 5 * 16 * 2;
+        let mut decoder = paged_decoder(ctx.clone(), bank, &cfg, &full, 8 * slot_bytes);
+        let tokens: Vec<u32> = vec![3, 17, 17, 42, 0, 9, 33, 21, 5, 49, 12];
+        let prefill = 7;
+        let logits = pollster::block_on(decoder.step(&tokens[..prefill])).expect("step");
+        let v = cfg.vocab_size;
+        let want = reference::forward(&cfg, &full, &tokens[..prefill], None).expect("reference");
+        assert_close(
+            &logits,
+            &want[(prefill - 1) * v..],
+            &format!("{dtype} prefill"),
+        );
+        for t in prefill..tokens.len() {
+            let logits = pollster::block_on(decoder.step(&tokens[t..=t])).expect("step");
+            let want = reference::forward(&cfg, &full, &tokens[..=t], None).expect("reference");
+            assert_close(&logits, &want[t * v..], &format!("{dtype} token {t}"));
+        }
+        let s = decoder.stats();
+        assert_eq!((s.slots, s.budget_bytes), (8, 8 * slot_bytes), "{dtype}");
+        assert!(
+            s.evictions > 0,
+            "{dtype}: a budget of 8 pages must evict: {s:?}"
+        );
+    }
 }
 
 #[test]
@@ -353,7 +408,7 @@ fn the_shipped_model_answers_like_the_resident_reference_with_a_quarter_of_its_b
     let cfg = files.config().expect("config");
     let source = FileSource::open(dir.join("memory.bank")).expect("bank");
     let bank = pollster::block_on(RemoteBank::open(SourceFetch(source))).expect("open");
-    let table = memlayer_bank::resident_f32_bytes(bank.sections());
+    let table = memlayer_bank::resident_bytes(bank.sections());
     let memory = MemorySetup {
         ctx: Some(ctx),
         bank,
@@ -685,7 +740,7 @@ fn product_keys_and_blocks_together_on_the_device_equal_the_reference() {
     let cfg = ModelConfig::tiny_for_tests(true, true);
     let full = ParamStore::init(&cfg, 8).expect("init");
     let bank = remote(model_bank(&cfg, &full, "both"), "both.bank");
-    let budget = memlayer_bank::resident_f32_bytes(bank.sections()) / 2;
+    let budget = memlayer_bank::resident_bytes(bank.sections()) / 2;
     let opts = MemoryOptions {
         ctx: Some(ctx),
         budget_bytes: budget,
@@ -758,7 +813,7 @@ fn the_engine_routes_prompts_and_prefetches_the_typed_question() {
     let bank = remote(model_bank(&cfg, &full, "engine"), "engine.bank");
     let memory = MemorySetup {
         ctx: None,
-        budget_bytes: memlayer_bank::resident_f32_bytes(bank.sections()),
+        budget_bytes: memlayer_bank::resident_bytes(bank.sections()),
         bank,
         prefetch: true,
     };

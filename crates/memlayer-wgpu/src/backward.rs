@@ -318,6 +318,13 @@ pub fn weight_grad<L: Launcher>(
     first_row: usize,
     shard_rows: usize,
 ) -> Result<(), GpuError> {
+    if dtype == GpuDtype::Bf16 {
+        // bag_backward_weights.wgsl reads f32 or f16 tables; bf16 tables
+        // are only paged slots (inference), never trained through here
+        return Err(GpuError::Invalid(
+            "the per-sample-weight gradient reads f32 or f16 tables, not bf16".into(),
+        ));
+    }
     let g = l.grid(idx.n.div_ceil(64))?;
     let params = WeightsParams {
         n: u32_of("bag entries", idx.n)?,

@@ -146,7 +146,7 @@ pub struct BagIo<'a, B> {
 pub fn takes_vec4(dtype: GpuDtype, dim: usize, vectorised: Option<bool>) -> bool {
     let fits = match dtype {
         GpuDtype::F32 => dim.is_multiple_of(4),
-        GpuDtype::F16 => dim.is_multiple_of(8),
+        GpuDtype::F16 | GpuDtype::Bf16 => dim.is_multiple_of(8),
     };
     fits && vectorised.unwrap_or(true)
 }
@@ -158,8 +158,12 @@ pub fn kernel(vec4: bool, dtype: GpuDtype, paged: bool) -> Variant {
     } else {
         &shaders::BAG_FORWARD
     };
-    // overrides: F16 (bit 0), PAGED (bit 1)
-    shader.variant((dtype == GpuDtype::F16) as u32 | (paged as u32) << 1)
+    // overrides: F16 (bit 0), PAGED (bit 1), BF16 (bit 2)
+    shader.variant(
+        (dtype == GpuDtype::F16) as u32
+            | (paged as u32) << 1
+            | ((dtype == GpuDtype::Bf16) as u32) << 2,
+    )
 }
 
 /// Launches the embedding-bag forward `out[b] = Σ_{e in bag b} weights[e] *
@@ -192,7 +196,7 @@ pub fn bag_forward<L: Launcher>(
     let (row_words, per_lane, min_tpb) = match (vec4, table.dtype) {
         (false, _) => (row_words, PER_LANE, 1),
         (true, GpuDtype::F32) => (row_words / 4, PER_LANE_VEC4, 2),
-        (true, GpuDtype::F16) => (row_words / 4, PER_LANE_VEC4 / 2, 2),
+        (true, GpuDtype::F16 | GpuDtype::Bf16) => (row_words / 4, PER_LANE_VEC4 / 2, 2),
     };
     let tpb = row_words
         .div_ceil(per_lane)
@@ -319,11 +323,13 @@ pub struct BagForward {
 }
 
 impl BagForward {
-    /// Compiles the kernels' eight variants.
+    /// Compiles the kernels' twelve variants (f32, f16, bf16 × flat, paged
+    /// × u32, vec4 loads; F16 with BF16 is no storage type).
     pub fn new(ctx: &GpuContext) -> Result<Self, GpuError> {
         let variants = shaders::BAG_FORWARD
             .variants()
-            .chain(shaders::BAG_FORWARD_VEC4.variants());
+            .chain(shaders::BAG_FORWARD_VEC4.variants())
+            .filter(|v| !(v.flag(0) && v.flag(2)));
         Ok(Self {
             kernels: Kernels::new(ctx, variants)?,
             inputs: Mutex::default(),

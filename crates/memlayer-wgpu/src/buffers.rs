@@ -351,6 +351,9 @@ pub enum GpuDtype {
     /// padded with one zero half so rows stay word-aligned. Needs no
     /// `shader-f16` feature.
     F16,
+    /// bfloat16 (the top half of an f32), two per u32 word as F16; widened
+    /// in the kernel by a shift, exactly.
+    Bf16,
 }
 
 impl GpuDtype {
@@ -358,7 +361,31 @@ impl GpuDtype {
     pub fn row_words(self, dim: usize) -> usize {
         match self {
             GpuDtype::F32 => dim,
-            GpuDtype::F16 => dim.div_ceil(2),
+            GpuDtype::F16 | GpuDtype::Bf16 => dim.div_ceil(2),
+        }
+    }
+
+    /// Whether two elements share a u32 word (f16, bf16).
+    pub fn packed(self) -> bool {
+        self != GpuDtype::F32
+    }
+
+    /// Bits of `x` rounded to this 16-bit type (round to nearest even: a
+    /// value that came from this type is kept exactly). F32 is not packed.
+    fn half_bits(self, x: f32) -> u32 {
+        match self {
+            GpuDtype::F16 => half::f16::from_f32(x).to_bits() as u32,
+            GpuDtype::Bf16 => half::bf16::from_f32(x).to_bits() as u32,
+            GpuDtype::F32 => unreachable!("f32 is not packed"),
+        }
+    }
+
+    /// `bits` of this 16-bit type widened to f32 (exact).
+    fn widen_half(self, bits: u16) -> f32 {
+        match self {
+            GpuDtype::F16 => half::f16::from_bits(bits).to_f32(),
+            GpuDtype::Bf16 => f32::from_bits(u32::from(bits) << 16),
+            GpuDtype::F32 => unreachable!("f32 is not packed"),
         }
     }
 }
@@ -548,15 +575,13 @@ impl ShardedTable {
 pub fn encode_rows(data: &[f32], dim: usize, dtype: GpuDtype) -> Vec<u32> {
     match dtype {
         GpuDtype::F32 => bytemuck::cast_slice(data).to_vec(),
-        GpuDtype::F16 => {
+        GpuDtype::F16 | GpuDtype::Bf16 => {
             let rw = dtype.row_words(dim);
             let mut out = Vec::with_capacity(data.len().div_ceil(2.max(dim)) * rw);
             for row in data.chunks_exact(dim.max(1)) {
                 for pair in 0..rw {
-                    let lo = half::f16::from_f32(row[2 * pair]).to_bits() as u32;
-                    let hi = row
-                        .get(2 * pair + 1)
-                        .map_or(0, |&v| half::f16::from_f32(v).to_bits() as u32);
+                    let lo = dtype.half_bits(row[2 * pair]);
+                    let hi = row.get(2 * pair + 1).map_or(0, |&v| dtype.half_bits(v));
                     out.push(lo | (hi << 16));
                 }
             }
@@ -569,14 +594,14 @@ pub fn encode_rows(data: &[f32], dim: usize, dtype: GpuDtype) -> Vec<u32> {
 pub fn decode_rows(words: &[u32], dim: usize, dtype: GpuDtype) -> Vec<f32> {
     match dtype {
         GpuDtype::F32 => bytemuck::cast_slice(words).to_vec(),
-        GpuDtype::F16 => {
+        GpuDtype::F16 | GpuDtype::Bf16 => {
             let rw = dtype.row_words(dim);
             let mut out = Vec::with_capacity(words.len() * 2);
             for row in words.chunks_exact(rw.max(1)) {
                 for c in 0..dim {
                     let w = row[c / 2];
                     let bits = if c % 2 == 0 { w & 0xffff } else { w >> 16 };
-                    out.push(half::f16::from_bits(bits as u16).to_f32());
+                    out.push(dtype.widen_half(bits as u16));
                 }
             }
             out

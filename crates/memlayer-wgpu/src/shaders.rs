@@ -107,7 +107,7 @@ shader!(
     bf::Params,
     256,
     [P, R, R, R, R, W, R, R, R],
-    overrides = ["F16", "PAGED"]
+    overrides = ["F16", "PAGED", "BF16"]
 );
 shader!(
     BAG_FORWARD_VEC4,
@@ -115,7 +115,7 @@ shader!(
     bf::Params,
     256,
     [P, R, R, R, R, W, R, R, R],
-    overrides = ["F16", "PAGED"]
+    overrides = ["F16", "PAGED", "BF16"]
 );
 shader!(
     REVERSE_INDEX_HIST,

@@ -189,6 +189,7 @@ fn check_bag(ctx: &GpuContext, bb: &BagBackward, f: &Fwd, dtype: GpuDtype, seed:
         GpuDtype::F32 => table,
         // the oracle runs on the values the device stores
         GpuDtype::F16 => decode_rows(&encode_rows(&table, dim, dtype), dim, dtype),
+        GpuDtype::Bf16 => unreachable!("bf16 tables are paged slots, never trained"),
     };
     let want_t =
         bag::bag_backward_table(rows, dim, &f.lk.indices, &f.lk.weights, &offsets, &grad_out)

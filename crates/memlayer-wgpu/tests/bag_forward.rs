@@ -48,7 +48,7 @@ fn random_bags(
     (indices, weights, offsets)
 }
 
-/// The table as the device stores it (f16-rounded for F16).
+/// The table as the device stores it (f16/bf16-rounded for F16/Bf16).
 fn stored(data: &[f32], dim: usize, dtype: GpuDtype) -> Vec<f32> {
     decode_rows(&encode_rows(data, dim, dtype), dim, dtype)
 }
@@ -78,7 +78,7 @@ fn small_binding_ctx(bytes: u64) -> Option<GpuContext> {
 }
 
 #[test]
-fn flat_tables_f32_and_f16_over_many_widths() {
+fn flat_tables_f32_f16_and_bf16_over_many_widths() {
     let Some(ctx) = gpu_for_tests(GpuOptions::default()) else {
         return;
     };
@@ -89,7 +89,7 @@ fn flat_tables_f32_and_f16_over_many_widths() {
     // one block of words (4 × 256 u32, 16 × 256 vec4 f32, 8 × 256 vec4 f16),
     // and f16 widths that are a multiple of 4 but not 8 (u32 kernel)
     for dim in [1, 3, 8, 12, 37, 64, 256, 1024, 2052, 2500, 4099, 16392] {
-        for dtype in [GpuDtype::F32, GpuDtype::F16] {
+        for dtype in [GpuDtype::F32, GpuDtype::F16, GpuDtype::Bf16] {
             let rows = 300;
             let data = rng.normal_vec(rows * dim, 0.0, 1.0);
             let table = ShardedTable::upload(&ctx, "values", &data, rows, dim, dtype).unwrap();
@@ -144,12 +144,14 @@ fn flat_tables_spanning_shards_under_a_small_binding_limit() {
     let bag = BagForward::new(&ctx).unwrap();
     let mut rng = Rng::new(3);
     for (rows, dim, dtype) in [
-        (500, 64, GpuDtype::F32),  // 128 KB: 2 shards, one pass
-        (700, 64, GpuDtype::F32),  // 3 shards, one pass
-        (1000, 64, GpuDtype::F16), // 128 KB: 2 shards
-        (1700, 61, GpuDtype::F32), // 7 shards: 3 passes
-        (3000, 37, GpuDtype::F16), // 76 KB: 2 shards, odd width
-        (9000, 40, GpuDtype::F16), // 720 KB: 12 shards, 4 passes
+        (500, 64, GpuDtype::F32),   // 128 KB: 2 shards, one pass
+        (700, 64, GpuDtype::F32),   // 3 shards, one pass
+        (1000, 64, GpuDtype::F16),  // 128 KB: 2 shards
+        (1700, 61, GpuDtype::F32),  // 7 shards: 3 passes
+        (3000, 37, GpuDtype::F16),  // 76 KB: 2 shards, odd width
+        (9000, 40, GpuDtype::F16),  // 720 KB: 12 shards, 4 passes
+        (1000, 64, GpuDtype::Bf16), // 128 KB: 2 shards
+        (3000, 37, GpuDtype::Bf16), // 76 KB: 2 shards, odd width
     ] {
         let data = rng.normal_vec(rows * dim, 0.0, 1.0);
         let table = ShardedTable::upload(&ctx, "values", &data, rows, dim, dtype).unwrap();
@@ -251,6 +253,9 @@ fn paged_tables_with_random_slots_and_a_partly_filled_pool() {
         (GpuDtype::F32, 5, 8),
         (GpuDtype::F32, 64, 6),
         (GpuDtype::F16, 37, 6),
+        (GpuDtype::Bf16, 64, 8),
+        (GpuDtype::Bf16, 37, 8),
+        (GpuDtype::Bf16, 37, 6),
     ]
     .into_iter()
     .enumerate()
@@ -272,6 +277,7 @@ fn paged_tables_spanning_shards_under_a_small_binding_limit() {
     let bag = BagForward::new(&ctx).unwrap();
     assert_eq!(paged_case(&ctx, &bag, 20, GpuDtype::F32, 64, 8), 12);
     assert_eq!(paged_case(&ctx, &bag, 21, GpuDtype::F16, 64, 8), 6);
+    assert_eq!(paged_case(&ctx, &bag, 24, GpuDtype::Bf16, 64, 8), 6);
     // odd width (u32-load kernel): 6 pages a shard, 8 shards, 3 passes
     assert_eq!(paged_case(&ctx, &bag, 23, GpuDtype::F32, 37, 8), 8);
     // 36 KiB: 3 shards, a single (bit-identical) pass

@@ -38,6 +38,15 @@ pub struct ServeArgs {
     /// served files; repeatable. Default: none, only the web app served here.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origins: Vec<String>,
+    /// Answer a Range of several ranges with the whole file (200), as a
+    /// server or CDN without multi-range support does (clients then send
+    /// one request per range).
+    #[arg(long)]
+    pub no_multi_range: bool,
+    /// Hold every reply this many milliseconds: a network round trip on
+    /// 127.0.0.1, for latency-shaped benchmarks.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub delay_ms: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -57,6 +66,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     config.idle_timeout = std::time::Duration::from_secs(args.idle_timeout_secs);
     config.write_timeout = std::time::Duration::from_secs(args.write_timeout_secs);
     config.cors_origins = args.cors_origins.clone();
+    config.multi_range = !args.no_multi_range;
+    config.delay = std::time::Duration::from_millis(args.delay_ms);
     if args.web.is_dir() {
         config = config.mount("/", &args.web);
     }

@@ -204,6 +204,14 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
         0.0,
         "a fresh profile has no copy"
     );
+    // a token's missed pages go out as one multi-range request (memlayer
+    // serve answers multipart/byteranges): far fewer requests than pages
+    let requests = num(&r, &["stats", "httpRequests"]);
+    assert!(
+        requests >= 1.0 && requests * 4.0 <= streamed,
+        "{requests} requests for {streamed} pages: {}",
+        r["stats"]
+    );
 
     // the reload: same answer, every page from the Cache API, nothing over the network
     let again = &r["reload"];
@@ -227,7 +235,7 @@ fn the_browser_chat_answers_like_the_native_cli_streaming_a_fraction_of_the_bank
         .len();
     eprintln!(
         "browser chat on {}: {browser:?} | wasm {:.2} MiB | load {:.2} s | first token {:.2} s | \
-         {:.1} tok/s | {streamed} of {bank_pages} pages streamed ({:.2} MiB) | reload: first token \
+         {:.1} tok/s | {streamed} of {bank_pages} pages streamed ({:.2} MiB) in {requests} requests | reload: first token \
          {:.2} s, {:.1} tok/s | {:.0} s in all | screenshot {}",
         r["adapter"].as_str().unwrap_or("?"),
         wasm as f64 / (1024.0 * 1024.0),

@@ -89,13 +89,31 @@ fn now_seconds() -> f64 {
 
 /// GET `url` (optionally a byte range) → (status, body).
 async fn get(url: &str, range: Option<(u64, u64)>) -> Result<(u16, Vec<u8>), String> {
+    let range = range.map(|(offset, len)| format!("bytes={offset}-{}", offset + len - 1));
+    let r = get_ranged(url, range.as_deref(), false).await?;
+    Ok((r.status, r.body.unwrap_or_default()))
+}
+
+/// A reply to [`get_ranged`].
+struct Ranged {
+    status: u16,
+    content_type: String,
+    content_range: String,
+    /// `None`: not read (a 200 to a multi-range request).
+    body: Option<Vec<u8>>,
+}
+
+/// GET `url` with an optional `Range` header value. With `skip_full`, a
+/// `200` (the whole file: a server without multi-range support) is
+/// aborted once its headers are in, its body never downloaded.
+async fn get_ranged(url: &str, range: Option<&str>, skip_full: bool) -> Result<Ranged, String> {
     let init = RequestInit::new();
     init.set_method("GET");
-    if let Some((offset, len)) = range {
+    let abort = web_sys::AbortController::new().map_err(|e| describe(&e))?;
+    init.set_signal(Some(&abort.signal()));
+    if let Some(range) = range {
         let headers = web_sys::Headers::new().map_err(|e| describe(&e))?;
-        headers
-            .set("Range", &format!("bytes={offset}-{}", offset + len - 1))
-            .map_err(|e| describe(&e))?;
+        headers.set("Range", range).map_err(|e| describe(&e))?;
         init.set_headers(&headers);
         // pages persist in the Cache API; the HTTP cache would blur what was streamed
         init.set_cache(RequestCache::NoStore);
@@ -108,10 +126,26 @@ async fn get(url: &str, range: Option<(u64, u64)>) -> Result<(u16, Vec<u8>), Str
         .dyn_into()
         .map_err(|_| "fetch did not return a Response".to_string())?;
     let status = resp.status();
+    let header = |name: &str| resp.headers().get(name).ok().flatten().unwrap_or_default();
+    let (content_type, content_range) = (header("content-type"), header("content-range"));
+    if skip_full && status == 200 {
+        abort.abort();
+        return Ok(Ranged {
+            status,
+            content_type,
+            content_range,
+            body: None,
+        });
+    }
     let buf = JsFuture::from(resp.array_buffer().map_err(|e| describe(&e))?)
         .await
         .map_err(|e| describe(&e))?;
-    Ok((status, Uint8Array::new(&buf).to_vec()))
+    Ok(Ranged {
+        status,
+        content_type,
+        content_range,
+        body: Some(Uint8Array::new(&buf).to_vec()),
+    })
 }
 
 /// GET a whole file of the model directory; errors name the URL.
@@ -290,7 +324,19 @@ impl LocalCopy {
 struct HttpFetch {
     url: String,
     local: Rc<LocalCopy>,
+    /// Whether the server answers multi-range requests: unknown until the
+    /// first batch of several runs asks (then [`MULTI_YES`] / [`MULTI_NO`]).
+    multi: Rc<Cell<u8>>,
+    /// Requests sent for the bank (`httpRequests` in the stats).
+    requests: Rc<Cell<u64>>,
 }
+
+const MULTI_UNKNOWN: u8 = 0;
+const MULTI_YES: u8 = 1;
+const MULTI_NO: u8 = 2;
+
+/// Most runs one multi-range request asks for (as natively).
+const MAX_RANGES_PER_REQUEST: usize = 64;
 
 impl HttpFetch {
     /// The Cache API key of a page: the bank URL, the page and its checksum
@@ -304,12 +350,95 @@ impl HttpFetch {
     }
 }
 
+impl HttpFetch {
+    /// The bytes of each span: multi-range requests of up to
+    /// [`MAX_RANGES_PER_REQUEST`] spans when the server supports them (all
+    /// in flight together), else one request per span (all in flight).
+    async fn read_spans(&self, spans: &[(u64, u64)]) -> Vec<Result<Vec<u8>, String>> {
+        if spans.len() > 1 && self.multi.get() != MULTI_NO {
+            let groups: Vec<&[(u64, u64)]> = spans.chunks(MAX_RANGES_PER_REQUEST).collect();
+            let replies = futures_join(groups.iter().map(|g| self.read_multi(g)).collect()).await;
+            if self.multi.get() != MULTI_NO {
+                let mut out = Vec::with_capacity(spans.len());
+                for (g, reply) in groups.iter().zip(replies) {
+                    match reply {
+                        Ok(Some(parts)) => out.extend(parts.into_iter().map(Ok)),
+                        Ok(None) => out.extend(g.iter().map(|_| Err("not read".to_string()))),
+                        Err(e) => out.extend(g.iter().map(|_| Err(e.clone()))),
+                    }
+                }
+                return out;
+            }
+            // the server answered with the whole file: one request per span
+        }
+        futures_join(
+            spans
+                .iter()
+                .map(|&(offset, len)| self.read_range(offset, len))
+                .collect(),
+        )
+        .await
+    }
+
+    /// One multi-range request: each span's bytes, or `None` if the server
+    /// answered `200` (no multi-range support; the body is not downloaded).
+    async fn read_multi(&self, spans: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>, String> {
+        use memlayer_bank::multipart::{
+            BytePart, boundary, parse_byteranges, parse_content_range, range_header, slice_spans,
+        };
+        self.requests.set(self.requests.get() + 1);
+        let header = range_header(spans);
+        let r = get_ranged(&self.url, Some(&header), true).await?;
+        let what = format!("{} ranges of {}", spans.len(), self.url);
+        match r.status {
+            206 => {}
+            200 => {
+                self.multi.set(MULTI_NO);
+                return Ok(None);
+            }
+            s => return Err(format!("HTTP {s} for {what}")),
+        }
+        let body = r.body.unwrap_or_default();
+        let parts = match boundary(&r.content_type) {
+            Some(b) => parse_byteranges(&body, &b).map_err(|e| format!("{what}: {e}"))?,
+            // the server merged the ranges into one part
+            None => {
+                let (first, last, complete) =
+                    parse_content_range(&r.content_range).ok_or_else(|| {
+                        format!(
+                            "{what}: 206 reply neither multipart/byteranges nor with a valid \
+                             Content-Range ({:?})",
+                            r.content_range
+                        )
+                    })?;
+                if body.len() as u64 != last - first + 1 {
+                    return Err(format!(
+                        "{what}: {} body bytes for Content-Range {first}-{last}",
+                        body.len()
+                    ));
+                }
+                vec![BytePart {
+                    first,
+                    last,
+                    complete,
+                    bytes: body,
+                }]
+            }
+        };
+        self.multi.set(MULTI_YES);
+        slice_spans(&parts, spans)
+            .map(Some)
+            .map_err(|e| format!("{what}: {e}"))
+    }
+}
+
 impl PageFetch for HttpFetch {
     fn location(&self) -> String {
         self.url.clone()
     }
 
     async fn read_range(&self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.requests.set(self.requests.get() + 1);
         let (status, body) = get(&self.url, Some((offset, len))).await?;
         let bytes = match status {
             206 => body,
@@ -376,14 +505,14 @@ impl PageFetch for HttpFetch {
         let missing: Vec<usize> = (0..pages.len()).filter(|&i| out[i].is_none()).collect();
         let wanted: Vec<(PageId, PageEntry)> = missing.iter().map(|&i| pages[i]).collect();
         let runs = adjacent_runs(&wanted, MAX_RUN_BYTES);
-        let requests: Vec<_> = runs
+        let spans: Vec<(u64, u64)> = runs
             .iter()
             .map(|r| {
                 let (first, last) = (wanted[r.start].1, wanted[r.end - 1].1);
-                self.read_range(first.offset, last.end() - first.offset)
+                (first.offset, last.end() - first.offset)
             })
             .collect();
-        let replies = futures_join(requests).await;
+        let replies = self.read_spans(&spans).await;
         let mut puts = Vec::new();
         for (run, reply) in runs.into_iter().zip(replies) {
             let first = wanted[run.start].1;
@@ -677,6 +806,9 @@ pub struct ChatEngine {
     local: Rc<LocalCopy>,
     /// The device's first uncaptured error.
     gpu_error: Arc<Mutex<Option<String>>>,
+    /// HTTP requests sent for the bank (its header and table, then pages; a
+    /// multi-range request counts once): `httpRequests` in the stats.
+    http_requests: Rc<Cell<u64>>,
 }
 
 #[wasm_bindgen]
@@ -769,12 +901,15 @@ impl ChatEngine {
         let routing = files.routing(&cfg, &checksums).map_err(js_err)?;
         // a dense model (no memory in its config) has no bank: nothing is paged
         let has_memory = cfg.pkm.is_some() || cfg.hier.is_some();
+        let http_requests = Rc::new(Cell::new(0u64));
         let (memory, local, bank_bytes, value_section) = if has_memory {
             progress("reading the memory bank's page table");
             let url = format!("{base}memory.bank");
             let bank = RemoteBank::open(HttpFetch {
                 url: url.clone(),
                 local: Rc::new(LocalCopy::None),
+                multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
+                requests: http_requests.clone(),
             })
             .await
             .map_err(js_err)?;
@@ -784,6 +919,8 @@ impl ChatEngine {
             let bank = bank.with_fetcher(HttpFetch {
                 url,
                 local: local.clone(),
+                multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
+                requests: http_requests.clone(),
             });
             let bank_bytes = memlayer_bank::resident_bytes(bank.sections());
             let budget_bytes = (bank_bytes as f64 * budget_percent / 100.0) as u64;
@@ -834,6 +971,7 @@ impl ChatEngine {
             model,
             local,
             gpu_error,
+            http_requests,
         })
     }
 
@@ -878,7 +1016,13 @@ impl ChatEngine {
             Err(_) => self.last_stats.get(),
         };
         // the page reads camelCase keys (`web/app.js`)
-        to_js(&s.camel_case())
+        let v = to_js(&s.camel_case())?;
+        Reflect::set(
+            &v,
+            &"httpRequests".into(),
+            &JsValue::from_f64(self.http_requests.get() as f64),
+        )?;
+        Ok(v)
     }
 
     /// Generates after `prompt` (stops at the first newline, at EOS or after

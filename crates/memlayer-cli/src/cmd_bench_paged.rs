@@ -1,6 +1,10 @@
 //! `memlayer bench paged`: decode speed and bytes streamed with the memory
 //! paged under budgets (percent of the bank) against the fully resident
-//! model, with and without block prefetch, in one run.
+//! model, with and without block prefetch, in one run. With `--rtt-ms` the
+//! bank is served over HTTP on 127.0.0.1 by an in-process `memlayer serve`
+//! that holds every reply for the given round trip, one pass per RTT: the
+//! latency-shaped benchmark (JSON rows carry `rtt_ms`; `--plot` draws tok/s
+//! against RTT).
 
 use crate::args::{Backend, MemoryArgs, parse_percent, parse_source};
 use crate::open::{open_paged, require_memory_layers, runtime_device};
@@ -35,6 +39,19 @@ pub struct PagedBenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Round trips to run at, in ms (e.g. `0,20,80`): the model's bank is
+    /// served on 127.0.0.1 by an in-process server that holds every reply
+    /// this long (needs `--source file`).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(0..=2000))]
+    pub rtt_ms: Vec<u64>,
+    /// With `--rtt-ms`: the server refuses multi-range requests (answers
+    /// them with the whole file), as servers and CDNs without support do;
+    /// the client then sends one request per page.
+    #[arg(long)]
+    pub single_range: bool,
+    /// With `--rtt-ms`: draw decode tok/s against the round trip (PNG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// Totals of one pass over the questions.
@@ -85,6 +102,136 @@ fn pass(
         p.add(&out);
     }
     Ok(p)
+}
+
+/// One measured pass per budget (and with/without block prefetch for a
+/// hierarchical memory) with the bank read from `source`; a row each.
+fn paged_rows(
+    args: &PagedBenchArgs,
+    prompts: &[String],
+    source: &Source,
+    rtt: Option<u64>,
+    hier: bool,
+    rows: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    let dir = &args.model;
+    let mut full_tok_s = None;
+    for &budget in &args.budgets {
+        for prefetch in if hier { vec![false, true] } else { vec![false] } {
+            let mem_args = MemoryArgs::new(source.clone(), Budget::percent(budget)?, args.backend);
+            let mut o = open_paged(dir, &mem_args, prefetch, "bench paged")?;
+            let routes: Vec<Option<Vec<usize>>> = prompts
+                .iter()
+                .map(|p| o.generator.route(p))
+                .collect::<Result<_, _>>()?;
+            // the next question's blocks are fetched once this one's prefill
+            // has made its own blocks resident, while it decodes
+            let mut first_token = |i: usize| {
+                if prefetch && let Some(Some(next)) = routes.get(i + 1) {
+                    let _ = o.memory.prefetch_blocks(next);
+                }
+            };
+            // untimed pass, then the measured one
+            pass(
+                &mut o.generator,
+                &prompts,
+                args.max_tokens,
+                &mut first_token,
+            )?;
+            o.memory.reset_stats();
+            let p = pass(
+                &mut o.generator,
+                &prompts,
+                args.max_tokens,
+                &mut first_token,
+            )?;
+            o.memory.wait_prefetch();
+            let st = o.memory.stats();
+            let tok_s = p.decode_tok_s();
+            let full = *full_tok_s.get_or_insert(tok_s);
+            let processed = (p.prompt_tokens + p.generated) as f64;
+            let name = format!(
+                "paged{}{}",
+                if prefetch { " + prefetch" } else { "" },
+                rtt.map(|r| format!(" @{r}ms")).unwrap_or_default()
+            );
+            println!(
+                "{:<22} {:>9.0} {:>12.1} {:>8.2}x {:>9.1}% {:>12.2} {:>12.3} {:>9}",
+                name,
+                budget,
+                tok_s,
+                tok_s / full,
+                100.0 * st.hit_rate(),
+                st.bytes_streamed as f64 / 1024.0 / processed,
+                p.first_token_seconds / prompts.len() as f64,
+                st.evictions
+            );
+            rows.push(json!({
+                "memory": name,
+                "rtt_ms": rtt,
+                "budget_percent": budget,
+                "budget_bytes": o.memory.budget_bytes(),
+                "bank_bytes": o.bank_bytes,
+                "prefetch": prefetch,
+                "decode_tokens_per_second": tok_s,
+                "ratio_vs_first_budget": tok_s / full,
+                "first_token_seconds": p.first_token_seconds / prompts.len() as f64,
+                "bytes_streamed_per_token": st.bytes_streamed as f64 / processed,
+                "tokens": processed,
+                "stats": st,
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Decode tok/s against the round trip, one line per budget (and prefetch),
+/// log y: the latency-shaped benchmark's plot.
+fn plot_rtt(path: &std::path::Path, rows: &[serde_json::Value], single_range: bool) -> Result<()> {
+    use memlayer_train::plot::{Series, line_chart};
+    let mut series: Vec<Series> = Vec::new();
+    for r in rows.iter().filter(|r| r["rtt_ms"].is_u64()) {
+        let name = format!(
+            "{} % {}",
+            r["budget_percent"].as_f64().unwrap_or(0.0),
+            if r["prefetch"].as_bool() == Some(true) {
+                "+ prefetch"
+            } else {
+                ""
+            }
+        );
+        let point = (
+            r["rtt_ms"].as_f64().unwrap_or(0.0),
+            r["decode_tokens_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .max(1e-3),
+        );
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push(point),
+            None => series.push(Series {
+                name,
+                points: vec![point],
+            }),
+        }
+    }
+    let title = format!(
+        "paged decode over HTTP on 127.0.0.1 ({})",
+        if single_range {
+            "one request per page"
+        } else {
+            "multi-range"
+        }
+    );
+    line_chart(
+        path,
+        &title,
+        "round trip (ms)",
+        "decode tok/s",
+        &series,
+        true,
+    )
+    .with_context(|| format!("plotting {}", path.display()))
 }
 
 pub fn run(args: PagedBenchArgs) -> Result<()> {
@@ -140,67 +287,31 @@ pub fn run(args: PagedBenchArgs) -> Result<()> {
     let hier = resident.config().hier.is_some();
     drop(resident);
 
-    let mut full_tok_s = None;
-    for &budget in &args.budgets {
-        for prefetch in if hier { vec![false, true] } else { vec![false] } {
-            let mem_args =
-                MemoryArgs::new(args.source.clone(), Budget::percent(budget)?, args.backend);
-            let mut o = open_paged(dir, &mem_args, prefetch, "bench paged")?;
-            let routes: Vec<Option<Vec<usize>>> = prompts
-                .iter()
-                .map(|p| o.generator.route(p))
-                .collect::<Result<_, _>>()?;
-            // the next question's blocks are fetched once this one's prefill
-            // has made its own blocks resident, while it decodes
-            let mut first_token = |i: usize| {
-                if prefetch && let Some(Some(next)) = routes.get(i + 1) {
-                    let _ = o.memory.prefetch_blocks(next);
-                }
-            };
-            // untimed pass, then the measured one
-            pass(
-                &mut o.generator,
-                &prompts,
-                args.max_tokens,
-                &mut first_token,
-            )?;
-            o.memory.reset_stats();
-            let p = pass(
-                &mut o.generator,
-                &prompts,
-                args.max_tokens,
-                &mut first_token,
-            )?;
-            o.memory.wait_prefetch();
-            let st = o.memory.stats();
-            let tok_s = p.decode_tok_s();
-            let full = *full_tok_s.get_or_insert(tok_s);
-            let processed = (p.prompt_tokens + p.generated) as f64;
-            let name = format!("paged{}", if prefetch { " + prefetch" } else { "" });
-            println!(
-                "{:<22} {:>9.0} {:>12.1} {:>8.2}x {:>9.1}% {:>12.2} {:>12.3} {:>9}",
-                name,
-                budget,
-                tok_s,
-                tok_s / full,
-                100.0 * st.hit_rate(),
-                st.bytes_streamed as f64 / 1024.0 / processed,
-                p.first_token_seconds / prompts.len() as f64,
-                st.evictions
+    if args.rtt_ms.is_empty() {
+        paged_rows(&args, &prompts, &args.source, None, hier, &mut rows)?;
+    } else {
+        if !matches!(args.source, Source::ModelDir) {
+            bail!(
+                "--rtt-ms serves the model's own bank on 127.0.0.1: leave --source at `file` (got {})",
+                args.source
             );
-            rows.push(json!({
-                "memory": name,
-                "budget_percent": budget,
-                "budget_bytes": o.memory.budget_bytes(),
-                "bank_bytes": o.bank_bytes,
-                "prefetch": prefetch,
-                "decode_tokens_per_second": tok_s,
-                "ratio_vs_first_budget": tok_s / full,
-                "first_token_seconds": p.first_token_seconds / prompts.len() as f64,
-                "bytes_streamed_per_token": st.bytes_streamed as f64 / processed,
-                "tokens": processed,
-                "stats": st,
-            }));
+        }
+        for &rtt in &args.rtt_ms {
+            let mut config =
+                memlayer_http::ServeConfig::new(([127, 0, 0, 1], 0).into()).mount("/model/", dir);
+            config.delay = std::time::Duration::from_millis(rtt);
+            config.multi_range = !args.single_range;
+            config.threads = 2;
+            let server = memlayer_http::Server::start(config)
+                .map_err(|e| anyhow::anyhow!("starting the bench's server: {e}"))?;
+            let url: Source = format!("{}/model/memory.bank", server.url())
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?;
+            paged_rows(&args, &prompts, &url, Some(rtt), hier, &mut rows)?;
+            server.shutdown();
+        }
+        if let Some(path) = &args.plot {
+            plot_rtt(path, &rows, args.single_range)?;
         }
     }
     if let Some(path) = &args.json {

@@ -165,3 +165,73 @@ fn bad_sources_and_budgets_fail_with_clear_messages() {
     let out = memlayer(&["serve", tmp.path().join("nothing").to_str().unwrap()]);
     assert!(text(&out.stderr).contains("not a model directory"));
 }
+
+/// The latency-shaped benchmark: the shipped model's bank served on
+/// 127.0.0.1 by the bench's own server holding every reply 0 and 15 ms;
+/// one row per round trip, JSON with `rtt_ms`, a PNG plot; a held reply
+/// slows decoding. Speeds are reported, not asserted, but for the one order
+/// a 15 ms hold per miss cannot miss (at 2 % nearly every token misses).
+#[test]
+fn bench_paged_at_round_trips_writes_rows_per_rtt_and_a_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, png) = (tmp.path().join("rtt.json"), tmp.path().join("rtt.png"));
+    let demo = shipped_demo_dir();
+    let out = memlayer(&[
+        "bench",
+        "paged",
+        "--model",
+        demo.to_str().unwrap(),
+        "--questions",
+        "2",
+        "--max-tokens",
+        "4",
+        // 2 %: the second (measured) pass over the same questions still misses
+        "--budgets",
+        "2",
+        "--rtt-ms",
+        "0,15",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("@15ms"), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows: Vec<&serde_json::Value> = doc["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["rtt_ms"].is_u64())
+        .collect();
+    assert_eq!(rows.len(), 2, "{doc}");
+    let tok_s = |i: usize| rows[i]["decode_tokens_per_second"].as_f64().unwrap();
+    assert!(
+        tok_s(1) < tok_s(0) / 2.0,
+        "a 15 ms round trip per miss must show: {} vs {}",
+        tok_s(0),
+        tok_s(1)
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["stats"]["pages_streamed"].as_u64() > Some(0))
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 2000);
+    // a source other than the model's own bank is refused
+    let err = text(
+        &memlayer(&[
+            "bench",
+            "paged",
+            "--model",
+            demo.to_str().unwrap(),
+            "--rtt-ms",
+            "5",
+            "--source",
+            "http://127.0.0.1:9/x.bank",
+        ])
+        .stderr,
+    );
+    assert!(err.contains("--rtt-ms"), "{err}");
+}

@@ -447,14 +447,26 @@ impl PagedMemory {
         let target = rows.to_vec();
         let rows = target.clone();
         let handle = std::thread::spawn(move || {
-            for (l, &row) in rows.iter().enumerate() {
-                let Some(page) = lock(&shared.state).engine.prefetch_page(l, row) else {
-                    continue;
-                };
-                // read without the lock: the forward runs on meanwhile. A
-                // failed prefetch is not an error: the forward fetches
-                // again and reports the failure then
-                if let Ok(data) = shared.bank.read_page_f32(page) {
+            // every level's page in one batch: one round trip over HTTP
+            // (multi-range), not one per level
+            let wanted: Vec<(usize, usize, memlayer_bank::PageId)> = {
+                let st = lock(&shared.state);
+                rows.iter()
+                    .enumerate()
+                    .filter_map(|(l, &row)| st.engine.prefetch_page(l, row).map(|p| (l, row, p)))
+                    .collect()
+            };
+            let pages: Vec<memlayer_bank::PageId> = wanted.iter().map(|w| w.2).collect();
+            // read without the lock: the forward runs on meanwhile. A
+            // failed prefetch is not an error: the forward fetches again
+            // and reports the failure then
+            let read = if pages.len() > 1 {
+                shared.bank.read_pages_f32(&pages)
+            } else {
+                pages.iter().map(|&p| shared.bank.read_page_f32(p)).collect()
+            };
+            for ((l, row, page), data) in wanted.into_iter().zip(read) {
+                if let Ok(data) = data {
                     let bytes = shared.bank.page(page).map_or(0, |e| e.length);
                     let values = data.len();
                     lock(&shared.state).engine.prefetched(

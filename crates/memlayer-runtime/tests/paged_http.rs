@@ -176,3 +176,47 @@ fn http_500_and_timeouts_name_the_page_and_the_url() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Prefetching the next context's blocks over HTTP: every level's block in
+/// one multi-range request (one round trip), each checksum-verified, then
+/// served to the forward as hits.
+#[test]
+fn a_prefetch_fetches_every_levels_block_in_one_request() {
+    let cfg = cfg(true);
+    let store = ParamStore::init(&cfg, 3).unwrap();
+    let dir = std::env::temp_dir().join(format!("memlayer-prefetch-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("memory.bank");
+    memlayer_model_dir::dir::write_bank_with(&cfg, &store, &path, Dtype::F32, 4).unwrap();
+    let server = memlayer_http::Server::start(
+        memlayer_http::ServeConfig::new("127.0.0.1:0".parse().unwrap()).mount("/", &dir),
+    )
+    .unwrap();
+    let src = Arc::new(HttpSource::open(format!("{}/memory.bank", server.url())).unwrap());
+    let bank = BankReader::open(Box::new(src.clone()) as Box<dyn PageSource>).unwrap();
+    let levels = cfg.hier.as_ref().unwrap().levels;
+    assert!(levels >= 2, "the fixture has {levels} levels");
+    let opts = PagedOptions {
+        prefetch: true,
+        ..PagedOptions::host(memlayer_runtime::Budget::bytes(u64::MAX))
+    };
+    let mem = PagedMemory::new(bank, opts).unwrap();
+    let rows: Vec<usize> = (0..levels).map(|l| l % 2).collect();
+    let before = src.stats().requests;
+    mem.prefetch_blocks(&rows).unwrap();
+    mem.wait_prefetch();
+    assert_eq!(
+        src.stats().requests - before,
+        1,
+        "{levels} levels in one request"
+    );
+    assert_eq!(mem.stats().pages_streamed, levels as u64);
+    // the forward's block reads are now hits: nothing more is fetched
+    let device = Device::flex();
+    for (l, &row) in rows.iter().enumerate() {
+        memlayer_model::MemorySource::blocks(&mem, l + 1, &[row], &device).unwrap();
+    }
+    assert_eq!(src.stats().requests - before, 1);
+    assert_eq!(mem.stats().block_hits, levels as u64);
+    let _ = std::fs::remove_dir_all(&dir);
+}

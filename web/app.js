@@ -7,8 +7,13 @@
 //   ?max_tokens=24    ?seed=0   ?temperature=0   ?top_p=1   sampling defaults
 //   ?prompt=TEXT      prefill the prompt box;  ?autorun=1  send it once ready
 //   ?model=URL        model directory (default /model/)
+//   ?local_copy=cache where fetched pages are kept: opfs (default), cache, none
+// At load it asks the browser to keep this origin's storage
+// (navigator.storage.persist()); the status line says how much the local page
+// copy holds, of what quota, and whether the storage is persistent.
 // For tests it exposes window.memlayerTurns / memlayerLast / memlayerError /
-// memlayerDevice / memlayerModel / memlayerLoadSeconds and body[data-turns].
+// memlayerDevice / memlayerModel / memlayerLoadSeconds / memlayerPersist /
+// memlayerStorageNotice and body[data-turns].
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,6 +31,7 @@ function numParam(name, fallback) {
 const config = {
   modelUrl: new URL(params.get('model') || '/model/', location.href).href,
   budgetPercent: numParam('budget', 25),
+  localCopy: params.get('local_copy') || undefined,
   autorun: params.get('autorun') === '1',
 };
 
@@ -45,6 +51,7 @@ const el = {
   topP: $('top-p'),
   seed: $('seed'),
   clearCache: $('clear-cache'),
+  storageNotice: $('storage-notice'),
   modelInfo: $('model-info'),
   modelLink: $('model-link'),
   stat: {
@@ -55,6 +62,7 @@ const el = {
     hitrate: $('stat-hitrate'),
     evictions: $('stat-evictions'),
     blocks: $('stat-blocks'),
+    storage: $('stat-storage'),
     time: $('stat-time'),
     toks: $('stat-toks'),
   },
@@ -82,6 +90,7 @@ const app = {
 window.memlayerTurns = [];
 window.memlayerLast = null;
 window.memlayerError = null;
+window.memlayerStorageNotice = null;
 document.body.dataset.turns = '0';
 
 // ---- Formatting ------------------------------------------------------------
@@ -91,12 +100,43 @@ const mib = (bytes) => (bytes / MiB).toFixed(2);
 const pct = (fraction) => `${(fraction * 100).toFixed(1)} %`;
 const fixed = (x, digits) => (Number.isFinite(x) ? x.toFixed(digits) : '–');
 
-/** Sets the status line and its data-state. */
+/** A byte count in plain words: KiB, MiB or GiB. */
+function bytesText(bytes) {
+  if (!(bytes >= 0)) return '?';
+  if (bytes >= 1024 * MiB) return `${(bytes / (1024 * MiB)).toFixed(1)} GiB`;
+  if (bytes >= MiB) return `${(bytes / MiB).toFixed(1)} MiB`;
+  return `${(bytes / 1024).toFixed(1)} KiB`;
+}
+
+/** The storage in plain words, e.g. "local copy: 3.1 MiB of 2.0 GiB quota,
+ *  persistent" (empty before the engine reports it, or without a copy). */
+function storageText(s) {
+  if (!s || s.storageQuota === undefined || app.model?.localCopy === 'none') return '';
+  const quota = s.storageQuota > 0 ? ` of ${bytesText(s.storageQuota)} quota` : '';
+  const kept = s.storagePersisted ? 'persistent' : 'not persistent (the browser may clear it)';
+  const trimmed = s.localCopyTrims > 0 ? `, trimmed ${s.localCopyTrims}× at the quota` : '';
+  return `local copy: ${bytesText(s.localCopyBytes)}${quota}, ${kept}${trimmed}`;
+}
+
+/** Sets the status line and its data-state; a ready line ends with the storage. */
 function setStatus(state, text) {
   app.state = state;
   el.status.dataset.state = state;
-  el.status.textContent = text;
+  const storage = state === 'ready' ? storageText(app.stats) : '';
+  el.status.textContent = storage ? `${text} ${storage.charAt(0).toUpperCase()}${storage.slice(1)}.` : text;
   updateControls();
+}
+
+/** Tells the page, once per trim, that the quota was reached and the local
+ *  copy trimmed (the engine keeps answering from the network). */
+function showStorageNotice(s) {
+  if (!s?.storageNotice || (s.localCopyTrims ?? 0) <= (app.trimsShown ?? 0)) return;
+  app.trimsShown = s.localCopyTrims;
+  window.memlayerStorageNotice = s.storageNotice;
+  if (el.storageNotice) {
+    el.storageNotice.textContent = s.storageNotice.charAt(0).toUpperCase() + s.storageNotice.slice(1) + '.';
+    el.storageNotice.hidden = false;
+  }
 }
 
 /** Enables the send and clear-cache buttons only when the engine is idle. */
@@ -169,6 +209,14 @@ function renderStats(s) {
   if (el.stat.time) {
     setStat(el.stat.time, `${(s.fetchSeconds ?? 0).toFixed(2)} s / ${(s.deviceSeconds ?? 0).toFixed(2)} s`);
   }
+  if (el.stat.storage && s.storageQuota !== undefined) {
+    setStat(el.stat.storage, bytesText(s.localCopyBytes),
+      [s.storageQuota > 0 && `quota ${bytesText(s.storageQuota)}`,
+        s.storagePersisted ? 'persistent' : 'not persistent',
+        s.localCopyTrims > 0 && `trimmed ${s.localCopyTrims}×, ${s.pagesNotKept} pages not kept`]
+        .filter(Boolean).join(' · '));
+  }
+  showStorageNotice(s);
 }
 
 /** Decode speed and time to first token of the last answer. */
@@ -401,5 +449,15 @@ if (!navigator.gpu) {
   });
   worker.addEventListener('messageerror', () => onWorkerFailure('a worker message could not be decoded'));
   setStatus('loading', 'Loading: starting the worker…');
-  worker.postMessage({ type: 'load', modelUrl: config.modelUrl, budgetPercent: config.budgetPercent });
+  // Ask the browser to keep the page copy (persist() exists on windows only;
+  // Chromium grants or denies it without a prompt), then load.
+  const persist = navigator.storage?.persist
+    ? navigator.storage.persist().catch(() => false) : Promise.resolve(false);
+  persist.then((granted) => {
+    window.memlayerPersist = granted;
+    worker.postMessage({
+      type: 'load', modelUrl: config.modelUrl, budgetPercent: config.budgetPercent,
+      localCopy: config.localCopy,
+    });
+  });
 }

@@ -2,7 +2,7 @@
 //
 // Everything that touches WebGPU or the model runs here, off the main thread.
 // Protocol (see app.js):
-//   main → worker  {type:'load', modelUrl, budgetPercent}
+//   main → worker  {type:'load', modelUrl, budgetPercent, localCopy?}  (localCopy: 'opfs' | 'cache' | 'none')
 //                  {type:'generate', id, prompt, maxTokens, temperature, topP, seed}
 //                  {type:'clear-cache'}
 //                  {type:'prefetch', seq, text}   (the question being typed)
@@ -11,6 +11,8 @@
 //                  {type:'piece', id, piece, stats} {type:'done', id, result, stats}
 //                  {type:'error', id?, message}
 //                  {type:'stats', stats}           (after 'clear-cache' or 'prefetch')
+// Every stats object carries the browser's storage (storageUsage, storageQuota,
+// storagePersisted, localCopyBytes, localCopyLimit, localCopyTrims, storageNotice).
 // Messages are handled one at a time, in order; every failure is reported as
 // an 'error' message, never dropped.
 
@@ -79,7 +81,7 @@ async function gpuProblem() {
 }
 
 /** 'load': wasm, WebGPU check, then the model (config, tokenizer, weights, bank index). */
-async function load({ modelUrl, budgetPercent }) {
+async function load({ modelUrl, budgetPercent, localCopy }) {
   post({ type: 'progress', message: 'loading the wasm engine…' });
   await loadWasm();
   const problem = await gpuProblem();
@@ -90,7 +92,7 @@ async function load({ modelUrl, budgetPercent }) {
   post({ type: 'progress', message: `loading the model from ${modelUrl}…` });
   engine = await wasm.ChatEngine.load(modelUrl, budgetPercent, (message) => {
     post({ type: 'progress', message: String(message) });
-  });
+  }, localCopy || undefined);
   post({ type: 'device', info: plain(engine.deviceInfo()) });
   post({ type: 'ready', model: plain(engine.modelInfo()), stats: currentStats() });
 }

@@ -17,9 +17,13 @@
 //   --type-pause-ms N  wait N ms between typing the prompt and sending it, as a
 //                      person would (a hierarchical memory prefetches the typed
 //                      question's blocks meanwhile); default 0
+//   --quota-bytes N    give the page's origin a storage quota of N bytes before
+//                      it loads (CDP Storage.overrideQuotaForOrigin), e.g. far
+//                      less than the pages streamed: the local copy is trimmed
 //
 // Prints one JSON line on stdout:
-//   {"adapter", "device", "model", "text", "result", "stats", "loadSeconds", "reload": {...} | null}
+//   {"adapter", "device", "model", "text", "result", "stats", "loadSeconds",
+//    "status", "storageNotice", "persist", "reload": {...} | null}
 // Everything else (browser console, page errors, progress) goes to stderr.
 // Exit status: 0 answered, 1 error / no WebGPU / timeout, 2 bad arguments.
 
@@ -27,7 +31,7 @@ import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
 
 const USAGE = 'usage: node tests/chat.mjs --url URL [--prompt TEXT] [--screenshot PATH] ' +
-  '[--timeout-ms N] [--chromium PATH] [--reload] [--no-webgpu] [--type-pause-ms N]';
+  '[--timeout-ms N] [--chromium PATH] [--reload] [--no-webgpu] [--type-pause-ms N] [--quota-bytes N]';
 
 /** Command-line options, validated. */
 function options() {
@@ -43,6 +47,7 @@ function options() {
         reload: { type: 'boolean', default: false },
         'no-webgpu': { type: 'boolean', default: false },
         'type-pause-ms': { type: 'string', default: '0' },
+        'quota-bytes': { type: 'string' },
       },
     }));
   } catch (err) {
@@ -56,7 +61,11 @@ function options() {
   if (!(timeoutMs > 0)) usage('--timeout-ms must be a positive number');
   const typePauseMs = Number(values['type-pause-ms']);
   if (!(typePauseMs >= 0)) usage('--type-pause-ms must be a number ≥ 0');
-  return { ...values, prompt, timeoutMs, typePauseMs };
+  const quotaBytes = values['quota-bytes'] === undefined ? null : Number(values['quota-bytes']);
+  if (quotaBytes !== null && !(Number.isInteger(quotaBytes) && quotaBytes >= 0)) {
+    usage('--quota-bytes must be a whole number ≥ 0');
+  }
+  return { ...values, prompt, timeoutMs, typePauseMs, quotaBytes };
 }
 
 function usage(message) {
@@ -140,6 +149,9 @@ async function run(page, opts, deadline, { reload }) {
     text: window.memlayerTurns[0].text,
     result: window.memlayerTurns[0].result,
     stats: window.memlayerTurns[0].stats,
+    status: document.querySelector('#status')?.textContent ?? '',
+    storageNotice: window.memlayerStorageNotice ?? null,
+    persist: window.memlayerPersist ?? null,
   }));
   log(`answer: ${JSON.stringify(out.text)} (${out.result.tokens} tokens, ` +
     `${Number(out.result.tokensPerSecond).toFixed(1)} tok/s)`);
@@ -164,6 +176,13 @@ async function main() {
     page.on('console', (m) => console.error(`[browser] ${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => console.error(`[browser] page error: ${e.message}`));
     page.on('requestfailed', (r) => console.error(`[browser] request failed: ${r.url()} ${r.failure()?.errorText ?? ''}`));
+    if (opts.quotaBytes !== null) {
+      // a small per-origin quota (kept across the reload: same browser context)
+      const origin = new URL(opts.url).origin;
+      const cdp = await page.context().newCDPSession(page);
+      await cdp.send('Storage.overrideQuotaForOrigin', { origin, quotaSize: opts.quotaBytes });
+      log(`storage quota of ${origin}: ${opts.quotaBytes} bytes`);
+    }
 
     try {
       const first = await run(page, opts, deadline, { reload: false });

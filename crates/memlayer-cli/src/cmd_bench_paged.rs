@@ -134,14 +134,14 @@ fn paged_rows(
             // untimed pass, then the measured one
             pass(
                 &mut o.generator,
-                &prompts,
+                prompts,
                 args.max_tokens,
                 &mut first_token,
             )?;
             o.memory.reset_stats();
             let p = pass(
                 &mut o.generator,
-                &prompts,
+                prompts,
                 args.max_tokens,
                 &mut first_token,
             )?;

@@ -322,3 +322,143 @@ fn a_hierarchical_model_answers_in_the_browser_like_the_native_cli() {
         num(again, &["stats", "pagesFromCache"]),
     );
 }
+
+/// One chat under a small per-origin storage quota (`--quota-bytes`), with
+/// a reload: the answer must equal `native`, the page must be told once
+/// that the quota was reached and the local copy (`what`) trimmed, and the
+/// storage must be reported. Returns the JSON line.
+fn chat_under_quota(
+    root: &Path,
+    web: &Path,
+    base: &str,
+    native: &str,
+    local_copy: &str,
+    quota: u64,
+) -> serde_json::Value {
+    let shot = root.join(format!("target/browser-chat-quota-{local_copy}.png"));
+    let url = format!(
+        "{base}/?budget={BUDGET_PERCENT}&max_tokens={MAX_TOKENS}&seed={SEED}&local_copy={local_copy}"
+    );
+    let r = browser_chat(
+        web,
+        &url,
+        PROMPT,
+        &["--reload", "--quota-bytes", &quota.to_string()],
+        &shot,
+    );
+    let what = if local_copy == "cache" {
+        "Cache API"
+    } else {
+        "OPFS"
+    };
+    assert_eq!(
+        r["model"]["localCopy"].as_str(),
+        Some(what),
+        "{}",
+        r["model"]
+    );
+    for (run, label) in [(&r, "first run"), (&r["reload"], "reload")] {
+        assert_eq!(
+            run["text"].as_str(),
+            Some(native),
+            "{label} under a {quota}-byte quota ({what}): the answer must not change"
+        );
+        let stats = &run["stats"];
+        assert!(
+            num(stats, &["localCopyTrims"]) >= 1.0 && num(stats, &["pagesNotKept"]) > 0.0,
+            "{label}: the quota must have trimmed the copy: {stats}"
+        );
+        let notice = run["storageNotice"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{label}: the page was not told about the quota: {run}"));
+        assert!(
+            notice.starts_with("storage quota reached")
+                && (notice.contains(&format!("the local page copy ({what}) was trimmed to"))
+                    || notice.contains(&format!("the local page copy ({what}) is capped at")))
+                && notice.contains("fetched again from the network"),
+            "{label}: {notice}"
+        );
+        // Chromium's estimate() reports usage + a fixed amount, not the
+        // overridden quota: only that a quota is reported is checked
+        assert!(num(stats, &["storageQuota"]) > 0.0, "{stats}");
+        assert!(stats["storagePersisted"].is_boolean(), "{stats}");
+        assert!(
+            num(stats, &["localCopyBytes"]) <= quota as f64,
+            "{label}: the copy must fit the quota: {stats}"
+        );
+        let status = run["status"].as_str().unwrap_or_default();
+        assert!(
+            status.contains("Local copy:") && status.contains("quota"),
+            "{label}: the status line must show the storage: {status:?}"
+        );
+    }
+    r
+}
+
+#[test]
+fn under_a_tiny_storage_quota_the_local_copy_is_trimmed_and_the_answer_stays() {
+    let Some((root, web)) = browser_setup() else {
+        return;
+    };
+    let model = root.join("models/demo-pkm");
+    let native = native_answer(&model, PROMPT, MAX_TOKENS);
+    let served = serve(&model, Some(&web));
+    std::fs::create_dir_all(root.join("target")).unwrap();
+    let bank = std::fs::metadata(model.join("memory.bank")).unwrap().len();
+
+    // OPFS (the worker's default): a 1 MiB quota for an 8.4 MiB bank (the
+    // mirror is addressed by bank offset, so the quota counts its length)
+    let quota = 1 << 20;
+    let r = chat_under_quota(&root, &web, &served.1, &native, "opfs", quota);
+    let streamed = num(&r, &["stats", "bytesStreamed"]);
+    assert!(
+        streamed > quota as f64 / 2.0 && (bank as f64) > 4.0 * quota as f64,
+        "the pages streamed ({streamed} bytes, bank {bank}) must be far more than fit"
+    );
+    // the mirror keeps the pages below the cut: some come from it after the
+    // reload, the rest from the network again
+    let again = &r["reload"];
+    let (from_copy, pages) = (
+        num(again, &["stats", "pagesFromCache"]),
+        num(again, &["stats", "pagesStreamed"]),
+    );
+    assert!(
+        from_copy > 0.0 && from_copy < pages && num(again, &["stats", "bytesStreamed"]) > 0.0,
+        "after the reload some pages come from the trimmed copy: {}",
+        again["stats"]
+    );
+
+    // the Cache API: a 512 KiB quota; a refused put drops the oldest half
+    let cache_quota = 512 << 10;
+    let c = chat_under_quota(&root, &web, &served.1, &native, "cache", cache_quota);
+    assert!(
+        c["storageNotice"]
+            .as_str()
+            .unwrap()
+            .contains("oldest first")
+    );
+
+    for (label, run, q) in [("OPFS", &r, quota), ("Cache API", &c, cache_quota)] {
+        let s = &run["stats"];
+        eprintln!(
+            "browser chat under a {q}-byte quota ({label}): {:?} | {} pages streamed ({:.2} MiB) | \
+             copy {:.2} MiB, limit {:.2} MiB, trimmed {}x ({:.2} MiB dropped), {} pages not \
+             kept | reload: {} of {} pages from the copy | estimate: usage {} of quota {}, \
+             persisted {} | notice: {}",
+            run["text"].as_str().unwrap_or("?"),
+            num(s, &["pagesStreamed"]),
+            num(s, &["bytesStreamed"]) / (1024.0 * 1024.0),
+            num(s, &["localCopyBytes"]) / (1024.0 * 1024.0),
+            num(s, &["localCopyLimit"]) / (1024.0 * 1024.0),
+            num(s, &["localCopyTrims"]),
+            num(s, &["localCopyTrimmedBytes"]) / (1024.0 * 1024.0),
+            num(s, &["pagesNotKept"]),
+            num(&run["reload"], &["stats", "pagesFromCache"]),
+            num(&run["reload"], &["stats", "pagesStreamed"]),
+            num(s, &["storageUsage"]),
+            num(s, &["storageQuota"]),
+            s["storagePersisted"],
+            run["storageNotice"].as_str().unwrap_or("?"),
+        );
+    }
+}

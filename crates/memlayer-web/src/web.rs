@@ -197,6 +197,7 @@ struct OpfsMirror {
     write: Function,
     flush: Function,
     truncate: Function,
+    get_size: Function,
 }
 
 impl OpfsMirror {
@@ -241,6 +242,7 @@ impl OpfsMirror {
                             write: f("write")?,
                             flush: f("flush")?,
                             truncate: f("truncate")?,
+                            get_size: f("getSize")?,
                             handle,
                         });
                     }
@@ -266,12 +268,47 @@ impl OpfsMirror {
         buf.to_vec()
     }
 
+    /// Writes `bytes` at `offset`. At the origin's quota Chromium neither
+    /// throws nor writes: `write()` returns its error code as an unsigned
+    /// count (`-8`, no space, as 4294967288) and the file does not grow;
+    /// other browsers throw a `QuotaExceededError`. Anything but all the
+    /// bytes written, the file reaching the page's end, is an `Err`.
     fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
         let buf = Uint8Array::from(bytes);
-        self.write
+        let n = self
+            .write
             .call2(&self.handle, &buf, &Self::at(offset))
+            .map_err(|e| describe(&e))?
+            .as_f64()
+            .unwrap_or(-1.0);
+        let end = offset + bytes.len() as u64;
+        if n != bytes.len() as f64 || self.size() < end {
+            return Err(format!(
+                "OPFS write of {} bytes at {offset} returned {n}: no space left",
+                bytes.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The file's length in bytes (a sparse file counts its holes: the
+    /// quota charges the length, not the pages written).
+    fn size(&self) -> u64 {
+        self.get_size
+            .call0(&self.handle)
+            .ok()
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Cuts the file to `len` bytes (the pages past it are dropped).
+    fn truncate_to(&self, len: u64) -> Result<(), String> {
+        self.truncate
+            .call1(&self.handle, &JsValue::from_f64(len as f64))
             .map(|_| ())
-            .map_err(|e| describe(&e))
+            .map_err(|e| describe(&e))?;
+        self.flush();
+        Ok(())
     }
 
     fn flush(&self) {
@@ -279,12 +316,7 @@ impl OpfsMirror {
     }
 
     fn clear(&self) -> Result<(), String> {
-        self.truncate
-            .call1(&self.handle, &JsValue::from_f64(0.0))
-            .map(|_| ())
-            .map_err(|e| describe(&e))?;
-        self.flush();
-        Ok(())
+        self.truncate_to(0)
     }
 }
 
@@ -320,6 +352,120 @@ impl LocalCopy {
     }
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Precision of the probe for the length the quota lets the OPFS mirror
+/// reach.
+const OPFS_PROBE_STEP: u64 = 64 * 1024;
+
+/// The browser's storage as the page is told about it, and the cap on the
+/// local copy: `navigator.storage.estimate()` (usage, quota) and
+/// `persisted()` read at load and after every generation; the local copy's
+/// size; how often it was trimmed because the origin's quota was reached.
+#[derive(Default)]
+struct StorageState {
+    /// `estimate().usage` / `.quota` in bytes (0 when unknown).
+    usage: f64,
+    quota: f64,
+    /// `estimate().usageDetails.caches` (the Cache API's share), if given.
+    caches_usage: Option<f64>,
+    /// Whether the origin's storage is persistent (`persisted()`: the page
+    /// asks `persist()` at load).
+    persisted: bool,
+    /// Most bytes the local copy may hold: set from the estimate at load
+    /// (nine tenths of what the quota leaves), lowered at each trim.
+    limit: u64,
+    /// Bytes the local copy holds (OPFS: the file's length; Cache API: the
+    /// estimate's `caches` usage plus the pages put since).
+    copy_bytes: u64,
+    /// Times the copy was trimmed, bytes dropped, pages not kept.
+    trims: u32,
+    trimmed_bytes: u64,
+    pages_not_kept: u64,
+    /// What the page is told when the quota is reached (the latest trim).
+    notice: Option<String>,
+}
+
+impl StorageState {
+    /// The limit the estimate allows for a copy now holding `copy` bytes
+    /// (nine tenths of the quota left to it), at most `cap`.
+    fn limit_from_estimate(&self, copy: u64, cap: u64) -> u64 {
+        if self.quota <= 0.0 {
+            return cap;
+        }
+        let left = (self.quota - self.usage).max(0.0) + copy as f64;
+        ((left * 0.9) as u64).min(cap)
+    }
+
+    /// Records a trim of the local copy from `from` to `to` bytes.
+    fn trimmed(&mut self, what: &str, why: &str, from: u64, to: u64, detail: &str) {
+        self.trims += 1;
+        self.trimmed_bytes += from.saturating_sub(to);
+        self.copy_bytes = to;
+        // a mirror that held less than the cut (its first write past the
+        // quota) is capped rather than trimmed
+        let done = if to < from {
+            format!(
+                "was trimmed to {:.2} MiB (it held {:.2} MiB)",
+                to as f64 / MIB,
+                from as f64 / MIB
+            )
+        } else {
+            format!("is capped at {:.2} MiB", to as f64 / MIB)
+        };
+        let notice = format!(
+            "storage quota reached ({why}): the local page copy ({what}) {done}{detail}; pages \
+             not kept are fetched again from the network"
+        );
+        web_sys::console::warn_1(&JsValue::from_str(&format!("memlayer: {notice}")));
+        self.notice = Some(notice);
+    }
+}
+
+/// `navigator.storage` of the global scope, if any.
+fn navigator_storage() -> Option<JsValue> {
+    let nav = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
+    let storage = Reflect::get(&nav, &"storage".into()).ok()?;
+    (!storage.is_undefined() && !storage.is_null()).then_some(storage)
+}
+
+/// Calls `navigator.storage[method]()` and awaits it.
+async fn storage_call(method: &str) -> Option<JsValue> {
+    let storage = navigator_storage()?;
+    let f: Function = Reflect::get(&storage, &method.into())
+        .ok()?
+        .dyn_into()
+        .ok()?;
+    let p: Promise = f.call0(&storage).ok()?.dyn_into().ok()?;
+    JsFuture::from(p).await.ok()
+}
+
+/// Reads `estimate()` and `persisted()` into `state`.
+async fn refresh_storage(state: &RefCell<StorageState>) {
+    let estimate = storage_call("estimate").await;
+    let persisted = storage_call("persisted").await;
+    let num = |o: &JsValue, k: &str| Reflect::get(o, &k.into()).ok().and_then(|v| v.as_f64());
+    let mut s = state.borrow_mut();
+    if let Some(e) = estimate {
+        s.usage = num(&e, "usage").unwrap_or(0.0);
+        s.quota = num(&e, "quota").unwrap_or(0.0);
+        s.caches_usage = Reflect::get(&e, &"usageDetails".into())
+            .ok()
+            .and_then(|d| num(&d, "caches"));
+    }
+    if let Some(p) = persisted {
+        s.persisted = p.is_truthy();
+    }
+}
+
+/// Whether a rejection is the quota's (`QuotaExceededError`).
+fn is_quota_error(e: &JsValue) -> bool {
+    Reflect::get(e, &"name".into())
+        .ok()
+        .and_then(|n| n.as_string())
+        .is_some_and(|n| n == "QuotaExceededError")
+}
+
 /// The bank over HTTP: Range requests, pages kept in a [`LocalCopy`].
 struct HttpFetch {
     url: String,
@@ -329,6 +475,8 @@ struct HttpFetch {
     multi: Rc<Cell<u8>>,
     /// Requests sent for the bank (`httpRequests` in the stats).
     requests: Rc<Cell<u64>>,
+    /// The storage counters and the local copy's limit.
+    storage: Rc<RefCell<StorageState>>,
 }
 
 const MULTI_UNKNOWN: u8 = 0;
@@ -432,6 +580,100 @@ impl HttpFetch {
     }
 }
 
+impl HttpFetch {
+    /// Keeps a fetched page in the OPFS mirror when it lies within the
+    /// copy's limit. A write the quota refuses trims the mirror: the file
+    /// is addressed by bank offset and its length is what the quota charges
+    /// (holes included), so the most it may grow to is probed (grown by
+    /// `truncate`, halving the step; Chromium's `estimate()` does not report
+    /// an origin's real quota), and the file is cut to three quarters of
+    /// that, room left for the origin's other data. The mirror has no
+    /// index: its tail is the only space it can give back; every page below
+    /// the cut stays, and the limit drops to the cut, so pages past it are
+    /// no longer written and the quota is not hit again.
+    fn keep_opfs(&self, m: &OpfsMirror, e: &PageEntry, bytes: &[u8]) {
+        let limit = self.storage.borrow().limit;
+        if e.end() > limit {
+            self.storage.borrow_mut().pages_not_kept += 1;
+            return;
+        }
+        let Err(why) = m.write_at(e.offset, bytes) else {
+            let mut s = self.storage.borrow_mut();
+            s.copy_bytes = s.copy_bytes.max(e.end());
+            return;
+        };
+        let held = m.size();
+        // the quota allows `lo` bytes and refuses `hi`
+        let (mut lo, mut hi) = (held, e.end().max(held + 1));
+        while hi - lo > OPFS_PROBE_STEP {
+            let mid = lo + (hi - lo) / 2;
+            if m.truncate_to(mid).is_ok() && m.size() == mid {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let to = (lo.min(limit) / 4 * 3) / 4096 * 4096;
+        let kept = if m.truncate_to(to).is_ok() {
+            to
+        } else {
+            m.size()
+        };
+        let mut s = self.storage.borrow_mut();
+        s.limit = to;
+        s.pages_not_kept += 1;
+        s.trimmed(
+            "OPFS",
+            &why,
+            held,
+            kept,
+            &format!(
+                "; the quota lets it reach about {:.2} MiB, so pages past {:.2} MiB of the bank \
+                 are no longer kept",
+                lo as f64 / MIB,
+                to as f64 / MIB
+            ),
+        );
+    }
+
+    /// Drops the oldest half of the Cache API's entries (`keys()` lists
+    /// them in insertion order), after the quota refused a put (`refused`:
+    /// the limit becomes what the copy held) or the copy reached its limit.
+    async fn trim_cache(&self, cache: &Cache, why: &str, refused: bool) {
+        let Ok(keys) = JsFuture::from(cache.keys()).await else {
+            return;
+        };
+        let keys: js_sys::Array = keys.unchecked_into();
+        let n = keys.length();
+        let drop = n.div_ceil(2);
+        let deletes: Vec<Promise> = keys
+            .iter()
+            .take(drop as usize)
+            .filter_map(|k| k.dyn_into::<Request>().ok())
+            .map(|req| cache.delete_with_str(&req.url()))
+            .collect();
+        for d in deletes {
+            let _ = JsFuture::from(d).await;
+        }
+        let from = self.storage.borrow().copy_bytes;
+        refresh_storage(&self.storage).await;
+        let mut s = self.storage.borrow_mut();
+        if refused {
+            s.limit = s.limit.min(from);
+        }
+        // the entries' sizes are not listed: the bytes dropped are counted
+        // in proportion to the entries
+        let to = from - from * u64::from(drop) / u64::from(n.max(1));
+        s.trimmed(
+            "Cache API",
+            why,
+            from,
+            to,
+            &format!(" ({drop} of {n} pages dropped, oldest first)"),
+        );
+    }
+}
+
 impl PageFetch for HttpFetch {
     fn location(&self) -> String {
         self.url.clone()
@@ -514,6 +756,7 @@ impl PageFetch for HttpFetch {
             .collect();
         let replies = self.read_spans(&spans).await;
         let mut puts = Vec::new();
+        let (mut put_bytes, mut over_limit) = (0u64, false);
         for (run, reply) in runs.into_iter().zip(replies) {
             let first = wanted[run.start].1;
             for j in run {
@@ -523,15 +766,30 @@ impl PageFetch for HttpFetch {
                     bytes[at..at + e.length as usize].to_vec()
                 });
                 if let Ok(bytes) = &r {
+                    // a page not kept only costs a later refetch: storage
+                    // never fails a generation
                     match &*self.local {
-                        // a failed write only costs a later refetch
-                        LocalCopy::Opfs(m) => {
-                            let _ = m.write_at(e.offset, bytes);
-                        }
+                        LocalCopy::Opfs(m) => self.keep_opfs(m, &e, bytes),
                         LocalCopy::CacheApi(cache) => {
+                            let len = e.length;
+                            let fits = {
+                                let mut s = self.storage.borrow_mut();
+                                let fits = s.copy_bytes + put_bytes + len <= s.limit;
+                                if !fits {
+                                    s.pages_not_kept += 1;
+                                }
+                                fits
+                            };
                             let mut copy = bytes.clone();
-                            if let Ok(resp) = Response::new_with_opt_u8_array(Some(&mut copy)) {
-                                puts.push(cache.put_with_str(&self.key(page, &e), &resp));
+                            match Response::new_with_opt_u8_array(Some(&mut copy)) {
+                                Ok(resp) if fits => {
+                                    put_bytes += len;
+                                    puts.push((
+                                        cache.put_with_str(&self.key(page, &e), &resp),
+                                        len,
+                                    ));
+                                }
+                                _ => over_limit |= !fits,
                             }
                         }
                         LocalCopy::None => {}
@@ -543,9 +801,27 @@ impl PageFetch for HttpFetch {
                 }));
             }
         }
-        // 3. keep the new pages (a failed put only costs a later refetch)
-        for p in puts {
-            let _ = JsFuture::from(p).await;
+        // 3. keep the new pages; a put the quota refuses (or a copy at its
+        // limit) trims the copy, the page is fetched again when next missed
+        let mut refused: Option<String> = None;
+        for (p, len) in puts {
+            match JsFuture::from(p).await {
+                Ok(_) => self.storage.borrow_mut().copy_bytes += len,
+                Err(e) => {
+                    self.storage.borrow_mut().pages_not_kept += 1;
+                    if refused.is_none() || is_quota_error(&e) {
+                        refused = Some(describe(&e));
+                    }
+                }
+            }
+        }
+        if let LocalCopy::CacheApi(cache) = &*self.local {
+            if let Some(why) = refused {
+                self.trim_cache(cache, &why, true).await;
+            } else if over_limit {
+                self.trim_cache(cache, "the copy reached its limit", false)
+                    .await;
+            }
         }
         if let LocalCopy::Opfs(m) = &*self.local {
             m.flush();
@@ -772,15 +1048,21 @@ impl DeviceInfo {
 
 /// The browser's copy of `bank`'s pages: an OPFS file named after the
 /// bank's table checksum (a rewritten bank never reads pages of an older
-/// one), else the Cache API, else none.
-async fn local_copy(bank: &RemoteBank<HttpFetch>) -> Result<LocalCopy, JsValue> {
+/// one), else the Cache API, else none. `prefer`: `"cache"` skips OPFS,
+/// `"none"` keeps no copy (the page's `?local_copy=`).
+async fn local_copy(bank: &RemoteBank<HttpFetch>, prefer: &str) -> Result<LocalCopy, JsValue> {
     let h = bank.meta().header;
     let name = format!("memlayer-{:016x}-{}.bank", h.table_checksum, h.file_len);
-    Ok(match OpfsMirror::open(&name).await {
+    let opfs = match prefer {
+        "none" => return Ok(LocalCopy::None),
+        "cache" => Err("the page asked for the Cache API".to_string()),
+        _ => OpfsMirror::open(&name).await,
+    };
+    Ok(match opfs {
         Ok(m) => LocalCopy::Opfs(m),
         Err(why) => {
             web_sys::console::warn_1(&JsValue::from_str(&format!(
-                "OPFS unavailable ({why}); keeping pages in the Cache API"
+                "OPFS not used ({why}); keeping pages in the Cache API"
             )));
             let storage = Scope::get().map_err(js_err)?.caches();
             let cache = match storage {
@@ -793,6 +1075,37 @@ async fn local_copy(bank: &RemoteBank<HttpFetch>) -> Result<LocalCopy, JsValue> 
             cache.map_or(LocalCopy::None, LocalCopy::CacheApi)
         }
     })
+}
+
+/// Reads the storage estimate and sets the local copy's size and limit (at
+/// most the bank's length); an OPFS copy already past the limit is trimmed.
+async fn init_storage(state: &RefCell<StorageState>, local: &LocalCopy, bank_len: u64) {
+    refresh_storage(state).await;
+    let mut s = state.borrow_mut();
+    let copy = match local {
+        LocalCopy::Opfs(m) => m.size(),
+        LocalCopy::CacheApi(_) => s.caches_usage.unwrap_or(0.0) as u64,
+        LocalCopy::None => 0,
+    };
+    s.copy_bytes = copy;
+    s.limit = s.limit_from_estimate(copy, bank_len);
+    if let LocalCopy::Opfs(m) = local
+        && copy > s.limit
+    {
+        let to = s.limit;
+        let kept = if m.truncate_to(to).is_ok() {
+            to
+        } else {
+            m.size()
+        };
+        s.trimmed(
+            "OPFS",
+            "the copy is larger than the quota now leaves it",
+            copy,
+            kept,
+            "",
+        );
+    }
 }
 
 /// The chat model in the browser: load once, generate many times.
@@ -809,6 +1122,9 @@ pub struct ChatEngine {
     /// HTTP requests sent for the bank (its header and table, then pages; a
     /// multi-range request counts once): `httpRequests` in the stats.
     http_requests: Rc<Cell<u64>>,
+    /// The browser's storage and the local copy's limit (`storage*` and
+    /// `localCopy*` in the stats).
+    storage: Rc<RefCell<StorageState>>,
 }
 
 #[wasm_bindgen]
@@ -818,11 +1134,14 @@ impl ChatEngine {
     /// and page table), opens a WebGPU device with the adapter's own limits
     /// when the model has a product-key memory, and sizes the memory to
     /// `budget_percent` of the bank as held (values in its dtype, blocks as
-    /// f32). `on_progress(message)` is called at each step.
+    /// f32). `on_progress(message)` is called at each step. `local_copy`:
+    /// where fetched pages are kept, `"opfs"` (the default: OPFS, else the
+    /// Cache API), `"cache"` or `"none"`.
     pub async fn load(
         model_url: String,
         budget_percent: f64,
         on_progress: Function,
+        local_copy_kind: Option<String>,
     ) -> Result<ChatEngine, JsValue> {
         let progress = |m: &str| {
             let _ = on_progress.call1(&JsValue::NULL, &JsValue::from_str(m));
@@ -902,6 +1221,7 @@ impl ChatEngine {
         // a dense model (no memory in its config) has no bank: nothing is paged
         let has_memory = cfg.pkm.is_some() || cfg.hier.is_some();
         let http_requests = Rc::new(Cell::new(0u64));
+        let storage = Rc::new(RefCell::new(StorageState::default()));
         let (memory, local, bank_bytes, value_section) = if has_memory {
             progress("reading the memory bank's page table");
             let url = format!("{base}memory.bank");
@@ -910,17 +1230,21 @@ impl ChatEngine {
                 local: Rc::new(LocalCopy::None),
                 multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
                 requests: http_requests.clone(),
+                storage: storage.clone(),
             })
             .await
             .map_err(js_err)?;
             // its shapes fit the config, and it is the bank checksums.json records
             check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
-            let local = Rc::new(local_copy(&bank).await?);
+            let prefer = local_copy_kind.as_deref().unwrap_or("opfs");
+            let local = Rc::new(local_copy(&bank, prefer).await?);
+            init_storage(&storage, &local, bank.meta().header.file_len).await;
             let bank = bank.with_fetcher(HttpFetch {
                 url,
                 local: local.clone(),
                 multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
                 requests: http_requests.clone(),
+                storage: storage.clone(),
             });
             let bank_bytes = memlayer_bank::resident_bytes(bank.sections());
             let budget_bytes = (bank_bytes as f64 * budget_percent / 100.0) as u64;
@@ -937,6 +1261,7 @@ impl ChatEngine {
             };
             (Some(memory), local, bank_bytes, value_section)
         } else {
+            refresh_storage(&storage).await;
             (None, Rc::new(LocalCopy::None), 0, None)
         };
         progress("building the model and its memory");
@@ -972,6 +1297,7 @@ impl ChatEngine {
             local,
             gpu_error,
             http_requests,
+            storage,
         })
     }
 
@@ -1022,6 +1348,7 @@ impl ChatEngine {
             &"httpRequests".into(),
             &JsValue::from_f64(self.http_requests.get() as f64),
         )?;
+        add_storage(&v, &self.storage.borrow())?;
         Ok(v)
     }
 
@@ -1045,6 +1372,7 @@ impl ChatEngine {
         let engine = self.engine.clone();
         let last = self.last_stats.clone();
         let gpu_error = self.gpu_error.clone();
+        let storage = self.storage.clone();
         future_to_promise(async move {
             if !(seed >= 0.0 && seed.fract() == 0.0 && seed <= 9_007_199_254_740_991.0) {
                 return Err(js_err(format!(
@@ -1069,6 +1397,7 @@ impl ChatEngine {
                     |piece, stats| {
                         last.set(*stats);
                         if let Ok(s) = to_js(&stats.camel_case()) {
+                            let _ = add_storage(&s, &storage.borrow());
                             let _ = on_piece.call2(&JsValue::NULL, &JsValue::from_str(piece), &s);
                         }
                     },
@@ -1076,6 +1405,7 @@ impl ChatEngine {
                 .await
                 .map_err(js_err)?;
             last.set(engine.stats());
+            refresh_storage(&storage).await;
             if let Some(e) = gpu_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 return Err(js_err(format!("WebGPU error during generation: {e}")));
             }
@@ -1105,24 +1435,57 @@ impl ChatEngine {
     #[wasm_bindgen(js_name = clearPageCache)]
     pub fn clear_page_cache(&self) -> Promise {
         let local = self.local.clone();
+        let storage = self.storage.clone();
         future_to_promise(async move {
-            match &*local {
-                LocalCopy::Opfs(m) => {
-                    m.clear().map_err(js_err)?;
-                    Ok(JsValue::from(1))
-                }
-                LocalCopy::CacheApi(cache) => {
-                    let keys: js_sys::Array = JsFuture::from(cache.keys()).await?.dyn_into()?;
-                    let mut n = 0;
-                    for k in keys.iter() {
-                        let req: Request = k.dyn_into()?;
-                        JsFuture::from(cache.delete_with_str(&req.url())).await?;
-                        n += 1;
-                    }
-                    Ok(JsValue::from(n))
-                }
-                LocalCopy::None => Ok(JsValue::from(0)),
-            }
+            storage.borrow_mut().copy_bytes = 0;
+            let dropped = clear_copy(&local).await;
+            refresh_storage(&storage).await;
+            dropped
         })
     }
+}
+
+/// Empties `local`; the number of entries dropped (OPFS: 1 file).
+async fn clear_copy(local: &LocalCopy) -> Result<JsValue, JsValue> {
+    match local {
+        LocalCopy::Opfs(m) => {
+            m.clear().map_err(js_err)?;
+            Ok(JsValue::from(1))
+        }
+        LocalCopy::CacheApi(cache) => {
+            let keys: js_sys::Array = JsFuture::from(cache.keys()).await?.dyn_into()?;
+            let mut n = 0;
+            for k in keys.iter() {
+                let req: Request = k.dyn_into()?;
+                JsFuture::from(cache.delete_with_str(&req.url())).await?;
+                n += 1;
+            }
+            Ok(JsValue::from(n))
+        }
+        LocalCopy::None => Ok(JsValue::from(0)),
+    }
+}
+
+/// Adds the storage fields to a stats object: `storageUsage`,
+/// `storageQuota` (bytes, `navigator.storage.estimate()`; 0 when unknown),
+/// `storagePersisted`, `localCopyBytes`, `localCopyLimit`,
+/// `localCopyTrims`, `localCopyTrimmedBytes`, `pagesNotKept`,
+/// `storageNotice` (the latest trim's message, or null).
+fn add_storage(v: &JsValue, s: &StorageState) -> Result<(), JsValue> {
+    let set = |k: &str, x: JsValue| Reflect::set(v, &k.into(), &x).map(|_| ());
+    set("storageUsage", JsValue::from_f64(s.usage))?;
+    set("storageQuota", JsValue::from_f64(s.quota))?;
+    set("storagePersisted", JsValue::from_bool(s.persisted))?;
+    set("localCopyBytes", JsValue::from_f64(s.copy_bytes as f64))?;
+    set("localCopyLimit", JsValue::from_f64(s.limit as f64))?;
+    set("localCopyTrims", JsValue::from(s.trims))?;
+    set(
+        "localCopyTrimmedBytes",
+        JsValue::from_f64(s.trimmed_bytes as f64),
+    )?;
+    set("pagesNotKept", JsValue::from_f64(s.pages_not_kept as f64))?;
+    set(
+        "storageNotice",
+        s.notice.as_deref().map_or(JsValue::NULL, JsValue::from_str),
+    )
 }

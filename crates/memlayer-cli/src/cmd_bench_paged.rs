@@ -132,19 +132,9 @@ fn paged_rows(
                 }
             };
             // untimed pass, then the measured one
-            pass(
-                &mut o.generator,
-                prompts,
-                args.max_tokens,
-                &mut first_token,
-            )?;
+            pass(&mut o.generator, prompts, args.max_tokens, &mut first_token)?;
             o.memory.reset_stats();
-            let p = pass(
-                &mut o.generator,
-                prompts,
-                args.max_tokens,
-                &mut first_token,
-            )?;
+            let p = pass(&mut o.generator, prompts, args.max_tokens, &mut first_token)?;
             o.memory.wait_prefetch();
             let st = o.memory.stats();
             let tok_s = p.decode_tok_s();

@@ -463,7 +463,10 @@ impl PagedMemory {
             let read = if pages.len() > 1 {
                 shared.bank.read_pages_f32(&pages)
             } else {
-                pages.iter().map(|&p| shared.bank.read_page_f32(p)).collect()
+                pages
+                    .iter()
+                    .map(|&p| shared.bank.read_page_f32(p))
+                    .collect()
             };
             for ((l, row, page), data) in wanted.into_iter().zip(read) {
                 if let Ok(data) = data {

@@ -191,6 +191,23 @@ void memlayer_cancel(const struct MemlayerModel *model);
 // `model` is a live handle; `out` points to a writable [`MemlayerStats`].
 enum MemlayerStatus memlayer_stats(const struct MemlayerModel *model, struct MemlayerStats *out);
 
+// Changes the open model's memory budget in place: `budget_bytes`, or
+// when it is 0 `budget_percent` of the bank as held (0: 100 %), as in
+// [`MemlayerOpenOptions`]. The most recently used pages that fit stay
+// resident (none is fetched again); growing adds empty slots. For an app
+// told to give memory back (Android's `onTrimMemory`, iOS's memory
+// warning) or allowed more. Any thread, also during a generation (the
+// next page read runs under the new budget). A budget below one token's
+// pages is refused ([`MemlayerStatus::InvalidArgument`], naming the
+// minimum) and the old budget stays. A model without a memory bank has
+// nothing to resize: `Ok`.
+//
+// # Safety
+// `model` is a live handle.
+enum MemlayerStatus memlayer_set_budget(const struct MemlayerModel *model,
+                                        uint64_t budget_bytes,
+                                        double budget_percent);
+
 // Frees a string the library returned ([`memlayer_generate`]'s text); NULL
 // is a no-op.
 //

@@ -289,6 +289,18 @@ fn bank_source(dir: &Path, bank: Option<&str>) -> Result<Option<Box<dyn PageSour
     })
 }
 
+/// A budget in bytes, else in percent (0: 100 %), as the options say it.
+fn budget_of(bytes: u64, percent: f64) -> Result<Budget, Failure> {
+    if bytes > 0 {
+        Ok(Budget::bytes(bytes))
+    } else if percent == 0.0 {
+        Budget::percent(100.0)
+    } else {
+        Budget::percent(percent)
+    }
+    .map_err(|e| invalid(format!("budget: {e}")))
+}
+
 /// The burn device, memory ops and slot placement of `backend`.
 fn backend_device(backend: u32) -> Result<RuntimeDevice, Failure> {
     let backend = match backend {
@@ -339,14 +351,7 @@ pub unsafe extern "C" fn memlayer_open(
         };
         // SAFETY: the struct's `bank` contract.
         let bank = unsafe { utf8(opts.bank, "options.bank") }?;
-        let budget = if opts.budget_bytes > 0 {
-            Ok(Budget::bytes(opts.budget_bytes))
-        } else if opts.budget_percent == 0.0 {
-            Budget::percent(100.0)
-        } else {
-            Budget::percent(opts.budget_percent)
-        }
-        .map_err(|e| invalid(format!("budget: {e}")))?;
+        let budget = budget_of(opts.budget_bytes, opts.budget_percent)?;
         let remote = bank.is_some_and(|b| b.contains("://"));
         let fetch_threads = match opts.fetch_threads {
             0 if remote => 8,
@@ -537,6 +542,38 @@ pub unsafe extern "C" fn memlayer_stats(
         );
         // SAFETY: checked non-null; writable by contract.
         unsafe { *out = stats };
+        Ok(MemlayerStatus::Ok)
+    })
+}
+
+/// Changes the open model's memory budget in place: `budget_bytes`, or
+/// when it is 0 `budget_percent` of the bank as held (0: 100 %), as in
+/// [`MemlayerOpenOptions`]. The most recently used pages that fit stay
+/// resident (none is fetched again); growing adds empty slots. For an app
+/// told to give memory back (Android's `onTrimMemory`, iOS's memory
+/// warning) or allowed more. Any thread, also during a generation (the
+/// next page read runs under the new budget). A budget below one token's
+/// pages is refused ([`MemlayerStatus::InvalidArgument`], naming the
+/// minimum) and the old budget stays. A model without a memory bank has
+/// nothing to resize: `Ok`.
+///
+/// # Safety
+/// `model` is a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memlayer_set_budget(
+    model: *const MemlayerModel,
+    budget_bytes: u64,
+    budget_percent: f64,
+) -> MemlayerStatus {
+    guard(|| {
+        // SAFETY: a live handle by contract.
+        let model = unsafe { model.as_ref() }.ok_or_else(|| invalid("model is NULL"))?;
+        let budget = budget_of(budget_bytes, budget_percent)?;
+        if let Some(memory) = &model.memory {
+            memory
+                .set_budget(budget)
+                .map_err(|e| invalid(format!("budget {budget}: {e}")))?;
+        }
         Ok(MemlayerStatus::Ok)
     })
 }

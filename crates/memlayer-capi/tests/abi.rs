@@ -149,6 +149,59 @@ fn generate_streams_the_runtimes_answer_and_reports_stats() {
         )
     };
     assert_eq!((s, n, result.stopped_by_caller), (MemlayerStatus::Ok, 2, 1));
+
+    // the app is told to give memory back: 25 % -> 2 % in place, the same
+    // answer after it; then more than before; a budget below one page is
+    // refused naming it, and the budget stays
+    let before = stats;
+    for (percent, grows) in [(2.0, false), (50.0, true)] {
+        // SAFETY: live handle.
+        let s = unsafe { memlayer_set_budget(model, 0, percent) };
+        assert_eq!(s, MemlayerStatus::Ok, "{}", last_error());
+        // SAFETY: live handle, writable out.
+        assert_eq!(
+            unsafe { memlayer_stats(model, &mut stats) },
+            MemlayerStatus::Ok
+        );
+        assert_eq!(stats.budget_bytes > before.budget_bytes, grows, "{stats:?}");
+        assert!(stats.resident_bytes <= stats.budget_bytes, "{stats:?}");
+        let mut again = String::new();
+        // SAFETY: as above.
+        let s = unsafe {
+            memlayer_generate(
+                model,
+                prompt.as_ptr(),
+                &sampling,
+                Some(collect),
+                (&mut again as *mut String).cast(),
+                null_mut(),
+                null_mut(),
+            )
+        };
+        assert_eq!(s, MemlayerStatus::Ok, "{}", last_error());
+        assert_eq!(again, streamed, "the answer at {percent} %");
+    }
+    let budget = stats.budget_bytes;
+    // SAFETY: live handle.
+    assert_eq!(
+        unsafe { memlayer_set_budget(model, 1, 0.0) },
+        MemlayerStatus::InvalidArgument
+    );
+    assert!(last_error().contains("budget"), "{}", last_error());
+    // SAFETY: live handle, writable out.
+    assert_eq!(
+        unsafe { memlayer_stats(model, &mut stats) },
+        MemlayerStatus::Ok
+    );
+    assert_eq!(
+        stats.budget_bytes, budget,
+        "a refused budget changes nothing"
+    );
+    // SAFETY: NULL is refused by name.
+    assert_eq!(
+        unsafe { memlayer_set_budget(std::ptr::null(), 0, 10.0) },
+        MemlayerStatus::InvalidArgument
+    );
     // SAFETY: closing the live handle once.
     unsafe { memlayer_close(model) };
 }

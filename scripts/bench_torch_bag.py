@@ -12,6 +12,10 @@ computed exactly like memlayer's bench: gbps = gathered row bytes per call
 seconds_per_call is the MEDIAN of `iters` timed calls after `warmup` untimed
 calls ("best_seconds"/"best_gbps" give the fastest call too).
 
+--index-sets N: successive calls rotate through N index sets, set k being the
+indices shifted by k * rows // N (mod rows), as memlayer's runner does, so a
+call does not find the previous call's rows in a large L3.
+
 Thread count: torch.set_num_threads(T) (and set_num_interop_threads(1)); torch's
 own intra-op thread count must equal memlayer's rayon pool size for a fair
 comparison. OPENBLAS_CORETYPE is irrelevant here (embedding_bag does not call
@@ -46,6 +50,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--index-dtype", choices=["int64", "int32"], default="int64")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--index-sets", type=int, default=1)
     a = ap.parse_args()
 
     try:
@@ -74,19 +79,25 @@ def main() -> int:
             r1 = min(a.rows, r0 + step)
             table[r0:r1] = torch.randn(r1 - r0, a.dim, generator=g).to(dt)
         nnz = a.bags * a.bag_size
-        indices = torch.randint(0, a.rows, (nnz,), generator=g, dtype=torch.int64).to(idt)
+        base = torch.randint(0, a.rows, (nnz,), generator=g, dtype=torch.int64)
+        n_sets = max(1, a.index_sets)
+        index_sets = [
+            ((base + k * (a.rows // n_sets)) % a.rows).to(idt) for k in range(n_sets)
+        ]
         offsets = (torch.arange(a.bags + 1, dtype=torch.int64) * a.bag_size).to(idt)
         weights = torch.randn(nnz, generator=g).to(dt)
         if a.device == "cuda":
-            table, indices, offsets, weights = (
-                t.to("cuda") for t in (table, indices, offsets, weights)
-            )
+            table, offsets, weights = (t.to("cuda") for t in (table, offsets, weights))
+            index_sets = [t.to("cuda") for t in index_sets]
+        calls = [0]
 
         def sync():
             if a.device == "cuda":
                 torch.cuda.synchronize()
 
         def call():
+            indices = index_sets[calls[0] % len(index_sets)]
+            calls[0] += 1
             return torch.nn.functional.embedding_bag(
                 indices,
                 table,
@@ -129,6 +140,7 @@ def main() -> int:
                 "device": a.device,
                 "device_name": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                 "index_dtype": a.index_dtype,
+                "index_sets": len(index_sets),
                 "iters": len(times),
                 "gathered_bytes_per_call": gathered,
                 "rows_per_second": nnz / med,

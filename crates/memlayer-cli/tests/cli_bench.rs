@@ -56,6 +56,28 @@ fn quick_run_writes_the_report() {
         }
     }
     positive(&r["copy_gbps"]["cpu"], "copy_gbps.cpu");
+    positive(&r["read_gbps"]["cpu"], "read_gbps.cpu");
+    positive(
+        &r["bag_fwd_fraction_of_read"]["cpu_fast"],
+        "bag_fwd_fraction_of_read.cpu_fast",
+    );
+    // the machine and the ISA path chosen are recorded
+    assert!(
+        r["cpu_model"].as_str().is_some_and(|m| !m.is_empty()),
+        "{r}"
+    );
+    let chosen = r["cpu_kernel"].as_str().expect("cpu_kernel");
+    let available: Vec<&str> = r["cpu_kernels_available"]
+        .as_array()
+        .expect("cpu_kernels_available")
+        .iter()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        available.first(),
+        Some(&chosen),
+        "the best family is chosen: {r}"
+    );
     for n in ["65536", "1048576"] {
         positive(&r["lookup_us_per_token"][n], n);
         positive(&r["lookup_bruteforce_us_per_token"][n], n);

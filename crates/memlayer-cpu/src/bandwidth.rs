@@ -5,7 +5,8 @@
 //! second: a copy reads N bytes and writes N bytes, and the figure counts N
 //! once. An embedding-bag reads table rows and writes a small output, so its
 //! "gathered row bytes per second" is directly comparable with this number.
-//! [`read_bandwidth`] (sum of a buffer, no writes) is the ceiling for pure reads.
+//! [`read_bandwidth`] (sum of a buffer on transparent huge pages, as the tables
+//! are; no writes) is the ceiling for pure reads: what a gather is held to.
 
 use rayon::prelude::*;
 use std::time::Instant;
@@ -58,11 +59,15 @@ pub fn copy_bandwidth(bytes: usize, runs: usize) -> Bandwidth {
     }
 }
 
-/// Reads a `bytes`-byte buffer (wrapping sum of u64 words per thread), best of `runs`.
+/// Reads a `bytes`-byte buffer (wrapping sum of u64 words per thread over
+/// contiguous parts, current rayon pool), best of `runs` after one warm-up read.
+/// Counts bytes read; nothing is written, so this is the ceiling of a gather
+/// (an embedding-bag reads its rows and writes a small output), while
+/// [`copy_bandwidth`] also pays a write (and its read-for-ownership) per byte.
 pub fn read_bandwidth(bytes: usize, runs: usize) -> Bandwidth {
     let threads = rayon::current_num_threads();
     let words = bytes / 8;
-    let src = crate::alloc::LargeBuf::<u64>::filled(words, 3, false);
+    let src = crate::alloc::LargeBuf::<u64>::filled(words, 3, true);
     let part = words.div_ceil(threads).max(1);
     let read = || {
         let s: u64 = src

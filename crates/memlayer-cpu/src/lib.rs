@@ -1,12 +1,12 @@
 //! Optimised CPU path of memlayer's memory ops, checked against the oracle in
 //! [`memlayer_core`]: embedding-bag forward/backward over f32/f16/bf16 tables
-//! (dense or paged), the product-key lookup and its score backward, and a
-//! memory-bandwidth probe.
+//! (dense or paged), the product-key lookup and its score backward, and
+//! memory-bandwidth probes (copy and read).
 //!
 //! Every op runs on the *current* rayon pool; [`Cpu`] owns a pool with an
 //! explicit thread count and runs ops inside it. Each kernel is written once
-//! over [`simd`]'s lanes and runs as AVX2 + FMA + F16C on x86-64, NEON on
-//! aarch64 or portable code elsewhere, picked at run time ([`simd::kernel`]).
+//! over [`simd`]'s lanes and runs as AVX-512 or AVX2 + FMA + F16C on x86-64,
+//! NEON on aarch64 or portable code elsewhere, picked at run time ([`simd::kernel`]).
 //!
 //! Results do not depend on the thread count: the embedding-bag forward, the
 //! table gradient and the lookup are bit-identical to the oracle; the
@@ -77,5 +77,11 @@ impl Cpu {
     /// [`bandwidth::copy_bandwidth`] with this pool's threads.
     pub fn copy_bandwidth(&self, bytes: usize, runs: usize) -> bandwidth::Bandwidth {
         self.install(|| bandwidth::copy_bandwidth(bytes, runs))
+    }
+
+    /// [`bandwidth::read_bandwidth`] with this pool's threads: the ceiling of a
+    /// gather, which reads rows and writes almost nothing.
+    pub fn read_bandwidth(&self, bytes: usize, runs: usize) -> bandwidth::Bandwidth {
+        self.install(|| bandwidth::read_bandwidth(bytes, runs))
     }
 }

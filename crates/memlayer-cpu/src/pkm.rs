@@ -34,8 +34,17 @@ use rayon::prelude::*;
 
 /// Sub-keys per panel of the score matmul.
 pub const PANEL: usize = 16;
-/// Queries per register tile of the score matmul.
+/// Queries per register tile of the score matmul (8-lane and narrower
+/// families: 4 queries × 16 keys = 8 AVX2 accumulators of 16 registers).
 const TILE: usize = 4;
+/// Queries per register tile for 16-lane families (AVX-512: 8 accumulators of
+/// 32 registers; 4 would leave the adds latency-bound: measured 4 % slower).
+const TILE_WIDE: usize = 8;
+
+/// Queries per register tile for the family `S`.
+const fn tile_of<S: Lanes>() -> usize {
+    if S::LANES >= 16 { TILE_WIDE } else { TILE }
+}
 /// Tokens per parallel task.
 const TOKEN_CHUNK: usize = 32;
 
@@ -130,17 +139,21 @@ const TILE_VECS: usize = PANEL;
 
 /// One register tile: `out[t][j] = Σ_d qt[d][t] * panel[d][j]`, sequential in d
 /// with a separate multiply and add (the oracle's `dot`), `PANEL / S::LANES`
-/// vectors per query. panel: (half, PANEL); qt: (half, TILE) → out (TILE, PANEL).
+/// vectors per query. panel: (half, PANEL); qt: (half, T) → out (T, PANEL).
 ///
 /// # Safety
 /// Inside `S`'s `#[target_feature]` wrapper; `S::LANES` divides `PANEL`.
 #[inline(always)]
-unsafe fn tile_lanes<S: Lanes>(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL]; TILE]) {
+unsafe fn tile_lanes<S: Lanes, const T: usize>(
+    panel: &[f32],
+    qt: &[f32],
+    out: &mut [[f32; PANEL]; T],
+) {
     let nv = PANEL / S::LANES;
     // SAFETY: every vector lies within a PANEL-wide row of the panel or of out.
     unsafe {
-        let mut acc = [[S::zero(); TILE_VECS]; TILE];
-        for (kv, q) in panel.chunks_exact(PANEL).zip(qt.chunks_exact(TILE)) {
+        let mut acc = [[S::zero(); TILE_VECS]; T];
+        for (kv, q) in panel.chunks_exact(PANEL).zip(qt.chunks_exact(T)) {
             let mut k = [S::zero(); TILE_VECS];
             for (v, kv_v) in k.iter_mut().enumerate().take(nv) {
                 *kv_v = S::load(kv.as_ptr().add(v * S::LANES));
@@ -163,9 +176,9 @@ unsafe fn tile_lanes<S: Lanes>(panel: &[f32], qt: &[f32], out: &mut [[f32; PANEL
 /// Per-chunk scratch buffers.
 #[derive(Default)]
 struct Scratch {
-    /// (tiles, half, TILE) packed scored query halves
+    /// (tiles, half, tile) packed scored query halves (tile: [`tile_of`])
     qt: Vec<f32>,
-    /// (tiles * TILE, n_panels * PANEL) sub-key scores
+    /// (tiles * tile, n_panels * PANEL) sub-key scores
     scores: Vec<f32>,
     /// per side: (tokens, k) top-k scores and ids of each token's half
     top_s: [Vec<f32>; 2],
@@ -340,6 +353,39 @@ dispatch_lanes! {
     ) => lookup_chunk_lanes
 }
 
+/// Sub-key scores of one (head, side) for `tiles` query tiles of `T`:
+/// panels outer (each stays in L1), query tiles inner, then scaled.
+/// qt: (tiles, half, T); scores: (tiles * T, n_panels * PANEL).
+///
+/// # Safety
+/// Inside `S`'s `#[target_feature]` wrapper.
+#[inline(always)]
+unsafe fn scores_lanes<S: Lanes, const T: usize>(
+    keys: &PreparedKeys,
+    h: usize,
+    side: usize,
+    tiles: usize,
+    qt: &[f32],
+    scores: &mut [f32],
+) {
+    let (half, scale) = (keys.cfg.half(), keys.cfg.score_scale());
+    let width = keys.n_panels * PANEL;
+    let mut acc = [[0.0f32; PANEL]; T];
+    for p in 0..keys.n_panels {
+        let panel = keys.panel(h, side, p);
+        for tl in 0..tiles {
+            // SAFETY: inside S's wrapper (caller).
+            unsafe { tile_lanes::<S, T>(panel, &qt[tl * half * T..][..half * T], &mut acc) };
+            for (t, row) in acc.iter().enumerate() {
+                let dst = &mut scores[(tl * T + t) * width + p * PANEL..][..PANEL];
+                for (o, &v) in dst.iter_mut().zip(row) {
+                    *o = v * scale;
+                }
+            }
+        }
+    }
+}
+
 /// The lookup of one chunk, written once for every kernel family: score
 /// tiles and the top-k scan in `S`'s lanes, candidates and softmax scalar.
 ///
@@ -358,11 +404,11 @@ unsafe fn lookup_chunk_lanes<S: Lanes>(
 ) {
     let cfg = &keys.cfg;
     let (n, half, k, heads) = (cfg.n_keys, cfg.half(), cfg.knn, cfg.heads);
-    let scale = cfg.score_scale();
-    let tiles = nt.div_ceil(TILE);
+    let tile = tile_of::<S>();
+    let tiles = nt.div_ceil(tile);
     let width = keys.n_panels * PANEL;
-    s.qt.resize(tiles * half * TILE, 0.0);
-    s.scores.resize(tiles * TILE * width, 0.0);
+    s.qt.resize(tiles * half * tile, 0.0);
+    s.scores.resize(tiles * tile * width, 0.0);
     s.qbuf.resize(half, 0.0);
     for side in 0..2 {
         s.top_s[side].resize(nt * k, 0.0);
@@ -370,31 +416,22 @@ unsafe fn lookup_chunk_lanes<S: Lanes>(
     }
     for h in 0..heads {
         for side in 0..2 {
-            // pack scored query halves: (tiles, half, TILE), zero-padded
+            // pack scored query halves: (tiles, half, tile), zero-padded
             s.qt.fill(0.0);
             for t in 0..nt {
                 let q = &query[(t * heads + h) * cfg.k_dim + side * half..][..half];
                 scored_into(cfg.qk_norm, q, &mut s.qbuf);
-                let base = (t / TILE) * half * TILE + t % TILE;
+                let base = (t / tile) * half * tile + t % tile;
                 for (d, &v) in s.qbuf.iter().enumerate() {
-                    s.qt[base + d * TILE] = v;
+                    s.qt[base + d * tile] = v;
                 }
             }
-            // scores: panels outer (each stays in L1), query tiles inner
-            let mut acc = [[0.0f32; PANEL]; TILE];
-            for p in 0..keys.n_panels {
-                let panel = keys.panel(h, side, p);
-                for tl in 0..tiles {
-                    // SAFETY: inside S's wrapper (caller).
-                    unsafe {
-                        tile_lanes::<S>(panel, &s.qt[tl * half * TILE..][..half * TILE], &mut acc)
-                    };
-                    for (t, row) in acc.iter().enumerate() {
-                        let dst = &mut s.scores[(tl * TILE + t) * width + p * PANEL..][..PANEL];
-                        for (o, &v) in dst.iter_mut().zip(row) {
-                            *o = v * scale;
-                        }
-                    }
+            // SAFETY: inside S's wrapper (caller).
+            unsafe {
+                if tile == TILE_WIDE {
+                    scores_lanes::<S, TILE_WIDE>(keys, h, side, tiles, &s.qt, &mut s.scores)
+                } else {
+                    scores_lanes::<S, TILE>(keys, h, side, tiles, &s.qt, &mut s.scores)
                 }
             }
             for t in 0..nt {

@@ -1,7 +1,7 @@
 //! Parity of the optimised CPU path with the oracle (`memlayer_core`):
 //! embedding-bag forward (dense and paged, f32/f16/bf16), table and weight
 //! gradients, product-key lookup and score backward, at 1 and 2 threads and
-//! with every kernel family this CPU runs (AVX2 or NEON, and portable).
+//! with every kernel family this CPU runs (AVX-512 and AVX2, or NEON, and portable).
 
 use half::{bf16, f16};
 use memlayer_core::bag as obag;
@@ -71,6 +71,12 @@ fn check_forward<T: Storage>(seed: u64) {
         (300, 256, 33, 128),
         (100, 24, 0, 4),
         (200, 100, 64, 3),
+        (90, 40, 17, 11),
+        (70, 512, 9, 30),
+        // whole 16-lane rows: the register-accumulator forward (AVX-512)
+        (60, 16, 10, 12),
+        (80, 64, 10, 40),
+        (80, 128, 7, 9),
     ] {
         let master = rng.normal_vec(rows * dim, 0.0, 1.0);
         let stored: Vec<T> = narrow(&master);
@@ -108,6 +114,76 @@ fn forward_is_bit_identical_f16() {
 #[test]
 fn forward_is_bit_identical_bf16() {
     check_forward::<bf16>(3);
+}
+
+/// Every 16-bit pattern (subnormals, ±0, ±inf, NaNs) as a table of one-row
+/// bags with weight 1 and -0.5: the widening of each family matches the oracle's.
+fn check_every_bit_pattern<T: Storage>(from_bits: impl Fn(u16) -> T, dim: usize) {
+    let stored: Vec<T> = (0..=u16::MAX).map(&from_bits).collect();
+    let rows = stored.len() / dim;
+    let stored = &stored[..rows * dim];
+    let wide = widen(stored);
+    let indices: Vec<u32> = (0..rows as u32).chain(0..rows as u32).collect();
+    let weights: Vec<f32> = (0..2 * rows)
+        .map(|e| if e < rows { 1.0 } else { -0.5 })
+        .collect();
+    let offsets: Vec<usize> = (0..=2 * rows).collect();
+    let want = obag::bag_forward(&wide, rows, dim, &indices, &weights, &offsets).unwrap();
+    let table = Table::new(stored, rows, dim).unwrap();
+    let cpu = Cpu::new(2).unwrap();
+    each_kernel(|k| {
+        let mut out = vec![0.0; 2 * rows * dim];
+        cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
+            .unwrap();
+        assert_eq!(bits(&out), bits(&want), "{:?} kernel {k}", T::DTYPE);
+    });
+}
+
+#[test]
+fn forward_widens_every_16_bit_pattern_exactly() {
+    // 48: three 16-lane vectors (the 4-row loop); 64: four (AVX-512's registers)
+    for dim in [48, 64] {
+        check_every_bit_pattern(f16::from_bits, dim);
+        check_every_bit_pattern(bf16::from_bits, dim);
+    }
+}
+
+/// The prefetch knobs change no result: every pattern and distance (none, a
+/// few rows, far past the last entry), with and without the register path.
+#[test]
+fn forward_is_bit_identical_under_every_prefetch_setting() {
+    let mut rng = Rng::new(7);
+    let cpu = Cpu::new(2).unwrap();
+    for &(rows, dim, bags, max_size) in &[(300usize, 256usize, 40usize, 50usize), (200, 64, 30, 9)]
+    {
+        let table_f32 = rng.normal_vec(rows * dim, 0.0, 1.0);
+        let stored: Vec<f16> = narrow(&table_f32);
+        let wide = widen(&stored);
+        let (indices, weights, offsets) = random_bags(&mut rng, rows, bags, max_size);
+        let want = obag::bag_forward(&wide, rows, dim, &indices, &weights, &offsets).unwrap();
+        let table = Table::new(&stored, rows, dim).unwrap();
+        each_kernel(|k| {
+            for mode in 0..4 {
+                for bytes in [0, 1024, 1 << 20] {
+                    for reg in [true, false] {
+                        simd::set_prefetch_mode(mode);
+                        simd::set_prefetch_bytes(bytes);
+                        simd::set_register_accumulators(reg);
+                        let mut out = vec![f32::NAN; bags * dim];
+                        cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
+                            .unwrap();
+                        assert_eq!(
+                            bits(&out),
+                            bits(&want),
+                            "dim {dim} kernel {k} mode {mode} bytes {bytes} reg {reg}"
+                        );
+                    }
+                }
+            }
+            simd::reset_prefetch();
+            simd::set_register_accumulators(true);
+        });
+    }
 }
 
 #[test]
@@ -450,7 +526,14 @@ fn kernel_families_are_detected_and_forced_by_name() {
         "every aarch64 Linux CPU has NEON"
     );
     #[cfg(target_arch = "x86_64")]
-    assert_ne!(simd::detected(), Kernel::Neon);
+    {
+        assert_ne!(simd::detected(), Kernel::Neon);
+        // the parity tests run AVX-512 wherever the CPU has it, and AVX2 beside it
+        if std::is_x86_feature_detected!("avx512f") {
+            assert_eq!(simd::detected(), Kernel::Avx512);
+            assert_eq!(avail[1], Kernel::Avx2);
+        }
+    }
     for k in Kernel::ALL {
         assert_eq!(Kernel::from_name(k.name()), Some(k));
         let forced = simd::force_kernel(Some(k));

@@ -15,7 +15,7 @@
 mod common;
 
 use common::{
-    assert_ok, copy_demo_model, memlayer, serve, shipped_demo_dir, text, train_tiny_hier,
+    assert_ok, copy_demo_model, generate_from, serve, shipped_demo_dir, text, train_tiny_hier,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -76,19 +76,9 @@ fn desktop(args: &[&str]) -> Output {
 
 /// `memlayer generate --line` on the wgpu backend at 25 %: the answer line.
 fn native_answer(model: &Path, prompt: &str, max_tokens: &str) -> String {
-    assert_ok(&memlayer(&[
-        "generate",
-        model.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--line",
-        "--max-tokens",
-        max_tokens,
-        "--budget-percent",
-        "25",
-        "--backend",
-        "wgpu",
-    ]))
+    let max_tokens = max_tokens.parse().expect("a token count");
+    let extra = ["--line", "--budget-percent", "25", "--backend", "wgpu"];
+    assert_ok(&generate_from(model, prompt, max_tokens, &extra))
 }
 
 /// (width, height, RGBA) of a PNG.

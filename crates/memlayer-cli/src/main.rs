@@ -16,6 +16,7 @@ mod cmd_experiment;
 mod cmd_generate;
 mod cmd_inspect;
 mod cmd_layer;
+mod cmd_layout;
 mod cmd_serve;
 mod cmd_train;
 mod open;
@@ -44,6 +45,9 @@ enum Command {
     Inspect(cmd_inspect::InspectArgs),
     /// Record the checksums of a model directory whose files you trust (checksums.json).
     Checksums(cmd_checksums::ChecksumsArgs),
+    /// Copy a model directory with its product-key value rows laid out for locality (rows a
+    /// token reads together share pages), optionally in another dtype / page size.
+    Layout(cmd_layout::LayoutArgs),
     /// Benchmarks across backends.
     Bench {
         #[command(subcommand)]
@@ -85,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench { command } => cmd_bench::run(command),
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Checksums(args) => cmd_checksums::run(args),
+        Command::Layout(args) => cmd_layout::run(args),
         Command::Layer { command } => cmd_layer::run(command),
         Command::Train(args) => cmd_train::run(args),
         Command::Experiment(args) => cmd_experiment::run(args),

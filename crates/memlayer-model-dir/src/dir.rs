@@ -232,6 +232,8 @@ pub struct ExportParts<'a> {
     pub routing: Option<&'a Routing>,
     /// Bank element type.
     pub bank_dtype: Dtype,
+    /// Value rows per page of the product-key table (None: [`value_page_rows`]).
+    pub value_page_rows: Option<u32>,
 }
 
 /// Writes `config.json`, `model.safetensors`, `memory.bank`, `tokenizer.json`
@@ -252,7 +254,11 @@ pub fn export(
         Some(meta),
     )?;
     write_atomic(&dir.join("model.safetensors"), &dense)?;
-    write_bank(cfg, store, &dir.join("memory.bank"), parts.bank_dtype)?;
+    let layout = match parts.value_page_rows {
+        Some(rows) => bank_layout_with(cfg, parts.bank_dtype, rows),
+        None => bank_layout(cfg, parts.bank_dtype),
+    };
+    write_bank_layout(cfg, store, &dir.join("memory.bank"), layout)?;
     parts.tokenizer.save(&dir.join("tokenizer.json"))?;
     if let Some(r) = parts.routing {
         r.retriever.save(&dir.join(RETRIEVER_FILE))?;

@@ -84,6 +84,7 @@ pub fn train_and_report(
             tokenizer: &p.tokenizer,
             routing: p.routing.as_ref(),
             bank_dtype: Dtype::F32,
+            value_page_rows: None,
         },
     )?;
     let queries = p

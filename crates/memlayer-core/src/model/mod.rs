@@ -6,6 +6,7 @@
 pub mod config;
 pub mod params;
 pub mod reference;
+pub mod row_layout;
 
 pub use config::{ConfigError, HierRouting, HierSpec, ModelConfig, ParamCounts, PkmSpec};
 pub use params::{Param, ParamGroup, ParamStore};

@@ -207,6 +207,19 @@ pub fn forward(
     tokens: &[u32],
     block_rows: Option<&[usize]>,
 ) -> Result<Vec<f32>, OracleError> {
+    forward_traced(cfg, s, tokens, block_rows, &mut |_, _| {})
+}
+
+/// [`forward`], handing each product-key memory layer's forward (its
+/// selected rows, weights, …) to `trace` with the layer index, in layer
+/// order: what the row layout's co-access counts are gathered from.
+pub fn forward_traced(
+    cfg: &ModelConfig,
+    s: &ParamStore,
+    tokens: &[u32],
+    block_rows: Option<&[usize]>,
+    trace: &mut dyn FnMut(usize, &pkm::PkmForward),
+) -> Result<Vec<f32>, OracleError> {
     cfg.validate()?;
     let (d, t) = (cfg.dim, tokens.len());
     if t > cfg.max_seq_len {
@@ -245,7 +258,9 @@ pub fn forward(
         );
         let y = if let (true, Some(c)) = (cfg.is_pkm_layer(i), cfg.pkm_config()) {
             let p = pkm_params(cfg, s, i)?;
-            pkm::forward(&c, &p, s.data(VALUES)?, &h, t)?.output
+            let f = pkm::forward(&c, &p, s.data(VALUES)?, &h, t)?;
+            trace(i, &f);
+            f.output
         } else {
             let anchor = anchor_block(cfg, s, i)?;
             let mut blocks = Vec::new();

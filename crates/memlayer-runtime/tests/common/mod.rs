@@ -83,6 +83,7 @@ pub fn export_model_dir(dir: &std::path::Path, cfg: &ModelConfig, seed: u64) -> 
             tokenizer: &tokenizer,
             routing: None,
             bank_dtype: memlayer_bank::Dtype::F32,
+            value_page_rows: None,
         },
     )
     .unwrap();

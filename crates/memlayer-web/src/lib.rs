@@ -15,7 +15,9 @@
 //!   device (none for a dense model): the runtime's `Decoder`;
 //! - [`engine`]: the runtime's `Generator` (the one generation loop of every
 //!   runtime) over that decoder and the model directory's tokenizer;
-//! - `web` (wasm32 only): the wasm-bindgen API (`ChatEngine`) and the fetch / Cache API source.
+//! - [`kernel_check`]: the lookup and bag forward for `memlayer bench`'s
+//!   browser backends (outputs for its parity pass, timings);
+//! - `web` (wasm32 only): the wasm-bindgen API (`ChatEngine`, `kernel_check`) and the fetch / Cache API source.
 //!
 //! Everything but `web` also builds natively: the tests run this crate's
 //! forward on lavapipe with pages read from a file and compare it with the
@@ -24,6 +26,7 @@
 pub mod bank;
 pub mod decoder;
 pub mod engine;
+pub mod kernel_check;
 pub mod memory;
 #[cfg(target_arch = "wasm32")]
 mod web;

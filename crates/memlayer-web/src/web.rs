@@ -957,6 +957,21 @@ async fn adapter_info() -> (String, String, String) {
     (field("vendor"), field("architecture"), field("description"))
 }
 
+/// `memlayer bench`'s browser backends: the lookup and bag forward of
+/// `request` (JSON, [`crate::kernel_check::KernelRequest`]) on this page's
+/// WebGPU device → JSON: the outputs, timings and the device.
+#[wasm_bindgen(js_name = kernelCheck)]
+pub async fn kernel_check(request: String) -> Result<String, JsValue> {
+    let req: crate::kernel_check::KernelRequest = serde_json::from_str(&request).map_err(js_err)?;
+    let (ctx, device, _) = open_gpu().await?;
+    let reply = crate::kernel_check::run(&ctx, &req, now_seconds)
+        .await
+        .map_err(js_err)?;
+    let mut reply = serde_json::to_value(&reply).map_err(js_err)?;
+    reply["device"] = serde_json::to_value(&device).map_err(js_err)?;
+    serde_json::to_string(&reply).map_err(js_err)
+}
+
 /// A WebGPU device with the adapter's own limits, what the page shows
 /// about it, and the slot keeping the device's first uncaptured error.
 async fn open_gpu() -> Result<(GpuContext, DeviceInfo, Arc<Mutex<Option<String>>>), JsValue> {

@@ -58,7 +58,7 @@ pub fn measure(
         ("f16", "torch_cuda_f16"),
         ("bf16", "torch_cuda_bf16"),
     ] {
-        match torch_bag_on(args, s, 1, dtype, "cuda") {
+        match torch_bag_on(&args.peer.torch(), s, 1, dtype, "cuda") {
             Ok((gbps, _)) => {
                 bag.insert(key.into(), gbps.map_or(Value::Null, |g| json!(g)));
             }
@@ -85,7 +85,7 @@ pub fn measure(
 }
 
 /// Median seconds of one bag forward call on `dev` (table stored as `dtype`).
-fn cuda_bag(dev: &CudaDevice, s: &Shapes, data: &BagData, dtype: Dtype) -> Result<f64> {
+pub(crate) fn cuda_bag(dev: &CudaDevice, s: &Shapes, data: &BagData, dtype: Dtype) -> Result<f64> {
     let table = DeviceTable::upload(dev, &data.table, s.rows, s.dim, dtype)?;
     let bags = memlayer_core::bag::Bags {
         indices: &data.indices,
@@ -102,7 +102,7 @@ fn cuda_bag(dev: &CudaDevice, s: &Shapes, data: &BagData, dtype: Dtype) -> Resul
 }
 
 /// Microseconds per token of the lookup for `n_keys²` rows.
-fn cuda_lookup(dev: &CudaDevice, s: &Shapes, n_keys: usize) -> Result<f64> {
+pub(crate) fn cuda_lookup(dev: &CudaDevice, s: &Shapes, n_keys: usize) -> Result<f64> {
     let cfg = PkmConfig {
         n_keys,
         heads: s.heads,

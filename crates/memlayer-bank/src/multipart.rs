@@ -204,6 +204,53 @@ pub fn parse_byteranges(body: &[u8], boundary: &str) -> Result<Vec<BytePart>, Mu
     }
 }
 
+/// The parts of a `206` reply to a multi-range request for a file of
+/// `file_len` bytes (when known), whichever form the server chose: a
+/// `multipart/byteranges` body (the boundary from `content_type`), or one
+/// part that `content_range` describes (a server may merge the asked ranges
+/// into one). Fails naming what is wrong: neither form, a single part whose
+/// body is not as long as its `Content-Range`, a part that gives the file
+/// another length (it changed on the server since it was opened).
+pub fn reply_parts(
+    content_type: &str,
+    content_range: &str,
+    body: Vec<u8>,
+    file_len: Option<u64>,
+) -> Result<Vec<BytePart>, MultipartError> {
+    let parts = match boundary(content_type) {
+        Some(b) => parse_byteranges(&body, &b)?,
+        None => {
+            let (first, last, complete) = parse_content_range(content_range).ok_or_else(|| {
+                bad(format!(
+                    "a 206 reply neither multipart/byteranges (Content-Type {content_type:?}) \
+                     nor with a valid Content-Range ({content_range:?})"
+                ))
+            })?;
+            if body.len() as u64 != last - first + 1 {
+                return Err(bad(format!(
+                    "{} body bytes for Content-Range bytes {first}-{last}",
+                    body.len()
+                )));
+            }
+            vec![BytePart {
+                first,
+                last,
+                complete,
+                bytes: body,
+            }]
+        }
+    };
+    if let Some(len) = file_len
+        && let Some(c) = parts.iter().find_map(|p| p.complete.filter(|&c| c != len))
+    {
+        return Err(bad(format!(
+            "the file changed on the server: a part says it is {c} bytes long, it was {len} \
+             bytes when opened"
+        )));
+    }
+    Ok(parts)
+}
+
 /// The bytes of each span `(offset, length)` cut from `parts` (each span
 /// must lie inside one part, wherever that part came in the reply).
 /// Fails naming the first span no part covers.
@@ -269,6 +316,76 @@ pub fn closing(boundary: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_parts_reads_either_form_and_names_what_is_wrong() {
+        let file = b"0123456789abcdefghij".to_vec();
+        let parts = [(2u64, 4u64), (10, 3)];
+        let written: Vec<(u64, &[u8])> = parts
+            .iter()
+            .map(|&(o, n)| (o, &file[o as usize..(o + n) as usize]))
+            .collect();
+        let body = write_byteranges("xyz", "application/octet-stream", 20, &written);
+        let got = reply_parts("multipart/byteranges; boundary=xyz", "", body, Some(20)).unwrap();
+        assert_eq!(
+            slice_spans(&got, &parts).unwrap(),
+            vec![b"2345".to_vec(), b"abc".to_vec()]
+        );
+        // one merged part
+        let got = reply_parts(
+            "application/octet-stream",
+            "bytes 2-12/20",
+            file[2..13].to_vec(),
+            Some(20),
+        )
+        .unwrap();
+        assert_eq!(
+            slice_spans(&got, &parts).unwrap(),
+            vec![b"2345".to_vec(), b"abc".to_vec()]
+        );
+        let err = |r: Result<Vec<BytePart>, MultipartError>| r.unwrap_err().to_string();
+        let e = err(reply_parts(
+            "text/plain",
+            "bytes */20",
+            Vec::new(),
+            Some(20),
+        ));
+        assert!(e.contains("neither multipart/byteranges"), "{e}");
+        let e = err(reply_parts(
+            "text/plain",
+            "bytes 2-12/20",
+            file[2..12].to_vec(),
+            Some(20),
+        ));
+        assert!(
+            e.contains("10 body bytes for Content-Range bytes 2-12"),
+            "{e}"
+        );
+        let e = err(reply_parts(
+            "text/plain",
+            "bytes 2-12/21",
+            file[2..13].to_vec(),
+            Some(20),
+        ));
+        assert!(e.contains("the file changed on the server"), "{e}");
+        // an unknown file length (the bank not opened yet) is not checked
+        assert!(reply_parts("text/plain", "bytes 2-12/21", file[2..13].to_vec(), None).is_ok());
+        let e = err(reply_parts(
+            "text/plain",
+            "bytes 2-12/21",
+            file[2..13].to_vec(),
+            Some(20),
+        ));
+        assert!(e.contains("the file changed on the server"), "{e}");
+        let body = write_byteranges("xyz", "application/octet-stream", 20, &written);
+        let e = err(reply_parts(
+            "multipart/byteranges; boundary=xyz",
+            "",
+            body,
+            Some(19),
+        ));
+        assert!(e.contains("it was 19 bytes when opened"), "{e}");
+    }
 
     #[test]
     fn coalesce_merges_near_ranges_and_keeps_each_ranges_span() {

@@ -490,7 +490,7 @@ impl HttpSource {
     /// multipart body, a part missing, another file length — is an error
     /// naming it.
     fn read_multi_once(&self, spans: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>, Failure> {
-        use memlayer_bank::multipart::{boundary, parse_byteranges, range_header, slice_spans};
+        use memlayer_bank::multipart::{range_header, reply_parts, slice_spans};
         let (resp, content_range) = self.get_range(&range_header(spans))?;
         let status = resp.status();
         match status.as_u16() {
@@ -511,48 +511,10 @@ impl HttpSource {
         // the parts' headers are small: a body far larger is refused unread
         let limit = wanted + 512 * spans.len() as u64 + 4096;
         let content_type = header(h, "content-type").unwrap_or("").to_string();
-        let parts = match boundary(&content_type) {
-            Some(b) => {
-                let body = read_body_bounded(resp.into_body(), limit, self.options.timeout)?;
-                self.bytes.fetch_add(body.len() as u64, Relaxed);
-                parse_byteranges(&body, &b).map_err(|e| Failure::fatal(e.to_string()))?
-            }
-            // one part: the server merged the ranges into one
-            None => {
-                let cr = parse_content_range(&content_range).ok_or_else(|| {
-                    Failure::fatal(format!(
-                        "206 reply to {} ranges, neither multipart/byteranges (Content-Type {content_type:?}) nor with a valid Content-Range ({content_range:?})",
-                        spans.len()
-                    ))
-                })?;
-                let n = cr.last - cr.first + 1;
-                if n > limit {
-                    return Err(Failure::fatal(format!(
-                        "206 reply of bytes {}-{} to ranges totalling {wanted} bytes",
-                        cr.first, cr.last
-                    )));
-                }
-                let mut buf = vec![0u8; n as usize];
-                read_body(resp.into_body(), &mut buf, self.options.timeout)?;
-                self.bytes.fetch_add(n, Relaxed);
-                vec![memlayer_bank::multipart::BytePart {
-                    first: cr.first,
-                    last: cr.last,
-                    complete: cr.complete,
-                    bytes: buf,
-                }]
-            }
-        };
-        if let Some(p) = parts
-            .iter()
-            .find(|p| p.complete.is_some_and(|c| c != self.len))
-        {
-            return Err(Failure::fatal(format!(
-                "the file changed on the server: a part says it is {} bytes long, it was {} bytes when opened",
-                p.complete.unwrap_or(0),
-                self.len
-            )));
-        }
+        let body = read_body_bounded(resp.into_body(), limit, self.options.timeout)?;
+        self.bytes.fetch_add(body.len() as u64, Relaxed);
+        let parts = reply_parts(&content_type, &content_range, body, Some(self.len))
+            .map_err(|e| Failure::fatal(e.to_string()))?;
         slice_spans(&parts, spans)
             .map(Some)
             .map_err(|e| Failure::fatal(e.to_string()))
@@ -615,7 +577,7 @@ fn read_body_bounded(body: ureq::Body, limit: u64, timeout: Duration) -> Result<
     }
     if out.len() as u64 > limit {
         return Err(Failure::fatal(format!(
-            "the multipart body is longer than the {limit} bytes its ranges need"
+            "the reply's body is longer than the {limit} bytes its ranges need"
         )));
     }
     Ok(out)

@@ -477,6 +477,9 @@ struct HttpFetch {
     requests: Rc<Cell<u64>>,
     /// The storage counters and the local copy's limit.
     storage: Rc<RefCell<StorageState>>,
+    /// The bank's length once its header is read: a reply part that gives
+    /// another length means the file changed on the server.
+    file_len: Option<u64>,
 }
 
 const MULTI_UNKNOWN: u8 = 0;
@@ -531,9 +534,7 @@ impl HttpFetch {
     /// One multi-range request: each span's bytes, or `None` if the server
     /// answered `200` (no multi-range support; the body is not downloaded).
     async fn read_multi(&self, spans: &[(u64, u64)]) -> Result<Option<Vec<Vec<u8>>>, String> {
-        use memlayer_bank::multipart::{
-            BytePart, boundary, parse_byteranges, parse_content_range, range_header, slice_spans,
-        };
+        use memlayer_bank::multipart::{range_header, reply_parts, slice_spans};
         self.requests.set(self.requests.get() + 1);
         let header = range_header(spans);
         let r = get_ranged(&self.url, Some(&header), true).await?;
@@ -547,32 +548,8 @@ impl HttpFetch {
             s => return Err(format!("HTTP {s} for {what}")),
         }
         let body = r.body.unwrap_or_default();
-        let parts = match boundary(&r.content_type) {
-            Some(b) => parse_byteranges(&body, &b).map_err(|e| format!("{what}: {e}"))?,
-            // the server merged the ranges into one part
-            None => {
-                let (first, last, complete) =
-                    parse_content_range(&r.content_range).ok_or_else(|| {
-                        format!(
-                            "{what}: 206 reply neither multipart/byteranges nor with a valid \
-                             Content-Range ({:?})",
-                            r.content_range
-                        )
-                    })?;
-                if body.len() as u64 != last - first + 1 {
-                    return Err(format!(
-                        "{what}: {} body bytes for Content-Range {first}-{last}",
-                        body.len()
-                    ));
-                }
-                vec![BytePart {
-                    first,
-                    last,
-                    complete,
-                    bytes: body,
-                }]
-            }
-        };
+        let parts = reply_parts(&r.content_type, &r.content_range, body, self.file_len)
+            .map_err(|e| format!("{what}: {e}"))?;
         self.multi.set(MULTI_YES);
         slice_spans(&parts, spans)
             .map(Some)
@@ -1246,6 +1223,7 @@ impl ChatEngine {
                 multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
                 requests: http_requests.clone(),
                 storage: storage.clone(),
+                file_len: None,
             })
             .await
             .map_err(js_err)?;
@@ -1253,13 +1231,15 @@ impl ChatEngine {
             check_bank(&cfg, Some(&checksums), &bank).map_err(js_err)?;
             let prefer = local_copy_kind.as_deref().unwrap_or("opfs");
             let local = Rc::new(local_copy(&bank, prefer).await?);
-            init_storage(&storage, &local, bank.meta().header.file_len).await;
+            let file_len = bank.meta().header.file_len;
+            init_storage(&storage, &local, file_len).await;
             let bank = bank.with_fetcher(HttpFetch {
                 url,
                 local: local.clone(),
                 multi: Rc::new(Cell::new(MULTI_UNKNOWN)),
                 requests: http_requests.clone(),
                 storage: storage.clone(),
+                file_len: Some(file_len),
             });
             let bank_bytes = memlayer_bank::resident_bytes(bank.sections());
             let budget_bytes = (bank_bytes as f64 * budget_percent / 100.0) as u64;

@@ -29,6 +29,7 @@
 
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
+import { chromiumArgs } from './chromium.mjs';
 
 const USAGE = 'usage: node tests/chat.mjs --url URL [--prompt TEXT] [--screenshot PATH] ' +
   '[--timeout-ms N] [--chromium PATH] [--reload] [--no-webgpu] [--type-pause-ms N] [--quota-bytes N]';
@@ -77,19 +78,6 @@ const log = (msg) => console.error(`[chat.mjs] ${msg}`);
 
 /** A failure that ends the run with exit status 1. */
 class Failure extends Error {}
-
-// Flags known to give a (SwiftShader) WebGPU adapter in headless Chromium on Linux.
-function chromiumArgs(webgpu) {
-  return [
-    '--no-sandbox',
-    ...(webgpu ? ['--enable-unsafe-webgpu'] : []),
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--no-first-run',
-    '--disable-quic',
-  ];
-}
 
 /** Reads #status and the test hooks the page exposes (see app.js). */
 function pageState() {

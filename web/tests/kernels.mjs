@@ -19,6 +19,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
+import { chromiumArgs } from './chromium.mjs';
 
 const USAGE = 'usage: node tests/kernels.mjs --url URL --request FILE [--timeout-ms N] [--chromium PATH]';
 
@@ -54,8 +55,7 @@ async function main() {
   const browser = await chromium.launch({
     executablePath: opts.chromium,
     headless: true,
-    args: ['--no-sandbox', '--enable-unsafe-webgpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+    args: chromiumArgs(),
     timeout: Math.min(opts.timeoutMs, 120000),
   });
   try {

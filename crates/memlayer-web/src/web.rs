@@ -623,14 +623,17 @@ impl HttpFetch {
         let keys: js_sys::Array = keys.unchecked_into();
         let n = keys.length();
         let drop = n.div_ceil(2);
-        let deletes: Vec<Promise> = keys
+        // each promise is handed to a JsFuture at once, which attaches its
+        // handlers: a rejection is never left unhandled while an earlier one
+        // is awaited (the worker would report it as an uncaught error)
+        let deletes: Vec<JsFuture> = keys
             .iter()
             .take(drop as usize)
             .filter_map(|k| k.dyn_into::<Request>().ok())
-            .map(|req| cache.delete_with_str(&req.url()))
+            .map(|req| JsFuture::from(cache.delete_with_str(&req.url())))
             .collect();
         for d in deletes {
-            let _ = JsFuture::from(d).await;
+            let _ = d.await;
         }
         let from = self.storage.borrow().copy_bytes;
         refresh_storage(&self.storage).await;
@@ -695,22 +698,23 @@ impl PageFetch for HttpFetch {
             }
             LocalCopy::CacheApi(cache) => {
                 // every lookup in flight at once, then every body
-                let lookups: Vec<Promise> = pages
+                // (handlers attached at once: see `trim_cache`)
+                let lookups: Vec<JsFuture> = pages
                     .iter()
-                    .map(|(p, e)| cache.match_with_str(&self.key(*p, e)))
+                    .map(|(p, e)| JsFuture::from(cache.match_with_str(&self.key(*p, e))))
                     .collect();
                 let mut bodies = Vec::new();
                 for (i, lookup) in lookups.into_iter().enumerate() {
-                    let found = JsFuture::from(lookup).await.ok();
+                    let found = lookup.await.ok();
                     let body = found
                         .and_then(|f| f.dyn_into::<Response>().ok())
                         .and_then(|r| r.array_buffer().ok());
                     if let Some(b) = body {
-                        bodies.push((i, b));
+                        bodies.push((i, JsFuture::from(b)));
                     }
                 }
                 for (i, body) in bodies {
-                    if let Ok(buf) = JsFuture::from(body).await {
+                    if let Ok(buf) = body.await {
                         out[i] = Some(Ok(FetchedPage {
                             bytes: Uint8Array::new(&buf).to_vec(),
                             from_cache: true,
@@ -761,8 +765,13 @@ impl PageFetch for HttpFetch {
                             match Response::new_with_opt_u8_array(Some(&mut copy)) {
                                 Ok(resp) if fits => {
                                     put_bytes += len;
+                                    // a JsFuture at once: a put the quota
+                                    // refuses while an earlier one is awaited
+                                    // is handled, not an uncaught rejection
                                     puts.push((
-                                        cache.put_with_str(&self.key(page, &e), &resp),
+                                        JsFuture::from(
+                                            cache.put_with_str(&self.key(page, &e), &resp),
+                                        ),
                                         len,
                                     ));
                                 }
@@ -782,7 +791,7 @@ impl PageFetch for HttpFetch {
         // limit) trims the copy, the page is fetched again when next missed
         let mut refused: Option<String> = None;
         for (p, len) in puts {
-            match JsFuture::from(p).await {
+            match p.await {
                 Ok(_) => self.storage.borrow_mut().copy_bytes += len,
                 Err(e) => {
                     self.storage.borrow_mut().pages_not_kept += 1;

@@ -236,7 +236,7 @@ unsafe fn forward_range_lanes<S: Lanes, R: Rows>(
 /// The software prefetch of a gather: rows `ahead` entries past the one being
 /// summed (every line, or only the first with pattern 1), and with patterns 2
 /// and 3 also their first line at twice that distance (see
-/// [`crate::simd::set_prefetch_mode`]; [`forward_reg`] does pattern 3's
+/// [`crate::simd::set_prefetch_mode`]; [`forward_reg_interleaved`] does pattern 3's
 /// interleaved lines itself).
 struct Prefetcher {
     ahead: usize,
@@ -337,7 +337,20 @@ unsafe fn forward_reg<S: Lanes, R: Rows, const N: usize>(
 ) {
     let dim = table.dim();
     let mut pre = Prefetcher::new::<S, R>(table, offs);
-    let interleave = pre.ahead > 0 && crate::simd::prefetch_mode() == 3;
+    if pre.ahead > 0 && crate::simd::prefetch_mode() == 3 {
+        // SAFETY: as this function's.
+        unsafe {
+            return if pre.l2 {
+                forward_reg_interleaved::<S, R, N, true>(
+                    table, indices, weights, offs, out, pre.ahead,
+                )
+            } else {
+                forward_reg_interleaved::<S, R, N, false>(
+                    table, indices, weights, offs, out, pre.ahead,
+                )
+            };
+        }
+    }
     let op = out.as_mut_ptr();
     for b in 0..offs.len() - 1 {
         let (start, end) = (offs[b], offs[b + 1]);
@@ -348,26 +361,73 @@ unsafe fn forward_reg<S: Lanes, R: Rows, const N: usize>(
             for e in start..end {
                 let p = table.row_ptr(*indices.get_unchecked(e));
                 let w = S::splat(*weights.get_unchecked(e));
-                if interleave {
-                    // the row `ahead` entries on, one line per vector load here
-                    pre.run_early::<S, R>(table, indices, e.wrapping_add(1));
-                    let q: *const u8 = table
-                        .row_ptr(
-                            *indices.get_unchecked(e.wrapping_add(pre.ahead).min(pre.last - 1)),
-                        )
-                        .cast();
-                    for (v, a) in acc.iter_mut().enumerate() {
-                        let off = v * S::LANES * std::mem::size_of::<R::Elem>();
-                        if off.is_multiple_of(64) {
-                            S::prefetch(q.add(off), pre.l2);
-                        }
-                        *a = S::add(*a, S::mul(w, S::widen(p.add(v * S::LANES))));
+                pre.run::<S, R>(table, indices, e.wrapping_add(1));
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = S::add(*a, S::mul(w, S::widen(p.add(v * S::LANES))));
+                }
+            }
+            let o = op.add(b * dim);
+            for (v, &a) in acc.iter().enumerate() {
+                S::store(o.add(v * S::LANES), a);
+            }
+        }
+    }
+}
+
+/// [`forward_reg`] with prefetch pattern 3, as one tight loop: per entry `e`
+/// the first line of the row at `e + 2 * ahead` and every line of the row at
+/// `e + ahead` (one line beside each vector load of row `e`), both clamped to
+/// the last entry; the rows inside the first distances are prefetched before
+/// the loop. `L2` picks the level (`prefetcht1` / `prefetcht0`) at compile
+/// time. No branch but the loops' own per entry: at dim 64 (4 lines a row)
+/// the per-row bookkeeping of the general [`Prefetcher`] cost more than the
+/// lines themselves.
+///
+/// # Safety
+/// As [`forward_reg`]; `ahead > 0`.
+#[inline(always)]
+unsafe fn forward_reg_interleaved<S: Lanes, R: Rows, const N: usize, const L2: bool>(
+    table: &R,
+    indices: &[u32],
+    weights: &[f32],
+    offs: &[usize],
+    out: &mut [f32],
+    ahead: usize,
+) {
+    let dim = table.dim();
+    let (first, last) = (offs[0], offs[offs.len() - 1]);
+    let op = out.as_mut_ptr();
+    let row_bytes = dim * std::mem::size_of::<R::Elem>();
+    // SAFETY: positions in first..last hold checked indices (prefetch never
+    // faults); rows hold dim = N * S::LANES elements; out holds
+    // (offs.len() - 1) rows of dim.
+    unsafe {
+        if last > first {
+            let row = |e: usize| -> *const u8 { table.row_ptr(*indices.get_unchecked(e)).cast() };
+            for e in first..first.saturating_add(2 * ahead).min(last) {
+                S::prefetch(row(e), L2);
+            }
+            for e in first..first.saturating_add(ahead).min(last) {
+                crate::simd::prefetch_row::<S>(row(e), row_bytes, L2);
+            }
+        }
+        let final_entry = last.saturating_sub(1);
+        for b in 0..offs.len() - 1 {
+            let (start, end) = (*offs.get_unchecked(b), *offs.get_unchecked(b + 1));
+            let mut acc = [S::zero(); N];
+            for e in start..end {
+                let p = table.row_ptr(*indices.get_unchecked(e));
+                let w = S::splat(*weights.get_unchecked(e));
+                let far = e.wrapping_add(2 * ahead).min(final_entry);
+                S::prefetch(table.row_ptr(*indices.get_unchecked(far)).cast(), L2);
+                let near = e.wrapping_add(ahead).min(final_entry);
+                let q: *const u8 = table.row_ptr(*indices.get_unchecked(near)).cast();
+                for (v, a) in acc.iter_mut().enumerate() {
+                    let off = v * S::LANES * std::mem::size_of::<R::Elem>();
+                    if off.is_multiple_of(64) {
+                        S::prefetch(q.add(off), L2);
                     }
-                } else {
-                    pre.run::<S, R>(table, indices, e.wrapping_add(1));
-                    for (v, a) in acc.iter_mut().enumerate() {
-                        *a = S::add(*a, S::mul(w, S::widen(p.add(v * S::LANES))));
-                    }
+                    *a = S::add(*a, S::mul(w, S::widen(p.add(v * S::LANES))));
                 }
             }
             let o = op.add(b * dim);

@@ -62,6 +62,21 @@ fn random_bags(
     (indices, weights, offsets)
 }
 
+/// Runs the forward over `table` and asserts it equals `want` bit for bit
+/// (`what` names the case). out starts as NaN so unwritten rows show.
+fn assert_forward<R: memlayer_cpu::Rows>(
+    cpu: &Cpu,
+    table: &R,
+    (indices, weights, offsets): (&[u32], &[f32], &[usize]),
+    want: &[f32],
+    what: std::fmt::Arguments<'_>,
+) {
+    let mut out = vec![f32::NAN; want.len()];
+    cpu.bag_forward(table, indices, weights, offsets, &mut out)
+        .unwrap();
+    assert_eq!(bits(&out), bits(want), "{what}");
+}
+
 fn check_forward<T: Storage>(seed: u64) {
     let mut rng = Rng::new(seed);
     for &(rows, dim, bags, max_size) in &[
@@ -86,15 +101,16 @@ fn check_forward<T: Storage>(seed: u64) {
         let table = Table::new(&stored, rows, dim).unwrap();
         for cpu in pools() {
             each_kernel(|k| {
-                let mut out = vec![f32::NAN; bags * dim];
-                cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
-                    .unwrap();
-                assert_eq!(
-                    bits(&out),
-                    bits(&want),
-                    "{:?} rows {rows} dim {dim} threads {} kernel {k}",
-                    T::DTYPE,
-                    cpu.threads()
+                assert_forward(
+                    &cpu,
+                    &table,
+                    (&indices, &weights, &offsets),
+                    &want,
+                    format_args!(
+                        "{:?} rows {rows} dim {dim} threads {} kernel {k}",
+                        T::DTYPE,
+                        cpu.threads()
+                    ),
                 );
             });
         }
@@ -149,13 +165,18 @@ fn forward_widens_every_16_bit_pattern_exactly() {
 }
 
 /// The prefetch knobs change no result: every pattern and distance (none, a
-/// few rows, far past the last entry), with and without the register path.
+/// few rows, far past the last entry), either cache level, with and without
+/// the register path; also bags that are all empty, and a single entry.
 #[test]
 fn forward_is_bit_identical_under_every_prefetch_setting() {
     let mut rng = Rng::new(7);
     let cpu = Cpu::new(2).unwrap();
-    for &(rows, dim, bags, max_size) in &[(300usize, 256usize, 40usize, 50usize), (200, 64, 30, 9)]
-    {
+    for &(rows, dim, bags, max_size) in &[
+        (300usize, 256usize, 40usize, 50usize),
+        (200, 64, 30, 9),
+        (50, 64, 7, 0),
+        (50, 32, 1, 1),
+    ] {
         let table_f32 = rng.normal_vec(rows * dim, 0.0, 1.0);
         let stored: Vec<f16> = narrow(&table_f32);
         let wide = widen(&stored);
@@ -166,21 +187,26 @@ fn forward_is_bit_identical_under_every_prefetch_setting() {
             for mode in 0..4 {
                 for bytes in [0, 1024, 1 << 20] {
                     for reg in [true, false] {
-                        simd::set_prefetch_mode(mode);
-                        simd::set_prefetch_bytes(bytes);
-                        simd::set_register_accumulators(reg);
-                        let mut out = vec![f32::NAN; bags * dim];
-                        cpu.bag_forward(&table, &indices, &weights, &offsets, &mut out)
-                            .unwrap();
-                        assert_eq!(
-                            bits(&out),
-                            bits(&want),
-                            "dim {dim} kernel {k} mode {mode} bytes {bytes} reg {reg}"
-                        );
+                        for l2 in [true, false] {
+                            simd::set_prefetch_mode(mode);
+                            simd::set_prefetch_bytes(bytes);
+                            simd::set_prefetch_l2(l2);
+                            simd::set_register_accumulators(reg);
+                            assert_forward(
+                                &cpu,
+                                &table,
+                                (&indices, &weights, &offsets),
+                                &want,
+                                format_args!(
+                                    "dim {dim} kernel {k} mode {mode} bytes {bytes} reg {reg} l2 {l2}"
+                                ),
+                            );
+                        }
                     }
                 }
             }
             simd::reset_prefetch();
+            simd::set_prefetch_l2(true);
             simd::set_register_accumulators(true);
         });
     }
@@ -231,15 +257,12 @@ fn check_paged<T: Storage>(seed: u64, rows: usize, dim: usize, page_rows: usize,
     let want = obag::bag_forward(&widen(&stored), rows, dim, &indices, &weights, &offsets).unwrap();
     for cpu in pools() {
         each_kernel(|k| {
-            let mut out = vec![0.0; 40 * dim];
-            cpu.bag_forward(&paged, &indices, &weights, &offsets, &mut out)
-                .unwrap();
-            assert_eq!(
-                bits(&out),
-                bits(&want),
-                "{:?} threads {} kernel {k}",
-                T::DTYPE,
-                cpu.threads()
+            assert_forward(
+                &cpu,
+                &paged,
+                (&indices, &weights, &offsets),
+                &want,
+                format_args!("{:?} threads {} kernel {k}", T::DTYPE, cpu.threads()),
             );
         });
     }

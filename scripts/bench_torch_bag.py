@@ -25,6 +25,13 @@ so f16/bf16 runs pass f16/bf16 weights (memlayer takes f32 weights always).
 Large allocations use torch's allocator; set THP_MEM_ALLOC_ENABLE=1 to give
 torch transparent huge pages (compare with memlayer's --huge option).
 
+--paired: for interleaving with memlayer's calls in one run (`memlayer bench
+kernels` does this). After the set-up and warm-up it prints ONE JSON line with
+"ready": true (and torch_version, threads), then answers each stdin line
+"time N" (1 <= N <= 1000) with one JSON line {"seconds": [N per-call times]},
+continuing the index-set rotation, until "quit" or end of input. Any other
+line is answered {"error": "..."} and the script goes on.
+
 If torch is not importable it prints {"gbps": null, "error": "torch not installed"}
 and exits 0; with --device cuda and no CUDA in torch, {"gbps": null, "error": "..."}.
 On CUDA every timed call is followed by torch.cuda.synchronize().
@@ -51,6 +58,7 @@ def main() -> int:
     ap.add_argument("--index-dtype", choices=["int64", "int32"], default="int64")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--index-sets", type=int, default=1)
+    ap.add_argument("--paired", action="store_true")
     a = ap.parse_args()
 
     try:
@@ -112,12 +120,19 @@ def main() -> int:
         for _ in range(a.warmup):
             call()
         sync()
-        times = []
-        for _ in range(max(1, a.iters)):
-            t0 = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - t0)
+
+        def timed(n):
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                call()
+                sync()
+                times.append(time.perf_counter() - t0)
+            return times
+
+        if a.paired:
+            return serve_paired(timed, torch)
+        times = timed(max(1, a.iters))
 
     elem = {"f32": 4, "f16": 2, "bf16": 2}[a.dtype]
     gathered = nnz * a.dim * elem
@@ -147,6 +162,26 @@ def main() -> int:
             }
         )
     )
+    return 0
+
+
+def serve_paired(timed, torch) -> int:
+    """The --paired protocol (see the module docstring) on stdin/stdout."""
+    def say(obj):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    say({"ready": True, "torch_version": torch.__version__,
+         "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        words = line.split()
+        if words == ["quit"]:
+            break
+        if len(words) == 2 and words[0] == "time" and words[1].isdigit() \
+                and 1 <= int(words[1]) <= 1000:
+            say({"seconds": timed(int(words[1]))})
+        else:
+            say({"error": f"unknown request {line.strip()[:80]!r}"})
     return 0
 
 

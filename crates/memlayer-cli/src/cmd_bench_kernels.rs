@@ -19,6 +19,7 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod torch_paired;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,6 +42,7 @@ use memlayer_wgpu::lookup::{LookupBuffers, LookupKernels, LookupPlan};
 use memlayer_wgpu::{GpuContext, GpuDtype, GpuOptions, ShardedTable};
 use rayon::prelude::*;
 use serde_json::{Map, Value, json};
+use torch_paired::{Started, TorchPeer, paired_bag};
 
 #[derive(Args)]
 pub struct KernelsArgs {
@@ -176,7 +178,8 @@ impl Shapes {
                 "index_sets": INDEX_SETS,
                 "index_sets_note": "CPU and torch calls rotate through index sets shifted by k * rows / index_sets, so no call re-reads the previous call's rows from L3",
                 "memory": "tables on transparent huge pages (madvise) for memlayer; THP_MEM_ALLOC_ENABLE=1 for torch",
-                "iters": self.iters, "statistic": "median seconds per call after one warm-up call per index set (torch: 1 + 3 warm-up calls)",
+                "iters": self.iters, "statistic": "median seconds per call after one warm-up call per index set (torch: 1 + 3 warm-up calls); torch_cpu* and bag_fwd_vs_torch come from rounds interleaved with memlayer's calls (bag_fwd_vs_torch_rounds)",
+                "rounds": PAIRED_ROUNDS_PER_ITER * self.iters, "calls_per_burst": PAIRED_BURST,
                 "gbps": "bags * bag_size * dim * element bytes / seconds / 1e9"
             },
             "copy": {
@@ -354,11 +357,14 @@ pub fn run(args: KernelsArgs) -> Result<()> {
         Ok(())
     };
     cpu_bags(&s, &data, &mut bag)?;
+    let mut paired = Map::new();
     torch_all(
         &args,
+        &cpu,
         &s,
-        threads,
+        &data,
         &mut bag,
+        &mut paired,
         &mut torch_info,
         &mut errors,
         &bar,
@@ -373,22 +379,26 @@ pub fn run(args: KernelsArgs) -> Result<()> {
         bar.inc(1);
         let mut m = Map::new();
         cpu_bags(&sd, &dd, &mut m)?;
-        drop(dd);
+        let mut p = Map::new();
         torch_all(
             &args,
+            &cpu,
             &sd,
-            threads,
+            &dd,
             &mut m,
+            &mut p,
             &mut torch_info,
             &mut errors,
             &bar,
         );
+        drop(dd);
         by_dim.insert(
             dim.to_string(),
             json!({
                 "rows": sd.rows, "dim": dim, "bags": sd.bags, "bag_size": sd.bag_size,
                 "bag_fwd_fraction_of_read": fraction_of(&m, cpu_read.gbps),
-                "bag_fwd_vs_torch": vs_torch(&m),
+                "bag_fwd_vs_torch": vs_torch(&m, &p),
+                "bag_fwd_vs_torch_rounds": p,
                 "bag_fwd_gbps": m,
             }),
         );
@@ -504,7 +514,8 @@ pub fn run(args: KernelsArgs) -> Result<()> {
         "cpu_kernels_compared": compare.iter().map(|k| k.name()).collect::<Vec<_>>(),
         "shapes": s.json(threads),
         "bag_fwd_fraction_of_read": fraction_of(&bag, cpu_read.gbps),
-        "bag_fwd_vs_torch": vs_torch(&bag),
+        "bag_fwd_vs_torch": vs_torch(&bag, &paired),
+        "bag_fwd_vs_torch_rounds": paired,
         "bag_fwd_gbps": bag,
         "bag_fwd_fraction_of_copy": fraction,
         "bag_fwd_by_dim": by_dim,
@@ -565,10 +576,16 @@ fn fraction_of(bag: &Map<String, Value>, read_gbps: f64) -> Map<String, Value> {
         .collect()
 }
 
-/// memlayer over torch per storage type, for every `cpu_fast*` family measured.
-fn vs_torch(bag: &Map<String, Value>) -> Map<String, Value> {
+/// memlayer over torch per storage type, for every `cpu_fast*` family measured:
+/// the median ratio of the interleaved rounds where `paired` has them (the
+/// family the run chose), else GB/s over torch's GB/s.
+fn vs_torch(bag: &Map<String, Value>, paired: &Map<String, Value>) -> Map<String, Value> {
     let mut out = Map::new();
     for (k, v) in bag {
+        if let Some(r) = paired.get(k).and_then(|p| p["ratio_median"].as_f64()) {
+            out.insert(k.clone(), json!(r));
+            continue;
+        }
         let Some(rest) = k.strip_prefix("cpu_fast") else {
             continue;
         };
@@ -660,16 +677,6 @@ fn print_summary(r: &Value) {
     }
 }
 
-/// Runs the PyTorch reference; `Ok((None, info))` when torch is not installed.
-fn torch_bag(
-    args: &KernelsArgs,
-    s: &Shapes,
-    threads: usize,
-    dtype: &str,
-) -> Result<(Option<f64>, Value)> {
-    torch_bag_on(&args.peer.torch(), s, threads, dtype, "cpu")
-}
-
 /// The Python interpreter and the PyTorch reference script.
 pub(crate) struct TorchScript<'a> {
     pub(crate) python: &'a str,
@@ -685,7 +692,8 @@ impl PeerArgs {
     }
 }
 
-/// [`torch_bag`] on `device` (`cpu` or `cuda`).
+/// Runs the PyTorch reference on `device` (`cpu` or `cuda`) once, as one
+/// block of calls; `Ok((None, info))` when torch is not installed.
 pub(crate) fn torch_bag_on(
     torch: &TorchScript<'_>,
     s: &Shapes,
@@ -765,37 +773,79 @@ fn cpu_fast_all(
 }
 
 /// PyTorch CPU f32 / f16 / bf16 on the shapes `s` into `bag` (null with the
-/// reason in `errors` when it fails; `torch_info` from the first answer).
+/// reason in `errors` when it fails; `torch_info` from the first answer),
+/// measured in rounds interleaved with memlayer's own bag forward
+/// ([`torch_paired`]): `torch_cpu*` is torch's GB/s over the rounds, `paired`
+/// gets each dtype's rounds under its `cpu_fast*` key.
+#[allow(clippy::too_many_arguments)]
 fn torch_all(
     args: &KernelsArgs,
+    cpu: &Cpu,
     s: &Shapes,
-    threads: usize,
+    data: &BagData,
     bag: &mut Map<String, Value>,
+    paired: &mut Map<String, Value>,
     torch_info: &mut Value,
     errors: &mut Vec<String>,
     bar: &ProgressBar,
 ) {
-    for (dtype, name) in [
-        ("f32", "torch_cpu"),
-        ("f16", "torch_cpu_f16"),
-        ("bf16", "torch_cpu_bf16"),
-    ] {
-        bar.set_message(format!("bag forward: {name} (dim {})", s.dim));
-        match torch_bag(args, s, threads, dtype) {
-            Ok((gbps, info)) => {
-                bag.insert(name.into(), gbps.map_or(Value::Null, |g| json!(g)));
-                if torch_info.is_null() {
-                    *torch_info = info;
+    let threads = cpu.threads();
+    // rounds of 3 torch calls and 3 memlayer calls (120 calls each in the
+    // full run, a second or two): single rounds here range over 0.5–2x, the
+    // median of many is what repeats
+    let (rounds, burst) = (PAIRED_ROUNDS_PER_ITER * s.iters, PAIRED_BURST);
+    for (dtype, suffix) in [("f32", ""), ("f16", "_f16"), ("bf16", "_bf16")] {
+        let name = format!("torch_cpu{suffix}");
+        bar.set_message(format!(
+            "bag forward: {name} and cpu_fast{suffix} in turns (dim {})",
+            s.dim
+        ));
+        let measured = (|| -> Result<Option<(f64, Value)>> {
+            let (mut peer, info) = match TorchPeer::start(&args.peer.torch(), s, threads, dtype)? {
+                Started::Peer(p, info) => (p, info),
+                Started::NoTorch(info) => {
+                    if torch_info.is_null() {
+                        *torch_info = info;
+                    }
+                    return Ok(None);
                 }
+            };
+            if torch_info.is_null() {
+                *torch_info = info;
+            }
+            let p = match dtype {
+                "f16" => {
+                    let t = narrow::<half::f16>(&data.table);
+                    paired_bag(cpu, s, data, &t, &mut peer, rounds, burst)?
+                }
+                "bf16" => {
+                    let t = narrow::<half::bf16>(&data.table);
+                    paired_bag(cpu, s, data, &t, &mut peer, rounds, burst)?
+                }
+                _ => paired_bag(cpu, s, data, &data.table, &mut peer, rounds, burst)?,
+            };
+            Ok(Some((p.torch_gbps, p.json())))
+        })();
+        match measured {
+            Ok(Some((gbps, rounds_json))) => {
+                bag.insert(name, json!(gbps));
+                paired.insert(format!("cpu_fast{suffix}"), rounds_json);
+            }
+            Ok(None) => {
+                bag.insert(name, Value::Null);
             }
             Err(e) => {
                 errors.push(format!("{name} (dim {}): {e:#}", s.dim));
-                bag.insert(name.into(), Value::Null);
+                bag.insert(name, Value::Null);
             }
         }
         bar.inc(1);
     }
 }
+
+/// Rounds of [`torch_all`] per `Shapes::iters`, and calls per burst.
+const PAIRED_ROUNDS_PER_ITER: usize = 4;
+const PAIRED_BURST: usize = 3;
 
 /// Index sets the CPU and torch bag calls rotate through: set `k` is the
 /// workload's indices shifted by `k * rows / INDEX_SETS` (mod rows), still
@@ -813,34 +863,72 @@ fn index_set(indices: &[u32], k: usize, rows: usize) -> Vec<u32> {
         .collect()
 }
 
-/// GB/s of the optimised CPU bag forward over `table` (the bag workload's
-/// table in storage type `T`), copied onto transparent huge pages first;
-/// successive calls rotate through [`INDEX_SETS`] index sets.
+/// Calls of the optimised CPU bag forward over the bag workload's table in
+/// storage type `T`, copied onto transparent huge pages first; successive
+/// calls rotate through [`INDEX_SETS`] index sets. Set-up ends with one
+/// untimed call per index set (as the torch script's 1 + 3 warm-up calls
+/// also cover each of the 4 sets once).
+pub(crate) struct CpuBagCalls<'a, T: Storage> {
+    cpu: &'a Cpu,
+    s: &'a Shapes,
+    data: &'a BagData,
+    table: LargeBuf<T>,
+    sets: Vec<Vec<u32>>,
+    /// (bags, dim)
+    out: Vec<f32>,
+    calls: usize,
+}
+
+impl<'a, T: Storage> CpuBagCalls<'a, T> {
+    pub(crate) fn new(cpu: &'a Cpu, s: &'a Shapes, data: &'a BagData, table: &[T]) -> Result<Self> {
+        let mut c = Self {
+            cpu,
+            s,
+            data,
+            table: LargeBuf::from_slice(table, true),
+            sets: (0..INDEX_SETS)
+                .map(|k| index_set(&data.indices, k, s.rows))
+                .collect(),
+            out: vec![0.0f32; s.bags * s.dim],
+            calls: 0,
+        };
+        for _ in 0..INDEX_SETS {
+            c.call()?;
+        }
+        Ok(c)
+    }
+
+    /// Seconds of one call (the next index set).
+    pub(crate) fn call(&mut self) -> Result<f64> {
+        let t = Table::new(&self.table, self.s.rows, self.s.dim)?;
+        let indices = &self.sets[self.calls % INDEX_SETS];
+        self.calls += 1;
+        let t0 = Instant::now();
+        let d = self.data;
+        self.cpu
+            .bag_forward(&t, indices, &d.weights, &d.offsets, &mut self.out)?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// GB/s of gathered row bytes at `secs` per call.
+    pub(crate) fn gbps(&self, secs: f64) -> f64 {
+        self.s.gathered_bytes(std::mem::size_of::<T>()) / secs / 1e9
+    }
+}
+
+/// GB/s of the optimised CPU bag forward over `table` ([`CpuBagCalls`]):
+/// the median of `s.iters` calls.
 pub(crate) fn cpu_bag<T: Storage>(
     cpu: &Cpu,
     s: &Shapes,
     data: &BagData,
     table: &[T],
 ) -> Result<f64> {
-    let buf = LargeBuf::from_slice(table, true);
-    let t = Table::new(&buf, s.rows, s.dim)?;
-    let mut out = vec![0.0f32; s.bags * s.dim];
-    let sets: Vec<Vec<u32>> = (0..INDEX_SETS)
-        .map(|k| index_set(&data.indices, k, s.rows))
-        .collect();
-    // one untimed call per index set besides time_median's warm-up, as the
-    // torch script's warm-up calls (1 + 3) also cover each of the 4 sets once
-    for indices in &sets[1..] {
-        cpu.bag_forward(&t, indices, &data.weights, &data.offsets, &mut out)?;
-    }
-    let mut call = 0;
-    let secs = time_median(s.iters, || {
-        let indices = &sets[call % INDEX_SETS];
-        call += 1;
-        cpu.bag_forward(&t, indices, &data.weights, &data.offsets, &mut out)?;
-        Ok(())
-    })?;
-    Ok(s.gathered_bytes(std::mem::size_of::<T>()) / secs / 1e9)
+    let mut calls = CpuBagCalls::new(cpu, s, data, table)?;
+    let secs = (0..s.iters.max(1))
+        .map(|_| calls.call())
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(calls.gbps(median(secs)))
 }
 
 /// GB/s of the WGSL copy kernel (bytes copied per second).

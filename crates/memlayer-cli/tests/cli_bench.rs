@@ -8,12 +8,115 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Asserts that `out` is a successful run (its output in the message) and
+/// reads the JSON it wrote at `json`.
+fn succeeded_with_json(out: &std::process::Output, json: &std::path::Path) -> Value {
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
 fn positive(v: &Value, what: &str) -> f64 {
     let x = v
         .as_f64()
         .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
     assert!(x.is_finite() && x > 0.0, "{what} = {x}");
     x
+}
+
+/// A stand-in for `scripts/bench_torch_bag.py --paired` (no torch needed):
+/// f32 answers every request with calls of 0.5 s; f16 dies at its first
+/// request; bf16 answers with one call too many.
+const FAKE_TORCH: &str = r#"
+import json, sys
+args = sys.argv[1:]
+dtype = args[args.index("--dtype") + 1]
+assert "--paired" in args, args
+print(json.dumps({"ready": True, "torch_version": "fake", "threads": 1}), flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words == ["quit"]:
+        break
+    n = int(words[1])
+    if dtype == "f16":
+        sys.stderr.write("fake torch: gone\n")
+        sys.exit(3)
+    extra = 1 if dtype == "bf16" else 0
+    print(json.dumps({"seconds": [0.5] * (n + extra)}), flush=True)
+"#;
+
+/// The torch peer runs in rounds interleaved with memlayer's calls: its
+/// answers become `torch_cpu*` and `bag_fwd_vs_torch_rounds`; a peer that
+/// dies or answers wrongly is named in `errors` and the run goes on.
+#[test]
+fn torch_peer_in_rounds_and_its_failures_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("fake_torch.py");
+    std::fs::write(&script, FAKE_TORCH).unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_memlayer"))
+        .args(["bench", "kernels", "--quick", "--threads", "1"])
+        .args(["--adapter", "no-such-adapter", "--python", "python3"])
+        .arg("--torch-script")
+        .arg(&script)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let r = succeeded_with_json(&out, &json);
+    let bag = &r["bag_fwd_gbps"];
+    let shape = &r["shapes"]["bag"];
+    let gathered = ["bags", "bag_size", "dim"]
+        .iter()
+        .map(|k| shape[*k].as_f64().unwrap())
+        .product::<f64>()
+        * 4.0;
+    // f32: torch's figure is the fake's 0.5 s per call, paired with memlayer's calls
+    let torch = positive(&bag["torch_cpu"], "torch_cpu");
+    assert!(
+        (torch - gathered / 0.5 / 1e9).abs() < 1e-9 * torch.max(1.0),
+        "{torch}"
+    );
+    let rounds = &r["bag_fwd_vs_torch_rounds"]["cpu_fast"];
+    assert_eq!(rounds["rounds"], shape["rounds"], "{rounds}");
+    assert_eq!(rounds["calls_per_burst"], 3, "{rounds}");
+    let (lo, mid, hi) = (
+        positive(&rounds["ratio_min"], "ratio_min"),
+        positive(&rounds["ratio_median"], "ratio_median"),
+        positive(&rounds["ratio_max"], "ratio_max"),
+    );
+    assert!(lo <= mid && mid <= hi, "{rounds}");
+    assert_eq!(r["bag_fwd_vs_torch"]["cpu_fast"].as_f64(), Some(mid));
+    positive(&rounds["memlayer_gbps"], "memlayer_gbps");
+    assert_eq!(r["torch"]["version"], "fake");
+    // f16: the script died; bf16: it answered one call too many
+    let errors: Vec<&str> = r["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for (key, says) in [
+        ("torch_cpu_f16", "fake torch: gone"),
+        ("torch_cpu_bf16", "for 3 calls"),
+    ] {
+        assert!(bag[key].is_null(), "{key} = {}", bag[key]);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(key) && e.contains(says)),
+            "{key}: {errors:?}"
+        );
+        assert!(
+            r["bag_fwd_vs_torch"]
+                .get(key.replace("torch_cpu", "cpu_fast"))
+                .is_none()
+        );
+    }
 }
 
 #[test]
@@ -32,13 +135,7 @@ fn quick_run_writes_the_report() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let r = succeeded_with_json(&out, &json);
     let bag = &r["bag_fwd_gbps"];
     for k in ["cpu_oracle", "cpu_fast", "cpu_fast_f16", "cpu_fast_bf16"] {
         positive(&bag[k], k);
@@ -128,13 +225,7 @@ fn runner_quick_checks_parity_on_every_backend_and_writes_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let out = runner(&["--quick"], &out_dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = read_json(&out_dir.join("bench.json"));
+    let r = succeeded_with_json(&out, &out_dir.join("bench.json"));
     assert_eq!(r["schema"], "memlayer-bench", "{r}");
     assert_eq!(r["schema_version"], 1, "{r}");
     assert!(

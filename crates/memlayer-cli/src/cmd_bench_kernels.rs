@@ -21,8 +21,9 @@
 pub(crate) mod cuda;
 mod torch_paired;
 
+use std::io::Read;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -88,6 +89,17 @@ pub struct PeerArgs {
     /// The PyTorch reference script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/bench_torch_bag.py"))]
     pub torch_script: PathBuf,
+    /// Seconds to wait for each answer of the PyTorch reference (its table
+    /// set-up included) before it is stopped and recorded as failed.
+    #[arg(long, default_value_t = 600.0, value_parser = positive_seconds)]
+    pub torch_timeout: f64,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 86_400.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
 }
 
 /// The shapes one run uses (recorded in the JSON).
@@ -677,10 +689,12 @@ fn print_summary(r: &Value) {
     }
 }
 
-/// The Python interpreter and the PyTorch reference script.
+/// The Python interpreter, the PyTorch reference script and how long to
+/// wait for each of its answers.
 pub(crate) struct TorchScript<'a> {
     pub(crate) python: &'a str,
     pub(crate) script: &'a std::path::Path,
+    pub(crate) timeout: std::time::Duration,
 }
 
 impl PeerArgs {
@@ -688,8 +702,23 @@ impl PeerArgs {
         TorchScript {
             python: &self.python,
             script: &self.torch_script,
+            timeout: std::time::Duration::from_secs_f64(self.torch_timeout),
         }
     }
+}
+
+/// Waits up to `limit` for `child` to exit, then kills it; whether it exited by itself.
+pub(crate) fn wait_or_kill(child: &mut std::process::Child, limit: std::time::Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }
 
 /// Runs the PyTorch reference on `device` (`cpu` or `cuda`) once, as one
@@ -702,7 +731,7 @@ pub(crate) fn torch_bag_on(
     device: &str,
 ) -> Result<(Option<f64>, Value)> {
     // torch gets transparent huge pages for its tensors, as memlayer's tables have
-    let out = Command::new(torch.python)
+    let mut child = Command::new(torch.python)
         .env("THP_MEM_ALLOC_ENABLE", "1")
         .arg(torch.script)
         .args(["--rows", &s.rows.to_string(), "--dim", &s.dim.to_string()])
@@ -716,17 +745,53 @@ pub(crate) fn torch_bag_on(
         .args(["--iters", &s.iters.to_string(), "--seed", "2024"])
         .args(["--index-sets", &INDEX_SETS.to_string()])
         .args(["--device", device])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("running {} {}", torch.python, torch.script.display()))?;
-    if !out.status.success() {
+    // both pipes drained on threads while the run is timed out
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    if !wait_or_kill(&mut child, torch.timeout) {
+        bail!(
+            "{} gave no answer in {} s (--torch-timeout); stopped it",
+            torch.script.display(),
+            torch.timeout.as_secs_f64()
+        );
+    }
+    let status = child.wait()?;
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    if !status.success() {
         bail!(
             "{} exited with {}: {}",
             torch.script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            status,
+            String::from_utf8_lossy(&stderr).trim()
         );
     }
-    let line = String::from_utf8_lossy(&out.stdout);
+    let line = String::from_utf8_lossy(&stdout);
     let v: Value = serde_json::from_str(line.trim())
         .with_context(|| format!("parsing the torch script's output {line:?}"))?;
     let info = json!({

@@ -28,14 +28,18 @@ fn positive(v: &Value, what: &str) -> f64 {
     x
 }
 
-/// A stand-in for `scripts/bench_torch_bag.py --paired` (no torch needed):
-/// f32 answers every request with calls of 0.5 s; f16 dies at its first
-/// request; bf16 answers with one call too many.
+/// A stand-in for `scripts/bench_torch_bag.py --paired` (no torch needed).
+/// At dim 256: f32 answers every request with calls of 0.5 s; f16 dies at its
+/// first request; bf16 answers with one call too many. At dim 64 f32 never
+/// gets ready (the others answer as at dim 256).
 const FAKE_TORCH: &str = r#"
-import json, sys
+import json, sys, time
 args = sys.argv[1:]
 dtype = args[args.index("--dtype") + 1]
+dim = int(args[args.index("--dim") + 1])
 assert "--paired" in args, args
+if dim == 64 and dtype == "f32":
+    time.sleep(3600)
 print(json.dumps({"ready": True, "torch_version": "fake", "threads": 1}), flush=True)
 for line in sys.stdin:
     words = line.split()
@@ -51,7 +55,8 @@ for line in sys.stdin:
 
 /// The torch peer runs in rounds interleaved with memlayer's calls: its
 /// answers become `torch_cpu*` and `bag_fwd_vs_torch_rounds`; a peer that
-/// dies or answers wrongly is named in `errors` and the run goes on.
+/// dies, answers wrongly or falls silent is named in `errors` (the silent one
+/// stopped after `--torch-timeout`) and the run goes on.
 #[test]
 fn torch_peer_in_rounds_and_its_failures_are_named() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,6 +66,7 @@ fn torch_peer_in_rounds_and_its_failures_are_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_memlayer"))
         .args(["bench", "kernels", "--quick", "--threads", "1"])
         .args(["--adapter", "no-such-adapter", "--python", "python3"])
+        .args(["--extra-dims", "64", "--torch-timeout", "3"])
         .arg("--torch-script")
         .arg(&script)
         .arg("--json")
@@ -117,6 +123,19 @@ fn torch_peer_in_rounds_and_its_failures_are_named() {
                 .is_none()
         );
     }
+    // dim 64: f32 fell silent and was stopped
+    let d64 = &r["bag_fwd_by_dim"]["64"];
+    assert!(d64["bag_fwd_gbps"]["torch_cpu"].is_null(), "{d64}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("torch_cpu (dim 64)") && e.contains("no answer in 3 s")),
+        "{errors:?}"
+    );
+    assert!(
+        d64["bag_fwd_vs_torch_rounds"].get("cpu_fast").is_none(),
+        "{d64}"
+    );
 }
 
 #[test]

@@ -11,9 +11,10 @@
 //! over the rounds and its spread.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use memlayer_cpu::{Cpu, Storage};
@@ -29,8 +30,11 @@ const MAX_BURST: usize = 1000;
 pub(crate) struct TorchPeer {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// the script's stdout, a line at a time from a reader thread (so a
+    /// script that stops answering is noticed: `timeout`)
+    lines: Receiver<std::io::Result<String>>,
     stderr: Option<JoinHandle<String>>,
+    timeout: Duration,
 }
 
 /// What starting the script gave: a peer, or torch's reason for none.
@@ -75,11 +79,20 @@ impl TorchPeer {
             let _ = err.read_to_string(&mut text);
             text
         });
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut peer = TorchPeer {
             child,
             stdin: Some(stdin),
-            stdout: BufReader::new(stdout),
+            lines,
             stderr: Some(stderr),
+            timeout: torch.timeout,
         };
         let first = peer.answer()?;
         let info = json!({
@@ -96,26 +109,32 @@ impl TorchPeer {
         }
     }
 
-    /// One JSON line from the script; its stderr in the error when it ends instead.
+    /// One JSON line from the script within `timeout`; its stderr in the
+    /// error when it ends instead, and the script killed when it is silent.
     fn answer(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        let n = self
-            .stdout
-            .read_line(&mut line)
-            .context("reading the torch script's answer")?;
-        if n == 0 {
-            let status = self.child.wait().ok();
-            let err = self
-                .stderr
-                .take()
-                .and_then(|h| h.join().ok())
-                .unwrap_or_default();
-            bail!(
-                "the torch script ended ({}) without an answer: {}",
-                status.map_or("status unknown".into(), |s| s.to_string()),
-                err.trim()
-            );
-        }
+        let line = match self.lines.recv_timeout(self.timeout) {
+            Ok(line) => line.context("reading the torch script's answer")?,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = self.child.kill();
+                bail!(
+                    "the torch script gave no answer in {} s (--torch-timeout); stopped it",
+                    self.timeout.as_secs_f64()
+                );
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().ok();
+                let err = self
+                    .stderr
+                    .take()
+                    .and_then(|h| h.join().ok())
+                    .unwrap_or_default();
+                bail!(
+                    "the torch script ended ({}) without an answer: {}",
+                    status.map_or("status unknown".into(), |s| s.to_string()),
+                    err.trim()
+                );
+            }
+        };
         serde_json::from_str(line.trim())
             .with_context(|| format!("parsing the torch script's answer {:?}", line.trim()))
     }
@@ -150,15 +169,7 @@ impl Drop for TorchPeer {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = writeln!(stdin, "quit");
         }
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::wait_or_kill(&mut self.child, Duration::from_secs(10));
     }
 }
 

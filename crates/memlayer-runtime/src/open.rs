@@ -11,7 +11,6 @@ use memlayer_model::{MemoryOps, ModelError};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 
 /// Where a model's memory bank is read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,7 +186,7 @@ impl RuntimeDevice {
                 Ok(Self {
                     device,
                     ops,
-                    pool: PoolDevice::Cuda(Arc::new(dev)),
+                    pool: PoolDevice::Cuda(std::sync::Arc::new(dev)),
                 })
             }
         }
@@ -225,7 +224,7 @@ impl RuntimeDevice {
         Ok(Self {
             device,
             ops,
-            pool: PoolDevice::Wgpu(Arc::new(ctx)),
+            pool: PoolDevice::Wgpu(std::sync::Arc::new(ctx)),
         })
     }
 }

@@ -7,7 +7,9 @@
 #   - Node.js and npm for the browser test's driver (playwright-core);
 #   - Debian's aarch64 cross gcc and libc, and qemu-user, for the aarch64
 #     tests run under emulation (scripts/test-aarch64.sh);
-#   - Xvfb (with xvfb-run and xauth) for the desktop app's window tests.
+#   - Xvfb (with xvfb-run and xauth) for the desktop app's window tests;
+#   - g++ (C++20) for the CUDA kernels' CPU emulation test
+#     (crates/memlayer-cuda/tests/emulated.rs).
 # Each piece is checked on its own and only the missing ones are asked of apt.
 # A machine may ship Node.js from another apt source (NodeSource's `nodejs`
 # bundles npm and conflicts with Debian's `npm`): when `node` and `npm` are
@@ -30,6 +32,7 @@ have_aarch64_libc_dev() { [ -e /usr/aarch64-linux-gnu/include/stdio.h ] && [ -e 
 have_qemu_aarch64() { command -v qemu-aarch64 >/dev/null 2>&1; }
 have_xvfb() { command -v xvfb-run >/dev/null 2>&1 && command -v Xvfb >/dev/null 2>&1; }
 have_xauth() { command -v xauth >/dev/null 2>&1; }
+have_gxx() { command -v g++ >/dev/null 2>&1; }
 
 missing=()
 have_lavapipe || missing+=(mesa-vulkan-drivers)
@@ -41,6 +44,7 @@ have_aarch64_libc_dev || missing+=(libc6-dev-arm64-cross)
 have_qemu_aarch64 || missing+=(qemu-user)
 have_xvfb || missing+=(xvfb)
 have_xauth || missing+=(xauth)
+have_gxx || missing+=(g++)
 if ! have_node; then
   # No Node.js at all: Debian's, with its npm.
   missing+=(nodejs)
@@ -91,5 +95,6 @@ need "the aarch64 libc headers and libraries (/usr/aarch64-linux-gnu)" have_aarc
 need "qemu-aarch64 (user-mode emulation)" have_qemu_aarch64 "apt-get install qemu-user"
 need "Xvfb and xvfb-run" have_xvfb "apt-get install xvfb"
 need "xauth (xvfb-run needs it)" have_xauth "apt-get install xauth"
+need "g++ (the CUDA kernels' CPU emulation test)" have_gxx "apt-get install g++"
 [ "$fail" = 0 ] || exit 1
 echo "node $(node --version), npm $(npm --version), $(/usr/bin/chromium --version 2>/dev/null || echo chromium)"

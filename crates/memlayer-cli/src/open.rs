@@ -23,7 +23,9 @@ pub fn device_for(backend: Backend, ops: OpsChoice) -> Result<(Device, MemoryOps
         #[cfg(feature = "cuda")]
         Backend::Cuda => bail!(
             "training on CUDA is not built yet: memlayer-cuda has the memory ops' kernels \
-             (forward and backward), but no burn backend drives them in training; use --backend \
+             (forward, backward, selection from scores), but burn's CUDA backend, which would \
+             run the dense part, cannot be built where memlayer is built (cubecl-cuda downloads \
+             an LLVM bundle at build time; docs/ARCHITECTURE.md, memlayer-cuda); use --backend \
              cpu or wgpu (--backend cuda runs generate, chat, demo and bench paged)"
         ),
     };

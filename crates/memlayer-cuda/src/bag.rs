@@ -58,6 +58,100 @@ impl BagBatch {
             nnz: b.indices.len(),
         })
     }
+
+    /// The batch as the kernels take it.
+    pub fn as_ref(&self) -> BagsRef<'_> {
+        BagsRef {
+            indices: &self.indices,
+            weights: &self.weights,
+            offsets: &self.offsets,
+            bags: self.bags,
+            nnz: self.nnz,
+        }
+    }
+}
+
+/// A batch of bags already on the device, borrowed (a [`BagBatch`], or
+/// buffers built on the device by an earlier op): the entries'
+/// rows and weights (nnz each), the bags' offsets (bags + 1). Rows outside
+/// the table are skipped by the kernels.
+#[derive(Clone, Copy)]
+pub struct BagsRef<'a> {
+    /// Row of each entry: (nnz).
+    pub indices: &'a CudaSlice<u32>,
+    /// Weight of each entry: (nnz).
+    pub weights: &'a CudaSlice<f32>,
+    /// CSR offsets: (bags + 1), non-decreasing, the last ≤ nnz.
+    pub offsets: &'a CudaSlice<u32>,
+    /// Bags.
+    pub bags: usize,
+    /// Entries.
+    pub nnz: usize,
+}
+
+impl BagsRef<'_> {
+    /// Whether the buffers hold what the counts say.
+    fn check(&self) -> Result<(), CudaError> {
+        if self.indices.len() < self.nnz
+            || self.weights.len() < self.nnz
+            || self.offsets.len() < self.bags + 1
+        {
+            return Err(CudaError::Unsupported(format!(
+                "a batch of {} bags and {} entries in buffers of {} rows, {} weights, {} offsets",
+                self.bags,
+                self.nnz,
+                self.indices.len(),
+                self.weights.len(),
+                self.offsets.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A table on the device as the kernels read it: (rows, dim) elements of
+/// `dtype` (a [`DeviceTable`], or a borrowed buffer).
+#[derive(Clone, Copy)]
+pub struct TableRef<'a> {
+    /// The bytes: at least rows × dim × dtype size.
+    pub data: &'a CudaSlice<u8>,
+    /// Rows.
+    pub rows: usize,
+    /// Values per row.
+    pub dim: usize,
+    /// Storage dtype.
+    pub dtype: Dtype,
+}
+
+impl TableRef<'_> {
+    fn check(&self) -> Result<(), CudaError> {
+        let bytes = self
+            .rows
+            .checked_mul(self.dim)
+            .and_then(|n| n.checked_mul(self.dtype.size()));
+        match bytes {
+            Some(b) if b <= self.data.len() => Ok(()),
+            _ => Err(CudaError::Unsupported(format!(
+                "a table of {} × {} {:?} in a buffer of {} bytes",
+                self.rows,
+                self.dim,
+                self.dtype,
+                self.data.len()
+            ))),
+        }
+    }
+}
+
+impl DeviceTable {
+    /// The table as the kernels take it.
+    pub fn as_ref(&self) -> TableRef<'_> {
+        TableRef {
+            data: &self.data,
+            rows: self.rows,
+            dim: self.dim,
+            dtype: self.dtype,
+        }
+    }
 }
 
 /// The forward kernel of a storage dtype.
@@ -83,9 +177,10 @@ fn launch_bag(
     rows: usize,
     dim: usize,
     paging: Paging<'_>,
-    batch: &BagBatch,
+    batch: BagsRef<'_>,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
+    batch.check()?;
     if out.len() < batch.bags * dim {
         return Err(CudaError::Unsupported(format!(
             "output of {} floats for {} bags of {dim}",
@@ -114,9 +209,9 @@ fn launch_bag(
     launch
         .arg(&pages)
         .arg(&page_rows)
-        .arg(&batch.indices)
-        .arg(&batch.weights)
-        .arg(&batch.offsets)
+        .arg(batch.indices)
+        .arg(batch.weights)
+        .arg(batch.offsets)
         .arg(&bags)
         .arg(out);
     // SAFETY: the arguments match bag_forward_*'s signature; every buffer
@@ -134,14 +229,26 @@ pub fn bag_forward_into(
     batch: &BagBatch,
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
+    bag_forward_on(dev, table.as_ref(), batch.as_ref(), out)
+}
+
+/// Enqueues the forward of `bags` over `table` into `out` (bags, dim) f32,
+/// all on the device (no wait): the op training runs on burn's buffers.
+pub fn bag_forward_on(
+    dev: &CudaDevice,
+    table: TableRef<'_>,
+    bags: BagsRef<'_>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    table.check()?;
     launch_bag(
         dev,
-        &table.data,
+        table.data,
         table.dtype,
         table.rows,
         table.dim,
         None,
-        batch,
+        bags,
         out,
     )
 }
@@ -263,7 +370,14 @@ impl PagedSlots {
         let mut out = dev.zeros::<f32>("bag output", batch.bags * self.dim)?;
         let paging = Some((&table, pages, u32_of("page rows", self.page_rows)?));
         launch_bag(
-            dev, &self.data, self.dtype, self.rows, self.dim, paging, &batch, &mut out,
+            dev,
+            &self.data,
+            self.dtype,
+            self.rows,
+            self.dim,
+            paging,
+            batch.as_ref(),
+            &mut out,
         )?;
         dev.download("bag output", &out, batch.bags * self.dim)
     }
@@ -283,8 +397,8 @@ pub fn bag_forward(
     dev.download("bag output", &out, batch.bags * table.dim)
 }
 
-/// Bag of each entry: (nnz).
-fn bag_of(offsets: &[usize]) -> Vec<u32> {
+/// Bag of each entry: (nnz), from the bags' CSR offsets (bags + 1).
+pub fn bag_of(offsets: &[usize]) -> Vec<u32> {
     let mut out = vec![0u32; offsets.last().copied().unwrap_or(0)];
     for (b, w) in offsets.windows(2).enumerate() {
         out[w[0]..w[1]].fill(b as u32);
@@ -294,7 +408,7 @@ fn bag_of(offsets: &[usize]) -> Vec<u32> {
 
 /// The reverse index of `indices`: entries sorted by (row, position), the
 /// start of each row's segment (segments + 1) and the segments' rows.
-fn reverse_index(indices: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+pub fn reverse_index(indices: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     let mut order: Vec<u32> = (0..indices.len() as u32).collect();
     order.sort_unstable_by_key(|&e| (indices[e as usize], e));
     let mut starts = Vec::new();
@@ -310,6 +424,113 @@ fn reverse_index(indices: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     (order, starts, rows)
 }
 
+/// The reverse index of a batch on the device (Meta's `reverse_indices`):
+/// the entries sorted by (row, position), each row's segment, the segments'
+/// rows and the bag of each entry. Built on the host from the entries' rows
+/// — the one place the table gradient's order is decided, so it is the
+/// oracle's: each row sums its entries in ascending position.
+pub struct ReverseIndex {
+    order: CudaSlice<u32>,
+    starts: CudaSlice<u32>,
+    seg_rows_dev: CudaSlice<u32>,
+    bag_of: CudaSlice<u32>,
+    /// The rows with a gradient, ascending (one per segment).
+    pub seg_rows: Vec<u32>,
+    /// Entries.
+    pub nnz: usize,
+    /// Bags.
+    pub bags: usize,
+}
+
+impl ReverseIndex {
+    /// The index of entries with rows `indices` (nnz) in bags `offsets`
+    /// (bags + 1, checked: non-decreasing from 0 to nnz), uploaded.
+    pub fn build(dev: &CudaDevice, indices: &[u32], offsets: &[usize]) -> Result<Self, CudaError> {
+        let zeros = vec![0.0f32; indices.len()];
+        let bags = check_bags(usize::MAX, indices, &zeros, offsets)?;
+        u32_of("entries", indices.len())?;
+        let (order, starts, seg_rows) = reverse_index(indices);
+        u32_of("segments", seg_rows.len())?;
+        Ok(Self {
+            order: dev.upload("the reverse index", &order)?,
+            starts: dev.upload("segment starts", &starts)?,
+            seg_rows_dev: dev.upload("segment rows", &seg_rows)?,
+            bag_of: dev.upload("entry bags", &bag_of(offsets))?,
+            seg_rows,
+            nnz: indices.len(),
+            bags,
+        })
+    }
+
+    /// Rows with a gradient.
+    pub fn segments(&self) -> usize {
+        self.seg_rows.len()
+    }
+
+    /// The bag of each entry: (nnz).
+    pub fn bag_of(&self) -> &CudaSlice<u32> {
+        &self.bag_of
+    }
+}
+
+/// Enqueues the table gradient `dtable[row(e)] += weights[e] · grad_out[bag(e)]`
+/// of the batch `rix` indexes (each row's entries summed in ascending
+/// position: bit-identical to `memlayer_core::bag::bag_backward_table`)
+/// into `out`: with `dense`, the touched rows of a zeroed (rows, dim)
+/// gradient, else the (segments, dim) rows in `rix.seg_rows` order. No wait.
+pub fn table_grad_into(
+    dev: &CudaDevice,
+    rix: &ReverseIndex,
+    dim: usize,
+    weights: &CudaSlice<f32>,
+    grad_out: &CudaSlice<f32>,
+    dense: bool,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    let segments = rix.segments();
+    if segments == 0 || dim == 0 {
+        return Ok(());
+    }
+    let out_rows = if dense {
+        rix.seg_rows.last().map_or(0, |&r| r as usize + 1)
+    } else {
+        segments
+    };
+    if weights.len() < rix.nnz || grad_out.len() < rix.bags * dim || out.len() < out_rows * dim {
+        return Err(CudaError::Unsupported(format!(
+            "table gradient of {} entries, {} bags of {dim}: buffers of {} weights, {} gradients,              an output of {} (needs {})",
+            rix.nnz,
+            rix.bags,
+            weights.len(),
+            grad_out.len(),
+            out.len(),
+            out_rows * dim
+        )));
+    }
+    let d = u32_of("dim", dim)?;
+    let n_seg = u32_of("segments", segments)?;
+    let f = dev.function(&kernels::BAG_BACKWARD, "bag_backward_table")?;
+    let dense = u32::from(dense);
+    let cfg = grid(u64::from(n_seg) * u64::from(d.div_ceil(4)))?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(&d)
+        .arg(&rix.order)
+        .arg(&rix.starts)
+        .arg(&rix.seg_rows_dev)
+        .arg(&n_seg)
+        .arg(&rix.bag_of)
+        .arg(weights)
+        .arg(grad_out)
+        .arg(&dense)
+        .arg(out);
+    // SAFETY: arguments match bag_backward_table; the index's arrays come
+    // from `build`, the other buffers' sizes are checked above.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| CudaError::driver("launching bag_backward_table", e))?;
+    Ok(())
+}
+
 /// Table gradient `dtable[indices[e]] += weights[e] · grad_out[bag(e)]`,
 /// per row in ascending entry position (the reverse index): the touched
 /// rows and their gradients, bit-identical to
@@ -322,49 +543,71 @@ pub fn bag_backward_table(
 ) -> Result<SparseRows, CudaError> {
     let bags = b.check(rows)?;
     memlayer_core::error::check_len("grad_out", grad_out, &[bags, dim])?;
-    let Bags {
-        indices,
-        weights,
-        offsets,
-    } = *b;
-    let (order, starts, seg_rows) = reverse_index(indices);
-    let segments = seg_rows.len();
+    let rix = ReverseIndex::build(dev, b.indices, b.offsets)?;
+    let segments = rix.segments();
     if segments == 0 {
         return Ok(SparseRows::empty(dim));
     }
-    let d = u32_of("dim", dim)?;
-    let n_seg = u32_of("segments", segments)?;
-    u32_of("entries", indices.len())?;
-    let f = dev.function(&kernels::BAG_BACKWARD, "bag_backward_table")?;
-    let order = dev.upload("the reverse index", &order)?;
-    let starts = dev.upload("segment starts", &starts)?;
-    let seg_rows_d = dev.upload("segment rows", &seg_rows)?;
-    let bag_of = dev.upload("entry bags", &bag_of(offsets))?;
-    let weights = dev.upload("bag weights", weights)?;
+    let weights = dev.upload("bag weights", b.weights)?;
     let grad = dev.upload("grad_out", grad_out)?;
     let mut out = dev.zeros::<f32>("table gradient", segments * dim)?;
-    let dense = 0u32;
-    let cfg = grid(u64::from(n_seg) * u64::from(d.div_ceil(4)))?;
-    let mut launch = dev.stream().launch_builder(&f);
-    launch
-        .arg(&d)
-        .arg(&order)
-        .arg(&starts)
-        .arg(&seg_rows_d)
-        .arg(&n_seg)
-        .arg(&bag_of)
-        .arg(&weights)
-        .arg(&grad)
-        .arg(&dense)
-        .arg(&mut out);
-    // SAFETY: arguments match bag_backward_table; sizes from the reverse index.
-    unsafe { launch.launch(cfg) }
-        .map_err(|e| CudaError::driver("launching bag_backward_table", e))?;
+    table_grad_into(dev, &rix, dim, &weights, &grad, false, &mut out)?;
     Ok(SparseRows {
         dim,
-        rows: seg_rows,
         grads: dev.download("table gradient", &out, segments * dim)?,
+        rows: rix.seg_rows,
     })
+}
+
+/// Enqueues the per-sample-weight gradient `dweights[e] = table[indices[e]]
+/// · grad_out[bag_of[e]]` (nnz) into `out` (no wait); entries whose row is
+/// outside the table get 0.
+pub fn weights_grad_into(
+    dev: &CudaDevice,
+    table: TableRef<'_>,
+    indices: &CudaSlice<u32>,
+    bag_of: &CudaSlice<u32>,
+    nnz: usize,
+    grad_out: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    table.check()?;
+    let n = u32_of("entries", nnz)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if indices.len() < nnz || bag_of.len() < nnz || out.len() < nnz {
+        return Err(CudaError::Unsupported(format!(
+            "weight gradient of {nnz} entries in buffers of {} rows, {} bags, {} outputs",
+            indices.len(),
+            bag_of.len(),
+            out.len()
+        )));
+    }
+    let name = match table.dtype {
+        Dtype::F32 => "bag_backward_weights_f32",
+        Dtype::F16 => "bag_backward_weights_f16",
+        Dtype::Bf16 => "bag_backward_weights_bf16",
+    };
+    let f = dev.function(&kernels::BAG_BACKWARD, name)?;
+    let (rows, dim) = (u32_of("rows", table.rows)?, u32_of("dim", table.dim)?);
+    let cfg = grid(u64::from(n) * 32)?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(table.data)
+        .arg(&rows)
+        .arg(&dim)
+        .arg(indices)
+        .arg(bag_of)
+        .arg(&n)
+        .arg(grad_out)
+        .arg(out);
+    // SAFETY: arguments match bag_backward_weights_*; one warp per entry;
+    // the buffers hold nnz entries (checked) and the kernel reads the rows
+    // of grad_out its bag_of names (the caller's batch).
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| CudaError::driver("launching bag_backward_weights", e))?;
+    Ok(())
 }
 
 /// Per-sample-weight gradient `dweights[e] = table[indices[e]] · grad_out[bag(e)]`
@@ -380,35 +623,22 @@ pub fn bag_backward_weights(
     let zeros = vec![0.0f32; indices.len()];
     let bags = check_bags(table.rows, indices, &zeros, offsets)?;
     memlayer_core::error::check_len("grad_out", grad_out, &[bags, table.dim])?;
-    let nnz = u32_of("entries", indices.len())?;
-    if nnz == 0 {
+    if indices.is_empty() {
         return Ok(Vec::new());
     }
-    let name = match table.dtype {
-        Dtype::F32 => "bag_backward_weights_f32",
-        Dtype::F16 => "bag_backward_weights_f16",
-        Dtype::Bf16 => "bag_backward_weights_bf16",
-    };
-    let f = dev.function(&kernels::BAG_BACKWARD, name)?;
-    let (rows, dim) = (u32_of("rows", table.rows)?, u32_of("dim", table.dim)?);
     let idx = dev.upload("bag indices", indices)?;
     let bag_of = dev.upload("entry bags", &bag_of(offsets))?;
     let grad = dev.upload("grad_out", grad_out)?;
     let mut out = dev.zeros::<f32>("weight gradient", indices.len())?;
-    let cfg = grid(u64::from(nnz) * 32)?;
-    let mut launch = dev.stream().launch_builder(&f);
-    launch
-        .arg(&table.data)
-        .arg(&rows)
-        .arg(&dim)
-        .arg(&idx)
-        .arg(&bag_of)
-        .arg(&nnz)
-        .arg(&grad)
-        .arg(&mut out);
-    // SAFETY: arguments match bag_backward_weights_*; one warp per entry.
-    unsafe { launch.launch(cfg) }
-        .map_err(|e| CudaError::driver("launching bag_backward_weights", e))?;
+    weights_grad_into(
+        dev,
+        table.as_ref(),
+        &idx,
+        &bag_of,
+        indices.len(),
+        &grad,
+        &mut out,
+    )?;
     dev.download("weight gradient", &out, indices.len())
 }
 

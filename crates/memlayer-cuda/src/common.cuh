@@ -18,11 +18,25 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // IEEE half → f32, exact (PTX cvt).
+#ifndef MEMLAYER_CUDA_EMU
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+#else
+// The CPU emulation (tests/emulated.rs, never NVRTC): the same conversion
+// in software — normals rebiased, subnormals m · 2^-24 (exact in f32),
+// ±0, ±inf, NaN with its payload.
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    u32 sign = ((u32)h & 0x8000u) << 16;
+    u32 exp = ((u32)h >> 10) & 0x1fu;
+    u32 man = (u32)h & 0x3ffu;
+    if (exp == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    if (exp != 0) return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+    return __uint_as_float(sign | __float_as_uint((float)man * 0x1p-24f));
+}
+#endif
 
 // bfloat16 → f32, exact (the high half of an f32).
 __device__ __forceinline__ float bf16_to_f32(u16 h) {

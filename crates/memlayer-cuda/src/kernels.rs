@@ -29,7 +29,7 @@ pub struct KernelSource {
 pub const LOOKUP: KernelSource = KernelSource {
     name: "lookup.cu",
     source: include_str!("lookup.cu"),
-    functions: &["pk_norm_rows", "pk_lookup"],
+    functions: &["pk_norm_rows", "pk_lookup", "pk_select_scores"],
 };
 
 /// Embedding-bag forward and the copy probe ([`crate::bag`], [`crate::bandwidth`]).

@@ -18,6 +18,11 @@
 //! - [`bandwidth`]: the device's copy bandwidth (the ceiling benchmarks
 //!   report against).
 //!
+//! Each op has a host form (slices in, slices out: tests, benchmarks) and a
+//! device form over buffers already on the GPU ([`BagsRef`], [`TableRef`],
+//! `*_into`/`*_on`: the paged pool, benchmarks, and what a training bridge
+//! would call on a framework's buffers): one launch sequence for both.
+//!
 //! Every op checks its inputs on the host (shapes, row ids) before any
 //! device allocation is sized by them. What has run on a real GPU and what
 //! was only compiled is said in `docs/BENCHMARKS.md`.
@@ -29,6 +34,8 @@ mod error;
 pub mod kernels;
 pub mod lookup;
 
-pub use bag::{BagBatch, PagedSlots};
+pub use bag::{BagBatch, BagsRef, PagedSlots, ReverseIndex, TableRef};
+pub use cudarc::driver::CudaSlice;
 pub use device::{CudaDevice, DeviceTable, cuda_for_tests};
 pub use error::CudaError;
+pub use memlayer_bank::Dtype;

@@ -174,6 +174,104 @@ pub fn lookup(
     b.read(dev, cfg)
 }
 
+/// The shared memory of one `pk_select_scores` block (sort keys, the two
+/// halves' top-k, the candidates), or why (n_keys, k) does not fit.
+pub fn select_shared_bytes(n_keys: usize, k: usize) -> Result<usize, CudaError> {
+    let bytes = n_keys.next_power_of_two() * 8 + 2 * k * 8 + max_candidates(k) * 16;
+    if bytes > SHARED_LIMIT {
+        return Err(CudaError::Unsupported(format!(
+            "product-key selection with {n_keys} sub-keys, k = {k} needs {bytes} bytes of shared \
+             memory per block; the CUDA kernel has {SHARED_LIMIT} (at most 4096 sub-keys per half)"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Enqueues product-key selection from scores already on the device (the
+/// model's training step, where burn computes the sub-key scores): scores
+/// (groups, 2, n_keys) → the best `k` rows `i1 * n_keys + i2` into `rows`
+/// and their scores into `best`, (groups, k) each, by the rule of
+/// `memlayer_core::pkm::select_from_scores` (its `(i1, i2)` pairs as rows,
+/// the same bits). No wait.
+pub fn select_from_scores_into(
+    dev: &CudaDevice,
+    scores: &CudaSlice<f32>,
+    (groups, n_keys, k): (usize, usize, usize),
+    rows: &mut CudaSlice<u32>,
+    best: &mut CudaSlice<f32>,
+) -> Result<(), CudaError> {
+    if k == 0 || k > n_keys {
+        return Err(CudaError::Unsupported(format!(
+            "product-key selection needs 1 <= k ({k}) <= n_keys ({n_keys})"
+        )));
+    }
+    let shared = select_shared_bytes(n_keys, k)? as u32;
+    let too_small = groups
+        .checked_mul(2 * n_keys)
+        .is_none_or(|n| scores.len() < n)
+        || rows.len() < groups * k
+        || best.len() < groups * k;
+    if too_small {
+        return Err(CudaError::Unsupported(format!(
+            "selection of ({groups}, 2, {n_keys}) scores, k = {k}: buffers of {} scores, {} rows, \
+             {} best scores",
+            scores.len(),
+            rows.len(),
+            best.len()
+        )));
+    }
+    let g = u32::try_from(groups)
+        .map_err(|_| CudaError::Unsupported(format!("{groups} groups exceed one launch grid")))?;
+    if g == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&kernels::LOOKUP, "pk_select_scores")?;
+    let (n, kk) = (n_keys as u32, k as u32);
+    let pow2 = n_keys.next_power_of_two() as u32;
+    let max_cand = max_candidates(k) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (g, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(scores)
+        .arg(&n)
+        .arg(&kk)
+        .arg(&pow2)
+        .arg(&max_cand)
+        .arg(rows)
+        .arg(best);
+    // SAFETY: arguments match pk_select_scores; shared memory sized by
+    // select_shared_bytes; the buffers' sizes are checked above.
+    unsafe { launch.launch(cfg) }
+        .map_err(|e| CudaError::driver("launching pk_select_scores", e))?;
+    Ok(())
+}
+
+/// [`select_from_scores_into`] from host scores (groups, 2, n_keys): the
+/// selected rows, (groups, k).
+pub fn select_from_scores(
+    dev: &CudaDevice,
+    scores: &[f32],
+    n_keys: usize,
+    k: usize,
+) -> Result<Vec<u32>, CudaError> {
+    if n_keys == 0 || !scores.len().is_multiple_of(2 * n_keys) {
+        return Err(CudaError::Unsupported(format!(
+            "{} scores are not (groups, 2, {n_keys})",
+            scores.len()
+        )));
+    }
+    let groups = scores.len() / (2 * n_keys);
+    let s = dev.upload("sub-key scores", scores)?;
+    let mut rows = dev.zeros::<u32>("selected rows", groups * k)?;
+    let mut best = dev.zeros::<f32>("selected scores", groups * k)?;
+    select_from_scores_into(dev, &s, (groups, n_keys, k), &mut rows, &mut best)?;
+    dev.download("selected rows", &rows, groups * k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +345,49 @@ mod tests {
         check(&dev, &cfg, &keys, &query, 2, "a NaN query");
         // no tokens: nothing to do
         check(&dev, &cfg, &keys, &[], 0, "no tokens");
+    }
+
+    /// The oracle's selection as rows: its (groups, k, 2) pairs as `i1 * n_keys + i2`.
+    fn oracle_rows(scores: &[f32], n_keys: usize, k: usize) -> Vec<u32> {
+        pkm::select_from_scores(scores, n_keys, k)
+            .expect("oracle")
+            .chunks_exact(2)
+            .map(|p| p[0] * n_keys as u32 + p[1])
+            .collect()
+    }
+
+    #[test]
+    fn selection_from_scores_equals_the_oracle() {
+        let Some(dev) = cuda_for_tests() else { return };
+        let mut rng = memlayer_core::rng::Rng::new(3);
+        for (n, k, groups) in [
+            (5, 5, 3),
+            (12, 4, 7),
+            (100, 1, 5),
+            (256, 32, 33),
+            (1000, 16, 4),
+        ] {
+            let scores: Vec<f32> = (0..groups * 2 * n).map(|_| rng.normal()).collect();
+            let got = select_from_scores(&dev, &scores, n, k).expect("select");
+            assert_eq!(got, oracle_rows(&scores, n, k), "n_keys {n}, k {k}");
+        }
+        // ties: every score equal; signed zeros
+        let tied = vec![0.5f32; 3 * 2 * 16];
+        let want = oracle_rows(&tied, 16, 6);
+        assert_eq!(select_from_scores(&dev, &tied, 16, 6).expect("tied"), want);
+        let zeros: Vec<f32> = (0..2 * 2 * 16)
+            .map(|i| if i % 3 == 0 { -0.0 } else { 0.0 })
+            .collect();
+        let want = oracle_rows(&zeros, 16, 6);
+        assert_eq!(
+            select_from_scores(&dev, &zeros, 16, 6).expect("zeros"),
+            want
+        );
+        // k above n_keys is refused by name
+        let err = select_from_scores(&dev, &tied, 16, 17)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k (17) <= n_keys (16)"), "{err}");
     }
 
     #[test]

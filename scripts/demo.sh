@@ -18,7 +18,8 @@ if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
     fonts-dejavu-core
 fi
 
-# the same feature set as the tests (`cargo test --workspace`): one build
+# the workspace's binaries (the tests build them too, with the
+# dev-dependencies' features on top: `--all-targets` in scripts/test.sh)
 cargo build --release --workspace --bins
 target_dir="${CARGO_TARGET_DIR:-target}"
 "$target_dir/release/memlayer" demo "$@"

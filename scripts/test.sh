@@ -59,8 +59,12 @@ cargo check --release --manifest-path fuzz/Cargo.toml
 step "tests (MEMLAYER_REQUIRE_GPU=${MEMLAYER_REQUIRE_GPU:-0})"
 # the C ABI's shared library (cargo test builds no cdylib): its C and Python
 # examples link it; and every binary: the CLI's tests run the desktop app
-# (cargo test builds only the tested package's binaries)
-cargo build --workspace --release --lib --bins
+# (cargo test builds only the tested package's binaries). --all-targets, so
+# this build resolves features with the dev-dependencies, as `cargo test`
+# does: a `--lib --bins` build resolves without them (no indexmap/std from
+# cbindgen, no ciborium/default from criterion), and the test build then
+# compiled wgpu, naga, cubecl and burn a second time (16 min cold).
+cargo build --workspace --release --all-targets
 cargo test --workspace --release
 
 step "aarch64 under qemu-user: CPU kernels (NEON) and the C ABI with its C example; phone targets checked"

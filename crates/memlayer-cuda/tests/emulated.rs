@@ -22,16 +22,36 @@
 //! `float4` load or undefined behaviour fails the test. The one PTX inline
 //! asm (f16 → f32) has an exact software twin under `MEMLAYER_CUDA_EMU`.
 //!
-//! What this does NOT prove: warp-synchronous behaviour and scheduling (the
-//! OS schedules threads freely, so a missing barrier shows only when the
-//! interleaving exposes it), the GPU memory model beyond barrier placement
-//! (no weak-ordering or cache effects), NVRTC's own code generation (fused
+//! Barriers, deterministically: a second driver is built with
+//! ThreadSanitizer (it cannot be combined with ASan), and the kernels with
+//! shared memory, barriers or shuffles (`pk_lookup` with and without
+//! qk-norm, `pk_select_scores`, `bag_backward_weights_*`) run through it on
+//! small grids, against the oracle. TSan sees the shim's barriers (libstdc++'s
+//! `std::barrier`: atomics) as synchronisation and checks happens-before, not
+//! the interleaving that happened: a shared- or device-memory access that no
+//! `__syncthreads()` (or shuffle barrier) orders against another thread's
+//! write is reported whatever the OS did, and a report fails the test.
+//! Checked by removing, one at a time, each `__syncthreads()` of
+//! `bitonic_sort`, of `rank_candidates` and after the top-k loops of
+//! `pk_lookup` and `pk_select_scores`: each fails the test on every run.
+//!
+//! What this does NOT prove: warp-synchronous behaviour and scheduling
+//! (there is no lockstep warp; code that leans on implicit warp
+//! synchronisation instead of `__syncwarp` or a shuffle is not modelled),
+//! races in shapes or kernels not run under TSan (the large shapes run under
+//! ASan only, where a missing barrier shows only when the OS's interleaving
+//! exposes it), races TSan's bounded history misses (it keeps a few accesses
+//! per 8 bytes: it may miss one among many threads touching one word — no
+//! such miss was seen in the mutations above), the GPU memory model beyond
+//! barrier placement (no weak-ordering or cache effects; the emulated
+//! barrier is a full fence), NVRTC's own code generation (fused
 //! multiply-adds where the kernels do not use the `_rn` intrinsics, PTX
 //! `cvt` NaN payloads), the GPU's `expf` (it may differ from the C
 //! library's by an ulp: weights are compared within a tolerance), register
 //! or shared-memory limits of a real device, and performance.
 //!
-//! Needs `g++` (Debian package `g++`, with its sanitizer runtimes); without
+//! Needs `g++` (Debian package `g++`, with its sanitizer runtimes: ASan,
+//! UBSan, TSan — libtsan2); without
 //! it the tests fail, they do not skip.
 
 use memlayer_bank::Dtype;
@@ -78,10 +98,45 @@ const CXX_FLAGS: &[&str] = &[
     "-fno-strict-aliasing",
     "-pthread",
     "-DMEMLAYER_CUDA_EMU",
-    "-fsanitize=address,undefined",
-    "-fno-sanitize-recover=all",
     "-g",
 ];
+
+/// The sanitizer a driver is built with (the two cannot be combined).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sanitizer {
+    /// AddressSanitizer + UBSan: every test.
+    Address,
+    /// ThreadSanitizer: the kernels with shared memory, barriers or shuffles.
+    Thread,
+}
+
+impl Sanitizer {
+    fn name(self) -> &'static str {
+        match self {
+            Sanitizer::Address => "asan",
+            Sanitizer::Thread => "tsan",
+        }
+    }
+
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Sanitizer::Address => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+            Sanitizer::Thread => &["-fsanitize=thread"],
+        }
+    }
+
+    /// The driver's environment: a report fails the run.
+    fn env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Sanitizer::Address => &[
+                ("ASAN_OPTIONS", "detect_leaks=0"),
+                ("UBSAN_OPTIONS", "print_stacktrace=1"),
+            ],
+            // exit code 66: a data race (or another TSan report)
+            Sanitizer::Thread => &[("TSAN_OPTIONS", "halt_on_error=1 exitcode=66")],
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------
 // building the driver
@@ -121,13 +176,14 @@ fn fnv1a(bytes: &[u8], h: u64) -> u64 {
 }
 
 struct Emu {
+    sanitizer: Sanitizer,
     driver: PathBuf,
     work: PathBuf,
 }
 
 /// Builds the driver (once per process; cached in the temp dir by a hash of
 /// its sources and flags, so an unchanged kernel is not compiled again).
-fn build() -> Result<Emu, String> {
+fn build(sanitizer: Sanitizer) -> Result<Emu, String> {
     match Command::new("g++").arg("--version").output() {
         Ok(o) if o.status.success() => {}
         _ => {
@@ -154,6 +210,7 @@ fn build() -> Result<Emu, String> {
         .into_iter()
         .chain(sources.iter().map(|(_, s)| s.as_str()))
         .chain(CXX_FLAGS.iter().copied())
+        .chain(sanitizer.flags().iter().copied())
     {
         h = fnv1a(part.as_bytes(), h);
         h = fnv1a(&[0], h);
@@ -161,13 +218,18 @@ fn build() -> Result<Emu, String> {
     let root = std::env::temp_dir().join("memlayer-cuda-emu");
     let dir = root.join(format!("{h:016x}"));
     let driver = dir.join("driver");
-    let work = root.join(format!("run-{}", std::process::id()));
+    let tag = format!("{}-{}", sanitizer.name(), std::process::id());
+    let work = root.join(format!("run-{tag}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     if driver.is_file() {
-        return Ok(Emu { driver, work });
+        return Ok(Emu {
+            sanitizer,
+            driver,
+            work,
+        });
     }
-    let src = root.join(format!("src-{}", std::process::id()));
+    let src = root.join(format!("src-{tag}"));
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
     let write = |name: &str, text: &str| {
@@ -182,6 +244,7 @@ fn build() -> Result<Emu, String> {
     let tmp = src.join("driver.bin");
     let out = Command::new("g++")
         .args(CXX_FLAGS)
+        .args(sanitizer.flags())
         .arg("-I")
         .arg(&src)
         .arg(src.join("driver.cpp"))
@@ -200,12 +263,26 @@ fn build() -> Result<Emu, String> {
     // atomic: a concurrent test process sees the whole driver or none
     std::fs::rename(&tmp, &driver).map_err(|e| format!("{}: {e}", driver.display()))?;
     let _ = std::fs::remove_dir_all(&src);
-    Ok(Emu { driver, work })
+    Ok(Emu {
+        sanitizer,
+        driver,
+        work,
+    })
 }
 
+/// The AddressSanitizer + UBSan driver.
 fn emu() -> &'static Emu {
     static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
-    match EMU.get_or_init(build) {
+    match EMU.get_or_init(|| build(Sanitizer::Address)) {
+        Ok(e) => e,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The ThreadSanitizer driver.
+fn tsan() -> &'static Emu {
+    static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
+    match EMU.get_or_init(|| build(Sanitizer::Thread)) {
         Ok(e) => e,
         Err(e) => panic!("{e}"),
     }
@@ -259,12 +336,23 @@ fn grid(threads: usize) -> u32 {
 /// Runs `kernel` on `blocks` × `threads` with `shared` bytes of dynamic
 /// shared memory → every argument's bytes after the run (empty for scalars).
 fn launch(kernel: &str, blocks: u32, threads: u32, shared: usize, args: Vec<Arg>) -> Vec<Vec<u8>> {
+    launch_on(emu(), kernel, blocks, threads, shared, args)
+}
+
+/// [`launch`] on the driver `emu`.
+fn launch_on(
+    emu: &Emu,
+    kernel: &str,
+    blocks: u32,
+    threads: u32,
+    shared: usize,
+    args: Vec<Arg>,
+) -> Vec<Vec<u8>> {
     assert!(
         COVERED.contains(&kernel),
         "{kernel} is not in COVERED: add it there and test it"
     );
     static RUN: AtomicUsize = AtomicUsize::new(0);
-    let emu = emu();
     let dir = emu
         .work
         .join(format!("{kernel}-{}", RUN.fetch_add(1, Ordering::Relaxed)));
@@ -291,16 +379,15 @@ fn launch(kernel: &str, blocks: u32, threads: u32, shared: usize, args: Vec<Arg>
     std::fs::write(&launch_file, &desc).expect("launch file");
     let out = Command::new(&emu.driver)
         .arg(&launch_file)
-        .env("ASAN_OPTIONS", "detect_leaks=0")
-        .env("UBSAN_OPTIONS", "print_stacktrace=1")
+        .envs(emu.sanitizer.env().iter().copied())
         .output()
         .expect("running the emulation driver");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || err.contains("ThreadSanitizer") {
         let tail: String = err.chars().take(6000).collect();
         panic!(
-            "{kernel} failed in the emulator ({}):\n{desc}\n{tail}",
-            out.status
+            "{kernel} failed in the emulator ({:?} driver, {}):\n{desc}\n{tail}",
+            emu.sanitizer, out.status
         );
     }
     let bufs = files
@@ -393,11 +480,18 @@ struct Emulated {
 }
 
 /// `lookup::LookupBuffers::upload` + `run` + `read`, emulated.
-fn emulate_lookup(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize) -> Emulated {
+fn emulate_lookup(
+    emu: &Emu,
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+) -> Emulated {
     let half = cfg.half();
     let keys = if cfg.qk_norm {
         let rows = cfg.heads * 2 * cfg.n_keys;
-        let out = launch(
+        let out = launch_on(
+            emu,
             "pk_norm_rows",
             grid(rows),
             BLOCK,
@@ -427,7 +521,8 @@ fn emulate_lookup(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize) -
         };
     }
     let shared = shared_bytes(cfg).expect("fits the shared memory");
-    let out = launch(
+    let out = launch_on(
+        emu,
         "pk_lookup",
         groups as u32,
         BLOCK,
@@ -457,7 +552,19 @@ fn emulate_lookup(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize) -
 }
 
 fn check_lookup(cfg: &PkmConfig, keys: &[f32], query: &[f32], tokens: usize, what: &str) {
-    let got = emulate_lookup(cfg, keys, query, tokens);
+    check_lookup_on(emu(), cfg, keys, query, tokens, what);
+}
+
+/// [`check_lookup`] on the driver `emu`.
+fn check_lookup_on(
+    emu: &Emu,
+    cfg: &PkmConfig,
+    keys: &[f32],
+    query: &[f32],
+    tokens: usize,
+    what: &str,
+) {
+    let got = emulate_lookup(emu, cfg, keys, query, tokens);
     let want = pkm::lookup(cfg, keys, query, tokens).expect("oracle");
     assert_eq!(got.indices, want.indices, "{what}: indices");
     same_bits(&format!("{what}: scores"), &got.scores, &want.scores);
@@ -546,6 +653,11 @@ fn select_shared_bytes(n_keys: usize, k: usize) -> usize {
 }
 
 fn check_select(scores: &[f32], n_keys: usize, k: usize, what: &str) {
+    check_select_on(emu(), scores, n_keys, k, what);
+}
+
+/// [`check_select`] on the driver `emu`.
+fn check_select_on(emu: &Emu, scores: &[f32], n_keys: usize, k: usize, what: &str) {
     let groups = scores.len() / (2 * n_keys);
     assert!(groups > 0, "{what}: no groups");
     let pairs = pkm::select_from_scores(scores, n_keys, k).expect("oracle");
@@ -558,7 +670,8 @@ fn check_select(scores: &[f32], n_keys: usize, k: usize, what: &str) {
         let s = &scores[g * 2 * n_keys..];
         sums.push(s[i1] + s[n_keys + i2]);
     }
-    let out = launch(
+    let out = launch_on(
+        emu,
         "pk_select_scores",
         groups as u32,
         BLOCK,
@@ -761,12 +874,19 @@ fn emulate_backward_table(
 }
 
 /// `bag::bag_backward_weights`, emulated.
-fn emulate_backward_weights(t: &Table, idx: &[u32], off: &[usize], grad: &[f32]) -> Vec<f32> {
+fn emulate_backward_weights(
+    emu: &Emu,
+    t: &Table,
+    idx: &[u32],
+    off: &[usize],
+    grad: &[f32],
+) -> Vec<f32> {
     let nnz = idx.len();
     if nnz == 0 {
         return Vec::new();
     }
-    let out = launch(
+    let out = launch_on(
+        emu,
         weights_kernel(t.dtype),
         grid(nnz * 32),
         BLOCK,
@@ -783,6 +903,25 @@ fn emulate_backward_weights(t: &Table, idx: &[u32], off: &[usize], grad: &[f32])
         ],
     );
     f32s(&out[7])
+}
+
+/// [`emulate_backward_weights`] against the oracle over the stored `values`
+/// (the shuffle tree's order: within f32 rounding).
+fn check_backward_weights(
+    emu: &Emu,
+    t: &Table,
+    values: &[f32],
+    (idx, off): (&[u32], &[usize]),
+    grad: &[f32],
+    what: &str,
+) {
+    let got = emulate_backward_weights(emu, t, idx, off, grad);
+    let want = bag::bag_backward_weights(values, t.rows, t.dim, idx, off, grad).expect("oracle");
+    assert_eq!(got.len(), want.len(), "{what}: dweights");
+    for (e, (g, o)) in got.iter().zip(&want).enumerate() {
+        let tol = 1e-5 * (1.0 + o.abs()) * (t.dim as f32).sqrt();
+        assert!((g - o).abs() <= tol, "{what}: dweights[{e}] {g} vs {o}");
+    }
 }
 
 const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::F16, Dtype::Bf16];
@@ -825,14 +964,7 @@ fn bag_forward_and_weight_gradient_equal_the_oracle_for_every_dtype() {
             let got = emulate_forward(&t, None, &idx, &w, &off);
             let want = bag::bag_forward(&values, rows, dim, &idx, &w, &off).expect("oracle");
             same_bits(&format!("{what}: forward"), &got, &want);
-            let got = emulate_backward_weights(&t, &idx, &off, &grad);
-            let want =
-                bag::bag_backward_weights(&values, rows, dim, &idx, &off, &grad).expect("oracle");
-            assert_eq!(got.len(), want.len(), "{what}: dweights");
-            for (e, (g, o)) in got.iter().zip(&want).enumerate() {
-                let tol = 1e-5 * (1.0 + o.abs()) * (dim as f32).sqrt();
-                assert!((g - o).abs() <= tol, "{what}: dweights[{e}] {g} vs {o}");
-            }
+            check_backward_weights(emu(), &t, &values, (&idx, &off), &grad, &what);
         }
     }
 }
@@ -897,7 +1029,7 @@ fn rows_outside_the_table_are_skipped() {
         // a zero weight adds +0.0 to a sum that is never -0.0: the same bits
         let want = bag::bag_forward(&values, rows, dim, &kept_idx, &kept_w, &off).expect("oracle");
         same_bits(&format!("{dtype:?}: forward"), &got, &want);
-        let got = emulate_backward_weights(&t, &idx, &off, &grad);
+        let got = emulate_backward_weights(emu(), &t, &idx, &off, &grad);
         for (e, &k) in kept.iter().enumerate() {
             if !k {
                 assert_eq!(
@@ -1056,4 +1188,62 @@ fn a_shared_memory_size_too_small_is_caught() {
         caught.is_err(),
         "a 4-byte shortfall of shared memory went unnoticed"
     );
+}
+
+// ---------------------------------------------------------------------------
+// ThreadSanitizer
+
+/// The kernels with shared memory and barriers (`pk_lookup` with and without
+/// qk-norm, `pk_select_scores`) and the warp shuffle
+/// (`bag_backward_weights_*`) on the ThreadSanitizer driver, on small grids
+/// (1–3 blocks: TSan is slow), against the oracle. TSan sees the shim's
+/// barriers as synchronisation, so an access to shared (or device) memory
+/// that no `__syncthreads()` orders against another thread's write is a
+/// data race whatever the OS's interleaving: the driver exits with 66 and
+/// the test fails with TSan's report.
+#[test]
+fn barriers_order_every_shared_access_under_thread_sanitizer() {
+    let emu = tsan();
+    // (n_keys, knn, heads, k_dim, qk_norm, tokens): several keys per thread
+    // (next_pow2(300) = 512 sort keys on 256 threads), few keys, k = n_keys
+    for (i, &(n, k, h, kd, qk, t)) in [
+        (12, 4, 2, 16, false, 1),
+        (40, 6, 1, 8, true, 3),
+        (300, 9, 1, 6, true, 1),
+        (7, 7, 1, 4, false, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cfg = config(n, k, h, kd, qk);
+        assert!(t * h <= 3, "a small grid");
+        let (keys, query) = pkm::random_lookup_inputs(&cfg, t, 60 + i as u64);
+        let what = format!("tsan: n_keys {n}, k {k}, qk_norm {qk}");
+        check_lookup_on(emu, &cfg, &keys, &query, t, &what);
+    }
+    let mut rng = Rng::new(13);
+    for &(n, k, g) in &[(12, 4, 3), (300, 9, 1), (7, 7, 2)] {
+        let scores = rng.normal_vec(g * 2 * n, 0.0, 1.0);
+        check_select_on(emu, &scores, n, k, &format!("tsan: n_keys {n}, k {k}"));
+    }
+    // 20 entries: 20 warps on 3 blocks (the last partly idle); dim 40: lanes
+    // loop over columns, some lanes past dim
+    let (rows, dim) = (30, 40);
+    let mut rng = Rng::new(19);
+    let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
+    let idx: Vec<u32> = (0..20).map(|_| rng.below(rows as u64) as u32).collect();
+    let off = [0, 3, 3, 11, 20];
+    let grad: Vec<f32> = (0..4 * dim).map(|_| rng.normal()).collect();
+    assert_eq!(grid(idx.len() * 32), 3, "a small grid");
+    for dtype in DTYPES {
+        let t = Table {
+            dtype,
+            data: memlayer_bank::encode(dtype, &table),
+            rows,
+            dim,
+        };
+        let values = stored(dtype, &table);
+        let what = format!("tsan: {dtype:?} weight gradient");
+        check_backward_weights(emu, &t, &values, (&idx, &off), &grad, &what);
+    }
 }

@@ -14,6 +14,11 @@
 // filled with 0xCD garbage before each block (reads of unwritten shared
 // memory show, and a sanitizer sees any access past the launch's size).
 //
+// Every barrier (block, warp, the launch's gate between blocks) is a
+// std::barrier: atomics (and futex waits) that ThreadSanitizer models as
+// synchronisation, so the TSan build (tests/emulated.rs) reports exactly the
+// shared-memory accesses that no barrier orders.
+//
 // Arithmetic: the round-to-nearest intrinsics are the plain IEEE operations
 // (compiled with -ffp-contract=off: nothing fuses); expf/fmaxf are the C
 // library's (the GPU's expf may differ by an ulp).

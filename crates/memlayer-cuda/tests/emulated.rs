@@ -219,10 +219,16 @@ fn build(sanitizer: Sanitizer) -> Result<Emu, String> {
     let dir = root.join(format!("{h:016x}"));
     let driver = dir.join("driver");
     let tag = format!("{}-{}", sanitizer.name(), std::process::id());
-    let work = root.join(format!("run-{tag}"));
-    let _ = std::fs::remove_dir_all(&work);
+    // each launch works in its own `run-…` directory under `root` and
+    // removes it afterwards ([`launch`]): nothing is left per process
+    let work = root.clone();
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    if driver.is_file() {
+    // a driver in use is touched, so the clean-up below keeps it
+    let touched = std::fs::File::options()
+        .write(true)
+        .open(&driver)
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    if touched.is_ok() && driver.is_file() {
         return Ok(Emu {
             sanitizer,
             driver,
@@ -258,6 +264,24 @@ fn build(sanitizer: Sanitizer) -> Result<Emu, String> {
             src.display(),
             String::from_utf8_lossy(&out.stderr)
         ));
+    }
+    // drivers unused for a day or more go (one in use is touched above)
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for old in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let stale = std::fs::metadata(old.path().join("driver"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= day);
+        let name = old.file_name();
+        let is_driver_dir = name.len() == 16
+            && name
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit());
+        if stale && is_driver_dir {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // atomic: a concurrent test process sees the whole driver or none
@@ -353,9 +377,12 @@ fn launch_on(
         "{kernel} is not in COVERED: add it there and test it"
     );
     static RUN: AtomicUsize = AtomicUsize::new(0);
-    let dir = emu
-        .work
-        .join(format!("{kernel}-{}", RUN.fetch_add(1, Ordering::Relaxed)));
+    let dir = emu.work.join(format!(
+        "run-{}-{}-{kernel}-{}",
+        emu.sanitizer.name(),
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).expect("launch dir");
     let mut desc = format!("kernel {kernel}\ngrid {blocks}\nblock {threads}\nshared {shared}\n");
     let mut files: Vec<Option<PathBuf>> = Vec::with_capacity(args.len());
@@ -385,6 +412,8 @@ fn launch_on(
     let err = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || err.contains("ThreadSanitizer") {
         let tail: String = err.chars().take(6000).collect();
+        // the message carries the launch and the driver's report
+        let _ = std::fs::remove_dir_all(&dir);
         panic!(
             "{kernel} failed in the emulator ({:?} driver, {}):\n{desc}\n{tail}",
             emu.sanitizer, out.status

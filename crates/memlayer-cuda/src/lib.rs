@@ -38,4 +38,3 @@ pub use bag::{BagBatch, BagsRef, PagedSlots, ReverseIndex, TableRef};
 pub use cudarc::driver::CudaSlice;
 pub use device::{CudaDevice, DeviceTable, cuda_for_tests};
 pub use error::CudaError;
-pub use memlayer_bank::Dtype;

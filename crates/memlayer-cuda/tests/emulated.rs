@@ -963,17 +963,20 @@ fn stored(dtype: Dtype, values: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// (rows, dim, bags, most entries per bag) of the bag tests: dims not a
+/// multiple of 4, small, the runner's; rows with repeats and empty bags; a
+/// batch of empty bags only.
+const BAG_SHAPES: &[(usize, usize, usize, usize)] = &[
+    (7, 3, 9, 5),
+    (300, 64, 40, 33),
+    (1000, 257, 17, 24),
+    (4096, 256, 24, 20),
+    (5, 6, 4, 0),
+];
+
 #[test]
 fn bag_forward_and_weight_gradient_equal_the_oracle_for_every_dtype() {
-    // dims: not a multiple of 4, small, the runner's; rows with repeats and
-    // empty bags; a batch of empty bags only
-    for (rows, dim, n_bags, max) in [
-        (7, 3, 9, 5),
-        (300, 64, 40, 33),
-        (1000, 257, 17, 24),
-        (4096, 256, 24, 20),
-        (5, 6, 4, 0),
-    ] {
+    for &(rows, dim, n_bags, max) in BAG_SHAPES {
         let mut rng = Rng::new(rows as u64);
         let table: Vec<f32> = (0..rows * dim).map(|_| rng.normal()).collect();
         let (idx, w, off) = batch(rows, n_bags, max, dim as u64);
@@ -1144,13 +1147,7 @@ fn paged_bag_through_slots_equals_the_bag_over_the_resident_rows() {
 
 #[test]
 fn bag_backward_table_equals_the_oracle_sparse_and_dense() {
-    for (rows, dim, n_bags, max) in [
-        (7, 3, 9, 5),
-        (300, 64, 40, 33),
-        (1000, 257, 17, 24),
-        (4096, 256, 24, 20),
-        (5, 6, 4, 0),
-    ] {
+    for &(rows, dim, n_bags, max) in BAG_SHAPES {
         let mut rng = Rng::new(rows as u64 + 1);
         let (idx, w, off) = batch(rows, n_bags, max, dim as u64 + 1);
         let grad: Vec<f32> = (0..n_bags * dim).map(|_| rng.normal()).collect();

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -63,26 +64,10 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __int_as_float(int x) {
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
-inline float __uint_as_float(unsigned x) {
-    float f;
-    std::memcpy(&f, &x, 4);
-    return f;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned x;
-    std::memcpy(&x, &f, 4);
-    return x;
-}
-inline int __float_as_int(float f) {
-    int x;
-    std::memcpy(&x, &f, 4);
-    return x;
-}
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 
 namespace emu {
 
